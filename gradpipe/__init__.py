@@ -1,0 +1,17 @@
+"""gradpipe: optimizers written as pipelines of gradient transforms.
+
+    opt = gradpipe.Optimizer(model.named_parameters(), "pipelines/scalpel.grad", lr=1e-3)
+
+Public API: :func:`compile`, :func:`load`, :class:`Program`, :class:`Optimizer`,
+:class:`GradError`, :func:`format_source`.
+"""
+
+from .compiler.program import Program, builtin_names, compile, load
+from .dsl.diagnostics import GradError
+from .dsl.formatter import format_source
+from .runtime.optimizer import Optimizer
+
+__version__ = "0.1.0"
+
+__all__ = ["Optimizer", "Program", "GradError", "compile", "load", "format_source", "builtin_names",
+           "__version__"]

@@ -15,6 +15,7 @@ rejected up front so no RecursionError or MemoryError can escape.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import pathlib
 from typing import Iterator
@@ -26,7 +27,7 @@ from lark.lark import PostLex
 from . import ast
 from .diagnostics import GradError, Span
 
-__all__ = ["parse", "parse_file", "read_source", "MAX_SOURCE_BYTES", "MAX_NESTING"]
+__all__ = ["parse", "parse_file", "read_source", "MAX_SOURCE_BYTES", "MAX_NESTING", "MAX_DEPTH"]
 
 #: Larger files are refused: an optimizer definition is a few lines, and a
 #: bounded size bounds parse time and memory.
@@ -34,6 +35,9 @@ MAX_SOURCE_BYTES = 1_000_000
 #: Deeper bracket nesting is refused; it keeps every later pass well inside
 #: Python's recursion limit.
 MAX_NESTING = 64
+#: Deeper syntax trees (e.g. ``1+1+...+1`` with hundreds of terms, or long
+#: runs of ``-``/``not``) are refused for the same reason.
+MAX_DEPTH = 200
 
 _OPEN = {"LPAR", "LSQB", "LBRACE"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
@@ -55,6 +59,7 @@ class _Continuations(PostLex):
 
     def __init__(self) -> None:
         self.source = ""
+        self.comments: list[Token] = []  # COMMENT tokens, filled by the lexer callback
 
     def _next_line_starts_with_bar(self, pos: int) -> bool:
         src, n = self.source, len(self.source)
@@ -91,8 +96,10 @@ _LOCK = threading.Lock()
 @functools.lru_cache(maxsize=None)
 def _parser() -> Lark:
     grammar = (pathlib.Path(__file__).parent / "grammar.lark").read_text()
-    return Lark(grammar, parser="lalr", lexer="contextual", postlex=_Continuations(),
-                propagate_positions=True, maybe_placeholders=True)
+    postlex = _Continuations()
+    return Lark(grammar, parser="lalr", lexer="contextual", postlex=postlex,
+                propagate_positions=True, maybe_placeholders=True,
+                lexer_callbacks={"COMMENT": lambda tok: postlex.comments.append(tok)})
 
 
 def _pow_token_name() -> str:
@@ -143,6 +150,17 @@ def _unescape(s: str) -> str:
             out.append(c)
             i += 1
     return "".join(out)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 24 else text[:20] + "..."
+
+
+def _to_int(text: str, span: Span) -> int:
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        raise GradError(f"the number {_short(text)} has too many digits ({len(text):,})", span) from None
 
 
 class _ToAst(Transformer):
@@ -224,7 +242,8 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def shape_pred(self, meta, items):
-        return ast.ShapePred(str(items[0]), str(items[1]), int(items[2]), span=self._sp(meta))
+        return ast.ShapePred(str(items[0]), str(items[1]), _to_int(str(items[2]), self._sp(meta)),
+                             span=self._sp(meta))
 
     @v_args(meta=True)
     def default(self, meta, items):
@@ -256,7 +275,7 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def index(self, meta, items):
-        return ast.Index(items[0], int(items[1]), span=self._sp(meta))
+        return ast.Index(items[0], _to_int(str(items[1]), self._sp(meta)), span=self._sp(meta))
 
     @v_args(meta=True)
     def number(self, meta, items):
@@ -264,8 +283,11 @@ class _ToAst(Transformer):
         value: int | float
         if any(c in text for c in ".eE"):
             value = float(text)
+            if not math.isfinite(value):
+                raise GradError(f"the number {_short(text)} is too large", self._sp(meta),
+                                "the largest number is about 1.8e308")
         else:
-            value = int(text)
+            value = _to_int(text, self._sp(meta))
         return ast.Num(value, span=self._sp(meta))
 
     @v_args(meta=True)
@@ -343,16 +365,20 @@ def _precheck(source: str, path: str) -> None:
         raise GradError("file contains binary data (a NUL byte)", Span(line, col, line, col + 1, path, None),
                         "a .grad file is UTF-8 text")
     depth, line, col = 0, 1, 0
-    in_str = in_comment = False
+    in_str = in_comment = escaped = False
     for ch in source:
         col += 1
         if ch == "\n":
-            line, col, in_comment, in_str = line + 1, 0, False, False
+            line, col, in_comment, in_str, escaped = line + 1, 0, False, False, False
             continue
         if in_comment:
             continue
         if in_str:
-            if ch == '"':
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
                 in_str = False
             continue
         if ch == "#":
@@ -391,7 +417,13 @@ def _syntax_error(e: lark.exceptions.LarkError, path: str, source: str) -> GradE
         if tok.type == "$END":
             lines = source.splitlines() or [""]
             span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2, path, source)
-            return GradError("unexpected end of file", span, f"expected {_describe(set(e.expected))}")
+            hint = f"expected {_describe(set(e.expected))}"
+            # newlines inside brackets are skipped, so an unclosed bracket shows up here
+            openers = [o for c, o in (("RPAR", "'('"), ("RSQB", "'['"), ("RBRACE", "'{'")) if c in e.expected]
+            if openers:
+                what = f"a {openers[0]}" if len(openers) == 1 else "a bracket"
+                hint = f"{what} is not closed; {hint}"
+            return GradError("unexpected end of file", span, hint)
         line = tok.line or 1
         col = tok.column or 1
         if tok.type == "_NL":  # report the end of the unfinished line
@@ -416,40 +448,56 @@ def parse(source: str, path: str = "<string>") -> ast.Module:
     try:
         with _LOCK:
             parser.options.postlex.source = source
+            parser.options.postlex.comments = []
             tree = parser.parse(source)
+            comment_toks = parser.options.postlex.comments
+            parser.options.postlex.comments = []
     except lark.exceptions.VisitError as e:  # pragma: no cover - transformer errors below
         if isinstance(e.orig_exc, GradError):
             raise e.orig_exc from None
         raise
     except lark.exceptions.LarkError as e:
         raise _syntax_error(e, path, source) from None
+    _check_depth(tree, path, source)
     try:
         stmts = _ToAst(path, source).transform(tree)
     except lark.exceptions.VisitError as e:
         if isinstance(e.orig_exc, GradError):
             raise e.orig_exc from None
         raise
-    stmts, trailing = _attach_comments(stmts, source)
+    comments = {tok.line: str(tok).rstrip() for tok in comment_toks}
+    stmts, trailing = _attach_comments(stmts, source, comments)
     return ast.Module(tuple(stmts), path=path, source=source, trailing_comments=trailing)
 
 
-def _attach_comments(stmts: list, source: str) -> tuple[list, tuple[str, ...]]:
+def _check_depth(tree: lark.Tree, path: str, source: str) -> None:
+    """Refuse syntax trees deeper than MAX_DEPTH (iteratively, before any recursive pass)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise GradError(f"the expression is nested more than {MAX_DEPTH} levels deep",
+                            _span_of(node.meta, path, source),
+                            "split the expression with 'let' bindings")
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, lark.Tree))
+
+
+def _attach_comments(stmts: list, source: str,
+                     comments: dict[int, str]) -> tuple[list, tuple[str, ...]]:
     """Give each statement the comments that precede it or sit inside its lines.
 
+    ``comments`` maps a line number to the comment on that line, as the lexer
+    found it (so a '#' inside a string or a /regex/ is never a comment).
     A blank line in front of a statement is kept as an empty-string marker so
     the formatter can preserve paragraph breaks.
     """
     import dataclasses
-    lines = source.splitlines()
-    comments: dict[int, str] = {}
+    # Lines as the lexer counts them: only '\n' ends a line.
+    lines = source.split("\n")
     blank: set[int] = set()
     for i, text in enumerate(lines, start=1):
-        stripped = text.strip()
-        if not stripped:
+        if not text.strip():
             blank.add(i)
-        idx = _comment_start(text)
-        if idx is not None:
-            comments[i] = text[idx:].rstrip()
     out = []
     prev_end = 0
     for s in stmts:
@@ -475,22 +523,6 @@ def _attach_comments(stmts: list, source: str) -> tuple[list, tuple[str, ...]]:
     while trailing and trailing[-1] == "":
         trailing.pop()
     return out, tuple(trailing)
-
-
-def _comment_start(text: str) -> int | None:
-    in_str = False
-    in_regex = False
-    for i, ch in enumerate(text):
-        if in_str:
-            if ch == "\\":
-                continue
-            if ch == '"' and (i == 0 or text[i - 1] != "\\"):
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch == "#" and not in_regex:
-            return i
-    return None
 
 
 def read_source(path: str | pathlib.Path) -> str:

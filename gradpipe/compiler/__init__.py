@@ -1,0 +1,1 @@
+"""The compiler: AST -> IR graph (networkx) -> checked, optimised IR."""

@@ -1,0 +1,493 @@
+"""Lower a module tree to the IR graph: name resolution, type checks, inlining.
+
+Every op call becomes a node named after where it sits in the source
+(``main/project_orthogonal/ema``); ``def`` pipelines are inlined under their
+own name (``main/core/adam``); scalar arithmetic is folded as it is built.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import networkx as nx
+
+from ..dsl import ast
+from ..dsl.diagnostics import GradError, Span, did_you_mean
+from . import scalars as S
+from .modules import RESERVED, HyperParam, ModuleEnv
+from .ops import OPS, Op, Param
+from .values import Fragment, ScalarV, Stream, Value, Word, kind_name
+
+__all__ = ["Builder", "RouteInfo", "RangeCheck"]
+
+_MAX_INLINE_DEPTH = 32
+_STREAM_SOURCES = ("grad", "param")
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """One route: a label (from its selector), the selector, and its output node."""
+
+    label: str
+    selector: ast.Selector
+    output: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class RangeCheck:
+    """A hyperparameter-dependent argument whose valid range is checked on every group."""
+
+    expr: S.Scalar
+    param: Param
+    op: str
+    span: Span
+
+
+@dataclass
+class _Scope:
+    env: ModuleEnv
+    locals: dict[str, Value] = field(default_factory=dict)
+    depth: int = 0
+
+
+class Builder:
+    def __init__(self, root: ModuleEnv, hparams: dict[str, HyperParam]) -> None:
+        self.root = root
+        self.hparams = hparams
+        self.graph = nx.MultiDiGraph()
+        self.route = "main"
+        self.range_checks: list[RangeCheck] = []
+        self.folded: list[str] = []
+        self.losses: set[str] = set()
+        self.reads: set[str] = set()
+        self._let_memo: dict[tuple[int, str], Value] = {}
+        self._let_busy: set[int] = set()
+
+    # ------------------------------------------------------------------ graph helpers
+    def _fresh(self, base: str) -> str:
+        if base not in self.graph:
+            return base
+        k = 2
+        while f"{base}#{k}" in self.graph:
+            k += 1
+        return f"{base}#{k}"
+
+    def _source(self, name: str, span: Span) -> Stream:
+        node = f"{self.route}/{name}"
+        if node not in self.graph:
+            self.graph.add_node(node, kind="source", op=name, args={}, span=span, route=self.route)
+        self.reads.add(name.split(".")[0])
+        return Stream(node, span)
+
+    def _arith(self, op: str, prefix: str, span: Span, lhs: Value, rhs: Value | None) -> str:
+        names = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "neg": "neg"}
+        node = self._fresh(f"{prefix}/{names[op]}")
+        args: dict[str, Any] = {}
+        self.graph.add_node(node, kind="arith", op=op, args=args, span=span, route=self.route)
+        for port, v in (("lhs", lhs), ("rhs", rhs)):
+            if v is None:
+                continue
+            if isinstance(v, Stream):
+                self.graph.add_edge(v.node, node, port=port)
+            else:
+                args[port] = v.expr  # ScalarV
+        return node
+
+    # ------------------------------------------------------------------ entry points
+    def build_route(self, label: str, selector: ast.Selector, body: ast.Expr, span: Span) -> RouteInfo:
+        self.route = label
+        v = self.expr(body, _Scope(self.root), label)
+        if isinstance(v, Fragment):
+            raise GradError("a pipeline must start from a signal such as 'grad'", body.span,
+                            f"write 'grad | {_text(body)}'")
+        if not isinstance(v, Stream):
+            raise GradError(f"a pipeline must produce a signal, but this is {kind_name(v)}", body.span,
+                            "start it with 'grad', e.g. 'grad | adam'")
+        out = f"{label}/out"
+        self.graph.add_node(out, kind="output", op="out", args={}, span=span, route=label)
+        self.graph.add_edge(v.node, out, port="x")
+        return RouteInfo(label, selector, out, span)
+
+    # ------------------------------------------------------------------ expressions
+    def expr(self, e: ast.Expr, sc: _Scope, prefix: str) -> Value:
+        if isinstance(e, ast.Num):
+            return ScalarV(S.Const(e.value), e.span)
+        if isinstance(e, ast.Bool):
+            return Word(e.value, e.span)
+        if isinstance(e, ast.Str):
+            return Word(e.value, e.span)
+        if isinstance(e, ast.Name):
+            return self.name(e, sc, prefix)
+        if isinstance(e, ast.Call):
+            return self.call(e, sc)
+        if isinstance(e, ast.Chain):
+            return self.chain(e, sc, prefix)
+        if isinstance(e, (ast.BinOp, ast.Neg)):
+            return self.arith(e, sc, prefix)
+        if isinstance(e, ast.Index):
+            return self.index(e, sc)
+        if isinstance(e, ast.Tuple):
+            raise GradError("a tuple can only be a hyperparameter's default", e.span,
+                            "declare it: hparam betas = (0.9, 0.999)")
+        raise GradError("unsupported expression", getattr(e, "span", Span()))  # pragma: no cover
+
+    def chain(self, e: ast.Chain, sc: _Scope, prefix: str) -> Value:
+        head = self.expr(e.stages[0], sc, prefix)
+        if isinstance(head, Fragment):
+            stages = [head] + [self._stage(s, sc, prefix) for s in e.stages[1:]]
+
+            def apply(inp: str, pfx: str) -> str:
+                cur = inp
+                for st in stages:
+                    cur = st.apply(cur, pfx)
+                return cur
+            return Fragment(apply, e.span, _text(e))
+        if not isinstance(head, Stream):
+            raise GradError(f"a pipeline must start from a signal, but this is {kind_name(head)}",
+                            e.stages[0].span, "start it with 'grad', e.g. 'grad | adam'")
+        cur = head.node
+        for s in e.stages[1:]:
+            cur = self._stage(s, sc, prefix).apply(cur, prefix)
+        return Stream(cur, e.span)
+
+    def _stage(self, s: ast.Expr, sc: _Scope, prefix: str) -> Fragment:
+        v = self.expr(s, sc, prefix)
+        if isinstance(v, Fragment):
+            return v
+        if isinstance(v, Stream):
+            raise GradError("a signal cannot be a pipeline stage", s.span,
+                            f"to add it write 'add({_text(s)})'; to multiply by it, 'scale({_text(s)})'")
+        if isinstance(v, ScalarV):
+            raise GradError("a number cannot be a pipeline stage", s.span, f"to multiply write 'scale({_text(s)})'")
+        raise GradError(f"{kind_name(v)} cannot be a pipeline stage", s.span)
+
+    def index(self, e: ast.Index, sc: _Scope) -> Value:
+        if isinstance(e.base, ast.Name) and len(e.base.parts) == 1:
+            hp = self._lookup_hparam(e.base.parts[0], sc)
+            if hp is not None:
+                if hp.kind != "tuple":
+                    raise GradError(f"'{hp.name}' is not a tuple; it cannot be indexed", e.span)
+                if e.index >= len(hp.default):
+                    raise GradError(f"index {e.index} is out of range: '{hp.name}' has {len(hp.default)} items",
+                                    e.span, f"use an index from 0 to {len(hp.default) - 1}")
+                return ScalarV(S.HP(hp.name, e.index), e.span)
+        raise GradError("only a tuple hyperparameter can be indexed", e.span,
+                        "declare one: hparam betas = (0.9, 0.999), then write betas[0]")
+
+    def arith(self, e: ast.BinOp | ast.Neg, sc: _Scope, prefix: str) -> Value:
+        op = "neg" if isinstance(e, ast.Neg) else e.op
+        operands = [e.operand] if isinstance(e, ast.Neg) else [e.left, e.right]
+        vals = [self.expr(o, sc, prefix) for o in operands]
+        for o, v in zip(operands, vals):
+            if isinstance(v, Word):
+                raise GradError(f"arithmetic needs numbers or signals, but this is {kind_name(v)}", o.span)
+            if isinstance(v, ScalarV) and isinstance(v.expr, S.HP) and self.hparams[v.expr.name].kind == "tuple" \
+                    and v.expr.index is None:
+                raise GradError(f"'{v.expr.name}' is a tuple; pick an item", o.span, f"write {v.expr.name}[0]")
+            if isinstance(v, ScalarV) and isinstance(v.expr, S.HP) and self.hparams[v.expr.name].kind == "bool":
+                raise GradError(f"'{v.expr.name}' is a boolean; arithmetic needs numbers", o.span)
+        if all(isinstance(v, ScalarV) for v in vals):
+            try:
+                if op == "neg":
+                    r = S.neg(vals[0].expr)
+                else:
+                    r = S.binop(op, vals[0].expr, vals[1].expr)
+            except ZeroDivisionError:
+                raise GradError("division by zero", e.span) from None
+            except (OverflowError, ValueError):
+                raise GradError("the result is not a finite real number", e.span) from None
+            if isinstance(r, S.Const) and not (op == "neg" and isinstance(e.operand, ast.Num)):
+                self.folded.append(f"{_text(e)} -> {r} ({e.span.line}:{e.span.column})")
+            return ScalarV(r, e.span)
+        if op == "**" and not isinstance(vals[1], ScalarV):
+            raise GradError("the exponent must be a number", operands[1].span)
+        if any(isinstance(v, Fragment) for v in vals):
+            def apply(inp: str, pfx: str) -> str:
+                concrete = [Stream(v.apply(inp, pfx), v.span) if isinstance(v, Fragment) else v for v in vals]
+                return self._arith(op, pfx, e.span, concrete[0], concrete[1] if len(concrete) > 1 else None)
+            return Fragment(apply, e.span, _text(e))
+        return Stream(self._arith(op, prefix, e.span, vals[0], vals[1] if len(vals) > 1 else None), e.span)
+
+    # ------------------------------------------------------------------ names
+    def _lookup_hparam(self, name: str, sc: _Scope) -> HyperParam | None:
+        if name in sc.locals:
+            return None
+        if name in sc.env.hparams or (name == "lr" and name in self.hparams):
+            return self.hparams.get(name)
+        return None
+
+    def _visible_names(self, sc: _Scope) -> list[str]:
+        env = sc.env
+        names = list(sc.locals) + list(env.lets) + list(env.defs) + list(env.imported) + list(env.hparams)
+        names += list(self.hparams) + list(OPS) + list(RESERVED) + [f"{a}." for a in env.aliases]
+        return names
+
+    def name(self, e: ast.Name, sc: _Scope, prefix: str) -> Value:
+        parts = e.parts
+        first = parts[0]
+        if len(parts) == 2 and first == "grads":
+            self.losses.add(parts[1])
+            return self._source(f"grads.{parts[1]}", e.span)
+        if len(parts) >= 2:
+            if first in sc.env.aliases and first not in sc.locals:
+                sub = sc.env.aliases[first]
+                return self.name(ast.Name(parts[1:], e.span), _Scope(sub, {}, sc.depth), prefix)
+            if first == "grads":
+                raise GradError("write grads.<loss name>, e.g. grads.main", e.span)
+            raise GradError(f"unknown module '{first}'", e.span,
+                            did_you_mean(first, sc.env.aliases) or f'import a file under that name: import "{first}.grad" as {first}')
+        if first in sc.locals:
+            return sc.locals[first]
+        if first in sc.env.lets:
+            return self._let(sc.env, sc.env.lets[first], prefix)
+        if first in sc.env.defs:
+            return self._def_call(sc.env, sc.env.defs[first], ast.Call(e, span=e.span), sc)
+        if first in sc.env.imported:
+            return self.name(e, _Scope(sc.env.imported[first], {}, sc.depth), prefix)
+        if first in sc.env.hparams or (first in self.hparams and first in ("lr",)):
+            return ScalarV(S.HP(first), e.span)
+        if first in _STREAM_SOURCES:
+            return self._source(first, e.span)
+        if first == "grads":
+            raise GradError("'grads' needs a loss name", e.span, "write grads.<loss name>, e.g. grads.main")
+        if first in S.SCALAR_SOURCES:
+            self.reads.add(first)
+            return ScalarV(S.Src(first), e.span)
+        if first == "inf":
+            return ScalarV(S.Const(math.inf), e.span)
+        if first in self.hparams:  # declared in an imported file: usable by name everywhere
+            return ScalarV(S.HP(first), e.span)
+        if first in OPS:
+            return self._op_fragment(OPS[first], ast.Call(e, span=e.span), sc)
+        raise GradError(f"unknown name '{first}'", e.span, did_you_mean(first, self._visible_names(sc)))
+
+    def _let(self, env: ModuleEnv, let: ast.Let, prefix: str) -> Value:
+        key = (id(let), self.route)
+        if key in self._let_memo:
+            return self._let_memo[key]
+        if id(let) in self._let_busy:
+            raise GradError(f"'{let.name}' is defined in terms of itself", let.span,
+                            "a let binding cannot refer to itself, directly or through others")
+        self._let_busy.add(id(let))
+        try:
+            v = self.expr(let.value, _Scope(env), f"{self.route}/{let.name}")
+        finally:
+            self._let_busy.discard(id(let))
+        self._let_memo[key] = v
+        return v
+
+    # ------------------------------------------------------------------ calls
+    def call(self, e: ast.Call, sc: _Scope) -> Value:
+        name = e.func
+        if len(name.parts) == 1 and name.parts[0] in sc.locals:
+            raise GradError(f"'{name.parts[0]}' is a parameter of this pipeline, not an op; it cannot be called",
+                            name.span)
+        env = sc.env
+        parts = name.parts
+        while len(parts) > 1 and parts[0] in env.aliases:
+            env, parts = env.aliases[parts[0]], parts[1:]
+        if len(parts) > 1:
+            raise GradError(f"unknown module '{parts[0]}'", name.span, did_you_mean(parts[0], env.aliases))
+        fname = parts[0]
+        if fname in env.defs:
+            return self._def_call(env, env.defs[fname], e, sc)
+        if fname in env.imported and fname in env.imported[fname].defs:
+            sub = env.imported[fname]
+            return self._def_call(sub, sub.defs[fname], e, sc)
+        if fname in OPS:
+            return self._op_fragment(OPS[fname], e, sc)
+        what = None
+        if fname in env.hparams or fname in self.hparams:
+            what = "a hyperparameter"
+        elif fname in env.lets or fname in env.imported:
+            what = "a let binding"
+        elif fname in RESERVED:
+            what = "a built-in signal"
+        if what:
+            raise GradError(f"'{fname}' is {what}, not an op; it cannot be called", name.span)
+        callables = list(OPS) + list(env.defs) + [n for n, m in env.imported.items() if n in m.defs]
+        raise GradError(f"unknown op '{fname}'", name.span, did_you_mean(fname, callables)
+                        or "run 'gradpipe ops' for the list of ops")
+
+    def _bind(self, what: str, names: list[str], e: ast.Call) -> dict[str, ast.Expr]:
+        bound: dict[str, ast.Expr] = {}
+        if len(e.args) > len(names):
+            extra = e.args[len(names)]
+            raise GradError(f"{what} takes at most {len(names)} positional argument{'s' if len(names) != 1 else ''}, "
+                            f"got {len(e.args)}", extra.span,
+                            f"its arguments are ({', '.join(names)})" if names else "it takes no arguments")
+        for n, a in zip(names, e.args):
+            bound[n] = a
+        for kw in e.kwargs:
+            if kw.name not in names:
+                raise GradError(f"{what} has no argument '{kw.name}'", kw.span,
+                                did_you_mean(kw.name, names) or (f"its arguments are ({', '.join(names)})"
+                                                                  if names else "it takes no arguments"))
+            if kw.name in bound:
+                raise GradError(f"argument '{kw.name}' is given twice (by position and by name)", kw.span)
+            bound[kw.name] = kw.value
+        return bound
+
+    def _def_call(self, env: ModuleEnv, d: ast.Def, e: ast.Call, sc: _Scope) -> Value:
+        if sc.depth >= _MAX_INLINE_DEPTH:
+            raise GradError(f"pipeline '{d.name}' expands more than {_MAX_INLINE_DEPTH} levels deep", e.span,
+                            "is it recursive? a def cannot call itself")
+        if e.block is not None:
+            raise GradError(f"pipeline '{d.name}' takes no {{ ... }} block", e.block.span)
+        bound = self._bind(f"pipeline '{d.name}'", [p.name for p in d.params], e)
+        call_prefix = self._fresh_prefix(d.name)
+        local: dict[str, Value] = {}
+        for p in d.params:
+            if p.name in bound:
+                local[p.name] = self.expr(bound[p.name], sc, call_prefix)
+            elif p.default is not None:
+                local[p.name] = self.expr(p.default, _Scope(env, {}, sc.depth + 1), call_prefix)
+            else:
+                raise GradError(f"pipeline '{d.name}' needs argument '{p.name}'", e.span,
+                                f"write {d.name}({', '.join(q.name + '=...' for q in d.params if q.default is None)})")
+        inner = _Scope(env, local, sc.depth + 1)
+        body = self.expr(d.body, inner, f"{self.route}/{d.name}")
+        if isinstance(body, Fragment):
+            def apply(inp: str, pfx: str) -> str:
+                return body.apply(inp, self._fresh(f"{pfx}/{d.name}"))
+            return Fragment(apply, e.span, d.name)
+        return body
+
+    def _fresh_prefix(self, name: str) -> str:
+        return f"{self.route}/{name}"
+
+    def _op_fragment(self, op: Op, e: ast.Call, sc: _Scope) -> Fragment:
+        if e.block is not None:
+            raise GradError(f"op '{op.name}' takes no {{ ... }} block", e.block.span)
+        bound = self._bind(f"op '{op.name}'", [p.name for p in op.params], e)
+
+        def apply(inp: str, pfx: str) -> str:
+            return self._apply_op(op, bound, e, sc, inp, pfx)
+        return Fragment(apply, e.span, _text(e))
+
+    def _apply_op(self, op: Op, bound: dict[str, ast.Expr], e: ast.Call, sc: _Scope, inp: str, pfx: str) -> str:
+        node = self._fresh(f"{pfx}/{op.name}")
+        self.graph.add_node(node, kind="pending")  # reserve the name while arguments build
+        args: dict[str, Any] = {}
+        edges: list[tuple[str, str]] = [(inp, "x")]
+        for p in op.params:
+            if p.name not in bound:
+                if p.default is _required():
+                    self.graph.remove_node(node)
+                    raise GradError(f"op '{op.name}' needs argument '{p.name}'", e.span,
+                                    f"write {op.name}({p.name}=...)")
+                if p.kind in ("scalar", "int"):
+                    args[p.name] = S.Const(p.default)
+                else:
+                    args[p.name] = p.default
+                continue
+            a = bound[p.name]
+            if p.kind == "choice":
+                args[p.name] = self._choice(op, p, a)
+                continue
+            v = self.expr(a, sc, node)
+            if p.kind == "signal":
+                if isinstance(v, Fragment):
+                    v = Stream(v.apply(inp, node), v.span)
+                if not isinstance(v, Stream):
+                    self.graph.remove_node(node)
+                    raise GradError(f"argument '{p.name}' of '{op.name}' must be a signal, got {kind_name(v)}",
+                                    a.span, "pass a source (param, grads.main), an op (ema) or a pipeline (grad | sign)")
+                edges.append((v.node, p.name))
+            elif p.kind == "any":
+                if isinstance(v, Fragment):  # scale(rule): the rule itself, under the stage's name
+                    self.graph.remove_node(node)
+                    return v.apply(inp, pfx)
+                if isinstance(v, Stream):
+                    self.graph.remove_node(node)
+                    return self._arith("*", pfx, e.span, Stream(inp, e.span), v)
+                args[p.name] = self._scalar_arg(op, p, v, a)
+            elif p.kind == "bool":
+                args[p.name] = self._bool_arg(op, p, v, a)
+            elif p.kind == "int":
+                sv = self._scalar_arg(op, p, v, a)
+                if not (isinstance(sv, S.Const) and float(sv.value).is_integer()):
+                    raise GradError(f"argument '{p.name}' of '{op.name}' must be a whole number known "
+                                    "when the pipeline compiles", a.span)
+                args[p.name] = S.Const(int(sv.value))
+            else:
+                args[p.name] = self._scalar_arg(op, p, v, a)
+        const = {k: (v.value if isinstance(v, S.Const) else v) for k, v in args.items()
+                 if isinstance(v, (S.Const, str, bool))}
+        if op.identity(const):
+            self.graph.remove_node(node)
+            self.folded.append(f"{_text(e)} is the identity; removed ({e.span.line}:{e.span.column})")
+            return inp
+        self.graph.add_node(node, kind="op", op=op.name, args=args, span=e.span, route=self.route)
+        for src, port in edges:
+            self.graph.add_edge(src, node, port=port)
+        return node
+
+    def _choice(self, op: Op, p: Param, a: ast.Expr) -> str:
+        if isinstance(a, ast.Name) and len(a.parts) == 1:
+            word = a.parts[0]
+        elif isinstance(a, ast.Str):
+            word = a.value
+        else:
+            raise GradError(f"argument '{p.name}' of '{op.name}' must be one of: {', '.join(p.choices)}", a.span)
+        if word not in p.choices:
+            raise GradError(f"'{word}' is not a valid {p.name} for '{op.name}'", a.span,
+                            did_you_mean(word, p.choices) or f"choose one of: {', '.join(p.choices)}")
+        return word
+
+    def _bool_arg(self, op: Op, p: Param, v: Value, a: ast.Expr) -> Any:
+        if isinstance(v, Word) and isinstance(v.value, bool):
+            return v.value
+        if isinstance(v, ScalarV) and isinstance(v.expr, S.HP) and self.hparams[v.expr.name].kind == "bool":
+            return v.expr
+        raise GradError(f"argument '{p.name}' of '{op.name}' must be true or false, got {kind_name(v)}", a.span)
+
+    def _scalar_arg(self, op: Op, p: Param, v: Value, a: ast.Expr) -> S.Scalar:
+        if not isinstance(v, ScalarV):
+            hint = None
+            if isinstance(v, Word) and isinstance(v.value, str):
+                hint = "strings are only for words such as scope=\"global\"; write a number"
+            raise GradError(f"argument '{p.name}' of '{op.name}' must be a number, got {kind_name(v)}", a.span, hint)
+        expr = v.expr
+        for leaf in S.leaves(expr):
+            if isinstance(leaf, S.HP):
+                hp = self.hparams[leaf.name]
+                if hp.kind == "bool":
+                    raise GradError(f"'{leaf.name}' is a boolean, but '{p.name}' of '{op.name}' needs a number", a.span)
+                if hp.kind == "tuple" and leaf.index is None:
+                    raise GradError(f"'{leaf.name}' is a tuple; pick an item", a.span, f"write {leaf.name}[0]")
+        if isinstance(expr, S.Const):
+            val = expr.value
+            if isinstance(val, bool) or not isinstance(val, (int, float)):
+                raise GradError(f"argument '{p.name}' of '{op.name}' must be a number", a.span)
+            if not p.in_range(val):
+                raise GradError(f"{p.name}={val!r} is outside the valid range {p.range_text()} of '{op.name}'",
+                                a.span, f"choose {p.name} in {p.range_text()}")
+        elif p.has_range:
+            self.range_checks.append(RangeCheck(expr, p, op.name, a.span))
+        return expr
+
+
+def _required():
+    from .ops.base import REQUIRED
+    return REQUIRED
+
+
+def _text(e: ast.Expr) -> str:
+    from ..dsl.formatter import format_expr
+    try:
+        return format_expr(e)
+    except Exception:  # pragma: no cover - formatting is only for messages
+        return "..."
+
+
+def selector_label(sel: ast.Selector) -> str:
+    """A stable label for a route, derived from its selector's canonical text."""
+    if isinstance(sel, ast.Default):
+        return "default"
+    from ..dsl.formatter import format_selector
+    return re.sub(r"\s+", "", format_selector(sel))

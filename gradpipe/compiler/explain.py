@@ -1,0 +1,82 @@
+"""``gradpipe explain``: what a compiled pipeline does, node by node, and what it costs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import scalars as S
+from .ops import OPS
+
+if TYPE_CHECKING:
+    from .program import Program
+
+
+def _arg_text(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def describe_node(prog: "Program", node: str) -> str:
+    d = prog.graph.nodes[node]
+    kind = d["kind"]
+    ins = prog.inputs(node)
+    if kind == "source":
+        return f"source {d['op']}"
+    if kind == "output":
+        return f"update u = {ins.get('x')}   (p <- p - lr * u)"
+    if kind == "arith":
+        lhs = ins.get("lhs") or _arg_text(d["args"].get("lhs"))
+        if d["op"] == "neg":
+            return f"-{lhs}"
+        rhs = ins.get("rhs") or _arg_text(d["args"].get("rhs"))
+        return f"{lhs} {d['op']} {rhs}"
+    args = ", ".join(f"{k}={_arg_text(v)}" for k, v in d["args"].items())
+    signals = ", ".join(f"{p}<-{src}" for p, src in ins.items() if p != "x")
+    text = f"{d['op']}({args})  <- {ins.get('x')}"
+    if signals:
+        text += f"  [{signals}]"
+    return text
+
+
+def explain(prog: "Program") -> str:
+    lines: list[str] = []
+    lines.append(f"pipeline {prog.path}  (hash {prog.hash})")
+    lines.append("")
+    lines.append("hyperparameters:")
+    for hp in prog.hyperparams.values():
+        rng = f" in {hp.range_text()}" if hp.has_range else ""
+        note = "" if hp.declared else "  (implicit)"
+        lines.append(f"  {hp.name} = {_arg_text(hp.default)}{rng}{note}")
+    for r in prog.routes:
+        lines.append("")
+        sel = "all parameters" if r.label == "main" else f"route {r.label}"
+        lines.append(f"{sel}:")
+        width = max(len(n) for n in prog.route_nodes(r.label))
+        for n in prog.route_nodes(r.label):
+            bufs = prog.node_buffers(n)
+            state = f"   state: {', '.join(bufs)} ({4 * len(bufs)} B/param)" if bufs else ""
+            lines.append(f"  {n.ljust(width)}  {describe_node(prog, n)}{state}")
+        nbytes = prog.state_bytes_per_param(r.label)
+        lines.append(f"  state: {nbytes} bytes per parameter in fp32 "
+                     f"({nbytes // 4} buffer{'s' if nbytes != 4 else ''} of the parameter's size)")
+    lines.append("")
+    red = prog.reductions()
+    lines.append("reductions:" + ("" if red else " none (every op is elementwise per tensor)"))
+    for n, scope in red:
+        what = "over every tensor of the route" if scope == "global" else "per tensor"
+        lines.append(f"  {n}: {OPS[prog.graph.nodes[n]['op']].name} norm {what} ({scope})")
+    lines.append("")
+    lines.append("optimisations:")
+    if not (prog.merged or prog.folded or prog.removed):
+        lines.append("  none applied")
+    for removed, kept in prog.merged:
+        lines.append(f"  CSE: {removed} merged into {kept} (one state buffer instead of two)")
+    for f in prog.folded:
+        lines.append(f"  folded: {f}")
+    for n in prog.removed:
+        lines.append(f"  dead: {n} removed (nothing reads it)")
+    uses = sorted(prog.reads | {f"grads.{l}" for l in prog.losses})
+    lines.append("")
+    lines.append(f"reads: {', '.join(uses)}")
+    return "\n".join(lines) + "\n"

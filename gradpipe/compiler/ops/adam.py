@@ -1,0 +1,52 @@
+"""``adam``: Adam's scale rule, with torch.optim.Adam's epsilon placement."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Buffer, Param, TensorOp, register
+
+
+@register
+class Adam(TensorOp):
+    r"""Scale by Adam's bias-corrected moments (Kingma & Ba, 2015).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) x_t,\quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) x_t^2
+
+        u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    ``eps`` is added after the bias correction of :math:`\sqrt{v}`, exactly as
+    ``torch.optim.Adam`` does (the paper adds it to :math:`\sqrt{\hat v}`, which
+    is the same thing). ``m`` and ``v`` start at zero. Usable as ``| adam`` or
+    ``| scale(adam)``.
+
+    Reference: D. P. Kingma, J. Ba, "Adam: A Method for Stochastic Optimization",
+    ICLR 2015; ``torch.optim.Adam`` (``_single_tensor_adam``).
+    """
+
+    name = "adam"
+    summary = "Adam's bias-corrected moment scaling (torch epsilon placement)"
+    reference = "Kingma & Ba 2015; torch.optim.Adam"
+    is_rule = True
+    params = (
+        Param("b1", default=0.9, low=0.0, high=1.0, high_closed=False, doc="first-moment decay"),
+        Param("b2", default=0.999, low=0.0, high=1.0, high_closed=False, doc="second-moment decay"),
+        Param("eps", default=1e-8, low=0.0, doc="added to the bias-corrected sqrt(v)"),
+    )
+    buffers = (Buffer("m", "first moment"), Buffer("v", "second moment"))
+
+    def update(self, x, state, a, step, inputs, param):
+        if not state:
+            state["m"] = torch.zeros_like(x)
+            state["v"] = torch.zeros_like(x)
+        m, v = state["m"], state["v"]
+        m.lerp_(x, 1 - a.b1)
+        v.mul_(a.b2).addcmul_(x, x, value=1 - a.b2)
+        bc1 = 1 - a.b1 ** step
+        bc2_sqrt = math.sqrt(1 - a.b2 ** step)
+        denom = (v.sqrt() / bc2_sqrt).add_(a.eps)
+        return (m / bc1).div_(denom)

@@ -1,0 +1,22 @@
+"""``add``: add a signal (or a number) to the stream."""
+
+from __future__ import annotations
+
+from .base import Param, TensorOp, register
+
+
+@register
+class Add(TensorOp):
+    r"""``add(s)``: :math:`u = x + s`, where ``s`` is a signal (``add(wd * param)``,
+    ``add(ema)``, ``add((grad | sign))``) or a number.
+
+    Reference: optax ``add_decayed_weights`` is ``add(wd * param)``.
+    """
+
+    name = "add"
+    summary = "x + s for a signal or number s"
+    reference = "optax.add_decayed_weights (as add(wd * param))"
+    params = (Param("s", kind="signal", doc="the signal to add"),)
+
+    def update(self, x, state, a, step, inputs, param):
+        return x + inputs["s"]

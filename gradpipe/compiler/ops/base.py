@@ -1,0 +1,178 @@
+"""What an op is: its signature, its state, and its eager (reference) math.
+
+An op module defines one subclass of :class:`Op` (or :class:`TensorOp` for
+math that is independent per parameter tensor) and registers it with
+:func:`register`. The compiler reads the signature (``params``) to resolve and
+type-check calls; the runtime calls :meth:`Op.apply` over all the tensors a
+route covers, so reductions with ``scope=global`` see every tensor at once.
+
+Ops are functional on their inputs (they never write to an input tensor) and
+update their own state buffers in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, ClassVar, Literal, Sequence
+
+import torch
+
+__all__ = ["Param", "Buffer", "Op", "TensorOp", "NodeCtx", "REQUIRED", "register", "OPS", "get_op"]
+
+REQUIRED: Any = object()
+
+ParamKind = Literal["scalar", "int", "bool", "choice", "signal", "any"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One argument of an op.
+
+    kinds: ``scalar`` (a number, hyperparameter or arithmetic on them),
+    ``int`` (a compile-time integer), ``bool``, ``choice`` (one word of
+    ``choices``, written bare or quoted), ``signal`` (a stream: a source, a
+    sub-pipeline, or an op applied to the receiving op's input), ``any``
+    (a scalar or a signal; the op decides).
+    """
+
+    name: str
+    kind: ParamKind = "scalar"
+    default: Any = REQUIRED
+    low: float = -math.inf
+    high: float = math.inf
+    low_closed: bool = True
+    high_closed: bool = True
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+
+    def range_text(self) -> str:
+        lo = "-inf" if self.low == -math.inf else f"{self.low:g}"
+        hi = "inf" if self.high == math.inf else f"{self.high:g}"
+        return ("[" if self.low_closed else "(") + f"{lo}, {hi}" + ("]" if self.high_closed else ")")
+
+    def in_range(self, v: float) -> bool:
+        if isinstance(v, float) and math.isnan(v):
+            return False
+        lo_ok = v >= self.low if self.low_closed else v > self.low
+        hi_ok = v <= self.high if self.high_closed else v < self.high
+        return lo_ok and hi_ok
+
+    @property
+    def has_range(self) -> bool:
+        return self.low != -math.inf or self.high != math.inf
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A per-parameter state buffer with the parameter's shape (``numel`` elements)."""
+
+    name: str
+    doc: str = ""
+
+
+@dataclass
+class NodeCtx:
+    """Everything one op node sees in one step, over the tensors of one route.
+
+    inputs: port name -> one tensor per parameter (``x`` is the stream input).
+    args: per parameter, the evaluated arguments (numbers, bools, words).
+    states: per parameter, this node's buffers (``{"m": tensor, ...}``), empty on
+        the first step: the op creates them.
+    steps: per parameter, the step number (starts at 1).
+    params: the parameters themselves (read-only, in the compute dtype).
+    node_state: state shared by all parameters of the node (e.g. an RNG).
+    """
+
+    inputs: dict[str, list[torch.Tensor]]
+    args: list[SimpleNamespace]
+    states: list[dict[str, torch.Tensor]]
+    steps: list[int]
+    params: list[torch.Tensor]
+    node_state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def x(self) -> list[torch.Tensor]:
+        return self.inputs["x"]
+
+
+class Op:
+    """Base class of every op. Subclasses set the class attributes and ``apply``."""
+
+    name: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+    buffers: ClassVar[tuple[Buffer, ...]] = ()
+    #: usable as ``scale(<op>)``, the way optax's ``scale_by_*`` rules are
+    is_rule: ClassVar[bool] = False
+    #: two nodes with the same inputs and arguments may share one instance (CSE)
+    mergeable: ClassVar[bool] = True
+    #: reads the parameter values
+    reads_param: ClassVar[bool] = False
+    #: one-line summary, math and paper live in the class docstring
+    summary: ClassVar[str] = ""
+    #: the paper or library this op follows
+    reference: ClassVar[str] = ""
+
+    def signal_ports(self) -> list[str]:
+        return [p.name for p in self.params if p.kind == "signal"]
+
+    def reduction(self, args: dict[str, Any]) -> str | None:
+        """The reduction this node performs over its input, if any ("global"/"tensor")."""
+        return None
+
+    def identity(self, const_args: dict[str, Any]) -> bool:
+        """True when these constant arguments make the op the identity (it is removed)."""
+        return False
+
+    def buffer_names(self, const_args: dict[str, Any]) -> list[str]:
+        """The buffers a node with these (compile-time) arguments keeps per parameter."""
+        return [b.name for b in self.buffers]
+
+    def init_node_state(self, args: SimpleNamespace) -> dict[str, Any]:
+        return {}
+
+    def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    # the node state (e.g. an RNG) goes into state_dict through these
+    def node_state_dict(self, node_state: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def load_node_state_dict(self, node_state: dict[str, Any], saved: dict[str, Any]) -> None:
+        pass
+
+
+class TensorOp(Op):
+    """An op whose math is independent per parameter tensor: implement ``update``."""
+
+    def update(self, x: torch.Tensor, state: dict[str, torch.Tensor], a: SimpleNamespace, step: int,
+               inputs: dict[str, torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
+        out = []
+        for i, x in enumerate(ctx.x):
+            extra = {k: v[i] for k, v in ctx.inputs.items() if k != "x"}
+            out.append(self.update(x, ctx.states[i], ctx.args[i], ctx.steps[i], extra, ctx.params[i]))
+        return out
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(cls: type[Op]) -> type[Op]:
+    """Class decorator: add an op to the library under ``cls.name``."""
+    if cls.name in OPS:
+        raise ValueError(f"op {cls.name!r} is registered twice")
+    OPS[cls.name] = cls()
+    return cls
+
+
+def get_op(name: str) -> Op | None:
+    from . import _load_all  # noqa: F401  (registers the library on first use)
+    return OPS.get(name)
+
+
+def zeros_like_state(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x, memory_format=torch.preserve_format)

@@ -1,0 +1,51 @@
+"""``momentum``: heavy-ball / Nesterov momentum, as torch.optim.SGD."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Buffer, Param, TensorOp, register
+
+
+@register
+class Momentum(TensorOp):
+    r"""Heavy-ball momentum with optional dampening and Nesterov's correction.
+
+    .. math::
+        b_1 = x_1,\qquad b_t = \beta b_{t-1} + (1-\text{dampening})\, x_t
+
+        u_t = x_t + \beta b_t \ \text{(nesterov)} \quad\text{else}\quad u_t = b_t
+
+    This is ``torch.optim.SGD``'s momentum exactly: the buffer starts as a copy
+    of the first input (not zero), and with ``beta = 0`` the op is the identity
+    and keeps no state.
+
+    Reference: B. T. Polyak (1964); I. Sutskever et al., "On the importance of
+    initialization and momentum in deep learning", ICML 2013; ``torch.optim.SGD``.
+    """
+
+    name = "momentum"
+    summary = "heavy-ball or Nesterov momentum (torch.optim.SGD semantics)"
+    reference = "Polyak 1964; Sutskever et al. 2013; torch.optim.SGD"
+    is_rule = True
+    params = (
+        Param("beta", default=0.9, low=0.0, high=1.0, doc="momentum coefficient"),
+        Param("nesterov", kind="bool", default=False, doc="apply Nesterov's correction"),
+        Param("dampening", default=0.0, low=0.0, high=1.0, doc="scales the new input by 1 - dampening"),
+    )
+    buffers = (Buffer("buf", "momentum buffer"),)
+
+    def identity(self, const_args):
+        return const_args.get("beta") == 0
+
+    def update(self, x, state, a, step, inputs, param):
+        if a.beta == 0:
+            return x
+        if "buf" not in state:
+            buf = state["buf"] = torch.clone(x).detach()
+        else:
+            buf = state["buf"]
+            buf.mul_(a.beta).add_(x, alpha=1 - a.dampening)
+        if a.nesterov:
+            return x.add(buf, alpha=a.beta)
+        return buf

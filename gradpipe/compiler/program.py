@@ -1,0 +1,298 @@
+"""The compiled pipeline: :class:`Program`, :func:`compile` and :func:`load`."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import pathlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import networkx as nx
+
+from ..dsl import ast
+from ..dsl.diagnostics import GradError, Span, did_you_mean
+from . import scalars as S
+from .build import Builder, RangeCheck, RouteInfo, selector_label
+from .modules import HyperParam, ModuleEnv, all_hparams, load_module_tree
+from .ops import OPS
+from .passes import cse, eliminate_dead, inputs_of
+
+__all__ = ["Program", "compile", "load", "builtin_dir", "builtin_names"]
+
+_LR = HyperParam("lr", 1e-3, 0.0, math.inf, True, True, Span(), declared=False)
+
+
+def builtin_dir() -> pathlib.Path:
+    """The folder of the pipelines that ship with gradpipe (``pipelines/`` in the repository)."""
+    return (pathlib.Path(__file__).resolve().parent.parent / "_pipelines").resolve()
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in builtin_dir().glob("*.grad"))
+
+
+@dataclass
+class Program:
+    """A checked, optimised pipeline.
+
+    Attributes:
+        graph: the optimised IR, a ``networkx.MultiDiGraph``. Node attributes:
+            ``kind`` (source | op | arith | output), ``op``, ``args``, ``span``,
+            ``route``; edge attribute ``port`` (``x`` is the stream input).
+        hyperparams: declared hyperparameters (plus ``lr``), by name.
+        routes: the routes in source order; a file without ``route`` has one, ``main``.
+    """
+
+    graph: nx.MultiDiGraph
+    hyperparams: dict[str, HyperParam]
+    routes: list[RouteInfo]
+    path: str
+    source: str
+    canonical: str
+    hash: str
+    range_checks: list[RangeCheck] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)
+    merged: list[tuple[str, str]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    losses: frozenset[str] = frozenset()
+    reads: frozenset[str] = frozenset()
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def name(self) -> str:
+        return pathlib.Path(self.path).stem if not self.path.startswith("<") else self.path
+
+    def defaults(self) -> dict[str, Any]:
+        return {n: hp.default for n, hp in self.hyperparams.items()}
+
+    def check_hyperparams(self, values: Mapping[str, Any], origin: str = "Optimizer(...)") -> dict[str, Any]:
+        """Validate hyperparameter values (names and declared ranges) and every range
+        an op puts on an argument computed from them; return them normalised."""
+        out = {}
+        for k, v in values.items():
+            hp = self.hyperparams.get(k)
+            if hp is None:
+                raise GradError(f"unknown hyperparameter '{k}' (set in {origin})", self._file_span(),
+                                did_you_mean(k, self.hyperparams) or
+                                f"this pipeline declares: {', '.join(self.hyperparams)}")
+            out[k] = hp.check(v, origin)
+        return out
+
+    def check_group(self, group: Mapping[str, Any], origin: str) -> None:
+        """Check a param group's values against every op's valid ranges."""
+        env = {k: group[k] for k in self.hyperparams if k in group}
+        for rc in self.range_checks:
+            try:
+                val = rc.expr.eval({**env, "step": 1, "loss": 0.0})
+            except (ZeroDivisionError, OverflowError, ValueError):
+                raise GradError(f"argument '{rc.param.name}' of '{rc.op}' cannot be computed from {origin}",
+                                rc.span) from None
+            if not rc.param.in_range(val):
+                raise GradError(f"{rc.param.name}={val!r} (from {origin}) is outside the valid range "
+                                f"{rc.param.range_text()} of '{rc.op}'", rc.span,
+                                f"choose hyperparameters that give {rc.param.name} in {rc.param.range_text()}")
+
+    def _file_span(self) -> Span:
+        return Span(1, 1, 1, 2, self.path, self.source)
+
+    # ------------------------------------------------------------------ structure
+    def route_nodes(self, label: str) -> list[str]:
+        """The nodes of one route in evaluation (topological) order."""
+        route = next(r for r in self.routes if r.label == label)
+        keep = nx.ancestors(self.graph, route.output) | {route.output}
+        return [n for n in nx.lexicographical_topological_sort(self.graph) if n in keep]
+
+    def inputs(self, node: str) -> dict[str, str]:
+        return inputs_of(self.graph, node)
+
+    def node_buffers(self, node: str) -> list[str]:
+        d = self.graph.nodes[node]
+        if d["kind"] != "op":
+            return []
+        const = {k: (v.value if isinstance(v, S.Const) else v) for k, v in d["args"].items()
+                 if isinstance(v, (S.Const, str, bool))}
+        return OPS[d["op"]].buffer_names(const)
+
+    def state_buffers(self) -> list[str]:
+        """Every per-parameter state buffer, as ``node.buffer``."""
+        return [f"{n}.{b}" for n in self.graph.nodes for b in self.node_buffers(n)]
+
+    def state_bytes_per_param(self, route: str | None = None, itemsize: int = 4) -> int:
+        nodes = self.route_nodes(route) if route else list(self.graph.nodes)
+        return sum(len(self.node_buffers(n)) for n in nodes) * itemsize
+
+    def reductions(self) -> list[tuple[str, str]]:
+        out = []
+        for n, d in self.graph.nodes(data=True):
+            if d["kind"] == "op":
+                r = OPS[d["op"]].reduction(d["args"])
+                if r:
+                    out.append((n, r))
+        return out
+
+    # ------------------------------------------------------------------ routing
+    def assign_routes(self, params: Sequence[tuple[str | None, Any]]) -> list[str]:
+        """Route label for each ``(name, tensor)``; GradError for overlaps or uncovered names."""
+        if len(self.routes) == 1 and isinstance(self.routes[0].selector, ast.Default):
+            return [self.routes[0].label] * len(params)
+        default = next((r for r in self.routes if isinstance(r.selector, ast.Default)), None)
+        explicit = [r for r in self.routes if not isinstance(r.selector, ast.Default)]
+        labels: list[str] = []
+        uncovered: list[str] = []
+        overlaps: list[tuple[str, list[RouteInfo]]] = []
+        for name, t in params:
+            hits = [r for r in explicit if _matches(r.selector, name, t, self)]
+            if len(hits) > 1:
+                overlaps.append((name or "?", hits))
+                labels.append(hits[0].label)
+            elif hits:
+                labels.append(hits[0].label)
+            elif default is not None:
+                labels.append(default.label)
+            else:
+                uncovered.append(name or "?")
+                labels.append("")
+        if overlaps:
+            name, hits = overlaps[0]
+            names = _listing([o[0] for o in overlaps])
+            lines = " and ".join(str(h.span.line) for h in hits)
+            raise GradError(f"{len(overlaps)} parameter(s) match more than one route: {names} "
+                            f"(e.g. '{name}' matches the routes on lines {lines})", hits[1].span,
+                            "make the selectors disjoint, e.g. add 'and not ...' to one of them")
+        if uncovered:
+            raise GradError(f"{len(uncovered)} parameter(s) match no route: {_listing(uncovered)}",
+                            explicit[0].span if explicit else self._file_span(),
+                            "add 'route default: ...' or a selector that covers them")
+        return labels
+
+    # ------------------------------------------------------------------ reports
+    def explain(self) -> str:
+        from .explain import explain
+        return explain(self)
+
+    def to_dot(self) -> str:
+        from .draw import to_dot
+        return to_dot(self)
+
+    def draw(self, path: str | pathlib.Path) -> pathlib.Path:
+        from .draw import draw
+        return draw(self, path)
+
+
+def _listing(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _matches(sel: ast.Selector, name: str | None, t: Any, prog: Program) -> bool:
+    if isinstance(sel, ast.Glob) or isinstance(sel, ast.Regex):
+        if name is None:
+            raise GradError("this route selects parameters by name, but the parameters have no names",
+                            sel.span, "pass model.named_parameters() instead of model.parameters()")
+        if isinstance(sel, ast.Glob):
+            return fnmatch.fnmatchcase(name, sel.pattern)
+        return re.search(sel.pattern, name) is not None
+    if isinstance(sel, ast.ShapePred):
+        v = t.ndim if sel.attr == "ndim" else t.numel()
+        return {"==": v == sel.value, "!=": v != sel.value, "<": v < sel.value, "<=": v <= sel.value,
+                ">": v > sel.value, ">=": v >= sel.value}[sel.op]
+    if isinstance(sel, ast.SelAnd):
+        return _matches(sel.left, name, t, prog) and _matches(sel.right, name, t, prog)
+    if isinstance(sel, ast.SelOr):
+        return _matches(sel.left, name, t, prog) or _matches(sel.right, name, t, prog)
+    if isinstance(sel, ast.SelNot):
+        return not _matches(sel.operand, name, t, prog)
+    return False
+
+
+def _check_selector(sel: ast.Selector) -> None:
+    for n in ast.walk(sel):
+        if isinstance(n, ast.Regex):
+            try:
+                re.compile(n.pattern)
+            except re.error as e:
+                raise GradError(f"invalid regular expression: {e.msg}", n.span,
+                                "the pattern between the slashes is a Python regular expression") from None
+        elif isinstance(n, ast.Default) and n is not sel:
+            raise GradError("'default' cannot be combined with other selectors", n.span,
+                            "write 'route default: ...' on its own")
+
+
+def _canonical_and_hash(env: ModuleEnv) -> tuple[str, str]:
+    from ..dsl.formatter import format_module
+    canonical = format_module(env.module)
+    h = hashlib.sha256(canonical.encode())
+    seen: set[int] = set()
+
+    def visit(e: ModuleEnv) -> None:
+        for sub in list(e.aliases.values()) + list(e.imported.values()):
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            h.update(b"\0import\0" + format_module(sub.module).encode())
+            visit(sub)
+    visit(env)
+    return canonical, h.hexdigest()[:16]
+
+
+def compile_env(env: ModuleEnv) -> Program:
+    hparams = dict(all_hparams(env))
+    if "lr" not in hparams:
+        hparams = {"lr": _LR, **hparams}
+    if env.body is None and not env.routes:
+        if not env.module.stmts:
+            raise GradError("the file is empty", Span(1, 1, 1, 2, env.path, env.module.source),
+                            "write a pipeline, e.g. 'grad | adam'")
+        raise GradError("the file defines no pipeline", Span(1, 1, 1, 2, env.path, env.module.source),
+                        "add a line such as 'grad | adam' (or 'route ...' lines)")
+    b = Builder(env, hparams)
+    routes: list[RouteInfo] = []
+    errors: list[GradError] = []
+    if env.body is not None:
+        try:
+            routes.append(b.build_route("main", ast.Default(span=env.body.span), env.body.expr, env.body.span))
+        except GradError as e:
+            errors.append(e)
+    seen_labels: dict[str, Span] = {}
+    for r in env.routes:
+        try:
+            _check_selector(r.selector)
+            label = selector_label(r.selector)
+            if label in seen_labels:
+                raise GradError(f"the same selector as the route on line {seen_labels[label].line}", r.span,
+                                "merge the two routes")
+            seen_labels[label] = r.span
+            routes.append(b.build_route(label, r.selector, r.body, r.span))
+        except GradError as e:
+            errors.append(e)
+    if errors:
+        raise GradError.combine(errors)
+    g = b.graph
+    merged = cse(g)
+    removed = eliminate_dead(g)
+    canonical, digest = _canonical_and_hash(env)
+    return Program(graph=g, hyperparams=hparams, routes=routes, path=env.path, source=env.module.source,
+                   canonical=canonical, hash=digest, range_checks=b.range_checks, folded=b.folded,
+                   merged=merged, removed=removed, losses=frozenset(b.losses), reads=frozenset(b.reads))
+
+
+def compile(source: str, path: str = "<string>") -> Program:  # noqa: A001 - public name fixed by the design
+    """Compile pipeline source text to a :class:`Program` (imports resolve from the cwd)."""
+    return compile_env(load_module_tree(source, path))
+
+
+def load(path_or_name: str | pathlib.Path) -> Program:
+    """Load a `.grad` file, or a built-in pipeline by name (``"adam"``)."""
+    from ..dsl.parser import read_source
+    p = pathlib.Path(path_or_name)
+    if p.suffix == ".grad" or p.exists() or "/" in str(path_or_name) or "\\" in str(path_or_name):
+        return compile_env(load_module_tree(read_source(p), str(path_or_name)))
+    name = str(path_or_name)
+    builtin = builtin_dir() / f"{name}.grad"
+    if builtin.exists():
+        return compile_env(load_module_tree(read_source(builtin), str(builtin)))
+    raise GradError(f"no pipeline file or built-in pipeline named '{name}'", Span(1, 1, 1, 2, name, None),
+                    did_you_mean(name, builtin_names()) or f"built-in pipelines: {', '.join(builtin_names())}")

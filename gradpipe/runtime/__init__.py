@@ -1,0 +1,1 @@
+"""The torch side: the Optimizer, its state store and routing of parameters."""

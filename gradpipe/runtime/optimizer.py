@@ -1,0 +1,197 @@
+"""``gradpipe.Optimizer``: a ``torch.optim.Optimizer`` that runs a `.grad` pipeline."""
+
+from __future__ import annotations
+
+import pathlib
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from ..compiler.program import Program, compile as compile_source, load
+from ..dsl.diagnostics import GradError
+from .eager import RouteBatch, compute_dtype, run_route
+
+__all__ = ["Optimizer", "as_program"]
+
+_STATE_FORMAT = 1
+
+
+def as_program(pipeline: Program | str | pathlib.Path) -> Program:
+    """A Program from a Program, a `.grad` path, a built-in name, or pipeline source text."""
+    if isinstance(pipeline, Program):
+        return pipeline
+    if isinstance(pipeline, pathlib.Path):
+        return load(pipeline)
+    if not isinstance(pipeline, str):
+        raise TypeError(f"pipeline must be a Program, a path, a built-in name or source text, "
+                        f"not {type(pipeline).__name__}")
+    text = pipeline.strip()
+    looks_like_source = any(c in text for c in "|\n(=") and not text.endswith(".grad")
+    if looks_like_source:
+        return compile_source(pipeline)
+    return load(pipeline)
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A torch optimizer whose update rule is a gradpipe pipeline.
+
+    Args:
+        params: what ``torch.optim`` accepts: an iterable of tensors, of
+            ``(name, tensor)`` pairs (``model.named_parameters()``, needed to
+            route by name), or of param-group dicts.
+        pipeline: a :class:`~gradpipe.Program`, a path to a `.grad` file, a
+            built-in pipeline name (``"adam"``), or pipeline source text.
+        backend: ``"eager"``, the reference interpreter.
+        **hyperparams: values for the pipeline's declared hyperparameters
+            (``lr``, ``betas``, ...); they become the param groups' defaults, so
+            LR schedulers and per-group overrides work as in torch.
+
+    Each step applies ``p <- p - lr * u`` with ``u`` the pipeline's output for
+    ``p``. State lives in ``self.state[p]`` under ``"<node>.<buffer>"`` names
+    that come from the pipeline's structure, plus ``"step"``. Parameters in
+    fp16/bf16 keep fp32 state and math.
+
+    Example::
+
+        opt = gradpipe.Optimizer(model.named_parameters(), "adamw", lr=3e-4)
+        loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, params: Iterable[Any], pipeline: Program | str | pathlib.Path = "adam", *,
+                 backend: str = "eager", **hyperparams: Any) -> None:
+        if backend != "eager":
+            raise ValueError(f"unknown backend {backend!r}: this version has the 'eager' reference backend")
+        self.program = as_program(pipeline)
+        self.backend = backend
+        prog = self.program
+        values = prog.check_hyperparams(hyperparams, "Optimizer(...)")
+        defaults = {**prog.defaults(), **values}
+        self._node_state: dict[str, dict[str, Any]] = {}
+        self._routes: dict[torch.Tensor, str] = {}
+        super().__init__(params, defaults)
+        self._assign_routes()
+        self._orders = {r.label: prog.route_nodes(r.label) for r in prog.routes}
+
+    # ------------------------------------------------------------------ groups and routes
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        prog = self.program
+        extra = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        index = len(self.param_groups)
+        checked = prog.check_hyperparams(extra, f"param group {index}")
+        param_group.update(checked)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        prog.check_group(group, f"param group {index}")
+        if hasattr(self, "_orders"):  # added after construction
+            self._assign_routes()
+
+    def _named(self) -> list[tuple[str | None, torch.Tensor]]:
+        out = []
+        for group in self.param_groups:
+            names = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                out.append((names[i] if names else None, p))
+        return out
+
+    def _assign_routes(self) -> None:
+        named = self._named()
+        labels = self.program.assign_routes(named)
+        self._routes = {p: label for (_, p), label in zip(named, labels)}
+
+    def route_of(self, p: torch.Tensor) -> str:
+        """The label of the route that updates ``p``."""
+        return self._routes[p]
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step. ``closure`` re-evaluates the model and returns the loss
+        (needed when the pipeline reads ``loss``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        loss_value = float(loss) if loss is not None else None
+        prog = self.program
+        by_route: dict[str, list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("gradpipe does not support sparse gradients")
+                by_route[self._routes[p]].append((p, group))
+        for group in self.param_groups:
+            prog.check_group(group, "a param group")
+        for label, items in by_route.items():
+            params = [p for p, _ in items]
+            states = []
+            envs = []
+            for p, group in items:
+                st = self.state[p]
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["step"] += 1
+                states.append(st)
+                env = {k: group[k] for k in prog.hyperparams}
+                env["lr"] = group["lr"]
+                env["step"] = int(st["step"].item())
+                env["loss"] = loss_value
+                envs.append(env)
+            grads = {"grad": [p.grad for p in params]}
+            updates = run_route(prog, label, RouteBatch(params, grads, envs, states), self._node_state,
+                                self._orders[label])
+            for p, u, (_, group) in zip(params, updates, items):
+                lr = group["lr"]
+                if isinstance(lr, torch.Tensor):
+                    lr = lr.item()
+                if p.dtype == compute_dtype(p):
+                    p.add_(u, alpha=-lr)
+                else:
+                    p.copy_(p.to(u.dtype).add_(u, alpha=-lr))
+        return loss
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def _process_value_according_to_param_policy(param: torch.Tensor, value: torch.Tensor, param_id: int,
+                                                  param_groups: list[dict[Any, Any]], key: Any = None) -> torch.Tensor:
+        # State keeps its own dtype (fp32 state for bf16 params); only the device follows the param.
+        return value.to(device=param.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        node_state = {}
+        from ..compiler.ops import OPS
+        for node, st in self._node_state.items():
+            if node in self.program.graph and self.program.graph.nodes[node]["kind"] == "op":
+                saved = OPS[self.program.graph.nodes[node]["op"]].node_state_dict(st)
+                if saved:
+                    node_state[node] = saved
+        sd["gradpipe"] = {"format": _STATE_FORMAT, "pipeline": self.program.name,
+                          "pipeline_hash": self.program.hash, "node_state": node_state}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        meta = state_dict.get("gradpipe")
+        prog = self.program
+        if meta is None:
+            raise GradError("this state dict was not saved by a gradpipe Optimizer", prog._file_span(),
+                            "load a state dict saved from gradpipe.Optimizer.state_dict()")
+        if meta.get("pipeline_hash") != prog.hash:
+            raise GradError(f"this state dict is from another pipeline ('{meta.get('pipeline')}', hash "
+                            f"{meta.get('pipeline_hash')}); this optimizer runs '{prog.name}' (hash {prog.hash})",
+                            prog._file_span(), "load it into an Optimizer built from the same .grad source")
+        sd = {k: v for k, v in state_dict.items() if k != "gradpipe"}
+        for i, group in enumerate(sd.get("param_groups", [])):
+            extra = {k: v for k, v in group.items() if k in prog.hyperparams}
+            prog.check_hyperparams(extra, f"the loaded param group {i}")
+        super().load_state_dict(sd)
+        from ..compiler.ops import OPS
+        from .eager import eval_args
+        for node, saved in meta.get("node_state", {}).items():
+            d = prog.graph.nodes[node]
+            op = OPS[d["op"]]
+            env = {**self.param_groups[0], "step": 1, "loss": None}
+            st = self._node_state.setdefault(node, op.init_node_state(eval_args(d["args"], env)))
+            op.load_node_state_dict(st, saved)
