@@ -40,7 +40,7 @@ LR: dict[str, float] = {
     "adamw": 1e-2,
     "rmsprop": 1e-2,
     "lion": 1e-3,
-    "scalpel": 1e-2,
+    "scalpel": 1e-3,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

@@ -64,8 +64,8 @@ def explain(prog: "Program") -> str:
     red = prog.reductions()
     lines.append("reductions:" + ("" if red else " none (every op is elementwise per tensor)"))
     for n, scope in red:
-        what = "over every tensor of the route" if scope == "global" else "per tensor"
-        lines.append(f"  {n}: {OPS[prog.graph.nodes[n]['op']].name} norm {what} ({scope})")
+        what = "over every tensor of its route" if scope == "global" else "within each tensor"
+        lines.append(f"  {n}: {OPS[prog.graph.nodes[n]['op']].name} reduces {what} (scope={scope})")
     lines.append("")
     lines.append("optimisations:")
     if not (prog.merged or prog.folded or prog.removed):

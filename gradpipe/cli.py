@@ -1,0 +1,206 @@
+"""The ``gradpipe`` command line.
+
+    gradpipe check FILE|DIR...        report every problem, exit 1 if any
+    gradpipe fmt [--check] FILE|DIR...  rewrite files in canonical form
+    gradpipe explain FILE|NAME        nodes, state bytes, reductions, optimisations
+    gradpipe graph FILE|NAME -o out.svg|png|dot
+    gradpipe ops                      the op library
+    gradpipe demo                     train the digits task with the standard pipelines
+
+A mistake in a `.grad` file is printed as ``path:line:col: error: ...`` with the
+line and a caret, never as a Python traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import pathlib
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _grad_files(targets: Sequence[str]) -> tuple[list[pathlib.Path], list[str]]:
+    files: list[pathlib.Path] = []
+    missing: list[str] = []
+    for t in targets:
+        p = pathlib.Path(t)
+        if p.is_dir():
+            files.extend(sorted(x for x in p.rglob("*.grad") if x.is_file()))
+        elif p.exists() or p.suffix == ".grad":
+            files.append(p)
+        else:
+            missing.append(t)
+    return files, missing
+
+
+def _resolve(target: str):
+    """A Program from a file path or a built-in name."""
+    import gradpipe
+    return gradpipe.load(target)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import gradpipe
+    files, missing = _grad_files(args.paths)
+    bad = 0
+    for m in missing:
+        try:
+            gradpipe.load(m)  # a built-in name is fine to check too
+        except gradpipe.GradError as e:
+            print(e, file=sys.stderr)
+            bad += 1
+    for f in files:
+        try:
+            gradpipe.load(f)
+        except gradpipe.GradError as e:
+            print(e, file=sys.stderr)
+            bad += 1
+    total = len(files) + len(missing)
+    if bad:
+        print(f"{bad} of {total} file(s) have errors", file=sys.stderr)
+        return 1
+    print(f"ok: {total} file(s) checked")
+    return 0
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    from .dsl.diagnostics import GradError
+    from .dsl.formatter import format_source
+    from .dsl.parser import read_source
+    if args.paths == ["-"]:
+        try:
+            sys.stdout.write(format_source(sys.stdin.read(), "<stdin>"))
+        except GradError as e:
+            print(e, file=sys.stderr)
+            return 1
+        return 0
+    files, missing = _grad_files(args.paths)
+    status = 0
+    for m in missing:
+        print(f"{m}: no such file or directory", file=sys.stderr)
+        status = 1
+    changed = 0
+    for f in files:
+        try:
+            text = read_source(f)
+            new = format_source(text, str(f))
+        except GradError as e:
+            print(e, file=sys.stderr)
+            status = 1
+            continue
+        if new == text:
+            continue
+        changed += 1
+        if args.check:
+            print(f"would reformat {f}")
+            if args.diff:
+                sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
+                                                           str(f), f"{f} (formatted)"))
+        else:
+            f.write_text(new)
+            print(f"reformatted {f}")
+    if args.check and changed:
+        status = 1
+    if not changed and status == 0:
+        print(f"{len(files)} file(s) already formatted")
+    return status
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    sys.stdout.write(_resolve(args.target).explain())
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    prog = _resolve(args.target)
+    out = pathlib.Path(args.output) if args.output else pathlib.Path(f"{prog.name}.svg")
+    try:
+        prog.draw(out)
+    except (RuntimeError, ValueError) as e:
+        print(f"gradpipe graph: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    from .compiler.ops import OPS
+    for name in sorted(OPS):
+        op = OPS[name]
+        sig = ", ".join(p.name if p.default is _required() else f"{p.name}={_show(p.default)}" for p in op.params)
+        print(f"{name}({sig})\n    {op.summary}  [{op.reference}]")
+    return 0
+
+
+def _required():
+    from .compiler.ops.base import REQUIRED
+    return REQUIRED
+
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and v == float("inf"):
+        return "inf"
+    return str(v)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    rows = run_demo(args.pipelines or None, steps=args.steps, seed=args.seed)
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    ap = argparse.ArgumentParser(prog="gradpipe", description="Optimizers as pipelines of gradient transforms.")
+    ap.add_argument("--version", action="version", version=f"gradpipe {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="report every problem in .grad files; exit 1 if any")
+    p.add_argument("paths", nargs="+", metavar="FILE|DIR")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("fmt", help="rewrite .grad files in canonical form")
+    p.add_argument("paths", nargs="+", metavar="FILE|DIR", help="files or folders; '-' formats stdin to stdout")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
+    p.add_argument("--diff", action="store_true", help="with --check, print the changes")
+    p.set_defaults(func=cmd_fmt)
+
+    p = sub.add_parser("explain", help="nodes, state bytes per parameter, reductions, optimisations")
+    p.add_argument("target", metavar="FILE|NAME")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("graph", help="draw the optimised graph (.svg, .png or .dot)")
+    p.add_argument("target", metavar="FILE|NAME")
+    p.add_argument("-o", "--output", help="output file; its suffix picks the format (default NAME.svg)")
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("ops", help="list the op library")
+    p.set_defaults(func=cmd_ops)
+
+    p = sub.add_parser("demo", help="train scikit-learn's digits with the standard pipelines and scalpel.grad")
+    p.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="names or .grad files (default: the standard set)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .dsl.diagnostics import GradError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GradError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
