@@ -80,7 +80,8 @@ class Builder:
         node = f"{self.route}/{name}"
         if node not in self.graph:
             self.graph.add_node(node, kind="source", op=name, args={}, span=span, route=self.route)
-        self.reads.add(name.split(".")[0])
+        if not name.startswith("grads."):
+            self.reads.add(name)
         return Stream(node, span)
 
     def _arith(self, op: str, prefix: str, span: Span, lhs: Value, rhs: Value | None) -> str:
@@ -123,7 +124,7 @@ class Builder:
         if isinstance(e, ast.Name):
             return self.name(e, sc, prefix)
         if isinstance(e, ast.Call):
-            return self.call(e, sc)
+            return self.call(e, sc, prefix)
         if isinstance(e, ast.Chain):
             return self.chain(e, sc, prefix)
         if isinstance(e, (ast.BinOp, ast.Neg)):
@@ -281,7 +282,7 @@ class Builder:
         return v
 
     # ------------------------------------------------------------------ calls
-    def call(self, e: ast.Call, sc: _Scope) -> Value:
+    def call(self, e: ast.Call, sc: _Scope, prefix: str) -> Value:
         name = e.func
         if len(name.parts) == 1 and name.parts[0] in sc.locals:
             raise GradError(f"'{name.parts[0]}' is a parameter of this pipeline, not an op; it cannot be called",
@@ -299,7 +300,14 @@ class Builder:
             sub = env.imported[fname]
             return self._def_call(sub, sub.defs[fname], e, sc)
         if fname in OPS:
-            return self._op_fragment(OPS[fname], e, sc)
+            op = OPS[fname]
+            if e.args and op.params and op.params[0].kind not in ("signal", "any"):
+                # ema(grads.main): a signal as the first argument is the op's input
+                first = self.expr(e.args[0], sc, prefix)
+                if isinstance(first, Stream):
+                    rest = ast.Call(e.func, e.args[1:], e.kwargs, e.block, span=e.span)
+                    return Stream(self._op_fragment(op, rest, sc).apply(first.node, prefix), e.span)
+            return self._op_fragment(op, e, sc)
         what = None
         if fname in env.hparams or fname in self.hparams:
             what = "a hyperparameter"

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from ..compiler.program import Program, compile as compile_source, load
+from ..compiler.program import Program, builtin_names, compile as compile_source, load
 from ..dsl.diagnostics import GradError
 from .eager import RouteBatch, compute_dtype, run_route
 
@@ -27,10 +27,9 @@ def as_program(pipeline: Program | str | pathlib.Path) -> Program:
         raise TypeError(f"pipeline must be a Program, a path, a built-in name or source text, "
                         f"not {type(pipeline).__name__}")
     text = pipeline.strip()
-    looks_like_source = any(c in text for c in "|\n(=") and not text.endswith(".grad")
-    if looks_like_source:
-        return compile_source(pipeline)
-    return load(pipeline)
+    if text.endswith(".grad") or pathlib.Path(text).exists() or text in builtin_names():
+        return load(text)
+    return compile_source(pipeline)
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -105,21 +104,39 @@ class Optimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step. ``closure`` re-evaluates the model and returns the loss
-        (needed when the pipeline reads ``loss``)."""
+    def step(self, closure: Callable[[], Any] | None = None, *,
+             losses: Mapping[str, torch.Tensor] | None = None) -> Any:
+        """One optimizer step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (needed when the
+                pipeline reads ``loss``).
+            losses: for multi-loss pipelines, the named losses, e.g.
+                ``opt.step(losses={"main": l1, "aux": l2})``. gradpipe computes one
+                gradient per loss with autograd (``grads.main``, ``grads.aux``) and
+                ``grad`` is their sum. Call it instead of ``backward()``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        loss_value = float(loss) if loss is not None else None
         prog = self.program
+        named_grads = self._loss_grads(losses) if losses is not None else None
+        if prog.losses and named_grads is None:
+            raise ValueError(f"the pipeline reads {', '.join('grads.' + n for n in sorted(prog.losses))}: "
+                             "call opt.step(losses={...}) with those named losses")
+        if loss is None and losses is not None:
+            loss = sum(losses.values())
+        loss_value = float(loss) if loss is not None else None
         by_route: dict[str, list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
-        for gi, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if named_grads is not None:
+                    if p not in named_grads["grad"]:
+                        continue
+                elif p.grad is None:
                     continue
-                if p.grad.is_sparse:
+                elif p.grad.is_sparse:
                     raise RuntimeError("gradpipe does not support sparse gradients")
                 by_route[self._routes[p]].append((p, group))
         for group in self.param_groups:
@@ -139,7 +156,10 @@ class Optimizer(torch.optim.Optimizer):
                 env["step"] = int(st["step"].item())
                 env["loss"] = loss_value
                 envs.append(env)
-            grads = {"grad": [p.grad for p in params]}
+            if named_grads is None:
+                grads = {"grad": [p.grad for p in params]}
+            else:
+                grads = {k: [v[p] for p in params] for k, v in named_grads.items()}
             updates = run_route(prog, label, RouteBatch(params, grads, envs, states), self._node_state,
                                 self._orders[label])
             for p, u, (_, group) in zip(params, updates, items):
@@ -151,6 +171,28 @@ class Optimizer(torch.optim.Optimizer):
                 else:
                     p.copy_(p.to(u.dtype).add_(u, alpha=-lr))
         return loss
+
+    def _loss_grads(self, losses: Mapping[str, torch.Tensor]) -> dict[str, dict[torch.Tensor, torch.Tensor]]:
+        """One gradient per named loss (``grads.<name>``) and their sum (``grad``)."""
+        missing = sorted(set(self.program.losses) - set(losses))
+        if missing:
+            raise ValueError(f"the pipeline reads grads.{', grads.'.join(missing)}, but step(losses=...) has only "
+                             f"{', '.join(losses) or 'no losses'}")
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        out: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
+        total: dict[torch.Tensor, torch.Tensor] = {}
+        names = list(losses)
+        with torch.enable_grad():
+            for i, name in enumerate(names):
+                gs = torch.autograd.grad(losses[name], params, retain_graph=i < len(names) - 1, allow_unused=True)
+                per = {}
+                for p, gp in zip(params, gs):
+                    gp = torch.zeros_like(p) if gp is None else gp.detach()
+                    per[p] = gp
+                    total[p] = total[p] + gp if p in total else gp.clone()
+                out[f"grads.{name}"] = per
+        out["grad"] = total
+        return out
 
     # ------------------------------------------------------------------ state
     @staticmethod

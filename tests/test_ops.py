@@ -1,0 +1,453 @@
+"""The op library against hand-written references (``op_table.py``), plus op-specific properties.
+
+Generic tests run over every row of the table: the equations, a state_dict
+round trip in the middle of the sequence, and that no op writes into its input
+gradient. Specific tests cover what a table row cannot: diffGrad's friction
+with a reused gradient buffer, clip_median's relation to plain clipping,
+project_orthogonal's orthogonality (hypothesis), the noise generator, and a
+few identities.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import op_table as T  # noqa: E402
+
+import gradpipe  # noqa: E402
+from gradpipe.compiler.ops import OPS  # noqa: E402
+
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+def assert_updates(actual, expected, tol=TOL, what=""):
+    assert len(actual) == len(expected)
+    for t, (us, es) in enumerate(zip(actual, expected), start=1):
+        assert len(us) == len(es)
+        for i, (u, e) in enumerate(zip(us, es)):
+            assert u.shape == e.shape, f"{what} step {t} tensor {i}: shape {u.shape} != {e.shape}"
+            np.testing.assert_allclose(u, e, err_msg=f"{what} step {t} tensor {i}", **tol)
+
+
+def grads_np(seq):
+    return [[np.array(g) for g in gs] for gs in seq]
+
+
+# ------------------------------------------------------------------------ the table itself
+def test_table_covers_every_op():
+    covered = {c.op for c in T.CASES}
+    missing = sorted(set(OPS) - covered)
+    assert not missing, f"ops without a row in tests/op_table.py: {missing}"
+    unknown = sorted(covered - set(OPS))
+    assert not unknown, f"rows for ops that are not registered: {unknown}"
+
+
+def test_table_ids_unique_and_cases_use_their_op():
+    assert len(set(T.case_ids())) == len(T.CASES)
+    for c in T.CASES:
+        prog = gradpipe.compile(c.pipeline)
+        ops = {d["op"] for _, d in prog.graph.nodes(data=True) if d["kind"] == "op"}
+        # scale(<signal>) is rewritten to an elementwise product: no scale node, but the text uses it
+        assert c.op in ops or c.pipeline.split("|")[-1].strip().startswith(c.op + "("), f"{c.id}: pipeline {c.pipeline!r} has no '{c.op}' node (has {sorted(ops)})"
+
+
+def test_fixed_inputs_cross_clipping_thresholds():
+    # the gradients are meant to be clipped on some steps and not on others
+    norms = [math.sqrt(sum(float(np.sum(g * g)) for g in gs)) for gs in T.GRADS]
+    assert min(norms) < 1.0 < 2.0 < max(norms)
+    assert [g.shape for g in T.GRADS[0]] == [tuple(s) for s in T.SHAPES]
+
+
+# ------------------------------------------------------------------------ generic tests over the table
+@pytest.mark.parametrize("case", T.CASES, ids=T.case_ids())
+def test_equations(case):
+    actual = T.run_case(case)
+    expected = T.reference_updates(case)
+    assert_updates(actual, expected, what=case.pipeline)
+
+
+@pytest.mark.parametrize("case", T.CASES, ids=T.case_ids())
+def test_state_dict_round_trip_mid_sequence(case):
+    split = 2
+    params = T.make_params()
+    opt = gradpipe.Optimizer(params, case.pipeline, backend="eager", **{"lr": 1.0, **case.hyperparams})
+    first = T.run_optimizer(opt, params, T.GRADS[:split])
+    saved = T.deepcopy_state(opt.state_dict())
+
+    clones = [p.detach().clone() for p in params]
+    fresh = gradpipe.Optimizer(clones, case.pipeline, backend="eager", **{"lr": 1.0, **case.hyperparams})
+    fresh.load_state_dict(saved)
+    resumed = T.run_optimizer(fresh, clones, T.GRADS[split:])
+    continued = T.run_optimizer(opt, params, T.GRADS[split:])
+
+    for t, (a, b) in enumerate(zip(resumed, continued), start=split + 1):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert np.array_equal(x, y), f"{case.id}: step {t} tensor {i} differs after load_state_dict"
+    for p, q in zip(params, clones):
+        assert torch.equal(p, q)
+    assert_updates(first + resumed, T.reference_updates(case), what=case.pipeline)
+
+
+@pytest.mark.parametrize("case", T.CASES, ids=T.case_ids())
+def test_input_gradient_not_modified(case):
+    params = T.make_params()
+    opt = gradpipe.Optimizer(params, case.pipeline, backend="eager", **{"lr": 1.0, **case.hyperparams})
+    for gs in T.GRADS:
+        grads = [torch.tensor(g) for g in gs]
+        for p, g in zip(params, grads):
+            p.grad = g
+        kept = [g.clone() for g in grads]
+        opt.step()
+        for p, g, k in zip(params, grads, kept):
+            assert p.grad is g, f"{case.id}: p.grad was replaced"
+            assert torch.equal(g, k), f"{case.id}: the op wrote into the input gradient"
+
+
+@pytest.mark.parametrize("case", T.CASES, ids=T.case_ids())
+def test_state_buffers_are_named_after_nodes(case):
+    params = T.make_params()
+    opt = gradpipe.Optimizer(params, case.pipeline, backend="eager", lr=1.0, **case.hyperparams)
+    T.run_optimizer(opt, params, T.GRADS[:2])
+    expected = set(opt.program.state_buffers()) | {"step"}
+    for p in params:
+        assert set(opt.state[p]) == expected, case.id
+        assert float(opt.state[p]["step"]) == 2
+
+
+# ------------------------------------------------------------------------ diffgrad
+def _friction_from_state(u, m, v, t, b1, b2, eps):
+    """Solve u = sqrt(1-b2^t)/(1-b1^t) * xi * m / (sqrt(v) + eps) for xi."""
+    step_size = math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    return u * (np.sqrt(v) + eps) / (step_size * m)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["assign", "copy_"])
+def test_diffgrad_friction_varies_when_grad_buffer_is_reused(in_place):
+    b1, b2, eps = 0.8, 0.9, 1e-6
+    params = T.make_params()
+    opt = gradpipe.Optimizer(params, f"grad | diffgrad({b1}, {b2}, {eps})", backend="eager", lr=1.0)
+    prev = [np.zeros(s) for s in T.SHAPES]
+    bufs = None
+    for t, gs in enumerate(T.GRADS, start=1):
+        [us] = T.run_optimizer(opt, params, [gs], in_place=in_place)
+        if in_place:
+            if bufs is None:
+                bufs = [p.grad for p in params]
+            assert all(p.grad is b for p, b in zip(params, bufs)), "the test must reuse the buffer"
+        for i, p in enumerate(params):
+            st = opt.state[p]
+            m, v = st["main/diffgrad.m"].numpy(), st["main/diffgrad.v"].numpy()
+            xi = _friction_from_state(us[i], m, v, t, b1, b2, eps)
+            np.testing.assert_allclose(xi, 1 / (1 + np.exp(-np.abs(prev[i] - gs[i]))), rtol=1e-9)
+            if t > 1:
+                assert np.all(np.abs(xi - 0.5) > 1e-6), "friction collapsed to 0.5: g_prev aliases the gradient"
+            # the stored previous input is a copy of this step's gradient
+            np.testing.assert_array_equal(st["main/diffgrad.prev"].numpy(), gs[i])
+            assert st["main/diffgrad.prev"].data_ptr() != p.grad.data_ptr()
+        prev = [g.copy() for g in gs]
+    case = next(c for c in T.CASES if c.id == "diffgrad")
+    # both ways of feeding the gradient follow the reference
+    params2 = T.make_params()
+    opt2 = gradpipe.Optimizer(params2, case.pipeline, backend="eager", lr=1.0)
+    assert_updates(T.run_optimizer(opt2, params2, T.GRADS, in_place=in_place), T.reference_updates(case))
+
+
+def test_diffgrad_step_between_half_and_full_adam_step():
+    # With eps = 0 the two eps placements agree, so diffgrad / adam is exactly the friction.
+    b1, b2 = 0.8, 0.9
+    ud = T.run_case(T.CASES[0], pipeline=f"grad | diffgrad({b1}, {b2}, 0)")
+    ua = T.run_case(T.CASES[0], pipeline=f"grad | adam({b1}, {b2}, 0)")
+    prev = [np.zeros(s) for s in T.SHAPES]
+    for t, (ds, as_, gs) in enumerate(zip(ud, ua, T.GRADS), start=1):
+        for d, a, g, pv in zip(ds, as_, gs, prev):
+            ratio = d / a
+            assert np.all(ratio >= 0.5) and np.all(ratio < 1.0), f"step {t}"
+            assert np.all(np.abs(d) <= np.abs(a)) and np.all(np.abs(d) >= 0.5 * np.abs(a) * (1 - 1e-12))
+            np.testing.assert_allclose(ratio, 1 / (1 + np.exp(-np.abs(pv - g))), rtol=1e-12)
+        prev = gs
+
+
+def test_diffgrad_friction_factor_in_range_with_default_eps():
+    # With eps > 0 the eps placements differ, so compare the friction factor itself.
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    params = T.make_params()
+    opt = gradpipe.Optimizer(params, "grad | scale(diffgrad)", backend="eager", lr=1.0)
+    for t, gs in enumerate(T.GRADS, start=1):
+        [us] = T.run_optimizer(opt, params, [gs])
+        for i, p in enumerate(params):
+            st = opt.state[p]
+            xi = _friction_from_state(us[i], st["main/diffgrad.m"].numpy(), st["main/diffgrad.v"].numpy(),
+                                      t, b1, b2, eps)
+            assert np.all(xi >= 0.5 - 1e-12) and np.all(xi < 1.0), f"step {t}"
+
+
+# ------------------------------------------------------------------------ clip_median
+@pytest.mark.parametrize("tau", [0.3, 1.0])
+def test_clip_median_reset_coord_is_clip_value(tau):
+    a = T.run_case(T.CASES[0], pipeline=f"grad | clip_median({tau}, geometry=coord, reset=true)")
+    b = T.run_case(T.CASES[0], pipeline=f"grad | clip_value({tau})")
+    for us, vs in zip(a, b):
+        for u, v in zip(us, vs):
+            assert np.array_equal(u, v)
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("tau", [0.5, 2.0, 100.0])
+def test_clip_median_reset_l2_is_clip_norm(scope, tau):
+    a = T.run_case(T.CASES[0], pipeline=f"grad | clip_median({tau}, scope={scope}, reset=true)")
+    b = T.run_case(T.CASES[0], pipeline=f"grad | clip_norm({tau}, scope={scope})")
+    for us, vs in zip(a, b):
+        for u, v in zip(us, vs):
+            np.testing.assert_allclose(u, v, rtol=1e-6 / min(tau, 1.0), atol=0)
+
+
+def test_clip_median_reset_keeps_no_state():
+    prog = gradpipe.compile("grad | clip_median(1.0, reset=true)")
+    assert prog.state_buffers() == []
+    params = T.make_params()
+    opt = gradpipe.Optimizer(params, prog, backend="eager", lr=1.0)
+    T.run_optimizer(opt, params, T.GRADS[:2])
+    assert set(opt.state[params[0]]) == {"step"}
+
+
+def test_clip_median_global_and_tensor_scope_differ_as_expected():
+    g_case = next(c for c in T.CASES if c.id == "clip_median_l2_global")
+    t_case = next(c for c in T.CASES if c.id == "clip_median_l2_tensor")
+    tau = 0.8
+    glob = T.run_case(g_case, pipeline=f"grad | clip_median({tau})")
+    tens = T.run_case(t_case, pipeline=f"grad | clip_median({tau}, scope=tensor)")
+    ref = lambda scope: T.OpCase(scope, "clip_median", "", lambda: T.ref_clip_median(tau, "l2", scope))  # noqa: E731
+    assert_updates(glob, T.reference_updates(ref("global")))
+    assert_updates(tens, T.reference_updates(ref("tensor")))
+    assert any(not np.allclose(a, b) for us, vs in zip(glob, tens) for a, b in zip(us, vs))
+
+    # tensor scope: a tensor's update does not depend on the other tensor; global scope: it does
+    other = [[g[0], 10 * g[1]] for g in T.GRADS]
+    tens2 = T.run_case(t_case, grads=other, pipeline=f"grad | clip_median({tau}, scope=tensor)")
+    glob2 = T.run_case(g_case, grads=other, pipeline=f"grad | clip_median({tau})")
+    for t in range(T.STEPS):
+        assert np.array_equal(tens[t][0], tens2[t][0])
+        assert not np.allclose(glob[t][0], glob2[t][0])
+
+    # on a one-tensor route the two scopes agree
+    one = [[g[0]] for g in T.GRADS]
+    p1 = T.make_params([T.PARAMS0[0]])
+    a = T.run_case(g_case, grads=one, params=p1, pipeline=f"grad | clip_median({tau})")
+    p2 = T.make_params([T.PARAMS0[0]])
+    b = T.run_case(t_case, grads=one, params=p2, pipeline=f"grad | clip_median({tau}, scope=tensor)")
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x[0], y[0], rtol=1e-14, atol=1e-15)
+
+
+def test_clip_median_zero_residual_is_zero_step():
+    # the same gradient forever: once m reaches it, the residual is 0 and clip(0) = 0 (no NaN)
+    g = [np.full(s, 0.1) for s in T.SHAPES]
+    ups = T.run_case(T.CASES[0], grads=[g] * 3, pipeline="grad | clip_median(10.0)")
+    for us in ups:
+        for u, gi in zip(us, g):
+            assert np.all(np.isfinite(u))
+            np.testing.assert_allclose(u, gi, rtol=1e-15)
+    zero = [np.zeros(s) for s in T.SHAPES]
+    ups = T.run_case(T.CASES[0], grads=[zero] * 2, pipeline="grad | clip_median(1.0)")
+    assert all(np.all(u == 0) for us in ups for u in us)
+
+
+# ------------------------------------------------------------------------ project_orthogonal
+_PO_GLOBAL = gradpipe.compile("grad | project_orthogonal(param, eps=0)")
+_PO_TENSOR = gradpipe.compile("grad | project_orthogonal(param, scope=tensor, eps=0)")
+_PO_PCGRAD = gradpipe.compile("grad | project_orthogonal(param, max_coef=0)")
+
+_finite = st.floats(-10, 10, allow_nan=False, allow_infinity=False, width=64)
+_pair = st.tuples(*(hnp.arrays(np.float64, s, elements=_finite) for s in T.SHAPES))
+
+
+def _project_once(prog, a, r):
+    """One step with grad = a and param = r: with lr = 1 the update is the projection of a against r."""
+    params = T.make_params(r)
+    opt = gradpipe.Optimizer(params, prog, backend="eager", lr=1.0)
+    [us] = T.run_optimizer(opt, params, [list(a)])
+    return us
+
+
+def _dot(xs, ys):
+    return sum(float(np.sum(x * y)) for x, y in zip(xs, ys))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(a=_pair, r=_pair)
+def test_project_orthogonal_global_is_orthogonal_to_reference(a, r):
+    rn = math.sqrt(_dot(r, r))
+    assume(rn > 1e-3)
+    u = _project_once(_PO_GLOBAL, a, r)
+    an = math.sqrt(_dot(a, a))
+    # global scope: the inner product summed over both tensors vanishes
+    assert abs(_dot(u, r)) <= 1e-9 * (an * rn + 1e-300) + 1e-12
+    # and u is a - c r for one scalar c
+    np.testing.assert_allclose(np.concatenate([x.ravel() for x in u]),
+                               np.concatenate([x.ravel() for x in T.project(list(a), list(r), eps=0.0)]),
+                               rtol=1e-9, atol=1e-9 * max(an, 1.0))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(a=_pair, r=_pair)
+def test_project_orthogonal_tensor_scope_is_orthogonal_per_tensor(a, r):
+    assume(all(float(np.sum(x * x)) > 1e-6 for x in r))
+    u = _project_once(_PO_TENSOR, a, r)
+    for ui, ai, ri in zip(u, a, r):
+        assert abs(float(np.sum(ui * ri))) <= 1e-9 * (np.linalg.norm(ai) * np.linalg.norm(ri)) + 1e-12
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(a=_pair, r=_pair)
+def test_project_orthogonal_max_coef_zero_leaves_non_conflicting_input(a, r):
+    if _dot(a, r) < 0:
+        r = tuple(-x for x in r)
+    u = _project_once(_PO_PCGRAD, a, r)
+    for ui, ai in zip(u, a):
+        assert np.array_equal(ui, ai)
+    # a conflicting input is projected (inner product -> 0)
+    rr = _dot(r, r)
+    assume(_dot(a, r) > 1e-3 and rr > 1e-2)
+    neg = tuple(-x for x in r)
+    u = _project_once(_PO_PCGRAD, a, neg)
+    assert abs(_dot(u, neg)) <= 1e-6 * math.sqrt(_dot(a, a) * rr) + _dot(a, r) * 1e-7 / rr + 1e-9
+
+
+def test_project_orthogonal_zero_reference_passes_input():
+    zero = [np.zeros(s) for s in T.SHAPES]
+    params = T.make_params(zero)
+    opt = gradpipe.Optimizer(params, "grad | project_orthogonal(param)", backend="eager", lr=1.0)
+    [us] = T.run_optimizer(opt, params, [T.GRADS[0]])
+    for u, g in zip(us, T.GRADS[0]):
+        assert np.array_equal(u, g)
+
+
+# ------------------------------------------------------------------------ noise
+def _noise_updates(pipeline, grads, shapes=T.SHAPES):
+    params = T.make_params([np.zeros(s) for s in shapes])
+    opt = gradpipe.Optimizer(params, pipeline, backend="eager", lr=1.0)
+    return T.run_optimizer(opt, params, grads)
+
+
+def test_noise_is_seeded():
+    zero = [[np.zeros(s) for s in T.SHAPES]] * 3
+    a = _noise_updates("grad | noise(1.0, 0.55, seed=3)", zero)
+    b = _noise_updates("grad | noise(1.0, 0.55, seed=3)", zero)
+    c = _noise_updates("grad | noise(1.0, 0.55, seed=4)", zero)
+    for xs, ys, zs in zip(a, b, c):
+        for x, y, z in zip(xs, ys, zs):
+            assert np.array_equal(x, y)
+            assert not np.allclose(x, z)
+    # fresh draws every step
+    assert not np.allclose(a[0][0], a[1][0])
+
+
+def test_noise_default_seed_is_reproducible():
+    zero = [[np.zeros(s) for s in T.SHAPES]] * 2
+    a = _noise_updates("grad | noise", zero)
+    b = _noise_updates("grad | noise", zero)
+    assert all(np.array_equal(x, y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
+
+
+def test_noise_two_tensors_get_different_draws():
+    shapes = ((50,), (50,))
+    zero = [[np.zeros(s) for s in shapes]] * 2
+    ups = _noise_updates("grad | noise(1.0, 0.0, seed=0)", zero, shapes)
+    for us in ups:
+        assert not np.allclose(us[0], us[1])
+        assert np.all(us[0] != 0) and np.all(us[1] != 0)
+
+
+def test_noise_variance_decays_as_eta_over_t_to_the_gamma():
+    eta, gamma, n = 0.5, 0.55, 100_000
+    steps = 8
+    zero = [[np.zeros(n)]] * steps
+    ups = _noise_updates(f"grad | noise({eta}, {gamma}, seed=11)", zero, ((n,),))
+    for t, [u] in enumerate(ups, start=1):
+        expected = eta / t ** gamma
+        # the sample variance of n normal draws has relative sd sqrt(2/n) ~ 0.45%: allow 3%
+        assert abs(np.var(u) / expected - 1) < 0.03, f"step {t}: var {np.var(u)} vs {expected}"
+        assert abs(np.mean(u)) < 5 * math.sqrt(expected / n)
+    # and it really decays: the last variance is the first times steps^-gamma
+    assert np.var(ups[-1][0]) < np.var(ups[0][0]) * steps ** -gamma * 1.05
+
+
+def test_noise_is_never_merged_by_cse():
+    prog = gradpipe.compile("let g = grad | clip_norm(1)\ng | add((g | noise)) | add((g | noise))")
+    noise_nodes = [n for n, d in prog.graph.nodes(data=True) if d.get("op") == "noise"]
+    assert len(noise_nodes) == 2
+    assert prog.merged == []
+
+
+# ------------------------------------------------------------------------ small identities
+def test_momentum_beta_zero_is_identity():
+    prog = gradpipe.compile("grad | momentum(0)")
+    assert [d["kind"] for _, d in prog.graph.nodes(data=True)] == ["source", "output"]
+    assert prog.state_buffers() == []
+    ups = T.run_case(T.CASES[0], pipeline=prog)
+    for us, gs in zip(ups, T.GRADS):
+        for u, g in zip(us, gs):
+            assert np.array_equal(u, g)
+
+
+def test_momentum_beta_zero_from_hyperparameter_is_identity():
+    # beta from a hyperparameter is not folded; the op itself is the identity at runtime
+    params = T.make_params()
+    opt = gradpipe.Optimizer(params, "sgd", backend="eager", lr=1.0, momentum=0)
+    ups = T.run_optimizer(opt, params, T.GRADS[:3])
+    for us, gs in zip(ups, T.GRADS):
+        for u, g in zip(us, gs):
+            assert np.array_equal(u, g)
+    assert set(opt.state[params[0]]) == {"step"}
+
+
+def test_scale_two_doubles():
+    ups = T.run_case(T.CASES[0], pipeline="grad | scale(2)")
+    for us, gs in zip(ups, T.GRADS):
+        for u, g in zip(us, gs):
+            assert np.array_equal(u, 2 * g)
+
+
+def test_sign_of_zero_is_zero():
+    g = [np.array([[0.0, -2.0, 3.0, 0.0]] * 3), np.array([0.0, 1e-300, -1e-300, 5.0, 0.0])]
+    [us] = T.run_case(T.CASES[0], grads=[g], pipeline="grad | sign")
+    for u, gi in zip(us, g):
+        assert np.array_equal(u, np.sign(gi))
+
+
+def test_add_accepts_a_number_as_documented():
+    # add's docstring and summary: "x + s for a signal or number s"
+    ups = T.run_case(T.CASES[0], pipeline="grad | add(0.5)")
+    for us, gs in zip(ups, T.GRADS):
+        for u, g in zip(us, gs):
+            np.testing.assert_allclose(u, g + 0.5, **TOL)
+
+
+def test_float32_params_keep_float32_state():
+    params = [torch.tensor(np.array(v), dtype=torch.float32) for v in T.PARAMS0]
+    opt = gradpipe.Optimizer(params, "grad | adam(0.8, 0.9, 1e-6)", backend="eager", lr=1.0)
+    for p, g in zip(params, T.GRADS[0]):
+        p.grad = torch.tensor(g, dtype=torch.float32)
+    opt.step()
+    assert opt.state[params[0]]["main/adam.m"].dtype == torch.float32
+
+
+def test_bf16_params_keep_fp32_state():
+    params = [torch.tensor(np.array(v), dtype=torch.bfloat16) for v in T.PARAMS0]
+    opt = gradpipe.Optimizer(params, "grad | adam(0.8, 0.9, 1e-6)", backend="eager", lr=1.0)
+    for p, g in zip(params, T.GRADS[0]):
+        p.grad = torch.tensor(g, dtype=torch.bfloat16)
+    opt.step()
+    assert opt.state[params[0]]["main/adam.m"].dtype == torch.float32
+    assert params[0].dtype == torch.bfloat16
