@@ -38,7 +38,7 @@ except ImportError:  # a checkout without the package installed
 import gradpipe
 
 __all__ = ["OpCase", "CASES", "SHAPES", "STEPS", "GRADS", "PARAMS0", "Stepper", "make_params", "run_case",
-           "run_optimizer", "case_ids"]
+           "run_optimizer", "run_optimizer_params", "assert_exact_updates", "reference_updates", "case_ids"]
 
 Arrays = list  # list[np.ndarray], one per tensor
 #: ``stepper(t, grads, params) -> updates``; t counts from 1, params are the values before the step
@@ -365,10 +365,11 @@ def make_params(values: Sequence[np.ndarray] | None = None) -> list[torch.Tensor
     return [torch.tensor(np.array(v), dtype=torch.float64) for v in values]
 
 
-def run_optimizer(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[Arrays], *,
-                  in_place: bool = False) -> list[Arrays]:
-    """Step ``opt`` once per entry of ``grads``, setting ``p.grad`` by hand; return ``p_before - p_after``
-    per step. ``in_place`` writes into the existing ``p.grad`` buffers with ``copy_``."""
+def run_optimizer_params(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[Arrays], *,
+                         in_place: bool = False) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Step ``opt`` once per entry of ``grads``, setting ``p.grad`` by hand; return the parameters
+    ``(before, after)`` of each step. ``in_place`` writes into the existing ``p.grad`` buffers with
+    ``copy_`` instead of assigning new tensors."""
     out = []
     for gs in grads:
         for p, g in zip(params, gs):
@@ -379,8 +380,26 @@ def run_optimizer(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], gr
                 p.grad = gt.clone()
         before = [p.detach().clone() for p in params]
         opt.step()
-        out.append([(b - p.detach()).numpy() for b, p in zip(before, params)])
+        out.append((before, [p.detach().clone() for p in params]))
     return out
+
+
+def run_optimizer(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[Arrays], *,
+                  in_place: bool = False) -> list[Arrays]:
+    """Like :func:`run_optimizer_params`, but return ``p_before - p_after`` per step (the update u,
+    up to one rounding of p)."""
+    return [[(b - a).numpy() for b, a in zip(before, after)]
+            for before, after in run_optimizer_params(opt, params, grads, in_place=in_place)]
+
+
+def assert_exact_updates(steps: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]],
+                         expected: Sequence[Arrays]) -> None:
+    """Bit-exact: ``p_after == p_before - u`` for the expected ``u`` (what ``p.add_(u, alpha=-1)`` gives)."""
+    assert len(steps) == len(expected)
+    for t, ((before, after), us) in enumerate(zip(steps, expected), start=1):
+        for i, (b, a, u) in enumerate(zip(before, after, us)):
+            want = b - torch.as_tensor(np.array(u), dtype=b.dtype)
+            assert torch.equal(a, want), f"step {t} tensor {i}: max diff {float((a - want).abs().max())}"
 
 
 def run_case(case: OpCase, grads: Sequence[Arrays] = GRADS, *, pipeline: Any = None,
@@ -390,6 +409,14 @@ def run_case(case: OpCase, grads: Sequence[Arrays] = GRADS, *, pipeline: Any = N
     opt = gradpipe.Optimizer(params, pipeline if pipeline is not None else case.pipeline, backend="eager",
                              **{"lr": 1.0, **case.hyperparams})
     return run_optimizer(opt, params, grads, **kw)
+
+
+def run_pipeline_params(pipeline: Any, grads: Sequence[Arrays] = GRADS, params0: Sequence[np.ndarray] = PARAMS0,
+                        **hyperparams: Any):
+    """Run a pipeline (lr=1) on fresh float64 params; the ``(before, after)`` parameters of each step."""
+    params = make_params(params0)
+    opt = gradpipe.Optimizer(params, pipeline, backend="eager", **{"lr": 1.0, **hyperparams})
+    return run_optimizer_params(opt, params, grads)
 
 
 def reference_updates(case: OpCase, grads: Sequence[Arrays] = GRADS,

@@ -238,6 +238,33 @@ def _canonical_and_hash(env: ModuleEnv) -> tuple[str, str]:
     return canonical, h.hexdigest()[:16]
 
 
+def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam]) -> list[GradError]:
+    """Type-check every let and every def whose parameters all have defaults, used or not,
+    so ``gradpipe check`` reports mistakes in code the pipeline does not reach yet."""
+    from .build import _Scope
+    from .values import Fragment
+    errors: list[GradError] = []
+    scratch = Builder(env, hparams)
+    scratch.route = "check"
+    for let in env.lets.values():
+        try:
+            v = scratch.expr(let.value, _Scope(env), f"check/{let.name}")
+            if isinstance(v, Fragment):
+                v.apply(scratch._source("grad", let.span).node, "check")
+        except GradError as e:
+            errors.append(e)
+    for d in env.defs.values():
+        if any(p.default is None for p in d.params):
+            continue
+        try:
+            v = scratch.expr(ast.Call(ast.Name((d.name,), span=d.span), span=d.span), _Scope(env), "check")
+            if isinstance(v, Fragment):
+                v.apply(scratch._source("grad", d.span).node, "check")
+        except GradError as e:
+            errors.append(e)
+    return errors
+
+
 def compile_env(env: ModuleEnv) -> Program:
     hparams = dict(all_hparams(env))
     if "lr" not in hparams:
@@ -268,6 +295,7 @@ def compile_env(env: ModuleEnv) -> Program:
             routes.append(b.build_route(label, r.selector, r.body, r.span))
         except GradError as e:
             errors.append(e)
+    errors.extend(_check_definitions(env, hparams))
     if errors:
         raise GradError.combine(errors)
     g = b.graph

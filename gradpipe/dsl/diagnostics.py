@@ -95,8 +95,11 @@ class GradError(ValueError):
 
     @classmethod
     def combine(cls, errors: Iterable["GradError"]) -> "GradError":
-        diags = [d for e in errors for d in e.diagnostics]
-        diags.sort(key=lambda d: (d.span.path, d.span.line, d.span.column))
+        unique: dict[tuple, Diagnostic] = {}
+        for e in errors:
+            for d in e.diagnostics:
+                unique.setdefault((d.span.path, d.span.line, d.span.column, d.message), d)
+        diags = sorted(unique.values(), key=lambda d: (d.span.path, d.span.line, d.span.column))
         return cls("", diagnostics=diags)
 
 
