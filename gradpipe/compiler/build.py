@@ -301,7 +301,7 @@ class Builder:
             return self._def_call(sub, sub.defs[fname], e, sc)
         if fname in OPS:
             op = OPS[fname]
-            if e.args and op.params and op.params[0].kind not in ("signal", "any"):
+            if e.args and op.params and op.params[0].kind not in ("signal", "value", "any"):
                 # ema(grads.main): a signal as the first argument is the op's input
                 first = self.expr(e.args[0], sc, prefix)
                 if isinstance(first, Stream):
@@ -398,7 +398,9 @@ class Builder:
                 args[p.name] = self._choice(op, p, a)
                 continue
             v = self.expr(a, sc, node)
-            if p.kind == "signal":
+            if p.kind == "value" and isinstance(v, ScalarV):
+                args[p.name] = self._scalar_arg(op, p, v, a)
+            elif p.kind in ("signal", "value"):
                 if isinstance(v, Fragment):
                     v = Stream(v.apply(inp, node), v.span)
                 if not isinstance(v, Stream):

@@ -124,6 +124,18 @@ class Program:
         nodes = self.route_nodes(route) if route else list(self.graph.nodes)
         return sum(len(self.node_buffers(n)) for n in nodes) * itemsize
 
+    def state_schema(self) -> list[str]:
+        """What a checkpoint of this pipeline holds: ``route node op buffers`` lines.
+
+        Two pipelines with the same schema can exchange ``state_dict`` s (a changed
+        comment, default or range does not matter; a changed op or buffer does)."""
+        out = []
+        for n in sorted(self.graph.nodes):
+            d = self.graph.nodes[n]
+            if d["kind"] == "op" and (self.node_buffers(n) or OPS[d["op"]].has_node_state):
+                out.append(f"{n} {d['op']} {','.join(self.node_buffers(n))}")
+        return out
+
     def reductions(self) -> list[tuple[str, str]]:
         out = []
         for n, d in self.graph.nodes(data=True):
@@ -221,10 +233,18 @@ def _check_selector(sel: ast.Selector) -> None:
                             "write 'route default: ...' on its own")
 
 
+def _without_comments(module: ast.Module) -> ast.Module:
+    import dataclasses
+    stmts = tuple(dataclasses.replace(st, comments=()) for st in module.stmts)
+    return dataclasses.replace(module, stmts=stmts, trailing_comments=())
+
+
 def _canonical_and_hash(env: ModuleEnv) -> tuple[str, str]:
+    """The canonical text of the file, and a hash of what it means: the canonical
+    form without comments, of the file and of everything it imports."""
     from ..dsl.formatter import format_module
     canonical = format_module(env.module)
-    h = hashlib.sha256(canonical.encode())
+    h = hashlib.sha256(format_module(_without_comments(env.module)).encode())
     seen: set[int] = set()
 
     def visit(e: ModuleEnv) -> None:
@@ -232,7 +252,7 @@ def _canonical_and_hash(env: ModuleEnv) -> tuple[str, str]:
             if id(sub) in seen:
                 continue
             seen.add(id(sub))
-            h.update(b"\0import\0" + format_module(sub.module).encode())
+            h.update(b"\0import\0" + format_module(_without_comments(sub.module)).encode())
             visit(sub)
     visit(env)
     return canonical, h.hexdigest()[:16]

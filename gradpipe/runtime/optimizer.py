@@ -211,7 +211,8 @@ class Optimizer(torch.optim.Optimizer):
                 if saved:
                     node_state[node] = saved
         sd["gradpipe"] = {"format": _STATE_FORMAT, "pipeline": self.program.name,
-                          "pipeline_hash": self.program.hash, "node_state": node_state}
+                          "pipeline_hash": self.program.hash, "schema": self.program.state_schema(),
+                          "node_state": node_state}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -220,10 +221,16 @@ class Optimizer(torch.optim.Optimizer):
         if meta is None:
             raise GradError("this state dict was not saved by a gradpipe Optimizer", prog._file_span(),
                             "load a state dict saved from gradpipe.Optimizer.state_dict()")
-        if meta.get("pipeline_hash") != prog.hash:
+        saved_schema = list(meta.get("schema", []))
+        if saved_schema != prog.state_schema():
+            ours, theirs = set(prog.state_schema()), set(saved_schema)
+            detail = "; ".join(filter(None, [
+                ("it has " + ", ".join(sorted(theirs - ours))) if theirs - ours else "",
+                ("it lacks " + ", ".join(sorted(ours - theirs))) if ours - theirs else ""]))
             raise GradError(f"this state dict is from another pipeline ('{meta.get('pipeline')}', hash "
-                            f"{meta.get('pipeline_hash')}); this optimizer runs '{prog.name}' (hash {prog.hash})",
-                            prog._file_span(), "load it into an Optimizer built from the same .grad source")
+                            f"{meta.get('pipeline_hash')}) whose state does not match '{prog.name}' "
+                            f"(hash {prog.hash}): {detail}", prog._file_span(),
+                            "load it into an Optimizer built from the same .grad pipeline")
         sd = {k: v for k, v in state_dict.items() if k != "gradpipe"}
         for i, group in enumerate(sd.get("param_groups", [])):
             extra = {k: v for k, v in group.items() if k in prog.hyperparams}

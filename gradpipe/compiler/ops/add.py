@@ -16,7 +16,10 @@ class Add(TensorOp):
     name = "add"
     summary = "x + s for a signal or number s"
     reference = "optax.add_decayed_weights (as add(wd * param))"
-    params = (Param("s", kind="signal", doc="the signal to add"),)
+    params = (Param("s", kind="value", doc="the signal (or number) to add"),)
+
+    def identity(self, const_args):
+        return const_args.get("s") == 0
 
     def update(self, x, state, a, step, inputs, param):
-        return x + inputs["s"]
+        return x + (inputs["s"] if "s" in inputs else a.s)

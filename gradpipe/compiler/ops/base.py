@@ -23,7 +23,7 @@ __all__ = ["Param", "Buffer", "Op", "TensorOp", "NodeCtx", "REQUIRED", "register
 
 REQUIRED: Any = object()
 
-ParamKind = Literal["scalar", "int", "bool", "choice", "signal", "any"]
+ParamKind = Literal["scalar", "int", "bool", "choice", "signal", "value", "any"]
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class Param:
     kinds: ``scalar`` (a number, hyperparameter or arithmetic on them),
     ``int`` (a compile-time integer), ``bool``, ``choice`` (one word of
     ``choices``, written bare or quoted), ``signal`` (a stream: a source, a
-    sub-pipeline, or an op applied to the receiving op's input), ``any``
-    (a scalar or a signal; the op decides).
+    sub-pipeline, or an op applied to the receiving op's input), ``value``
+    (a signal or a scalar), ``any`` (``scale``'s argument: a scalar, a rule, or a signal).
     """
 
     name: str
@@ -107,6 +107,8 @@ class Op:
     is_rule: ClassVar[bool] = False
     #: two nodes with the same inputs and arguments may share one instance (CSE)
     mergeable: ClassVar[bool] = True
+    #: keeps state shared by all parameters of the node (e.g. an RNG), saved in state_dict
+    has_node_state: ClassVar[bool] = False
     #: reads the parameter values
     reads_param: ClassVar[bool] = False
     #: one-line summary, math and paper live in the class docstring

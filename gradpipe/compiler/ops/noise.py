@@ -30,6 +30,7 @@ class Noise(Op):
     summary = "x + N(0, eta / t^gamma), seeded"
     reference = "Neelakantan et al. 2015; optax.add_noise"
     mergeable = False
+    has_node_state = True
     params = (
         Param("eta", default=0.01, low=0.0, doc="initial variance"),
         Param("gamma", default=0.55, low=0.0, doc="annealing exponent"),
