@@ -119,7 +119,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.output) if args.output else pathlib.Path(f"{prog.name}.svg")
     try:
         prog.draw(out)
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, OSError) as e:
         print(f"gradpipe graph: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
@@ -200,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # pragma: no cover
         return 130
+    except BrokenPipeError:  # `gradpipe ops | head`
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -218,6 +218,11 @@ def ref_add_scaled_param(c: float) -> Stepper:
     return lambda t, gs, ps: [g + c * p for g, p in zip(gs, ps)]
 
 
+def ref_add_number(c: float) -> Stepper:
+    """add(c) with a number: u = x + c."""
+    return lambda t, gs, ps: [g + c for g in gs]
+
+
 def ref_clip_value(c: float) -> Stepper:
     return lambda t, gs, ps: [np.clip(g, -c, c) for g in gs]
 
@@ -307,9 +312,6 @@ class OpCase:
     pipeline: str
     reference: Callable[[], Stepper]
     hyperparams: dict[str, Any] = field(default_factory=dict)
-    #: False where the update is random (noise): exact equality still holds (same seed),
-    #: but the op is not a deterministic function of its inputs alone
-    deterministic: bool = True
 
 
 CASES: tuple[OpCase, ...] = (
@@ -317,6 +319,7 @@ CASES: tuple[OpCase, ...] = (
     OpCase("scale_adam", "adam", "grad | scale(adam(b1=0.7, eps=1e-3))", lambda: ref_adam(0.7, 0.999, 1e-3)),
     OpCase("add_ema", "add", "grad | add(ema(0.5))", lambda: ref_add_ema(0.5)),
     OpCase("add_param", "add", "grad | add(0.25 * param)", lambda: ref_add_scaled_param(0.25)),
+    OpCase("add_number", "add", "grad | add(-0.5)", lambda: ref_add_number(-0.5)),
     OpCase("clip_median_l2_global", "clip_median", "grad | clip_median(1.0)",
            lambda: ref_clip_median(1.0, "l2", "global")),
     OpCase("clip_median_l2_tensor", "clip_median", "grad | clip_median(0.8, scope=tensor)",
@@ -338,8 +341,7 @@ CASES: tuple[OpCase, ...] = (
     OpCase("momentum", "momentum", "grad | momentum(0.8)", lambda: ref_momentum(0.8)),
     OpCase("momentum_nesterov", "momentum", "grad | momentum(0.9, nesterov=true, dampening=0.2)",
            lambda: ref_momentum(0.9, nesterov=True, dampening=0.2)),
-    OpCase("noise", "noise", "grad | noise(0.3, 0.55, seed=7)", lambda: ref_noise(0.3, 0.55, 7),
-           deterministic=False),
+    OpCase("noise", "noise", "grad | noise(0.3, 0.55, seed=7)", lambda: ref_noise(0.3, 0.55, 7)),
     OpCase("project_orthogonal_ema", "project_orthogonal", "grad | project_orthogonal(ema(0.5))",
            lambda: ref_project_ema(0.5, "global")),
     OpCase("project_orthogonal_ema_tensor", "project_orthogonal", "grad | project_orthogonal(ema, scope=tensor)",

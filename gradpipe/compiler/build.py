@@ -7,6 +7,7 @@ own name (``main/core/adam``); scalar arithmetic is folded as it is built.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .values import Fragment, ScalarV, Stream, Value, Word, kind_name
 __all__ = ["Builder", "RouteInfo", "RangeCheck"]
 
 _MAX_INLINE_DEPTH = 32
+_MAX_APPLY_DEPTH = 100
 _STREAM_SOURCES = ("grad", "param")
 
 
@@ -52,6 +54,7 @@ class _Scope:
     env: ModuleEnv
     locals: dict[str, Value] = field(default_factory=dict)
     depth: int = 0
+    defs: tuple[str, ...] = ()  # the defs being expanded, outermost first
 
 
 class Builder:
@@ -66,14 +69,32 @@ class Builder:
         self.reads: set[str] = set()
         self._let_memo: dict[tuple[int, str], Value] = {}
         self._let_busy: set[int] = set()
+        self._suffix: dict[str, int] = {}
+        self._depth = 0
+        #: ids of the let and def statements the pipeline reached
+        self.used: set[int] = set()
+
+    @contextlib.contextmanager
+    def _nesting(self, span: Span):
+        """Bound how deeply pipelines nest when applied (lets of lets of ... lets)."""
+        if self._depth >= _MAX_APPLY_DEPTH:
+            raise GradError(f"the pipeline nests more than {_MAX_APPLY_DEPTH} levels deep here", span,
+                            "flatten it: fewer lets or defs that wrap one another")
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
 
     # ------------------------------------------------------------------ graph helpers
     def _fresh(self, base: str) -> str:
+        """``base``, or ``base#2``, ``base#3``... if taken (a counter per base keeps this O(1))."""
         if base not in self.graph:
             return base
-        k = 2
+        k = self._suffix.get(base, 1) + 1
         while f"{base}#{k}" in self.graph:
             k += 1
+        self._suffix[base] = k
         return f"{base}#{k}"
 
     def _source(self, name: str, span: Span) -> Stream:
@@ -142,10 +163,11 @@ class Builder:
             stages = [head] + [self._stage(s, sc, prefix) for s in e.stages[1:]]
 
             def apply(inp: str, pfx: str) -> str:
-                cur = inp
-                for st in stages:
-                    cur = st.apply(cur, pfx)
-                return cur
+                with self._nesting(e.span):
+                    cur = inp
+                    for st in stages:
+                        cur = st.apply(cur, pfx)
+                    return cur
             return Fragment(apply, e.span, _text(e))
         if not isinstance(head, Stream):
             raise GradError(f"a pipeline must start from a signal, but this is {kind_name(head)}",
@@ -208,8 +230,9 @@ class Builder:
             raise GradError("the exponent must be a number", operands[1].span)
         if any(isinstance(v, Fragment) for v in vals):
             def apply(inp: str, pfx: str) -> str:
-                concrete = [Stream(v.apply(inp, pfx), v.span) if isinstance(v, Fragment) else v for v in vals]
-                return self._arith(op, pfx, e.span, concrete[0], concrete[1] if len(concrete) > 1 else None)
+                with self._nesting(e.span):
+                    concrete = [Stream(v.apply(inp, pfx), v.span) if isinstance(v, Fragment) else v for v in vals]
+                    return self._arith(op, pfx, e.span, concrete[0], concrete[1] if len(concrete) > 1 else None)
             return Fragment(apply, e.span, _text(e))
         return Stream(self._arith(op, prefix, e.span, vals[0], vals[1] if len(vals) > 1 else None), e.span)
 
@@ -236,7 +259,7 @@ class Builder:
         if len(parts) >= 2:
             if first in sc.env.aliases and first not in sc.locals:
                 sub = sc.env.aliases[first]
-                return self.name(ast.Name(parts[1:], e.span), _Scope(sub, {}, sc.depth), prefix)
+                return self.name(ast.Name(parts[1:], e.span), _Scope(sub, {}, sc.depth, sc.defs), prefix)
             if first == "grads":
                 raise GradError("write grads.<loss name>, e.g. grads.main", e.span)
             raise GradError(f"unknown module '{first}'", e.span,
@@ -248,7 +271,7 @@ class Builder:
         if first in sc.env.defs:
             return self._def_call(sc.env, sc.env.defs[first], ast.Call(e, span=e.span), sc)
         if first in sc.env.imported:
-            return self.name(e, _Scope(sc.env.imported[first], {}, sc.depth), prefix)
+            return self.name(e, _Scope(sc.env.imported[first], {}, sc.depth, sc.defs), prefix)
         if first in sc.env.hparams or (first in self.hparams and first in ("lr",)):
             return ScalarV(S.HP(first), e.span)
         if first in _STREAM_SOURCES:
@@ -267,12 +290,16 @@ class Builder:
         raise GradError(f"unknown name '{first}'", e.span, did_you_mean(first, self._visible_names(sc)))
 
     def _let(self, env: ModuleEnv, let: ast.Let, prefix: str) -> Value:
+        self.used.add(id(let))
         key = (id(let), self.route)
         if key in self._let_memo:
             return self._let_memo[key]
         if id(let) in self._let_busy:
             raise GradError(f"'{let.name}' is defined in terms of itself", let.span,
                             "a let binding cannot refer to itself, directly or through others")
+        if len(self._let_busy) >= _MAX_INLINE_DEPTH:
+            raise GradError(f"'{let.name}' is defined through more than {_MAX_INLINE_DEPTH} nested let bindings",
+                            let.span, "flatten the chain of lets: write the pipeline in fewer, longer bindings")
         self._let_busy.add(id(let))
         try:
             v = self.expr(let.value, _Scope(env), f"{self.route}/{let.name}")
@@ -303,7 +330,9 @@ class Builder:
             op = OPS[fname]
             if e.args and op.params and op.params[0].kind not in ("signal", "value", "any"):
                 # ema(grads.main): a signal as the first argument is the op's input
+                n_folded = len(self.folded)
                 first = self.expr(e.args[0], sc, prefix)
+                del self.folded[n_folded:]  # the argument is compiled again below if it is not the input
                 if isinstance(first, Stream):
                     rest = ast.Call(e.func, e.args[1:], e.kwargs, e.block, span=e.span)
                     return Stream(self._op_fragment(op, rest, sc).apply(first.node, prefix), e.span)
@@ -341,9 +370,16 @@ class Builder:
         return bound
 
     def _def_call(self, env: ModuleEnv, d: ast.Def, e: ast.Call, sc: _Scope) -> Value:
+        self.used.add(id(d))
+        key = f"{env.path}:{d.name}"
+        if key in sc.defs:
+            chain = " -> ".join(k.rsplit(":", 1)[1] for k in sc.defs[sc.defs.index(key):]) + f" -> {d.name}"
+            raise GradError(f"pipeline '{d.name}' is recursive ({chain})", e.span,
+                            "a def cannot call itself, directly or through others")
         if sc.depth >= _MAX_INLINE_DEPTH:
-            raise GradError(f"pipeline '{d.name}' expands more than {_MAX_INLINE_DEPTH} levels deep", e.span,
-                            "is it recursive? a def cannot call itself")
+            raise GradError(f"pipeline '{d.name}' expands more than {_MAX_INLINE_DEPTH} levels of definitions deep",
+                            e.span, "a def cannot call itself, directly or through others; deeper nesting than "
+                            f"{_MAX_INLINE_DEPTH} is refused")
         if e.block is not None:
             raise GradError(f"pipeline '{d.name}' takes no {{ ... }} block", e.block.span)
         bound = self._bind(f"pipeline '{d.name}'", [p.name for p in d.params], e)
@@ -353,15 +389,16 @@ class Builder:
             if p.name in bound:
                 local[p.name] = self.expr(bound[p.name], sc, call_prefix)
             elif p.default is not None:
-                local[p.name] = self.expr(p.default, _Scope(env, {}, sc.depth + 1), call_prefix)
+                local[p.name] = self.expr(p.default, _Scope(env, {}, sc.depth + 1, sc.defs + (key,)), call_prefix)
             else:
                 raise GradError(f"pipeline '{d.name}' needs argument '{p.name}'", e.span,
                                 f"write {d.name}({', '.join(q.name + '=...' for q in d.params if q.default is None)})")
-        inner = _Scope(env, local, sc.depth + 1)
+        inner = _Scope(env, local, sc.depth + 1, sc.defs + (key,))
         body = self.expr(d.body, inner, f"{self.route}/{d.name}")
         if isinstance(body, Fragment):
             def apply(inp: str, pfx: str) -> str:
-                return body.apply(inp, self._fresh(f"{pfx}/{d.name}"))
+                with self._nesting(e.span):
+                    return body.apply(inp, self._fresh(f"{pfx}/{d.name}"))
             return Fragment(apply, e.span, d.name)
         return body
 
@@ -374,7 +411,8 @@ class Builder:
         bound = self._bind(f"op '{op.name}'", [p.name for p in op.params], e)
 
         def apply(inp: str, pfx: str) -> str:
-            return self._apply_op(op, bound, e, sc, inp, pfx)
+            with self._nesting(e.span):
+                return self._apply_op(op, bound, e, sc, inp, pfx)
         return Fragment(apply, e.span, _text(e))
 
     def _apply_op(self, op: Op, bound: dict[str, ast.Expr], e: ast.Call, sc: _Scope, inp: str, pfx: str) -> str:

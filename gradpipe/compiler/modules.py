@@ -151,7 +151,7 @@ class ModuleEnv:
         return pathlib.Path(self.path).resolve().parent
 
 
-RESERVED = {"grad", "param", "grads", "lr", "step", "loss", "inf"}
+RESERVED = {"grad", "param", "grads", "lr", "step", "loss", "inf", "true", "false"}
 
 
 def _collect(env: ModuleEnv, errors: list[GradError]) -> None:

@@ -22,7 +22,7 @@ from .passes import cse, eliminate_dead, inputs_of
 
 __all__ = ["Program", "compile", "load", "builtin_dir", "builtin_names"]
 
-_LR = HyperParam("lr", 1e-3, 0.0, math.inf, True, True, Span(), declared=False)
+_LR = HyperParam("lr", 1e-3, 0.0, math.inf, True, False, Span(), declared=False)
 
 
 def builtin_dir() -> pathlib.Path:
@@ -95,6 +95,20 @@ class Program:
                                 f"{rc.param.range_text()} of '{rc.op}'", rc.span,
                                 f"choose hyperparameters that give {rc.param.name} in {rc.param.range_text()}")
 
+    def check_step_ranges(self, env: Mapping[str, Any]) -> None:
+        """Check the valid ranges of arguments that depend on ``step`` or ``loss`` in this step."""
+        for rc in self.range_checks:
+            if not any(isinstance(l, S.Src) and l.name in ("step", "loss") for l in S.leaves(rc.expr)):
+                continue
+            try:
+                val = rc.expr.eval(env)
+            except (ZeroDivisionError, OverflowError, ValueError):
+                val = math.nan
+            if not rc.param.in_range(val):
+                raise GradError(f"{rc.param.name}={val!r} at step {env.get('step')} is outside the valid range "
+                                f"{rc.param.range_text()} of '{rc.op}'", rc.span,
+                                f"write the argument so that it stays in {rc.param.range_text()} at every step")
+
     def _file_span(self) -> Span:
         return Span(1, 1, 1, 2, self.path, self.source)
 
@@ -109,11 +123,21 @@ class Program:
         return inputs_of(self.graph, node)
 
     def node_buffers(self, node: str) -> list[str]:
+        """The per-parameter buffers of a node, with hyperparameters at their declared defaults
+        (``momentum(momentum)`` keeps no buffer when the default momentum is 0)."""
         d = self.graph.nodes[node]
         if d["kind"] != "op":
             return []
-        const = {k: (v.value if isinstance(v, S.Const) else v) for k, v in d["args"].items()
-                 if isinstance(v, (S.Const, str, bool))}
+        env = {**self.defaults(), "step": 1, "loss": 0.0}
+        const = {}
+        for k, v in d["args"].items():
+            if isinstance(v, (str, bool, int, float)):
+                const[k] = v
+            else:
+                try:
+                    const[k] = v.eval(env)
+                except (ValueError, ZeroDivisionError, OverflowError, KeyError):
+                    pass
         return OPS[d["op"]].buffer_names(const)
 
     def state_buffers(self) -> list[str]:
@@ -258,15 +282,17 @@ def _canonical_and_hash(env: ModuleEnv) -> tuple[str, str]:
     return canonical, h.hexdigest()[:16]
 
 
-def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam]) -> list[GradError]:
-    """Type-check every let and every def whose parameters all have defaults, used or not,
-    so ``gradpipe check`` reports mistakes in code the pipeline does not reach yet."""
+def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set[int]) -> list[GradError]:
+    """Type-check the lets, and the defs whose parameters all have defaults, that the
+    pipeline does not reach, so ``gradpipe check`` reports mistakes in them too."""
     from .build import _Scope
     from .values import Fragment
     errors: list[GradError] = []
     scratch = Builder(env, hparams)
     scratch.route = "check"
     for let in env.lets.values():
+        if id(let) in used:
+            continue
         try:
             v = scratch.expr(let.value, _Scope(env), f"check/{let.name}")
             if isinstance(v, Fragment):
@@ -274,7 +300,7 @@ def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam]) -> list[G
         except GradError as e:
             errors.append(e)
     for d in env.defs.values():
-        if any(p.default is None for p in d.params):
+        if id(d) in used or any(p.default is None for p in d.params):
             continue
         try:
             v = scratch.expr(ast.Call(ast.Name((d.name,), span=d.span), span=d.span), _Scope(env), "check")
@@ -315,16 +341,19 @@ def compile_env(env: ModuleEnv) -> Program:
             routes.append(b.build_route(label, r.selector, r.body, r.span))
         except GradError as e:
             errors.append(e)
-    errors.extend(_check_definitions(env, hparams))
+    errors.extend(_check_definitions(env, hparams, b.used))
     if errors:
         raise GradError.combine(errors)
+    prog_defaults = {n: hp.default for n, hp in hparams.items()}
     g = b.graph
     merged = cse(g)
     removed = eliminate_dead(g)
     canonical, digest = _canonical_and_hash(env)
-    return Program(graph=g, hyperparams=hparams, routes=routes, path=env.path, source=env.module.source,
+    prog = Program(graph=g, hyperparams=hparams, routes=routes, path=env.path, source=env.module.source,
                    canonical=canonical, hash=digest, range_checks=b.range_checks, folded=b.folded,
                    merged=merged, removed=removed, losses=frozenset(b.losses), reads=frozenset(b.reads))
+    prog.check_group(prog_defaults, "the hyperparameters' defaults")
+    return prog
 
 
 def compile(source: str, path: str = "<string>") -> Program:  # noqa: A001 - public name fixed by the design

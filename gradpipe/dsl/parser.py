@@ -395,6 +395,37 @@ def _precheck(source: str, path: str) -> None:
             depth = max(0, depth - 1)
 
 
+def _unclosed_before(source: str, pos: int) -> tuple[str, int, int] | None:
+    """The innermost bracket still open at ``pos``: (bracket, line, column), or None."""
+    stack: list[tuple[str, int, int]] = []
+    line, col = 1, 0
+    in_str = in_comment = escaped = False
+    for ch in source[:pos]:
+        col += 1
+        if ch == "\n":
+            line, col, in_comment, in_str = line + 1, 0, False, False
+            continue
+        if in_comment:
+            continue
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == "#":
+            in_comment = True
+        elif ch == '"':
+            in_str = True
+        elif ch in "([{":
+            stack.append((ch, line, col))
+        elif ch in ")]}" and stack:
+            stack.pop()
+    return stack[-1] if stack else None
+
+
 def _syntax_error(e: lark.exceptions.LarkError, path: str, source: str) -> GradError:
     if isinstance(e, lark.exceptions.UnexpectedCharacters):
         span = Span(e.line, e.column, e.line, e.column + 1, path, source)
@@ -433,7 +464,10 @@ def _syntax_error(e: lark.exceptions.LarkError, path: str, source: str) -> GradE
             span = Span(line, col, tok.end_line or line, tok.end_column or col + 1, path, source)
             what = repr(str(tok))
         hint = f"expected {_describe(set(e.expected))}"
-        if tok.type == "_NL" and "RPAR" in e.expected:
+        opener = _unclosed_before(source, tok.start_pos if tok.start_pos is not None else 0)
+        if opener is not None and opener[1] < line:
+            hint = f"the '{opener[0]}' on line {opener[1]}, column {opener[2]} is not closed; " + hint
+        elif tok.type == "_NL" and "RPAR" in e.expected:
             hint = "a '(' is not closed; " + hint
         return GradError(f"unexpected {what}", span, hint)
     return GradError(f"syntax error: {e}", Span(1, 1, 1, 2, path, source))

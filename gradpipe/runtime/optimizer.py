@@ -80,10 +80,13 @@ class Optimizer(torch.optim.Optimizer):
         checked = prog.check_hyperparams(extra, f"param group {index}")
         param_group.update(checked)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        prog.check_group(group, f"param group {index}")
-        if hasattr(self, "_orders"):  # added after construction
-            self._assign_routes()
+        try:
+            prog.check_group(self.param_groups[-1], f"param group {index}")
+            if hasattr(self, "_orders"):  # added after construction
+                self._assign_routes()
+        except Exception:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
 
     def _named(self) -> list[tuple[str | None, torch.Tensor]]:
         out = []
@@ -128,6 +131,9 @@ class Optimizer(torch.optim.Optimizer):
         if loss is None and losses is not None:
             loss = sum(losses.values())
         loss_value = float(loss) if loss is not None else None
+        if loss_value is None and "loss" in prog.reads:
+            raise ValueError("the pipeline reads 'loss': pass a closure that returns the loss to step(), "
+                             "or use step(losses={...})")
         by_route: dict[str, list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
         for group in self.param_groups:
             for p in group["params"]:
@@ -156,6 +162,8 @@ class Optimizer(torch.optim.Optimizer):
                 env["step"] = int(st["step"].item())
                 env["loss"] = loss_value
                 envs.append(env)
+            for env in {id(group): env for (_, group), env in zip(items, envs)}.values():
+                prog.check_step_ranges(env)
             if named_grads is None:
                 grads = {"grad": [p.grad for p in params]}
             else:
@@ -195,12 +203,6 @@ class Optimizer(torch.optim.Optimizer):
         return out
 
     # ------------------------------------------------------------------ state
-    @staticmethod
-    def _process_value_according_to_param_policy(param: torch.Tensor, value: torch.Tensor, param_id: int,
-                                                  param_groups: list[dict[Any, Any]], key: Any = None) -> torch.Tensor:
-        # State keeps its own dtype (fp32 state for bf16 params); only the device follows the param.
-        return value.to(device=param.device)
-
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         node_state = {}
@@ -235,7 +237,16 @@ class Optimizer(torch.optim.Optimizer):
         for i, group in enumerate(sd.get("param_groups", [])):
             extra = {k: v for k, v in group.items() if k in prog.hyperparams}
             prog.check_hyperparams(extra, f"the loaded param group {i}")
-        super().load_state_dict(sd)
+        # torch casts floating state to the parameter's dtype, which would round fp32 state of
+        # bf16 parameters; load the groups through torch and the state here, keeping dtypes.
+        saved_state = sd.get("state", {})
+        super().load_state_dict({**sd, "state": {}})
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid in saved_state:
+                self.state[p] = {k: (v.detach().clone().to(device=p.device) if isinstance(v, torch.Tensor) else v)
+                                 for k, v in saved_state[pid].items()}
         from ..compiler.ops import OPS
         from .eager import eval_args
         for node, saved in meta.get("node_state", {}).items():

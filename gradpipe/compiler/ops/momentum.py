@@ -35,6 +35,9 @@ class Momentum(TensorOp):
     )
     buffers = (Buffer("buf", "momentum buffer"),)
 
+    def buffer_names(self, const_args):
+        return [] if const_args.get("beta") == 0 else ["buf"]
+
     def identity(self, const_args):
         return const_args.get("beta") == 0
 
