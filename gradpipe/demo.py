@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_PIPELINES", "LR", "DEFAULT_LR", "REFERENCE_LABEL", "DemoRow"
 
 #: The pipelines raced when :func:`run_demo` is given none (builtin names).
 DEFAULT_PIPELINES: tuple[str, ...] = (
-    "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lion", "scalpel",
+    "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lion", "diffgrad", "scalpel",
 )
 
 #: Learning rate per pipeline. A pipeline given as a path is looked up by its
@@ -40,6 +40,7 @@ LR: dict[str, float] = {
     "adamw": 1e-2,
     "rmsprop": 1e-2,
     "lion": 1e-3,
+    "diffgrad": 1e-2,
     "scalpel": 1e-3,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
