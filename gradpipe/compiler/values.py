@@ -26,7 +26,6 @@ class ScalarV:
 class Word:
     value: str | bool
     span: Span
-    bare: bool = False  # written without quotes
 
 
 @dataclass(frozen=True)

@@ -102,13 +102,6 @@ def _parser() -> Lark:
                 lexer_callbacks={"COMMENT": lambda tok: postlex.comments.append(tok)})
 
 
-def _pow_token_name() -> str:
-    for t in _parser().terminals:
-        if getattr(t.pattern, "value", None) == "**":
-            return t.name
-    return "__ANON_0"
-
-
 _TOKEN_WORDS = {
     "VBAR": "'|'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
     "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "EQUAL": "'='", "COLON": "':'",
@@ -252,10 +245,7 @@ class _ToAst(Transformer):
     # expressions -----------------------------------------------------------------
     @v_args(meta=True)
     def chain(self, meta, items):
-        stages: list = []
-        for it in items:  # flatten (a | b) | c written without parentheses only
-            stages.append(it)
-        return ast.Chain(tuple(stages), span=self._sp(meta))
+        return ast.Chain(tuple(items), span=self._sp(meta))
 
     def _bin(op):  # noqa: N805
         @v_args(meta=True)

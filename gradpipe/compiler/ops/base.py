@@ -116,9 +116,6 @@ class Op:
     #: the paper or library this op follows
     reference: ClassVar[str] = ""
 
-    def signal_ports(self) -> list[str]:
-        return [p.name for p in self.params if p.kind == "signal"]
-
     def reduction(self, args: dict[str, Any]) -> str | None:
         """The reduction this node performs over its input, if any ("global"/"tensor")."""
         return None
@@ -174,7 +171,3 @@ def register(cls: type[Op]) -> type[Op]:
 def get_op(name: str) -> Op | None:
     from . import _load_all  # noqa: F401  (registers the library on first use)
     return OPS.get(name)
-
-
-def zeros_like_state(x: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(x, memory_format=torch.preserve_format)
