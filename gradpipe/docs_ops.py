@@ -54,6 +54,48 @@ NOTES: dict[str, list[str]] = {
         "(and so the friction) is the stream entering the op, e.g. the output of `clip_median`, "
         "not the raw gradient.",
     ],
+    "aegd": [
+        "**The energy update uses the learning rate.** The reference code (`txping/AEGD`) divides "
+        "the energy by $1 + 2\\,\\mathrm{lr}\\,v^2$; an op cannot see `lr`, so `aegd` takes it as "
+        "`eta`. Only `aegd(loss, lr)` is the published method; another `eta` decouples the energy "
+        "decay from the step length.",
+        "**Loss and initial energy.** The code calls the closure itself and sets $r_0 = \\sqrt{f + c}$ "
+        "from the first step's loss; here the loss comes from the closure passed to `opt.step`, "
+        "through the scalar `loss`. Both raise `ValueError` when $f + c \\le 0$.",
+    ],
+    "agc": [
+        "**Which axes make a unit.** The NFNet code (JAX, `HWIO` kernels, `IO` linear weights) "
+        "reduces over every axis but the last, the output axis, and treats any tensor that squeezes "
+        "to one dimension as a single unit; torch stores the output axis first, so `agc` (like "
+        "timm's `adaptive_clip_grad`) reduces over every axis but dim 0, and only vectors and "
+        "scalars are single units. Both clip per output unit.",
+        "**Clipped layers.** The paper does not clip the final linear layer; use a route to leave "
+        "it out. The code guards the division with $\\max(\\lVert x_i\\rVert, 10^{-6})$, which "
+        "changes nothing unless `clip * eps` is below $10^{-6}$.",
+    ],
+    "centralize": [
+        "**Which tensors.** The authors' optimizers centralize every weight with more than one "
+        "dimension by default (convolution and fully connected), which `centralize` does; their "
+        "`gc_conv_only` option (4-D weights only) is `route ndim >= 4: grad | centralize | ...`. "
+        "Their `SGD_GC` adds the L2 weight decay first, centralizes, then applies momentum: "
+        "`grad | decay(wd) | centralize | momentum(0.9)`. The code centralizes `p.grad` in place; "
+        "this op leaves its input untouched.",
+    ],
+    "classp": [
+        "**The reference code's threshold test does not threshold.** `CLASSP.py` tests "
+        "`(grad**2).any() > threshold`: `.any()` is a boolean, so for a threshold below 1 (the "
+        "default 0.5) every tensor with a nonzero gradient is updated in full, and for a threshold "
+        "of 1 or more nothing is ever updated; the sparsity the paper describes never happens. "
+        "`threshold_mode=elementwise` (the default) is the paper's rule; `threshold_mode=tensor` "
+        "reproduces the code.",
+        "**The power.** The code writes `state['grad_sum'].add_(grad.abs()) ** power`, which "
+        "discards the power: it accumulates $|x|$ yet divides by the $p$-th root. `classp` "
+        "accumulates $|x|^p$ in both modes; the two agree for the default `power=1`.",
+        "**Accumulating only what was applied.** The paper does not say whether a gradient below the "
+        "threshold adds to the accumulator. `classp` adds only where the update goes through (the "
+        "code, too, accumulates only inside its `if`), so weights left alone keep their full step "
+        "for later tasks, as the paper's motivation asks.",
+    ],
     "clip_median": [
         "**Unverified step size.** Only the paper's abstract was available. The op takes the full "
         "stochastic proximal-point step, $m \\leftarrow m + \\operatorname{clip}_\\tau(x - m)$; whether "
@@ -83,6 +125,30 @@ NOTES: dict[str, list[str]] = {
         "matching Bloop's EMA reference, for which the scale does not matter (the projection is "
         "invariant to the scale of $r$; only `eps` sees it).",
     ],
+    "grams": [
+        "**Third-party implementations differ.** pytorch-optimizer's (kozistr) `Grams` 4.1.0 ends "
+        "about 5% (relative) away from the official code after 60 steps: its momentum average and "
+        "bias correction are not the official ones. `grams` follows the official Gunale0926/Grams "
+        "code (Adam moments, $\\sqrt{1-\\beta_2^t}/(1-\\beta_1^t)$ step size, $\\epsilon$ added to "
+        "the uncorrected $\\sqrt{v}$, default $10^{-6}$).",
+        "**In-place sign.** The official code takes the direction with `grad.sign_()`, which "
+        "overwrites `p.grad` with its sign; code that reads the gradient after `step()` (logging, "
+        "clipping statistics) sees the sign there, not here.",
+        "**Weight decay.** Grams decays before the step, $\\theta \\leftarrow \\theta(1 - "
+        "\\mathrm{lr}\\cdot\\mathrm{wd})$; `grad | grams | decay(wd)` applies the same update "
+        "(the rule's output does not depend on $\\theta$).",
+    ],
+    "gravity": [
+        "**Step counting.** The authors' Keras code computes $\\hat\\beta = (\\beta t + 1)/(t + 2)$ "
+        "with Keras' `iterations`, which is 0 at the first step ($\\hat\\beta_1 = 1/2$); `gravity` "
+        "follows it. The authors' PyTorch port and kozistr's pytorch-optimizer `Gravity` count "
+        "from 1 ($\\hat\\beta_1 = (\\beta + 1)/3$), a slightly different early average.",
+        "**The random start.** $V_0 \\sim \\mathcal N(0, (\\alpha/\\mathrm{lr})^2)$ uses the learning "
+        "rate, which an op cannot see: `gravity` takes it as its `lr` argument (default 0.1, the "
+        "paper's learning rate); write `gravity(lr=lr)` for the group's. The Keras code draws "
+        "$V_0$ unseeded (`seed=None`); gradpipe seeds it and saves the generator in `state_dict`. "
+        "kozistr's default learning rate is $10^{-2}$, not the paper's 0.1.",
+    ],
     "momentum": [
         "**Where the learning rate sits.** Sutskever et al. write the momentum with the learning "
         "rate inside the buffer ($v \\leftarrow \\mu v - \\varepsilon g$); `torch.optim.SGD` (and this op) "
@@ -95,6 +161,12 @@ NOTES: dict[str, list[str]] = {
         "gradpipe's step counter starts at 1, so $\\eta/t^\\gamma$ is the same schedule (optax "
         "`add_noise` does the same). The paper's experiments use $\\eta \\in \\{0.01, 0.3, 1.0\\}$ "
         "and $\\gamma = 0.55$.",
+    ],
+    "normalize": [
+        "**Scope.** Normalized gradient descent (Hazan et al.) divides the whole gradient by its "
+        "norm (`scope=global`); the block-normalized method (Yu et al.) divides each block, here "
+        "each parameter tensor, by its own norm (`scope=tensor`, the default). Both add no "
+        "$\\epsilon$ in the papers; `eps` only guards small norms.",
     ],
     "project_orthogonal": [
         "**The single-stream form is not Bloop.** Bloop projects the *auxiliary*-loss gradient "
@@ -116,6 +188,15 @@ NOTES: dict[str, list[str]] = {
         "outside the square root and defaults to `alpha=0.99`; TensorFlow-style RMSprop and "
         "optax's `scale_by_rms` put `eps` inside the square root, and Hinton's lecture uses a "
         "decay of 0.9. The centered variant is from Graves (2013).",
+    ],
+    "trust_ratio": [
+        "**LARS and LAMB write the ratio differently.** LARS scales by "
+        "$\\eta\\lVert w\\rVert/(\\lVert\\nabla L\\rVert + \\beta\\lVert w\\rVert)$, with the weight "
+        "decay $\\beta$ in the denominator and a trust coefficient $\\eta$; LAMB scales the Adam step "
+        "plus decay, $r + \\lambda w$, by $\\phi(\\lVert w\\rVert)/\\lVert r + \\lambda w\\rVert$ with "
+        "a scaling function $\\phi$. `trust_ratio` is the plain ratio (optax's "
+        "`scale_by_trust_ratio`, $\\phi$ the identity); put `decay` before it for LAMB, and the "
+        "trust coefficient into `lr`.",
     ],
 }
 

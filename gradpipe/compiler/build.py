@@ -137,6 +137,10 @@ class Builder:
     # ------------------------------------------------------------------ expressions
     def expr(self, e: ast.Expr, sc: _Scope, prefix: str) -> Value:
         if isinstance(e, ast.Num):
+            try:
+                S.check_finite(e.value)
+            except OverflowError:
+                raise GradError("the number is too large", e.span) from None
             return ScalarV(S.Const(e.value), e.span)
         if isinstance(e, ast.Bool):
             return Word(e.value, e.span)

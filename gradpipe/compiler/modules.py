@@ -9,6 +9,7 @@ of files.
 from __future__ import annotations
 
 import math
+import numbers
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from ..dsl import ast
 from ..dsl.diagnostics import GradError, Span
 from ..dsl.parser import parse, read_source
+from .scalars import check_finite, fold
 
 __all__ = ["HyperParam", "ModuleEnv", "load_module_tree", "const_value"]
 
@@ -82,6 +84,8 @@ class HyperParam:
                 value = value.item()
             if not _is_number(value):
                 raise GradError(f"hyperparameter '{self.name}' is a number, but {origin} gives {value!r}", where)
+            if not isinstance(value, (int, float)):  # numpy and other Real types
+                value = float(value)
             items = (value,)
         for v in items:
             if not self.in_range(v):
@@ -92,7 +96,7 @@ class HyperParam:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _show(v: Any) -> str:
@@ -102,6 +106,10 @@ def _show(v: Any) -> str:
 def const_value(e: ast.Expr) -> Any:
     """Evaluate a constant expression (a hyperparameter default or range bound)."""
     if isinstance(e, ast.Num):
+        try:
+            check_finite(e.value)
+        except OverflowError:
+            raise GradError("the number is too large", e.span) from None
         return e.value
     if isinstance(e, ast.Bool):
         return e.value
@@ -117,12 +125,11 @@ def const_value(e: ast.Expr) -> Any:
         if not (_is_number(a) and _is_number(b)):
             raise GradError(f"'{e.op}' needs numbers", e.span)
         try:
-            return {"+": a + b, "-": a - b, "*": a * b}.get(e.op) if e.op in "+-*" else (
-                a / b if e.op == "/" else a ** b)
+            return fold(e.op, a, b)
         except ZeroDivisionError:
             raise GradError("division by zero", e.span) from None
-        except OverflowError:
-            raise GradError("number too large", e.span) from None
+        except (OverflowError, ValueError) as err:
+            raise GradError(f"{err}: a hyperparameter is a finite real number", e.span) from None
     if isinstance(e, ast.Tuple):
         items = tuple(const_value(i) for i in e.items)
         if not all(_is_number(i) for i in items):

@@ -85,8 +85,10 @@ class Program:
         """Check a param group's values against every op's valid ranges."""
         env = {k: group[k] for k in self.hyperparams if k in group}
         for rc in self.range_checks:
+            if any(isinstance(l, S.Src) and l.name in ("step", "loss") for l in S.leaves(rc.expr)):
+                continue  # checked with the real values in every step (check_step_ranges)
             try:
-                val = rc.expr.eval({**env, "step": 1, "loss": 0.0})
+                val = rc.expr.eval(env)
             except (ZeroDivisionError, OverflowError, ValueError):
                 raise GradError(f"argument '{rc.param.name}' of '{rc.op}' cannot be computed from {origin}",
                                 rc.span) from None
@@ -122,9 +124,13 @@ class Program:
     def inputs(self, node: str) -> dict[str, str]:
         return inputs_of(self.graph, node)
 
-    def node_buffers(self, node: str) -> list[str]:
-        """The per-parameter buffers of a node, with hyperparameters at their declared defaults
-        (``momentum(momentum)`` keeps no buffer when the default momentum is 0)."""
+    def node_buffers(self, node: str, at_defaults: bool = True) -> list[str]:
+        """The per-parameter buffers of a node.
+
+        ``at_defaults=True`` evaluates hyperparameter arguments at their declared
+        defaults (``momentum(momentum)`` keeps no buffer when the default momentum
+        is 0); ``False`` uses only the constants of the source, giving every
+        buffer the node may keep (the checkpoint schema)."""
         d = self.graph.nodes[node]
         if d["kind"] != "op":
             return []
@@ -133,7 +139,9 @@ class Program:
         for k, v in d["args"].items():
             if isinstance(v, (str, bool, int, float)):
                 const[k] = v
-            else:
+            elif isinstance(v, S.Const):
+                const[k] = v.value
+            elif at_defaults:
                 try:
                     const[k] = v.eval(env)
                 except (ValueError, ZeroDivisionError, OverflowError, KeyError):
@@ -156,8 +164,9 @@ class Program:
         out = []
         for n in sorted(self.graph.nodes):
             d = self.graph.nodes[n]
-            if d["kind"] == "op" and (self.node_buffers(n) or OPS[d["op"]].has_node_state):
-                out.append(f"{n} {d['op']} {','.join(self.node_buffers(n))}")
+            bufs = self.node_buffers(n, at_defaults=False) if d["kind"] == "op" else []
+            if bufs or (d["kind"] == "op" and OPS[d["op"]].has_node_state):
+                out.append(f"{n} {d['op']} {','.join(bufs)}")
         return out
 
     def reductions(self) -> list[tuple[str, str]]:
@@ -314,7 +323,8 @@ def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set
 def compile_env(env: ModuleEnv) -> Program:
     hparams = dict(all_hparams(env))
     if "lr" not in hparams:
-        hparams = {"lr": _LR, **hparams}
+        import dataclasses
+        hparams = {"lr": dataclasses.replace(_LR, span=Span(1, 1, 1, 2, env.path, env.module.source)), **hparams}
     if env.body is None and not env.routes:
         if not env.module.stmts:
             raise GradError("the file is empty", Span(1, 1, 1, 2, env.path, env.module.source),
@@ -364,12 +374,17 @@ def compile(source: str, path: str = "<string>") -> Program:  # noqa: A001 - pub
 def load(path_or_name: str | pathlib.Path) -> Program:
     """Load a `.grad` file, or a built-in pipeline by name (``"adam"``)."""
     from ..dsl.parser import read_source
-    p = pathlib.Path(path_or_name)
-    if p.suffix == ".grad" or p.exists() or "/" in str(path_or_name) or "\\" in str(path_or_name):
-        return compile_env(load_module_tree(read_source(p), str(path_or_name)))
     name = str(path_or_name)
+    p = pathlib.Path(path_or_name)
+    try:
+        is_file = p.is_file()
+    except (OSError, ValueError):  # a name too long for the file system
+        is_file = False
+    looks_like_path = p.suffix == ".grad" or "/" in name or "\\" in name
     builtin = builtin_dir() / f"{name}.grad"
-    if builtin.exists():
+    if not is_file and not looks_like_path and builtin.exists():
         return compile_env(load_module_tree(read_source(builtin), str(builtin)))
+    if is_file or looks_like_path or p.exists():
+        return compile_env(load_module_tree(read_source(p), name))
     raise GradError(f"no pipeline file or built-in pipeline named '{name}'", Span(1, 1, 1, 2, name, None),
                     did_you_mean(name, builtin_names()) or f"built-in pipelines: {', '.join(builtin_names())}")

@@ -104,11 +104,38 @@ def binop(op: str, left: Scalar, right: Scalar) -> Scalar:
     Raises ZeroDivisionError / OverflowError for constant operands that fail.
     """
     if isinstance(left, Const) and isinstance(right, Const):
-        value = _OPS[op](left.value, right.value)
-        if isinstance(value, complex):
-            raise ValueError("the result is not a real number")
-        return Const(value)
+        return Const(fold(op, left.value, right.value))
     return BinS(op, left, right)
+
+
+_FLOAT_MAX = 1.7976931348623157e308
+
+
+def fold(op: str, a: int | float, b: int | float) -> int | float:
+    """``a op b`` for constants, refusing results that are not finite real numbers.
+
+    Raises ZeroDivisionError, or OverflowError/ValueError for a result that does
+    not fit a float or is complex.
+    """
+    if op == "**" and isinstance(a, int) and isinstance(b, int) and b > 0 and abs(a) > 1 \
+            and b * math.log2(abs(a)) > 1024:
+        raise OverflowError("the result is too large")
+    value = _OPS[op](a, b)
+    if isinstance(value, complex):
+        raise ValueError("the result is not a real number")
+    check_finite(value)
+    return value
+
+
+def check_finite(value: int | float) -> None:
+    """Raise OverflowError for a number that is not a finite float (or too large an int)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if abs(value) > _FLOAT_MAX:
+            raise OverflowError("the number is too large")
+    elif not math.isfinite(value):
+        raise OverflowError("the result is not finite")
 
 
 def neg(x: Scalar) -> Scalar:

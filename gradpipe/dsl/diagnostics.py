@@ -32,9 +32,9 @@ class Span:
     def source_line(self) -> str | None:
         if self.source is None:
             return None
-        lines = self.source.splitlines()
+        lines = self.source.split("\n")  # the lexer counts only \n as a line break
         if 1 <= self.line <= len(lines):
-            return lines[self.line - 1]
+            return lines[self.line - 1].rstrip("\r")
         return None
 
     def __repr__(self) -> str:  # keep AST reprs short

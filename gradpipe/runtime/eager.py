@@ -15,6 +15,7 @@ import torch
 from ..compiler import scalars as S
 from ..compiler.ops import OPS, NodeCtx
 from ..compiler.program import Program
+from ..dsl.diagnostics import GradError, Span
 
 __all__ = ["RouteBatch", "run_route", "eval_args"]
 
@@ -42,14 +43,32 @@ def compute_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype, torch.float32)
 
 
-def eval_args(args: Mapping[str, Any], env: Mapping[str, Any]) -> SimpleNamespace:
+_SCALAR_TYPES = (S.Const, S.HP, S.Src, S.BinS, S.NegS)
+
+
+def eval_args(args: Mapping[str, Any], env: Mapping[str, Any], span: Any = None, op: str = "") -> SimpleNamespace:
+    """Evaluate a node's arguments in one parameter's environment.
+
+    An argument that cannot be computed in this step (``1 / (step - 1)`` at step
+    1) is a GradError at the node's location.
+    """
     out = {}
     for k, v in args.items():
-        if isinstance(v, (S.Const, S.HP, S.Src, S.BinS, S.NegS)):
-            out[k] = v.eval(env)
+        if isinstance(v, _SCALAR_TYPES):
+            try:
+                out[k] = v.eval(env)
+            except (ZeroDivisionError, OverflowError, TypeError) as e:
+                raise GradError(f"argument '{k}' of '{op}' cannot be computed at step {env.get('step')}: {e}",
+                                span or Span(), "make the expression defined at every step") from None
         else:
             out[k] = v
     return SimpleNamespace(**out)
+
+
+def const_args(args: Mapping[str, Any]) -> SimpleNamespace:
+    """The arguments known when the pipeline compiles (enough to create node state)."""
+    return SimpleNamespace(**{k: (v.value if isinstance(v, S.Const) else v) for k, v in args.items()
+                              if not isinstance(v, _SCALAR_TYPES) or isinstance(v, S.Const)})
 
 
 class _NodeStateView(dict):
@@ -71,7 +90,6 @@ def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[st
     g = prog.graph
     order = order if order is not None else prog.route_nodes(label)
     values: dict[str, list[torch.Tensor]] = {}
-    n = len(batch.params)
     cparams = [p.detach().to(compute_dtype(p)) for p in batch.params]
     steps = [int(e["step"]) for e in batch.envs]
     for node in order:
@@ -87,9 +105,9 @@ def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[st
                 values[node] = [t.to(compute_dtype(p)) for t, p in zip(batch.grads[key], batch.params)]
         elif kind == "op":
             op = OPS[d["op"]]
-            args = [eval_args(d["args"], e) for e in batch.envs]
+            args = _node_args(d, batch.envs)
             if node not in node_states:
-                node_states[node] = op.init_node_state(args[0]) if n else {}
+                node_states[node] = op.init_node_state(const_args(d["args"]))
             ctx = NodeCtx(inputs={port: values[src] for port, src in ins.items()}, args=args,
                           states=[_NodeStateView(st, node + ".") for st in batch.states],
                           steps=steps, params=cparams, node_state=node_states[node])
@@ -101,6 +119,18 @@ def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[st
     raise RuntimeError(f"route {label!r} has no output")  # pragma: no cover
 
 
+def _node_args(d: Mapping[str, Any], envs: Sequence[Mapping[str, Any]]) -> list[SimpleNamespace]:
+    """Arguments per parameter, evaluated once per distinct environment (param group and step)."""
+    cache: dict[int, SimpleNamespace] = {}
+    out = []
+    for env in envs:
+        a = cache.get(id(env))
+        if a is None:
+            a = cache[id(env)] = eval_args(d["args"], env, d["span"], d["op"])
+        out.append(a)
+    return out
+
+
 def _arith(d: Mapping[str, Any], ins: Mapping[str, str], values: Mapping[str, list[torch.Tensor]],
            envs: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
     op = d["op"]
@@ -109,7 +139,11 @@ def _arith(d: Mapping[str, Any], ins: Mapping[str, str], values: Mapping[str, li
         def side(port: str):
             if port in ins:
                 return values[ins[port]][i]
-            return d["args"][port].eval(env)
+            try:
+                return d["args"][port].eval(env)
+            except (ZeroDivisionError, OverflowError) as e:
+                raise GradError(f"'{d['op']}' cannot be computed at step {env.get('step')}: {e}", d["span"],
+                                "make the expression defined at every step") from None
         lhs = side("lhs")
         if op == "neg":
             out.append(-lhs)

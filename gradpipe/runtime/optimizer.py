@@ -27,9 +27,20 @@ def as_program(pipeline: Program | str | pathlib.Path) -> Program:
         raise TypeError(f"pipeline must be a Program, a path, a built-in name or source text, "
                         f"not {type(pipeline).__name__}")
     text = pipeline.strip()
-    if text.endswith(".grad") or pathlib.Path(text).exists() or text in builtin_names():
+    if any(c in text for c in "|(=\n#"):
+        return compile_source(pipeline)  # source text: no file or built-in name contains these
+    if text in builtin_names() and not _is_file(text):
+        return load(text)
+    if text.endswith(".grad") or _is_file(text):
         return load(text)
     return compile_source(pipeline)
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return pathlib.Path(text).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL
+        return False
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -130,12 +141,16 @@ class Optimizer(torch.optim.Optimizer):
                              "call opt.step(losses={...}) with those named losses")
         if loss is None and losses is not None:
             loss = sum(losses.values())
-        loss_value = float(loss) if loss is not None else None
-        if loss_value is None and "loss" in prog.reads:
-            raise ValueError("the pipeline reads 'loss': pass a closure that returns the loss to step(), "
-                             "or use step(losses={...})")
+        if "loss" in prog.reads:
+            if loss is None:
+                raise ValueError("the pipeline reads 'loss': pass a closure that returns the loss to step(), "
+                                 "or use step(losses={...})")
+            loss_value = float(loss)
+        else:
+            loss_value = None  # float(loss) would synchronise with the device for nothing
         by_route: dict[str, list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
         for group in self.param_groups:
+            prog.check_group(group, "a param group")
             for p in group["params"]:
                 if named_grads is not None:
                     if p not in named_grads["grad"]:
@@ -145,25 +160,30 @@ class Optimizer(torch.optim.Optimizer):
                 elif p.grad.is_sparse:
                     raise RuntimeError("gradpipe does not support sparse gradients")
                 by_route[self._routes[p]].append((p, group))
-        for group in self.param_groups:
-            prog.check_group(group, "a param group")
+        # Build every environment and check it before any state changes: a step that
+        # fails leaves parameters, state and step counters as they were.
+        plans = []
         for label, items in by_route.items():
+            envs, shared = [], {}
+            for p, group in items:
+                step = int(self.state[p]["step"].item()) + 1 if "step" in self.state[p] else 1
+                env = shared.get((id(group), step))
+                if env is None:
+                    env = {k: group[k] for k in prog.hyperparams}
+                    env.update(lr=group["lr"], step=step, loss=loss_value)
+                    prog.check_step_ranges(env)
+                    shared[(id(group), step)] = env
+                envs.append(env)
+            plans.append((label, items, envs))
+        for label, items, envs in plans:
             params = [p for p, _ in items]
             states = []
-            envs = []
-            for p, group in items:
+            for p, _ in items:
                 st = self.state[p]
                 if "step" not in st:
                     st["step"] = torch.tensor(0.0, dtype=torch.float32)
                 st["step"] += 1
                 states.append(st)
-                env = {k: group[k] for k in prog.hyperparams}
-                env["lr"] = group["lr"]
-                env["step"] = int(st["step"].item())
-                env["loss"] = loss_value
-                envs.append(env)
-            for env in {id(group): env for (_, group), env in zip(items, envs)}.values():
-                prog.check_step_ranges(env)
             if named_grads is None:
                 grads = {"grad": [p.grad for p in params]}
             else:
@@ -190,15 +210,21 @@ class Optimizer(torch.optim.Optimizer):
         out: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
         total: dict[torch.Tensor, torch.Tensor] = {}
         names = list(losses)
+        raw: dict[str, tuple[torch.Tensor | None, ...]] = {}
         with torch.enable_grad():
             for i, name in enumerate(names):
-                gs = torch.autograd.grad(losses[name], params, retain_graph=i < len(names) - 1, allow_unused=True)
-                per = {}
-                for p, gp in zip(params, gs):
-                    gp = torch.zeros_like(p) if gp is None else gp.detach()
-                    per[p] = gp
-                    total[p] = total[p] + gp if p in total else gp.clone()
-                out[f"grads.{name}"] = per
+                raw[name] = torch.autograd.grad(losses[name], params, retain_graph=i < len(names) - 1,
+                                                allow_unused=True)
+        # a parameter no loss reaches is skipped, like a parameter whose .grad is None
+        used = [j for j, p in enumerate(params) if any(raw[n][j] is not None for n in names)]
+        for name in names:
+            per = {}
+            for j in used:
+                p, gp = params[j], raw[name][j]
+                gp = torch.zeros_like(p) if gp is None else gp.detach()
+                per[p] = gp
+                total[p] = total[p] + gp if p in total else gp.clone()
+            out[f"grads.{name}"] = per
         out["grad"] = total
         return out
 
@@ -245,13 +271,13 @@ class Optimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             if pid in saved_state:
-                self.state[p] = {k: (v.detach().clone().to(device=p.device) if isinstance(v, torch.Tensor) else v)
+                self.state[p] = {k: (v.detach().clone().to(device="cpu" if k == "step" else p.device)
+                                     if isinstance(v, torch.Tensor) else v)
                                  for k, v in saved_state[pid].items()}
         from ..compiler.ops import OPS
-        from .eager import eval_args
+        from .eager import const_args
         for node, saved in meta.get("node_state", {}).items():
             d = prog.graph.nodes[node]
             op = OPS[d["op"]]
-            env = {**self.param_groups[0], "step": 1, "loss": None}
-            st = self._node_state.setdefault(node, op.init_node_state(eval_args(d["args"], env)))
+            st = self._node_state.setdefault(node, op.init_node_state(const_args(d["args"])))
             op.load_node_state_dict(st, saved)

@@ -10,6 +10,7 @@ _load_all = True  # marker imported by base.get_op
 from . import (  # noqa: E402,F401  (registration side effects)
     adam, add, clip_median, clip_norm, clip_value, decay, diffgrad, ema, lion, momentum, noise,
     project_orthogonal, rms, scale, sign,
+    aegd, agc, centralize, classp, grams, gravity, normalize, trust_ratio,
 )
 
 __all__ = ["OPS", "Op", "TensorOp", "Param", "Buffer", "NodeCtx", "register", "get_op"]
