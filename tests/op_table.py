@@ -301,6 +301,133 @@ def ref_noise(eta: float, gamma: float, seed: int) -> Stepper:
     return step
 
 
+def ref_grams(b1: float, b2: float, eps: float) -> Stepper:
+    """Official Grams step: Adam m, v (zero init); u = sqrt(1-b2^t)/(1-b1^t) * sign(x) * |m| / (sqrt(v) + eps)."""
+    st: dict[str, Arrays] = {}
+
+    def step(t, gs, ps):
+        if not st:
+            st["m"], st["v"] = _zeros(gs), _zeros(gs)
+        out = []
+        for i, g in enumerate(gs):
+            st["m"][i] = b1 * st["m"][i] + (1 - b1) * g
+            st["v"][i] = b2 * st["v"][i] + (1 - b2) * g * g
+            step_size = math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            out.append(step_size * np.sign(g) * np.abs(st["m"][i]) / (np.sqrt(st["v"][i]) + eps))
+        return out
+    return step
+
+
+def ref_gravity(alpha: float, beta: float, seed: int, lr0: float) -> Stepper:
+    """Gravity (Keras code): V_0 = (alpha/lr0) z, z ~ N(0, 1) drawn at the first step, one tensor after
+    the other in route order from a torch CPU generator seeded with ``seed`` (float64 here);
+    m = 1/max|x|, zeta = x / (1 + (x/m)^2), beta_hat = (beta k + 1)/(k + 2) with k = t - 1 (the Keras
+    counter starts at 0), V = beta_hat V + (1 - beta_hat) zeta, u = V."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    st: dict[str, Arrays] = {}
+
+    def step(t, gs, ps):
+        if not st:
+            st["V"] = [(alpha / lr0) * torch.randn(g.shape, generator=gen, dtype=torch.float64).numpy()
+                       for g in gs]
+        k = t - 1
+        beta_hat = (beta * k + 1) / (k + 2)
+        out = []
+        for i, g in enumerate(gs):
+            m = 1.0 / np.max(np.abs(g))
+            zeta = g / (1 + (g / m) ** 2)
+            st["V"][i] = beta_hat * st["V"][i] + (1 - beta_hat) * zeta
+            out.append(st["V"][i].copy())
+        return out
+    return step
+
+
+def ref_normalize(eps: float, scope: str = "tensor") -> Stepper:
+    """u = x / (||x|| + eps), the norm per tensor or over both tensors (global)."""
+    def step(t, gs, ps):
+        norms = [_global_norm(gs)] * len(gs) if scope == "global" else [_global_norm([g]) for g in gs]
+        return [g / (n + eps) for g, n in zip(gs, norms)]
+    return step
+
+
+def ref_centralize() -> Stepper:
+    """ndim > 1: x minus its mean over every axis but 0; vectors pass through."""
+    def step(t, gs, ps):
+        return [g - g.mean(axis=tuple(range(1, g.ndim)), keepdims=True) if g.ndim > 1 else g.copy() for g in gs]
+    return step
+
+
+def _unit_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norm of each row along axis 0 (ndim > 1, kept as a broadcastable array), else of the whole array."""
+    if x.ndim <= 1:
+        return np.array(math.sqrt(float(np.sum(x * x))))
+    return np.sqrt(np.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))
+
+
+def ref_agc(clip: float, eps: float) -> Stepper:
+    """max_i = clip * max(||W_i||, eps); x_i * min(1, max_i / ||x_i||) (1 when ||x_i|| = 0); W before the step."""
+    def step(t, gs, ps):
+        out = []
+        for g, p in zip(gs, ps):
+            max_norm = clip * np.maximum(_unit_norms(p), eps)
+            gn = _unit_norms(g)
+            coef = np.where(gn > 0, np.minimum(1.0, max_norm / np.where(gn > 0, gn, 1.0)), 1.0)
+            out.append(g * coef)
+        return out
+    return step
+
+
+def ref_trust_ratio(eps: float) -> Stepper:
+    """u = x ||theta|| / (||x|| + eps) per tensor when both norms are > 0, else x."""
+    def step(t, gs, ps):
+        out = []
+        for g, p in zip(gs, ps):
+            pn, gn = _global_norm([p]), _global_norm([g])
+            out.append(g * (pn / (gn + eps)) if pn > 0 and gn > 0 else g.copy())
+        return out
+    return step
+
+
+def ref_classp(threshold: float, eps: float, power: float, mode: str = "elementwise") -> Stepper:
+    """CLASSP: mask = x^2 > threshold (elementwise), or float(any(x != 0)) > threshold for the whole
+    tensor (the reference code's ``(grad**2).any() > threshold``); S += |x|^p where the mask holds;
+    u = x / (S + eps)^(1/p) there, 0 elsewhere."""
+    st: dict[str, Arrays] = {}
+
+    def step(t, gs, ps):
+        if not st:
+            st["S"] = _zeros(gs)
+        out = []
+        for i, g in enumerate(gs):
+            if mode == "tensor":
+                mask = np.full(g.shape, float(np.any(g ** 2 != 0)) > threshold)
+            else:
+                mask = g ** 2 > threshold
+            st["S"][i] = st["S"][i] + np.where(mask, np.abs(g) ** power, 0.0)
+            out.append(np.where(mask, g / (st["S"][i] + eps) ** (1.0 / power), 0.0))
+        return out
+    return step
+
+
+def ref_aegd(f: float, eta: float, c: float = 1.0) -> Stepper:
+    """AEGD (txping/AEGD aegd.py): v = x / (2 sqrt(f + c)); r_0 = sqrt(f + c) (first step);
+    r = r / (1 + 2 eta v^2); u = 2 r v."""
+    st: dict[str, Arrays] = {}
+
+    def step(t, gs, ps):
+        sq = math.sqrt(f + c)
+        if not st:
+            st["r"] = [np.full(g.shape, sq) for g in gs]
+        out = []
+        for i, g in enumerate(gs):
+            v = g / (2 * sq)
+            st["r"][i] = st["r"][i] / (1 + 2 * eta * v * v)
+            out.append(2 * st["r"][i] * v)
+        return out
+    return step
+
+
 # ------------------------------------------------------------------------ the table
 @dataclass(frozen=True)
 class OpCase:
@@ -353,6 +480,28 @@ CASES: tuple[OpCase, ...] = (
     OpCase("scale", "scale", "grad | scale(2.5)", lambda: ref_scale(2.5)),
     OpCase("scale_param", "scale", "grad | scale(param)", lambda: ref_scale_by_param()),
     OpCase("sign", "sign", "grad | sign", lambda: ref_sign()),
+    OpCase("grams", "grams", "grad | grams(0.8, 0.9, 1e-6)", lambda: ref_grams(0.8, 0.9, 1e-6)),
+    OpCase("scale_grams", "grams", "grad | scale(grams)", lambda: ref_grams(0.9, 0.999, 1e-6)),
+    OpCase("gravity", "gravity", "grad | gravity(0.05, 0.8, seed=3, lr=0.5)",
+           lambda: ref_gravity(0.05, 0.8, 3, 0.5)),
+    OpCase("gravity_defaults", "gravity", "grad | gravity", lambda: ref_gravity(0.01, 0.9, 0, 0.1)),
+    OpCase("gravity_lr_source", "gravity", "grad | gravity(0.2, 0.5, seed=5, lr=lr)",
+           lambda: ref_gravity(0.2, 0.5, 5, 1.0)),
+    OpCase("normalize_tensor", "normalize", "grad | normalize(1e-3)", lambda: ref_normalize(1e-3, "tensor")),
+    OpCase("normalize_global", "normalize", "grad | normalize(scope=global)", lambda: ref_normalize(1e-8, "global")),
+    OpCase("centralize", "centralize", "grad | centralize", lambda: ref_centralize()),
+    OpCase("agc", "agc", "grad | agc(0.5)", lambda: ref_agc(0.5, 1e-3)),
+    OpCase("agc_eps_floor", "agc", "grad | agc(0.2, eps=5.0)", lambda: ref_agc(0.2, 5.0)),
+    OpCase("trust_ratio", "trust_ratio", "grad | trust_ratio", lambda: ref_trust_ratio(0.0)),
+    OpCase("trust_ratio_eps", "trust_ratio", "grad | trust_ratio(0.5)", lambda: ref_trust_ratio(0.5)),
+    OpCase("classp", "classp", "grad | classp", lambda: ref_classp(0.5, 1e-5, 1.0)),
+    OpCase("classp_power", "classp", "grad | classp(0.3, 1e-3, 2)", lambda: ref_classp(0.3, 1e-3, 2.0)),
+    OpCase("classp_tensor", "classp", "grad | classp(power=1.5, threshold_mode=tensor)",
+           lambda: ref_classp(0.5, 1e-5, 1.5, "tensor")),
+    OpCase("classp_tensor_never", "classp", "grad | classp(1.0, threshold_mode=tensor)",
+           lambda: ref_classp(1.0, 1e-5, 1.0, "tensor")),
+    OpCase("aegd", "aegd", "grad | aegd(2.0, 0.5)", lambda: ref_aegd(2.0, 0.5)),
+    OpCase("aegd_c", "aegd", "grad | aegd(0.25, 0.1, c=0.5)", lambda: ref_aegd(0.25, 0.1, 0.5)),
 )
 
 

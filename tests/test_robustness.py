@@ -143,3 +143,16 @@ def test_the_caret_line_counts_only_newlines():
     with pytest.raises(gradpipe.GradError) as e:
         gradpipe.compile("\f\ngrad | adma")
     assert "grad | adma" in str(e.value)
+
+
+def test_an_op_that_fails_mid_step_does_not_advance_the_step_counter():
+    p = _param(1.0)
+    opt = gradpipe.Optimizer([p], "grad | aegd(loss, lr)", lr=0.1)
+
+    def closure():
+        p.grad = torch.ones(1, dtype=torch.float64)
+        return torch.tensor(-5.0)  # f + c <= 0: AEGD's energy is undefined
+    with pytest.raises(ValueError):
+        opt.step(closure)
+    assert "step" not in opt.state[p]
+    assert p.item() == 1.0

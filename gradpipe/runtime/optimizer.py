@@ -177,19 +177,17 @@ class Optimizer(torch.optim.Optimizer):
             plans.append((label, items, envs))
         for label, items, envs in plans:
             params = [p for p, _ in items]
-            states = []
-            for p, _ in items:
-                st = self.state[p]
-                if "step" not in st:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["step"] += 1
-                states.append(st)
+            states = [self.state[p] for p in params]
             if named_grads is None:
                 grads = {"grad": [p.grad for p in params]}
             else:
                 grads = {k: [v[p] for p in params] for k, v in named_grads.items()}
             updates = run_route(prog, label, RouteBatch(params, grads, envs, states), self._node_state,
                                 self._orders[label])
+            for st in states:  # the ops read the step from the environment; count it once they succeeded
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["step"] += 1
             for p, u, (_, group) in zip(params, updates, items):
                 lr = group["lr"]
                 if isinstance(lr, torch.Tensor):

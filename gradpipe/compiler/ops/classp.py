@@ -53,7 +53,8 @@ class CLASSP(TensorOp):
     params = (
         Param("threshold", default=0.5, low=0.0, doc="an entry moves only where x^2 > threshold"),
         Param("eps", default=1e-5, low=0.0, doc="added to the accumulator"),
-        Param("power", default=1.0, low=0.0, low_closed=False, doc="p: S accumulates |x|^p, the step divides by its p-th root"),
+        Param("power", default=1.0, low=0.0, low_closed=False,
+              doc="p: S accumulates |x|^p, the step divides by its p-th root"),
         Param("threshold_mode", kind="choice", default="elementwise", choices=("elementwise", "tensor"),
               doc="elementwise test (the paper), or the reference code's per-tensor test"),
     )

@@ -16,7 +16,8 @@ class Grams(TensorOp):
     .. math::
         m_t = \beta_1 m_{t-1} + (1-\beta_1) x_t,\qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) x_t^2
 
-        u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\; \operatorname{sign}(x_t) \odot \frac{|m_t|}{\sqrt{v_t} + \epsilon}
+        u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,
+              \operatorname{sign}(x_t) \odot \frac{|m_t|}{\sqrt{v_t} + \epsilon}
 
     :math:`m` and :math:`v` are Adam's moments and start at zero; the update
     takes its sign from the input and its magnitude from the momentum, so it
