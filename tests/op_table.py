@@ -22,18 +22,12 @@ from __future__ import annotations
 
 import copy
 import math
-import pathlib
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-try:
-    import gradpipe  # noqa: F401
-except ImportError:  # a checkout without the package installed
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import gradpipe
 

@@ -17,17 +17,11 @@ reference optimizer's state key for the buffers that mean the same thing.
 
 from __future__ import annotations
 
-import pathlib
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-try:
-    import gradpipe  # noqa: F401
-except ImportError:  # a checkout without the package installed
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import gradpipe
 

@@ -15,12 +15,8 @@ import sys
 
 import pytest
 
-try:
-    import gradpipe  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    import gradpipe  # noqa: F401
 
+import gradpipe
 from gradpipe.cli import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -3,15 +3,12 @@ type and scope checks, imports, routes, the program hash, explain() and drawing.
 
 from __future__ import annotations
 
-import pathlib
 import re
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import op_table as T  # noqa: E402
 

@@ -10,18 +10,13 @@ long chains) that must end in a GradError, never in another exception.
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import pytest
 
-try:
-    import gradpipe  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    import gradpipe  # noqa: F401
 
 import torch
 
+import gradpipe
 from gradpipe import GradError
 from gradpipe.dsl.diagnostics import Diagnostic, Span
 

@@ -26,15 +26,10 @@ import contextlib
 import os
 import pathlib
 import re
-import sys
 from dataclasses import dataclass
 
 import pytest
 
-try:
-    import gradpipe  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import gradpipe
 from gradpipe.compiler.ops import OPS

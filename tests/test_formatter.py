@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import random
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-try:
-    import gradpipe  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from gradpipe.dsl import ast
 from gradpipe.dsl.ast import (
     BinOp, Body, Bool, Call, Chain, Def, DefParam, Default, Glob, HParam, Import, Index, Kwarg,
     Let, Module, Name, Neg, Num, Regex, Route, SelAnd, SelNot, SelOr, ShapePred, Str, Tuple,

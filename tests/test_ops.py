@@ -11,8 +11,6 @@ few identities.
 from __future__ import annotations
 
 import math
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +19,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import op_table as T  # noqa: E402
 

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import pathlib
-import sys
 
 import pytest
 
-try:
-    import gradpipe  # noqa: F401
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from gradpipe.dsl import ast
 from gradpipe.dsl.ast import (

@@ -14,14 +14,11 @@ and that the ``grams`` and ``diffgrad`` built-ins train the digits task.
 from __future__ import annotations
 
 import math
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import op_table as T  # noqa: E402
 

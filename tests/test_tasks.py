@@ -9,14 +9,11 @@ from __future__ import annotations
 import io
 import math
 import pathlib
-import sys
 
 import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # allow `pytest` from a checkout without an install
-    sys.path.insert(0, str(ROOT))
 
 from gradpipe.tasks.digits import (  # noqa: E402
     DigitsData,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import scalars as S
 from .ops import OPS
 
 if TYPE_CHECKING:

@@ -17,13 +17,14 @@ from typing import Any
 from ..dsl import ast
 from ..dsl.diagnostics import GradError, Span
 from ..dsl.parser import parse, read_source
+from .ranges import RangeMixin
 from .scalars import check_finite, fold
 
 __all__ = ["HyperParam", "ModuleEnv", "load_module_tree", "const_value"]
 
 
 @dataclass(frozen=True)
-class HyperParam:
+class HyperParam(RangeMixin):
     """A declared hyperparameter: ``hparam b1 = 0.9 in [0, 1)``.
 
     ``default`` is a number, a bool, or a tuple of numbers (``betas``). The
@@ -46,21 +47,6 @@ class HyperParam:
         if isinstance(self.default, tuple):
             return "tuple"
         return "scalar"
-
-    def range_text(self) -> str:
-        def f(x: float) -> str:
-            return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:g}"
-        return ("[" if self.low_closed else "(") + f"{f(self.low)}, {f(self.high)}" + ("]" if self.high_closed else ")")
-
-    @property
-    def has_range(self) -> bool:
-        return self.low != -math.inf or self.high != math.inf
-
-    def in_range(self, v: float) -> bool:
-        if isinstance(v, float) and math.isnan(v):
-            return False
-        return ((v >= self.low) if self.low_closed else (v > self.low)) and \
-               ((v <= self.high) if self.high_closed else (v < self.high))
 
     def check(self, value: Any, origin: str) -> Any:
         """Validate a value for this hyperparameter (from ``origin``); return it normalised."""

@@ -15,9 +15,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
+
+from ..ranges import RangeMixin
 
 __all__ = ["Param", "Buffer", "Op", "TensorOp", "NodeCtx", "REQUIRED", "register", "OPS", "get_op"]
 
@@ -27,7 +29,7 @@ ParamKind = Literal["scalar", "int", "bool", "choice", "signal", "value", "any"]
 
 
 @dataclass(frozen=True)
-class Param:
+class Param(RangeMixin):
     """One argument of an op.
 
     kinds: ``scalar`` (a number, hyperparameter or arithmetic on them),
@@ -46,22 +48,6 @@ class Param:
     high_closed: bool = True
     choices: tuple[str, ...] = ()
     doc: str = ""
-
-    def range_text(self) -> str:
-        lo = "-inf" if self.low == -math.inf else f"{self.low:g}"
-        hi = "inf" if self.high == math.inf else f"{self.high:g}"
-        return ("[" if self.low_closed else "(") + f"{lo}, {hi}" + ("]" if self.high_closed else ")")
-
-    def in_range(self, v: float) -> bool:
-        if isinstance(v, float) and math.isnan(v):
-            return False
-        lo_ok = v >= self.low if self.low_closed else v > self.low
-        hi_ok = v <= self.high if self.high_closed else v < self.high
-        return lo_ok and hi_ok
-
-    @property
-    def has_range(self) -> bool:
-        return self.low != -math.inf or self.high != math.inf
 
 
 @dataclass(frozen=True)
@@ -171,3 +157,13 @@ def register(cls: type[Op]) -> type[Op]:
 def get_op(name: str) -> Op | None:
     from . import _load_all  # noqa: F401  (registers the library on first use)
     return OPS.get(name)
+
+
+def route_norms(xs: list[torch.Tensor], scope: str) -> list[torch.Tensor]:
+    """The L2 norm each tensor sees: its own (``tensor``), or the norm over all of
+    them, the norm of the per-tensor norms (``global``, as ``clip_grad_norm_``)."""
+    norms = [torch.linalg.vector_norm(x, 2) for x in xs]
+    if scope == "global" and norms:
+        total = torch.linalg.vector_norm(torch.stack(norms), 2)
+        return [total] * len(norms)
+    return norms

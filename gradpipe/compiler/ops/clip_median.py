@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Buffer, NodeCtx, Op, Param, register
+from .base import Buffer, NodeCtx, Op, Param, register, route_norms
 
 
 @register
@@ -74,10 +74,7 @@ class ClipMedian(Op):
         if a0.geometry == "coord":
             steps = [torch.clamp(r, -a.tau, a.tau) for r, a in zip(rs, ctx.args)]
         else:
-            norms = [torch.linalg.vector_norm(r, 2) for r in rs]
-            if a0.scope == "global":
-                total = torch.linalg.vector_norm(torch.stack(norms), 2)
-                norms = [total] * len(rs)
+            norms = route_norms(rs, a0.scope)
             steps = []
             for r, n, a in zip(rs, norms, ctx.args):
                 # min(1, tau / n), with clip(0) = 0: a zero residual gives a zero step anyway

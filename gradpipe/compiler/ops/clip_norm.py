@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import NodeCtx, Op, Param, register
+from .base import NodeCtx, Op, Param, register, route_norms
 
 
 @register
@@ -38,12 +38,7 @@ class ClipNorm(Op):
         xs = ctx.x
         if not xs:
             return []
-        norms = [torch.linalg.vector_norm(x, 2) for x in xs]
-        if ctx.args[0].scope == "global":
-            total = torch.linalg.vector_norm(torch.stack(norms), 2)
-            totals = [total] * len(xs)
-        else:
-            totals = norms
+        totals = route_norms(xs, ctx.args[0].scope)
         out = []
         for x, n, a in zip(xs, totals, ctx.args):
             coef = torch.clamp(a.max / (n + 1e-6), max=1.0)

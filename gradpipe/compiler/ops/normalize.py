@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import NodeCtx, Op, Param, register
+from .base import NodeCtx, Op, Param, register, route_norms
 
 
 @register
@@ -44,10 +44,7 @@ class Normalize(Op):
         xs = ctx.x
         if not xs:
             return []
-        norms = [torch.linalg.vector_norm(x, 2) for x in xs]
-        if ctx.args[0].scope == "global":
-            total = torch.linalg.vector_norm(torch.stack(norms), 2)
-            norms = [total] * len(xs)
+        norms = route_norms(xs, ctx.args[0].scope)
         out = []
         for x, n, a in zip(xs, norms, ctx.args):
             denom = n + a.eps
