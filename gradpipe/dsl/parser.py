@@ -354,7 +354,21 @@ def _precheck(source: str, path: str) -> None:
         col = nul - (source.rfind("\n", 0, nul) + 1) + 1
         raise GradError("file contains binary data (a NUL byte)", Span(line, col, line, col + 1, path, None),
                         "a .grad file is UTF-8 text")
-    depth, line, col = 0, 1, 0
+    depth = 0
+    for ch, line, col in _brackets(source):
+        if ch in "([{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise GradError(f"brackets are nested more than {MAX_NESTING} deep",
+                                Span(line, col, line, col + 1, path, source),
+                                "split the expression with 'let' bindings")
+        else:
+            depth = max(0, depth - 1)
+
+
+def _brackets(source: str) -> Iterator[tuple[str, int, int]]:
+    """Every bracket outside strings and comments, with its 1-based line and column."""
+    line, col = 1, 0
     in_str = in_comment = escaped = False
     for ch in source:
         col += 1
@@ -375,43 +389,17 @@ def _precheck(source: str, path: str) -> None:
             in_comment = True
         elif ch == '"':
             in_str = True
-        elif ch in "([{":
-            depth += 1
-            if depth > MAX_NESTING:
-                raise GradError(f"brackets are nested more than {MAX_NESTING} deep",
-                                Span(line, col, line, col + 1, path, source),
-                                "split the expression with 'let' bindings")
-        elif ch in ")]}":
-            depth = max(0, depth - 1)
+        elif ch in "([{)]}":
+            yield ch, line, col
 
 
 def _unclosed_before(source: str, pos: int) -> tuple[str, int, int] | None:
     """The innermost bracket still open at ``pos``: (bracket, line, column), or None."""
     stack: list[tuple[str, int, int]] = []
-    line, col = 1, 0
-    in_str = in_comment = escaped = False
-    for ch in source[:pos]:
-        col += 1
-        if ch == "\n":
-            line, col, in_comment, in_str = line + 1, 0, False, False
-            continue
-        if in_comment:
-            continue
-        if in_str:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_str = False
-            continue
-        if ch == "#":
-            in_comment = True
-        elif ch == '"':
-            in_str = True
-        elif ch in "([{":
+    for ch, line, col in _brackets(source[:pos]):
+        if ch in "([{":
             stack.append((ch, line, col))
-        elif ch in ")]}" and stack:
+        elif stack:
             stack.pop()
     return stack[-1] if stack else None
 

@@ -21,7 +21,8 @@ import torch
 
 from ..ranges import RangeMixin
 
-__all__ = ["Param", "Buffer", "Op", "TensorOp", "NodeCtx", "REQUIRED", "register", "OPS", "get_op"]
+__all__ = ["Param", "Buffer", "Op", "TensorOp", "SeededOp", "NodeCtx", "REQUIRED", "register", "OPS", "get_op",
+           "route_norms", "adam_moments"]
 
 REQUIRED: Any = object()
 
@@ -143,6 +144,31 @@ class TensorOp(Op):
         return out
 
 
+class SeededOp(Op):
+    """An op that draws from one CPU generator per node, seeded by its ``seed``
+    argument; the generator's state is saved in ``state_dict`` so a resumed run
+    draws the same numbers. Such nodes are never merged by CSE."""
+
+    mergeable = False
+    has_node_state = True
+
+    def init_node_state(self, args):
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(int(args.seed))
+        return {"generator": gen}
+
+    def node_state_dict(self, node_state):
+        return {"rng": node_state["generator"].get_state()}
+
+    def load_node_state_dict(self, node_state, saved):
+        node_state["generator"].set_state(saved["rng"].to(torch.uint8).cpu())
+
+    @staticmethod
+    def randn_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Standard normal samples of ``x``'s shape and dtype, drawn on the CPU, on ``x``'s device."""
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype, device="cpu").to(x.device)
+
+
 OPS: dict[str, Op] = {}
 
 
@@ -167,3 +193,16 @@ def route_norms(xs: list[torch.Tensor], scope: str) -> list[torch.Tensor]:
         total = torch.linalg.vector_norm(torch.stack(norms), 2)
         return [total] * len(norms)
     return norms
+
+
+def adam_moments(state: dict[str, torch.Tensor], x: torch.Tensor, b1: float, b2: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Update Adam's moments in ``state`` (created at zero) with the authors' arithmetic,
+    ``m = b1 m + (1-b1) x`` and ``v = b2 v + (1-b2) x^2``; return ``(m, v)``."""
+    if "m" not in state:
+        state["m"] = torch.zeros_like(x)
+        state["v"] = torch.zeros_like(x)
+    m, v = state["m"], state["v"]
+    m.mul_(b1).add_(x, alpha=1 - b1)
+    v.mul_(b2).addcmul_(x, x, value=1 - b2)
+    return m, v

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Buffer, Param, TensorOp, register
+from .base import Buffer, Param, TensorOp, adam_moments, register
 
 
 @register
@@ -50,13 +50,10 @@ class DiffGrad(TensorOp):
                Buffer("prev", "copy of the previous input"))
 
     def update(self, x, state, a, step, inputs, param):
-        if not state:
-            state["m"] = torch.zeros_like(x)
-            state["v"] = torch.zeros_like(x)
+        m, v = adam_moments(state, x, a.b1, a.b2)
+        if "prev" not in state:
             state["prev"] = torch.zeros_like(x)
-        m, v, prev = state["m"], state["v"], state["prev"]
-        m.mul_(a.b1).add_(x, alpha=1 - a.b1)
-        v.mul_(a.b2).addcmul_(x, x, value=1 - a.b2)
+        prev = state["prev"]
         friction = torch.sigmoid((prev - x).abs_())
         prev.copy_(x)
         step_size = math.sqrt(1 - a.b2 ** step) / (1 - a.b1 ** step)

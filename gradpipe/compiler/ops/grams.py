@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Buffer, Param, TensorOp, register
+from .base import Buffer, Param, TensorOp, adam_moments, register
 
 
 @register
@@ -52,11 +52,6 @@ class Grams(TensorOp):
     buffers = (Buffer("m", "first moment"), Buffer("v", "second moment"))
 
     def update(self, x, state, a, step, inputs, param):
-        if not state:
-            state["m"] = torch.zeros_like(x)
-            state["v"] = torch.zeros_like(x)
-        m, v = state["m"], state["v"]
-        m.mul_(a.b1).add_(x, alpha=1 - a.b1)
-        v.mul_(a.b2).addcmul_(x, x, value=1 - a.b2)
+        m, v = adam_moments(state, x, a.b1, a.b2)
         step_size = math.sqrt(1 - a.b2 ** step) / (1 - a.b1 ** step)
         return torch.sign(x).mul_(m.abs()).div_(v.sqrt().add_(a.eps)).mul_(step_size)

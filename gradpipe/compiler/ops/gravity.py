@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import Buffer, NodeCtx, Op, Param, register
+from .base import Buffer, NodeCtx, Param, SeededOp, register
 
 
 @register
-class Gravity(Op):
+class Gravity(SeededOp):
     r"""Gravity: an average of a saturating transform of the input, from a random start.
 
     .. math::
@@ -52,8 +52,6 @@ class Gravity(Op):
     summary = "V = beta_hat V + (1 - beta_hat) x / (1 + (x max|x|)^2), V0 ~ N(0, (alpha/lr)^2), seeded"
     reference = "Bahrami et al. 2021, arXiv:2101.09192; dariush-bahrami/gravity.optimizer (Keras)"
     is_rule = True
-    mergeable = False
-    has_node_state = True
     params = (
         Param("alpha", default=0.01, low=0.0, doc="scale of the random start: V0 has std alpha / lr"),
         Param("beta", default=0.9, low=0.0, high=1.0, high_closed=False, doc="limit of the averaging weight"),
@@ -66,23 +64,12 @@ class Gravity(Op):
     def reduction(self, args):
         return "tensor"
 
-    def init_node_state(self, args):
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(int(args.seed))
-        return {"generator": gen}
-
-    def node_state_dict(self, node_state):
-        return {"rng": node_state["generator"].get_state()}
-
-    def load_node_state_dict(self, node_state, saved):
-        node_state["generator"].set_state(saved["rng"].to(torch.uint8).cpu())
-
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         gen = ctx.node_state["generator"]
         out = []
         for x, state, a, t in zip(ctx.x, ctx.states, ctx.args, ctx.steps):
             if not state:
-                z = torch.randn(x.shape, generator=gen, dtype=x.dtype, device="cpu").to(x.device)
+                z = self.randn_like(x, gen)
                 state["v"] = z.mul_(a.alpha / a.lr)
             v = state["v"]
             if x.numel():

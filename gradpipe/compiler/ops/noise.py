@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from .base import NodeCtx, Op, Param, register
+from .base import NodeCtx, Param, SeededOp, register
 
 
 @register
-class Noise(Op):
+class Noise(SeededOp):
     r"""Add annealed Gaussian noise.
 
     .. math::
@@ -29,30 +29,17 @@ class Noise(Op):
     name = "noise"
     summary = "x + N(0, eta / t^gamma), seeded"
     reference = "Neelakantan et al. 2015; optax.add_noise"
-    mergeable = False
-    has_node_state = True
     params = (
         Param("eta", default=0.01, low=0.0, doc="initial variance"),
         Param("gamma", default=0.55, low=0.0, doc="annealing exponent"),
         Param("seed", kind="int", default=0, low=0, doc="generator seed"),
     )
 
-    def init_node_state(self, args):
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(int(args.seed))
-        return {"generator": gen}
-
-    def node_state_dict(self, node_state):
-        return {"rng": node_state["generator"].get_state()}
-
-    def load_node_state_dict(self, node_state, saved):
-        node_state["generator"].set_state(saved["rng"].to(torch.uint8).cpu())
-
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         gen = ctx.node_state["generator"]
         out = []
         for x, a, t in zip(ctx.x, ctx.args, ctx.steps):
             std = math.sqrt(a.eta / t ** a.gamma)
-            z = torch.randn(x.shape, generator=gen, dtype=x.dtype, device="cpu").to(x.device)
+            z = self.randn_like(x, gen)
             out.append(x + std * z)
         return out
