@@ -6,12 +6,14 @@ Public API: :func:`compile`, :func:`load`, :class:`Program`, :class:`Optimizer`,
 :class:`GradError`, :func:`format_source`.
 """
 
+from .compiler.ops.project_out import gpm_basis
 from .compiler.program import Program, builtin_names, compile, load
 from .dsl.diagnostics import GradError
 from .dsl.formatter import format_source
 from .runtime.optimizer import Optimizer
+from .runtime.per_sample import per_sample_grads
 
 __version__ = "0.1.0"
 
-__all__ = ["Optimizer", "Program", "GradError", "compile", "load", "format_source", "builtin_names",
+__all__ = ["Optimizer", "Program", "GradError", "compile", "load", "format_source", "builtin_names", "per_sample_grads", "gpm_basis",
            "__version__"]

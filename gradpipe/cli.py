@@ -128,24 +128,13 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 def cmd_ops(args: argparse.Namespace) -> int:
     from .compiler.ops import OPS
+    from .docs_ops import signature
     for name in sorted(OPS):
         op = OPS[name]
-        sig = ", ".join(p.name if p.default is _required() else f"{p.name}={_show(p.default)}" for p in op.params)
-        print(f"{name}({sig})\n    {op.summary}  [{op.reference}]")
+        print(f"{signature(op)}\n    {op.summary}  [{op.reference}]")
     return 0
 
 
-def _required():
-    from .compiler.ops.base import REQUIRED
-    return REQUIRED
-
-
-def _show(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and v == float("inf"):
-        return "inf"
-    return str(v)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

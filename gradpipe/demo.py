@@ -42,6 +42,21 @@ LR: dict[str, float] = {
     "lion": 1e-3,
     "diffgrad": 1e-2,
     "scalpel": 1e-3,
+    "grams": 1e-2,
+    "bloop_adam": 1e-2,
+    "pcgrad_adam": 1e-2,
+    "gcond": 1e-2,
+    "samgs_adam": 1e-2,
+    "galore_adamw": 1e-2,
+    "coap_adamw": 1e-2,
+    "natural_galore_adamw": 0.05,
+    "gwt_adam": 1e-2,
+    "sgg_adamw": 1e-2,
+    "noisy_sgd": 0.1,
+    "dp_sgd": 1.0,
+    "econtrol_sgd": 0.1,
+    "aegd": 0.1,
+    "gravity": 0.1,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

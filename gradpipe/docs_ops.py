@@ -22,7 +22,7 @@ import sys
 from typing import Any, Sequence
 
 from .compiler.ops import OPS, Op, Param
-from .compiler.ops.base import REQUIRED
+from .compiler.ops.base import REQUIRED, SeededOp
 
 __all__ = ["render_ops_markdown", "op_markdown", "rst_to_markdown", "NOTES", "main"]
 
@@ -250,13 +250,19 @@ def _cell(text: str) -> str:
 
 
 def signature(op: Op) -> str:
+    """How a call looks: ``pcgrad(g1, g2, ..., reduction=sum)``, ``galore(rank=128, ...) { inner }``."""
     parts = []
+    block = ""
     for p in op.params:
-        if p.default is REQUIRED:
+        if p.kind == "signals":
+            parts.append("g1, g2, ...")
+        elif p.kind == "block":
+            block = f" {{ {p.name} }}"
+        elif p.default is REQUIRED:
             parts.append(p.name)
         else:
             parts.append(f"{p.name}={_num(p.default)}")
-    return f"{op.name}({', '.join(parts)})"
+    return f"{op.name}({', '.join(parts)}){block}"
 
 
 def _defaults(op: Op) -> dict[str, Any]:
@@ -300,7 +306,23 @@ def _bytes(bufs: list[str]) -> int:
     return 4 * len(bufs)
 
 
+#: the matrix shape for which ops whose state is not the parameter's size report it
+_EXAMPLE = (4096, 4096)
+
+
+def _sized_state(op: Op) -> bool:
+    """True for ops whose state is not a whole number of parameter-sized buffers."""
+    return type(op).state_numel is not Op.state_numel
+
+
+def _example_bytes(op: Op) -> str:
+    per = 4 * op.state_numel(_EXAMPLE, _defaults(op)) / (_EXAMPLE[0] * _EXAMPLE[1])
+    return f"{per:.3g} for a {_EXAMPLE[0]}x{_EXAMPLE[1]} matrix"
+
+
 def _state_short(op: Op) -> str:
+    if _sized_state(op):
+        return _example_bytes(op)
     text = str(_bytes(op.buffer_names(_defaults(op))))
     variants = _variants(op)
     if variants:
@@ -384,9 +406,12 @@ def op_markdown(op: Op) -> str:
     facts = []
     if op.buffers:
         listing = ", ".join(f"`{b.name}` ({b.doc})" if b.doc else f"`{b.name}`" for b in op.buffers)
-        state = f"- **State:** {listing}, each the size of the parameter. With the defaults: "
-        state += (", ".join(f"`{b}`" for b in bufs) if bufs else "none")
-        state += f", {_bytes(bufs)} bytes per parameter in fp32"
+        if _sized_state(op):
+            state = f"- **State:** {listing}. With the defaults: {_example_bytes(op)}, in bytes per parameter"
+        else:
+            state = f"- **State:** {listing}, each the size of the parameter. With the defaults: "
+            state += (", ".join(f"`{b}`" for b in bufs) if bufs else "none")
+            state += f", {_bytes(bufs)} bytes per parameter in fp32"
         for k, vb in _variants(op):
             state += f"; with `{k}`: " + (", ".join(f"`{b}`" for b in vb) if vb else "none") + \
                      f", {_bytes(vb)} bytes"
@@ -395,9 +420,13 @@ def op_markdown(op: Op) -> str:
         facts.append(state)
     else:
         facts.append("- **State:** none (0 bytes per parameter).")
-    if _has_node_state(op):
+    if isinstance(op, SeededOp):
         facts.append("- **Node state:** a random generator shared by all parameters of the node, "
                      "saved in `state_dict()` under `\"gradpipe\"`; the node is never merged by CSE.")
+    elif _has_node_state(op):
+        facts.append("- **Node state:** values shared by all parameters of the node (not per parameter), "
+                     "saved in `state_dict()` under `\"gradpipe\"`"
+                     + ("." if op.mergeable else "; the node is never merged by CSE."))
     elif not op.mergeable:
         facts.append("- **CSE:** never merged with an identical node.")
     red = op.reduction(defaults)

@@ -10,12 +10,38 @@ update ``u`` the pipeline must emit, so the runtime's ``p <- p - lr * u`` with
 
 Every op must have at least one case (``test_table_covers_every_op``), so a
 new op without a row fails the suite. Several cases may cover one op
-(different scopes, geometries, options).
+(different scopes, geometries, options). Adding a row is one line plus a
+``ref_<op>`` factory; block ops take the inner pipeline's reference as a
+factory (``ref_galore(2, 3, 0.25, lambda: ref_adam(...))``) and pipelines of
+several stages chain references with :func:`ref_chain`.
 
-The fixed inputs are two float64 tensors of different shapes, so a ``global``
-reduction (over every tensor of the route) differs from a ``tensor`` one; the
-gradients change scale from step to step, so clipping thresholds are crossed
-in both directions.
+Inputs (:data:`INPUTS`, picked by ``OpCase.inputs``):
+
+* ``default``: two float64 tensors of different shapes, so a ``global``
+  reduction (over every tensor of the route) differs from a ``tensor`` one;
+  the gradients change scale from step to step, so clipping thresholds are
+  crossed in both directions.
+* ``tasks`` (the default of multi-loss rows, those with ``OpCase.tasks``):
+  per step, one gradient per loss ``a``, ``b``, ``c`` on the same tensors; a
+  and b conflict on :data:`CONFLICT_STEPS` and agree on the others. The
+  runtime gets them through ``Optimizer.step(losses=...)`` with linear losses
+  (:func:`linear_losses`), whose autograd gradients are exactly these; the
+  stepper gets ``{task: [array | None per tensor]}`` in the row's task order.
+* ``tasks_head``: the same, but loss ``c`` does not reach the vector (like a
+  task head), which makes that tensor not shared (``ctx.shared``).
+* ``matrices``: a wide and a tall matrix, a 3-D kernel and a vector, for the
+  low-rank wrappers (both projection sides, the bypass of vectors).
+* ``samples``: per-example gradients for the DP ops, per step a :class:`Samples`
+  (per tensor a ``(B, *shape)`` array, :data:`SAMPLE_B` examples). The runtime
+  gets them through ``Optimizer.step(samples={param: tensor})`` (``p.grad``
+  stays unset); the stepper gets the list of ``(B, *shape)`` arrays. The
+  examples' norms (over both tensors) straddle both clipping norms the rows use.
+
+Rows may also give a ``setup(optimizer, params)`` hook (``OpCase.setup``), run on
+every optimizer the generic tests build before its first step, for state the
+user provides rather than the op creates (``project_out``'s basis, set with
+``opt.set_basis``). Such state lives in ``opt.state`` and ``state_dict``, so an
+optimizer that loads a state dict gets it from there, not from the hook.
 """
 
 from __future__ import annotations
@@ -23,20 +49,29 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 
 import gradpipe
+from ref_combiners import ref_gcond, ref_samgs
+from ref_wavelet_sgg import ref_group_scale_adam, ref_wavelet_adam
+import ref_lowrank_coap as RC
 
-__all__ = ["OpCase", "CASES", "SHAPES", "STEPS", "GRADS", "PARAMS0", "Stepper", "make_params", "run_case",
-           "run_optimizer", "run_optimizer_params", "assert_exact_updates", "reference_updates", "case_ids"]
+__all__ = ["OpCase", "CASES", "SHAPES", "STEPS", "GRADS", "PARAMS0", "TASKS", "TASK_GRADS", "TASK_GRADS_HEAD",
+           "CONFLICT_STEPS", "MATRIX_SHAPES", "MATRIX_GRADS", "MATRIX_PARAMS0", "SAMPLE_B", "SAMPLE_NORMS",
+           "SAMPLE_GRADS", "Samples", "PROJECT_OUT_BASES", "INPUTS", "Inputs", "Stepper",
+           "make_params", "clone_params", "run_case", "run_optimizer", "run_optimizer_params", "assert_exact_updates",
+           "reference_updates", "case_ids", "case_grads", "case_params0", "linear_losses", "make_case_optimizer"]
 
 Arrays = list  # list[np.ndarray], one per tensor
-#: ``stepper(t, grads, params) -> updates``; t counts from 1, params are the values before the step
-Stepper = Callable[[int, Arrays, Arrays], Arrays]
+#: one step of a multi-loss row: task name -> one gradient per tensor, None where the loss does not reach it
+TaskGrads = dict
+#: ``stepper(t, grads, params) -> updates``; t counts from 1, params are the values before the step.
+#: ``grads`` is a list of arrays (one per tensor) for single-loss rows, a :data:`TaskGrads` for multi-loss ones.
+Stepper = Callable[[int, Any, Arrays], Arrays]
 
 SHAPES: tuple[tuple[int, ...], ...] = ((3, 4), (5,))
 STEPS = 5
@@ -55,6 +90,119 @@ def _fixed_inputs() -> tuple[list[Arrays], Arrays]:
 
 #: GRADS[t-1][i]: the gradient of tensor i at step t
 GRADS, PARAMS0 = _fixed_inputs()
+
+#: the loss names of the multi-loss inputs
+TASKS: tuple[str, ...] = ("a", "b", "c")
+#: steps (from 1) on which tasks a and b conflict (negative global inner product); they agree on the others
+CONFLICT_STEPS: tuple[int, ...] = (1, 3, 5)
+
+
+def _task_inputs() -> list[TaskGrads]:
+    """Three tasks' gradients per step on the :data:`SHAPES` tensors. ``b`` is ``-/+0.8 a`` plus
+    noise, so a and b conflict exactly on :data:`CONFLICT_STEPS`; ``c`` is independent (it
+    conflicts with a or b on some steps, which makes PCGrad's order matter for three tasks)."""
+    rs = np.random.RandomState(4321)
+    out = []
+    for t, s in enumerate(_SCALES, start=1):
+        a = [rs.randn(*shape) * s for shape in SHAPES]
+        sign = -1.0 if t in CONFLICT_STEPS else 1.0
+        b = [sign * 0.8 * x + 0.5 * s * rs.randn(*x.shape) for x in a]
+        c = [rs.randn(*shape) * s * 1.2 for shape in SHAPES]
+        out.append({"a": a, "b": b, "c": c})
+    return out
+
+
+#: TASK_GRADS[t-1][task][i]: the gradient of loss ``task`` for tensor i at step t (every loss reaches every tensor)
+TASK_GRADS: list[TaskGrads] = _task_inputs()
+#: the same, except that loss ``c`` does not reach tensor 1 (a head of the other tasks): that tensor is not shared
+TASK_GRADS_HEAD: list[TaskGrads] = [{**step, "c": [step["c"][0], None]} for step in TASK_GRADS]
+
+#: tensors for the low-rank wrappers: a wide matrix (left projector), a tall one (right projector),
+#: a 3-D kernel viewed as 2x6, and a vector that bypasses the projection
+MATRIX_SHAPES: tuple[tuple[int, ...], ...] = ((3, 4), (6, 3), (2, 3, 2), (5,))
+
+
+def _matrix_inputs() -> tuple[list[Arrays], Arrays]:
+    rs = np.random.RandomState(99)
+    grads = [[rs.randn(*shape) * s for shape in MATRIX_SHAPES] for s in _SCALES]
+    return grads, [rs.randn(*shape) for shape in MATRIX_SHAPES]
+
+
+MATRIX_GRADS, MATRIX_PARAMS0 = _matrix_inputs()
+
+
+class Samples(list):
+    """One step of per-example gradients: per tensor a ``(B, *shape)`` array. A list subclass,
+    so the runners can tell it from a step of ordinary gradients."""
+
+
+#: examples per step of the per-example inputs
+SAMPLE_B = 4
+#: the per-example norms (over every tensor) the examples are drawn around, times a factor in
+#: [0.8, 1.2]: every step has examples below and above both clipping norms the rows use (0.5, 1.0)
+SAMPLE_NORMS: tuple[float, ...] = (0.2, 0.7, 1.4, 3.0)
+
+
+def _sample_inputs() -> list[Samples]:
+    """Per step, :data:`SAMPLE_B` per-example gradients on the :data:`SHAPES` tensors; example b's
+    global norm is a shuffled :data:`SAMPLE_NORMS` entry times a factor in [0.8, 1.2]."""
+    rs = np.random.RandomState(2024)
+    out = []
+    for _ in range(STEPS):
+        raw = [rs.randn(SAMPLE_B, *shape) for shape in SHAPES]
+        norms = np.sqrt(sum(np.sum(x.reshape(SAMPLE_B, -1) ** 2, axis=1) for x in raw))
+        target = rs.permutation(SAMPLE_NORMS) * rs.uniform(0.8, 1.2, SAMPLE_B)
+        factor = target / norms
+        out.append(Samples(x * factor.reshape((-1,) + (1,) * (x.ndim - 1)) for x in raw))
+    return out
+
+
+#: SAMPLE_GRADS[t-1][i][b]: example b's gradient of tensor i at step t
+SAMPLE_GRADS: list[Samples] = _sample_inputs()
+
+
+def _orthonormal(rs: np.random.RandomState, n: int, k: int) -> np.ndarray:
+    q, _ = np.linalg.qr(rs.randn(n, k))
+    return q
+
+
+def _project_out_bases() -> list[np.ndarray | None]:
+    """Fixed orthonormal input-space bases (``in x k``) for the :data:`MATRIX_SHAPES` tensors:
+    k = 2 of 4 for the wide matrix, 1 of 3 for the tall one (``relax=1`` frees it entirely), 3 of 6
+    for the kernel viewed as 2 x 6; none for the vector."""
+    rs = np.random.RandomState(7)
+    ks = (2, 1, 3, None)
+    out: list[np.ndarray | None] = []
+    for shape, k in zip(MATRIX_SHAPES, ks):
+        out.append(None if k is None else _orthonormal(rs, math.prod(shape[1:]), k))
+    return out
+
+
+#: PROJECT_OUT_BASES[i]: the basis ``opt.set_basis`` gives MATRIX_SHAPES[i] in the project_out rows
+PROJECT_OUT_BASES: list[np.ndarray | None] = _project_out_bases()
+
+
+#: tolerance of rows that take an SVD: the op computes it in fp32 (its documented precision), so the
+#: projector differs from the reference's by ~1e-7 and Adam's state carries that across projector changes
+SVD_TOL: tuple[float, float] = (1e-5, 1e-6)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A fixed input set: per step either a list of gradients (one per tensor) or a
+    :data:`TaskGrads`; and the parameters before the first step."""
+
+    grads: Sequence[Any]
+    params0: Arrays
+
+
+INPUTS: dict[str, Inputs] = {
+    "default": Inputs(GRADS, PARAMS0),
+    "tasks": Inputs(TASK_GRADS, PARAMS0),
+    "tasks_head": Inputs(TASK_GRADS_HEAD, PARAMS0),
+    "matrices": Inputs(MATRIX_GRADS, MATRIX_PARAMS0),
+    "samples": Inputs(SAMPLE_GRADS, PARAMS0),
+}
 
 
 # ------------------------------------------------------------------------ NumPy helpers
@@ -422,6 +570,246 @@ def ref_aegd(f: float, eta: float, c: float = 1.0) -> Stepper:
     return step
 
 
+def ref_chain(*stages: Callable[[], Stepper]) -> Stepper:
+    """``first | second | ...``: each stepper gets the previous one's output (and the parameters)."""
+    steppers = [f() for f in stages]
+
+    def step(t, gs, ps):
+        for st in steppers:
+            gs = st(t, gs, ps)
+        return gs
+    return step
+
+
+def ref_topk(k: float) -> Stepper:
+    """Per tensor of d entries: keep the max(1, ceil(k d)) entries of largest |x|, zero the rest."""
+    def step(t, gs, ps):
+        out = []
+        for g in gs:
+            flat = g.ravel()
+            keep = min(flat.size, max(1, math.ceil(k * flat.size)))
+            idx = np.argsort(-np.abs(flat), kind="stable")[:keep]
+            u = np.zeros_like(flat)
+            u[idx] = flat[idx]
+            out.append(u.reshape(g.shape))
+        return out
+    return step
+
+
+def ref_error_feedback(eta: float, compressor: Callable[[], Stepper]) -> Stepper:
+    """EControl (Gao, Islamov & Stich 2024), one worker: Delta = C(eta e + g - h); e += g - h - Delta;
+    h += Delta; u = h (e_0 = h_0 = 0). The compressor C is a stepper run on every tensor at once."""
+    comp = compressor()
+    st: dict[str, Arrays] = {}
+
+    def step(t, gs, ps):
+        if not st:
+            st["e"], st["h"] = _zeros(gs), _zeros(gs)
+        bases = [g - h for g, h in zip(gs, st["h"])]
+        deltas = comp(t, [b + eta * e for b, e in zip(bases, st["e"])], ps)
+        st["e"] = [e + b - d for e, b, d in zip(st["e"], bases, deltas)]
+        st["h"] = [h + d for h, d in zip(st["h"], deltas)]
+        return [h.copy() for h in st["h"]]
+    return step
+
+
+# ---------------------------------------------------------------- multi-loss references
+def _task_vectors(tasks: TaskGrads) -> tuple[list[Arrays], list[bool]]:
+    """The tasks' gradients in argument order with zeros where a loss does not reach a tensor,
+    and per tensor whether every loss reaches it (is shared)."""
+    lists = list(tasks.values())
+    n = len(lists[0])
+    shapes = [next(g[i] for g in lists if g[i] is not None).shape for i in range(n)]
+    grads = [[np.zeros(shapes[i]) if g[i] is None else g[i] for i in range(n)] for g in lists]
+    shared = [all(g[i] is not None for g in lists) for i in range(n)]
+    return grads, shared
+
+
+def _dot(a: Arrays, b: Arrays) -> float:
+    return sum(float(np.sum(x * y)) for x, y in zip(a, b))
+
+
+def ref_pcgrad(reduction: str = "sum", seed: int = 0) -> Stepper:
+    """PCGrad (Yu et al. 2020): for each task i in argument order, for j in a random order of the K
+    tasks: if <g_i^PC, g_j> < 0, g_i^PC -= <g_i^PC, g_j> / ||g_j||^2 g_j, against the *original* g_j,
+    inner products over every tensor (an unreached tensor counts as zeros). d = sum_i g_i^PC; with
+    ``mean`` the shared tensors are divided by K, unshared ones keep the sum. The order is the op's
+    documented draw: per task, ``torch.randperm(K)`` from a CPU generator seeded with ``seed``."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+
+    def step(t, tasks, ps):
+        grads, shared = _task_vectors(tasks)
+        k = len(grads)
+        projected = []
+        for i in range(k):
+            gi = [x.copy() for x in grads[i]]
+            for j in torch.randperm(k, generator=gen).tolist():
+                d = _dot(gi, grads[j])
+                if d < 0:
+                    coef = d / _dot(grads[j], grads[j])
+                    gi = [x - coef * y for x, y in zip(gi, grads[j])]
+            projected.append(gi)
+        out = []
+        for idx, sh in enumerate(shared):
+            total = sum(p[idx] for p in projected)
+            out.append(total / k if reduction == "mean" and sh else total)
+        return out
+    return step
+
+
+def ref_bloop(lam: float = 0.1, rho: float = 0.1, eps: float = 1e-7) -> Stepper:
+    """Bloop (Ablin et al. 2024): r_t = r_{t-1} + rho (g_main - r_{t-1}) (r_0 = 0, updated first);
+    d = g_main + lam (g_aux - <g_aux, r>/(<r, r> + eps) r), global inner products. The first task
+    of the row is ``main``, the second ``aux``."""
+    st: dict[str, Arrays] = {}
+
+    def step(t, tasks, ps):
+        (main, aux), _ = _task_vectors(tasks)
+        if not st:
+            st["r"] = _zeros(main)
+        st["r"] = [r + rho * (g - r) for r, g in zip(st["r"], main)]
+        return [g + lam * a for g, a in zip(main, project(aux, st["r"], "global", eps))]
+    return step
+
+
+# ---------------------------------------------------------------- low-rank references
+def svd_projector(g: np.ndarray, rank: int) -> np.ndarray:
+    """GaLore's projector from the NumPy SVD G = U S Vh of the fp32-rounded matrix: Vh[:r] (r x n)
+    if m >= n, else U[:, :r] (m x r). The sign of each singular vector is not part of the
+    equations (LAPACK builds choose differently), so, as the noise rows take their draws from
+    torch's generator, the signs are taken from ``torch.linalg.svd`` in fp32, the op's documented
+    computation; the vectors themselves are NumPy's."""
+    m, n = g.shape
+    g32 = g.astype(np.float32).astype(np.float64)
+    u, _, vh = np.linalg.svd(g32, full_matrices=False)
+    tu, _, tvh = torch.linalg.svd(torch.from_numpy(g).float(), full_matrices=False)
+    if m >= n:
+        p = vh[:rank]
+        p = p * np.sign(np.sum(p * tvh[:rank].double().numpy(), axis=1, keepdims=True))
+    else:
+        p = u[:, :rank]
+        p = p * np.sign(np.sum(p * tu[:, :rank].double().numpy(), axis=0, keepdims=True))
+    return p
+
+
+def ref_galore(rank: int, gap: int, scale: float, inner: Callable[[], Stepper]) -> Stepper:
+    """GaLore (Zhao et al. 2024): a tensor with >= 2 dims is viewed as G (m x n) = (shape[0], -1);
+    its projector (:func:`svd_projector`) is recomputed when (t - 1) % gap == 0 and kept in between;
+    R = G Q^T (m >= n) or P^T G (m < n); N = inner(R) (the inner stepper runs on every tensor at
+    once, its state at the projected shapes, not rotated when the projector changes);
+    u = scale * N Q or scale * P N, reshaped. Vectors go through ``inner`` at full size and bypass
+    the projection (and the scale, as in GaLore, where only projected weights are rescaled)."""
+    inner_step = inner()
+    st: dict[int, np.ndarray] = {}
+
+    def step(t, gs, ps):
+        lows = []
+        for i, g in enumerate(gs):
+            if g.ndim < 2:
+                lows.append(g)
+                continue
+            mat = g.reshape(g.shape[0], -1)
+            if (t - 1) % gap == 0:
+                st[i] = svd_projector(mat, rank)
+            lows.append(mat @ st[i].T if mat.shape[0] >= mat.shape[1] else st[i].T @ mat)
+        news = inner_step(t, lows, [None] * len(gs))  # the inner pipeline may not read the parameters
+        out = []
+        for i, (g, n) in enumerate(zip(gs, news)):
+            if g.ndim < 2:
+                out.append(n)
+                continue
+            m, cols = g.shape[0], g.size // g.shape[0]
+            back = n @ st[i] if m >= cols else st[i] @ n
+            out.append(scale * back.reshape(g.shape))
+        return out
+    return step
+
+
+# ---------------------------------------------------------------- GCond and SAM-GS (ref_combiners.py)
+def ref_task_combiner(make: Callable[[list[bool]], Any]) -> Stepper:
+    """Adapt a stepper of ``ref_combiners`` (``gs[k][i]``, zeros where a loss does not reach a
+    tensor) to the table's :data:`TaskGrads`. ``make(shared)`` builds it at the first step, with
+    per tensor whether every loss reaches it (fixed over the steps of one input set)."""
+    st: dict[str, Any] = {}
+
+    def step(t, tasks, ps):
+        grads, shared = _task_vectors(tasks)
+        if not st:
+            st["ref"], st["shared"] = make(shared), shared
+        assert shared == st["shared"], "the shared tensors changed between steps"
+        return st["ref"](t, grads, ps)
+    return step
+
+
+def ref_gcond_table(**kw: Any) -> Stepper:
+    """GCond (Limarenko & Shumilov 2025), ``ref_combiners.ref_gcond``: every tensor, shared or not,
+    is part of the flattened task vectors (zeros where a loss does not reach it)."""
+    return ref_task_combiner(lambda shared: ref_gcond(**kw))
+
+
+def ref_samgs_table(**kw: Any) -> Stepper:
+    """SAM-GS (Borsani et al. 2025), ``ref_combiners.ref_samgs`` on the shared tensors, the plain
+    sum of the task gradients on the others."""
+    return ref_task_combiner(lambda shared: ref_samgs(shared=shared, **kw))
+
+
+# ---------------------------------------------------------------- DP-SGD (per-example inputs)
+def ref_dp_clip(clip: float) -> Stepper:
+    """DP-SGD clipping (Abadi et al. 2016, Algorithm 1): example b's gradient, its norm over
+    every tensor, g_b / max(1, ||g_b|| / C). Input and output per tensor ``(B, *shape)``."""
+    def step(t, gs, ps):
+        b = gs[0].shape[0]
+        norms = np.sqrt(sum(np.sum(x.reshape(b, -1) ** 2, axis=1) for x in gs))
+        factor = 1.0 / np.maximum(1.0, norms / clip)
+        return [x * factor.reshape((-1,) + (1,) * (x.ndim - 1)) for x in gs]
+    return step
+
+
+def ref_dp_noise(sigma: float, sensitivity: float, seed: int) -> Stepper:
+    """DP-SGD aggregation: u = (sum_b g_b + sigma Delta z) / B, z ~ N(0, I) drawn per tensor in
+    route order from one torch CPU generator seeded with ``seed`` (float64 here), no draw when
+    sigma = 0. Delta is the ``dp_clip`` norm before it, or the ``sensitivity`` argument."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+
+    def step(t, gs, ps):
+        out = []
+        for x in gs:
+            total = x.sum(axis=0)
+            if sigma > 0:
+                z = torch.randn(total.shape, generator=gen, dtype=torch.float64).numpy()
+                total = total + sigma * sensitivity * z
+            out.append(total / x.shape[0])
+        return out
+    return step
+
+
+# ---------------------------------------------------------------- project_out (user-given bases)
+def ref_project_out(bases: Sequence[np.ndarray | None], relax: int = 0) -> Stepper:
+    """GPM (Saha et al. 2021) / ROGO's relaxation (Yang et al. 2023): G viewed as
+    (shape[0], -1), M_r the first k - relax columns of the tensor's basis M (in x k);
+    u = G - G M_r M_r^T. No basis, k - relax <= 0 or a vector: u = G."""
+    def step(t, gs, ps):
+        out = []
+        for g, m in zip(gs, bases):
+            keep = 0 if m is None else m.shape[1] - relax
+            if g.ndim < 2 or keep <= 0:
+                out.append(g.copy())
+                continue
+            mat, mr = g.reshape(g.shape[0], -1), m[:, :keep]
+            out.append((mat - (mat @ mr) @ mr.T).reshape(g.shape))
+        return out
+    return step
+
+
+def set_project_out_bases(opt: Any, params: Sequence[torch.Tensor]) -> None:
+    """``OpCase.setup`` of the project_out rows: ``opt.set_basis`` with :data:`PROJECT_OUT_BASES`."""
+    for p, m in zip(params, PROJECT_OUT_BASES):
+        if m is not None:
+            opt.set_basis(p, torch.tensor(m))
+
+
 # ------------------------------------------------------------------------ the table
 @dataclass(frozen=True)
 class OpCase:
@@ -433,6 +821,21 @@ class OpCase:
     pipeline: str
     reference: Callable[[], Stepper]
     hyperparams: dict[str, Any] = field(default_factory=dict)
+    #: multi-loss rows: the loss names the pipeline reads (``grads.a``...), in the order the
+    #: reference gets them; the runtime is stepped with ``step(losses=...)`` on linear losses
+    tasks: tuple[str, ...] = ()
+    #: the fixed input set (a key of :data:`INPUTS`); by default "tasks" for multi-loss rows
+    inputs: str = ""
+    #: (rtol, atol) of the comparison with the reference (looser for ops that compute in fp32)
+    tol: tuple[float, float] = (1e-12, 1e-12)
+    #: ``setup(optimizer, params)``, run on every optimizer the runners build before its first
+    #: step: state the user provides (``opt.set_basis``); an optimizer that loads a state dict
+    #: needs no setup, the state dict carries that state
+    setup: Callable[[Any, list[torch.Tensor]], None] | None = None
+
+    @property
+    def input_set(self) -> Inputs:
+        return INPUTS[self.inputs or ("tasks" if self.tasks else "default")]
 
 
 CASES: tuple[OpCase, ...] = (
@@ -496,6 +899,86 @@ CASES: tuple[OpCase, ...] = (
            lambda: ref_classp(1.0, 1e-5, 1.0, "tensor")),
     OpCase("aegd", "aegd", "grad | aegd(2.0, 0.5)", lambda: ref_aegd(2.0, 0.5)),
     OpCase("aegd_c", "aegd", "grad | aegd(0.25, 0.1, c=0.5)", lambda: ref_aegd(0.25, 0.1, 0.5)),
+    OpCase("topk", "topk", "grad | topk(0.25)", lambda: ref_topk(0.25)),
+    OpCase("topk_at_least_one", "topk", "grad | topk(0.01)", lambda: ref_topk(0.01)),
+    OpCase("error_feedback_sign", "error_feedback", "grad | error_feedback(0.1) { sign }",
+           lambda: ref_error_feedback(0.1, ref_sign)),
+    OpCase("error_feedback_topk", "error_feedback", "grad | error_feedback(1.0, compressor=topk(0.25))",
+           lambda: ref_error_feedback(1.0, lambda: ref_topk(0.25))),
+    OpCase("error_feedback_ef21", "error_feedback", "grad | error_feedback(0) { topk(0.5) | scale(2) }",
+           lambda: ref_error_feedback(0.0, lambda: ref_chain(lambda: ref_topk(0.5), lambda: ref_scale(2.0)))),
+    # ---- multi-loss combiners (stepped with step(losses=...) on linear losses)
+    OpCase("pcgrad", "pcgrad", "pcgrad(grads.a, grads.b)", lambda: ref_pcgrad("sum", 0), tasks=("a", "b")),
+    OpCase("pcgrad_mean", "pcgrad", "pcgrad(grads.a, grads.b, reduction=mean)", lambda: ref_pcgrad("mean", 0),
+           tasks=("a", "b")),
+    OpCase("pcgrad_three_seeded", "pcgrad", "pcgrad(grads.a, grads.b, grads.c, seed=5)",
+           lambda: ref_pcgrad("sum", 5), tasks=("a", "b", "c")),
+    OpCase("pcgrad_mean_unshared", "pcgrad", "pcgrad(grads.c, grads.a, grads.b, reduction=mean, seed=2)",
+           lambda: ref_pcgrad("mean", 2), tasks=("c", "a", "b"), inputs="tasks_head"),
+    OpCase("pcgrad_adam", "pcgrad", "pcgrad(grads.b, grads.a) | adam(0.8, 0.9, 1e-6)",
+           lambda: ref_chain(lambda: ref_pcgrad("sum", 0), lambda: ref_adam(0.8, 0.9, 1e-6)), tasks=("b", "a")),
+    OpCase("bloop", "bloop", "bloop(grads.a, grads.b)", lambda: ref_bloop(), tasks=("a", "b")),
+    OpCase("bloop_custom", "bloop", "bloop(grads.b, grads.a, lam=0.5, rho=0.3)", lambda: ref_bloop(0.5, 0.3),
+           tasks=("b", "a")),
+    OpCase("bloop_keywords_unshared", "bloop", "bloop(aux=grads.c, main=grads.a, rho=0.6) | momentum(0.5)",
+           lambda: ref_chain(lambda: ref_bloop(0.1, 0.6), lambda: ref_momentum(0.5)), tasks=("a", "c"),
+           inputs="tasks_head"),
+    OpCase("gcond", "gcond", "gcond(grads.a, grads.b)", lambda: ref_gcond_table(), tasks=("a", "b")),
+    OpCase("gcond_three_custom", "gcond", "gcond(grads.a, grads.b, grads.c, beta=0.5, dominance_window=0, max_iters=1)",
+           lambda: ref_gcond_table(beta=0.5, dominance_window=0, max_iters=1), tasks=("a", "b", "c")),
+    OpCase("gcond_three_unshared", "gcond", "gcond(grads.c, grads.a, grads.b, dominance_window=1, t_weak=0.1)",
+           lambda: ref_gcond_table(dominance_window=1, t_weak=0.1), tasks=("c", "a", "b"), inputs="tasks_head"),
+    # samgs: the mean similarity of a and b is > 0.99 on every step (modulate); with c it is 0.91-0.999,
+    # so gamma=0.95 takes the equalise branch on some steps and modulate on the others
+    OpCase("samgs", "samgs", "samgs(grads.a, grads.b)", lambda: ref_samgs_table(), tasks=("a", "b")),
+    OpCase("samgs_gamma", "samgs", "samgs(grads.b, grads.a, gamma=0.7)", lambda: ref_samgs_table(gamma=0.7),
+           tasks=("b", "a")),
+    OpCase("samgs_three_both_branches", "samgs", "samgs(grads.a, grads.b, grads.c, b1=0.8, b2=0.9, gamma=0.95)",
+           lambda: ref_samgs_table(b1=0.8, b2=0.9, gamma=0.95), tasks=("a", "b", "c")),
+    OpCase("samgs_unshared", "samgs", "samgs(grads.c, grads.a, grads.b, gamma=0.95)",
+           lambda: ref_samgs_table(gamma=0.95), tasks=("c", "a", "b"), inputs="tasks_head"),
+    # ---- DP-SGD on per-example gradients (stepped with step(samples=...))
+    OpCase("dp_clip_mean", "dp_clip", "samples | dp_clip(1.0) | dp_noise(0.0)",
+           lambda: ref_chain(lambda: ref_dp_clip(1.0), lambda: ref_dp_noise(0.0, 1.0, 0)), inputs="samples"),
+    OpCase("dp_clip_noise", "dp_clip", "samples | dp_clip(0.5) | dp_noise(1.0, seed=3)",
+           lambda: ref_chain(lambda: ref_dp_clip(0.5), lambda: ref_dp_noise(1.0, 0.5, 3)), inputs="samples"),
+    OpCase("dp_noise_sensitivity", "dp_noise", "samples | dp_noise(0.5, sensitivity=2.0, seed=1)",
+           lambda: ref_dp_noise(0.5, 2.0, 1), inputs="samples"),
+    OpCase("dp_noise_adam", "dp_noise", "samples | dp_clip(0.5) | dp_noise(0.3, seed=2) | adam(0.8, 0.9, 1e-6)",
+           lambda: ref_chain(lambda: ref_dp_clip(0.5), lambda: ref_dp_noise(0.3, 0.5, 2),
+                             lambda: ref_adam(0.8, 0.9, 1e-6)), inputs="samples"),
+    # ---- project_out: the bases are the user's (opt.set_basis, via the row's setup hook)
+    OpCase("project_out", "project_out", "grad | project_out", lambda: ref_project_out(PROJECT_OUT_BASES),
+           inputs="matrices", setup=set_project_out_bases),
+    OpCase("project_out_relax", "project_out", "grad | project_out(relax=1)",
+           lambda: ref_project_out(PROJECT_OUT_BASES, relax=1), inputs="matrices", setup=set_project_out_bases),
+    # ---- block ops (an inner pipeline in { ... })
+    OpCase("galore_adam", "galore", "grad | galore(rank=2, gap=3, scale=0.25) { adam }",
+           lambda: ref_galore(2, 3, 0.25, lambda: ref_adam(0.9, 0.999, 1e-8)), inputs="matrices", tol=SVD_TOL),
+    OpCase("galore_sign", "galore", "grad | galore(rank=2, gap=2, scale=1) { sign }",
+           lambda: ref_galore(2, 2, 1.0, ref_sign), inputs="matrices", tol=SVD_TOL),
+    OpCase("galore_momentum", "galore", "grad | galore(rank=1, gap=3) { momentum(0.9) }",
+           lambda: ref_galore(1, 3, 0.25, lambda: ref_momentum(0.9)), inputs="matrices", tol=SVD_TOL),
+    OpCase("galore_clip_adam", "galore", "grad | galore(rank=2, gap=1, scale=0.5) { clip_norm(1.0) | adam(0.8, 0.9) }",
+           lambda: ref_galore(2, 1, 0.5, lambda: ref_chain(lambda: ref_clip_norm(1.0, "global"),
+                                                           lambda: ref_adam(0.8, 0.9, 1e-8))),
+           inputs="matrices", tol=SVD_TOL),
+    OpCase("galore_inner_argument", "galore", "grad | galore(rank=2, inner=ema(0.5))",
+           lambda: ref_galore(2, 200, 0.25, lambda: ref_ema(0.5)), inputs="matrices", tol=SVD_TOL),
+    OpCase("coap_adam", "coap", "grad | coap(rank=2, interval=2, reproject=2) { adam }",
+           lambda: RC.ref_coap(2, 2, 2), inputs="matrices"),
+    OpCase("coap_restore", "coap", "grad | coap(rank=1, interval=1, reproject=3, restore=true, scale=1) { adam(0.8, 0.9) }",
+           lambda: RC.ref_coap(1, 1, 3, 1.0, True, b1=0.8, b2=0.9), inputs="matrices"),
+    OpCase("woodbury_fisher", "woodbury_fisher", "grad | woodbury_fisher(3, 0.1)",
+           lambda: RC.ref_woodbury_fisher(3, 0.1), inputs="matrices"),
+    OpCase("wavelet_adam", "wavelet", "grad | wavelet(levels=2, scale=0.25) { adam }",
+           lambda: ref_wavelet_adam(2, 0.25, 1.01), inputs="matrices"),
+    OpCase("wavelet_level1_no_limiter", "wavelet", "grad | wavelet(levels=1, scale=1, limiter=0) { adam(0.8, 0.9, 1e-6) }",
+           lambda: ref_wavelet_adam(1, 1.0, 0.0, 0.8, 0.9, 1e-6), inputs="matrices"),
+    OpCase("group_scale_adam", "group_scale", "grad | group_scale(k=2, interval=2, decay_means=0.5, decay_scale=0.5) { adam }",
+           lambda: ref_group_scale_adam(2, 2, 0.5, 0.5), inputs="matrices"),
+    OpCase("group_scale_defaults", "group_scale", "grad | group_scale { adam(0.8, 0.9) }",
+           lambda: ref_group_scale_adam(b1=0.8, b2=0.9), inputs="matrices"),
 )
 
 
@@ -504,19 +987,62 @@ def case_ids() -> list[str]:
 
 
 # ------------------------------------------------------------------------ driving the optimizer
-def make_params(values: Sequence[np.ndarray] | None = None) -> list[torch.Tensor]:
-    """Fresh float64 leaf tensors (PARAMS0 unless given)."""
+def make_params(values: Sequence[np.ndarray] | None = None, requires_grad: bool = False) -> list[torch.Tensor]:
+    """Fresh float64 leaf tensors (PARAMS0 unless given); multi-loss steps need ``requires_grad``."""
     values = PARAMS0 if values is None else values
-    return [torch.tensor(np.array(v), dtype=torch.float64) for v in values]
+    return [torch.tensor(np.array(v), dtype=torch.float64, requires_grad=requires_grad) for v in values]
+
+
+def clone_params(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Independent copies of leaf parameters (same values, same ``requires_grad``)."""
+    return [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+
+
+def case_grads(case: OpCase) -> Sequence[Any]:
+    """The fixed gradients of a row, per step: a list per tensor, or for a multi-loss row a
+    :data:`TaskGrads` holding the row's tasks in its order."""
+    grads = case.input_set.grads
+    if not case.tasks:
+        return grads
+    return [{name: step[name] for name in case.tasks} for step in grads]
+
+
+def case_params0(case: OpCase) -> Arrays:
+    return case.input_set.params0
+
+
+def linear_losses(params: Sequence[torch.Tensor], tasks: TaskGrads) -> dict[str, torch.Tensor]:
+    """loss_k = sum_i <p_i, G_k[i]> over the tensors loss k reaches (G not None): its gradient
+    is exactly G_k there, and autograd finds no path to the others."""
+    out = {}
+    for name, gs in tasks.items():
+        terms = [(p * torch.as_tensor(np.array(g), dtype=p.dtype)).sum() for p, g in zip(params, gs) if g is not None]
+        assert terms, f"loss {name!r} reaches no tensor"
+        out[name] = torch.stack(terms).sum()
+    return out
 
 
 def run_optimizer_params(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[Arrays], *,
                          in_place: bool = False) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """Step ``opt`` once per entry of ``grads``, setting ``p.grad`` by hand; return the parameters
     ``(before, after)`` of each step. ``in_place`` writes into the existing ``p.grad`` buffers with
-    ``copy_`` instead of assigning new tensors."""
+    ``copy_`` instead of assigning new tensors. A step given as a :data:`TaskGrads` calls
+    ``opt.step(losses=...)`` with :func:`linear_losses` instead (the parameters must require grad),
+    one given as :class:`Samples` ``opt.step(samples={param: (B, *shape) tensor})``."""
     out = []
     for gs in grads:
+        if isinstance(gs, Samples):  # per-example gradients: step(samples=...), p.grad untouched
+            samples = {p: torch.as_tensor(np.array(g), dtype=p.dtype) for p, g in zip(params, gs)}
+            before = [p.detach().clone() for p in params]
+            opt.step(samples=samples)
+            out.append((before, [p.detach().clone() for p in params]))
+            continue
+        if isinstance(gs, Mapping):  # a multi-loss step: one linear loss per task
+            losses = linear_losses(params, gs)
+            before = [p.detach().clone() for p in params]
+            opt.step(losses=losses)
+            out.append((before, [p.detach().clone() for p in params]))
+            continue
         for p, g in zip(params, gs):
             gt = torch.as_tensor(np.array(g), dtype=p.dtype)
             if in_place and p.grad is not None:
@@ -547,12 +1073,24 @@ def assert_exact_updates(steps: Sequence[tuple[list[torch.Tensor], list[torch.Te
             assert torch.equal(a, want), f"step {t} tensor {i}: max diff {float((a - want).abs().max())}"
 
 
-def run_case(case: OpCase, grads: Sequence[Arrays] = GRADS, *, pipeline: Any = None,
-             params: list[torch.Tensor] | None = None, **kw: Any) -> list[Arrays]:
-    """Run one case through ``gradpipe.Optimizer(backend='eager', lr=1)``; the updates per step."""
-    params = make_params() if params is None else params
+def make_case_optimizer(case: OpCase, params: Sequence[torch.Tensor], pipeline: Any = None, *,
+                        setup: bool = True) -> gradpipe.Optimizer:
+    """The row's optimizer (eager, lr = 1) on ``params``, with the row's ``setup`` hook run unless
+    ``setup=False`` (an optimizer about to load a state dict, which carries that state)."""
     opt = gradpipe.Optimizer(params, pipeline if pipeline is not None else case.pipeline, backend="eager",
                              **{"lr": 1.0, **case.hyperparams})
+    if setup and case.setup is not None:
+        case.setup(opt, list(params))
+    return opt
+
+
+def run_case(case: OpCase, grads: Sequence[Any] | None = None, *, pipeline: Any = None,
+             params: list[torch.Tensor] | None = None, **kw: Any) -> list[Arrays]:
+    """Run one case through ``gradpipe.Optimizer(backend='eager', lr=1)``; the updates per step
+    (on the row's fixed inputs unless ``grads`` are given)."""
+    grads = case_grads(case) if grads is None else grads
+    params = make_params(case_params0(case), requires_grad=bool(case.tasks)) if params is None else params
+    opt = make_case_optimizer(case, params, pipeline)
     return run_optimizer(opt, params, grads, **kw)
 
 
@@ -564,14 +1102,25 @@ def run_pipeline_params(pipeline: Any, grads: Sequence[Arrays] = GRADS, params0:
     return run_optimizer_params(opt, params, grads)
 
 
-def reference_updates(case: OpCase, grads: Sequence[Arrays] = GRADS,
-                      params0: Sequence[np.ndarray] = PARAMS0) -> list[Arrays]:
-    """The reference's updates, tracking the parameters as ``p <- p - u``."""
+def _copy_step(gs: Any) -> Any:
+    if isinstance(gs, Samples):
+        return [np.array(g) for g in gs]
+    if isinstance(gs, Mapping):
+        return {k: [None if g is None else np.array(g) for g in v] for k, v in gs.items()}
+    return [np.array(g) for g in gs]
+
+
+def reference_updates(case: OpCase, grads: Sequence[Any] | None = None,
+                      params0: Sequence[np.ndarray] | None = None) -> list[Arrays]:
+    """The reference's updates, tracking the parameters as ``p <- p - u`` (on the row's fixed
+    inputs unless given)."""
+    grads = case_grads(case) if grads is None else grads
+    params0 = case_params0(case) if params0 is None else params0
     ref = case.reference()
     ps = [np.array(p, dtype=np.float64) for p in params0]
     out = []
     for t, gs in enumerate(grads, start=1):
-        us = ref(t, [np.array(g) for g in gs], [p.copy() for p in ps])
+        us = ref(t, _copy_step(gs), [p.copy() for p in ps])
         out.append(us)
         ps = [p - u for p, u in zip(ps, us)]
     return out

@@ -44,10 +44,23 @@ def _loss(model: torch.nn.Module, t: int) -> torch.Tensor:
 
 
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0) -> None:
+    """Steps the way the pipeline needs: named losses (``grads.main``/``grads.aux``),
+    per-example gradients (``samples``), the loss value (a closure), or plain ``backward``."""
+    prog = getattr(opt, "program", None)
     for t in range(start, start + steps):
         opt.zero_grad()
-        _loss(model, t).backward()
-        opt.step()
+        loss = _loss(model, t)
+        if prog is not None and prog.losses:
+            x, _ = _data(t, next(model.parameters()).dtype)
+            aux = 0.1 * model(x).float().pow(2).mean()
+            opt.step(losses={"main": loss, "aux": aux})
+        elif prog is not None and "samples" in prog.reads:
+            x, y = _data(t, next(model.parameters()).dtype)
+            per = gradpipe.per_sample_grads(model, torch.nn.functional.cross_entropy, x, y)
+            opt.step(samples=dict(zip(model.parameters(), per.values())))  # keyed by tensor: works unnamed
+        else:
+            loss.backward()
+            opt.step(lambda: loss)
 
 
 def _params(model: torch.nn.Module) -> list[torch.Tensor]:

@@ -20,13 +20,14 @@ from ..dsl.diagnostics import GradError, Span, did_you_mean
 from . import scalars as S
 from .modules import RESERVED, HyperParam, ModuleEnv
 from .ops import OPS, Op, Param
+from .ops.base import MacroOp
 from .values import Fragment, ScalarV, Stream, Value, Word, kind_name
 
 __all__ = ["Builder", "RouteInfo", "RangeCheck"]
 
 _MAX_INLINE_DEPTH = 32
 _MAX_APPLY_DEPTH = 100
-_STREAM_SOURCES = ("grad", "param")
+_STREAM_SOURCES = ("grad", "param", "samples")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Builder:
         self._let_busy: set[int] = set()
         self._suffix: dict[str, int] = {}
         self._depth = 0
+        #: the block op whose inner sub-pipeline is being built (nodes get ``block=<it>``)
+        self._block: str | None = None
         #: ids of the let and def statements the pipeline reached
         self.used: set[int] = set()
 
@@ -109,7 +112,7 @@ class Builder:
         names = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "neg": "neg"}
         node = self._fresh(f"{prefix}/{names[op]}")
         args: dict[str, Any] = {}
-        self.graph.add_node(node, kind="arith", op=op, args=args, span=span, route=self.route)
+        self.graph.add_node(node, kind="arith", op=op, args=args, span=span, route=self.route, block=self._block)
         for port, v in (("lhs", lhs), ("rhs", rhs)):
             if v is None:
                 continue
@@ -185,6 +188,11 @@ class Builder:
         v = self.expr(s, sc, prefix)
         if isinstance(v, Fragment):
             return v
+        if isinstance(v, Stream) and isinstance(s, (ast.Call, ast.Name)):
+            fn = (s.func if isinstance(s, ast.Call) else s).parts[-1]
+            if fn in OPS and OPS[fn].params and OPS[fn].params[0].kind in ("signals", "signal"):
+                raise GradError(f"'{fn}' combines the signals it is given; it cannot be a stage", s.span,
+                                f"start the pipeline with it: {_text(s)} | adam")
         if isinstance(v, Stream):
             raise GradError("a signal cannot be a pipeline stage", s.span,
                             f"to add it write 'add({_text(s)})'; to multiply by it, 'scale({_text(s)})'")
@@ -258,6 +266,7 @@ class Builder:
         parts = e.parts
         first = parts[0]
         if len(parts) == 2 and first == "grads":
+            self._no_source_in_block(".".join(parts), e.span)
             self.losses.add(parts[1])
             return self._source(f"grads.{parts[1]}", e.span)
         if len(parts) >= 2:
@@ -279,6 +288,7 @@ class Builder:
         if first in sc.env.hparams or (first in self.hparams and first in ("lr",)):
             return ScalarV(S.HP(first), e.span)
         if first in _STREAM_SOURCES:
+            self._no_source_in_block(first, e.span)
             return self._source(first, e.span)
         if first == "grads":
             raise GradError("'grads' needs a loss name", e.span, "write grads.<loss name>, e.g. grads.main")
@@ -290,7 +300,10 @@ class Builder:
         if first in self.hparams:  # declared in an imported file: usable by name everywhere
             return ScalarV(S.HP(first), e.span)
         if first in OPS:
-            return self._op_fragment(OPS[first], ast.Call(e, span=e.span), sc)
+            op = OPS[first]
+            if isinstance(op, MacroOp) or (op.params and op.params[0].kind == "signals"):
+                return self.call(ast.Call(e, span=e.span), sc, prefix)
+            return self._op_fragment(op, ast.Call(e, span=e.span), sc)
         raise GradError(f"unknown name '{first}'", e.span, did_you_mean(first, self._visible_names(sc)))
 
     def _let(self, env: ModuleEnv, let: ast.Let, prefix: str) -> Value:
@@ -332,6 +345,10 @@ class Builder:
             return self._def_call(sub, sub.defs[fname], e, sc)
         if fname in OPS:
             op = OPS[fname]
+            if isinstance(op, MacroOp):
+                return self._macro_call(op, e, sc, prefix)
+            if op.params and op.params[0].kind == "signals":
+                return self._combiner(op, e, sc, prefix)
             if e.args and op.params and op.params[0].kind not in ("signal", "value", "any"):
                 # ema(grads.main): a signal as the first argument is the op's input
                 n_folded = len(self.folded)
@@ -373,7 +390,8 @@ class Builder:
             bound[kw.name] = kw.value
         return bound
 
-    def _def_call(self, env: ModuleEnv, d: ast.Def, e: ast.Call, sc: _Scope) -> Value:
+    def _def_call(self, env: ModuleEnv, d: ast.Def, e: ast.Call, sc: _Scope,
+                  pre: dict[str, Value] | None = None) -> Value:
         self.used.add(id(d))
         key = f"{env.path}:{d.name}"
         if key in sc.defs:
@@ -390,7 +408,9 @@ class Builder:
         call_prefix = self._fresh_prefix(d.name)
         local: dict[str, Value] = {}
         for p in d.params:
-            if p.name in bound:
+            if pre is not None and p.name in pre:
+                local[p.name] = pre[p.name]
+            elif p.name in bound:
                 local[p.name] = self.expr(bound[p.name], sc, call_prefix)
             elif p.default is not None:
                 local[p.name] = self.expr(p.default, _Scope(env, {}, sc.depth + 1, sc.defs + (key,)), call_prefix)
@@ -410,9 +430,22 @@ class Builder:
         return f"{self.route}/{name}"
 
     def _op_fragment(self, op: Op, e: ast.Call, sc: _Scope) -> Fragment:
-        if e.block is not None:
+        names = [p.name for p in op.params]
+        block_params = [p.name for p in op.params if p.kind == "block"]
+        if e.block is not None and not block_params:
             raise GradError(f"op '{op.name}' takes no {{ ... }} block", e.block.span)
-        bound = self._bind(f"op '{op.name}'", [p.name for p in op.params], e)
+        positional = [n for n in names if n not in block_params] if e.block is not None else names
+        bound = self._bind(f"op '{op.name}'", positional,
+                          ast.Call(e.func, e.args, tuple(k for k in e.kwargs if k.name not in block_params),
+                                   e.block, span=e.span))
+        for kw in e.kwargs:
+            if kw.name in block_params:
+                bound[kw.name] = kw.value
+        if e.block is not None:
+            if block_params[0] in bound:
+                raise GradError(f"'{block_params[0]}' of '{op.name}' is given twice (as an argument and as a "
+                                "{ ... } block)", e.block.span)
+            bound[block_params[0]] = e.block
 
         def apply(inp: str, pfx: str) -> str:
             with self._nesting(e.span):
@@ -424,6 +457,7 @@ class Builder:
         self.graph.add_node(node, kind="pending")  # reserve the name while arguments build
         args: dict[str, Any] = {}
         edges: list[tuple[str, str]] = [(inp, "x")]
+        block_nodes: list[tuple[str, ast.Expr]] = []
         for p in op.params:
             if p.name not in bound:
                 if p.default is _required():
@@ -438,6 +472,9 @@ class Builder:
             a = bound[p.name]
             if p.kind == "choice":
                 args[p.name] = self._choice(op, p, a)
+                continue
+            if p.kind == "block":
+                block_nodes.append((p.name, a))
                 continue
             v = self.expr(a, sc, node)
             if p.kind == "value" and isinstance(v, ScalarV):
@@ -461,11 +498,7 @@ class Builder:
             elif p.kind == "bool":
                 args[p.name] = self._bool_arg(op, p, v, a)
             elif p.kind == "int":
-                sv = self._scalar_arg(op, p, v, a)
-                if not (isinstance(sv, S.Const) and float(sv.value).is_integer()):
-                    raise GradError(f"argument '{p.name}' of '{op.name}' must be a whole number known "
-                                    "when the pipeline compiles", a.span)
-                args[p.name] = S.Const(int(sv.value))
+                args[p.name] = self._int_arg(op, p, v, a)
             else:
                 args[p.name] = self._scalar_arg(op, p, v, a)
         const = {k: (v.value if isinstance(v, S.Const) else v) for k, v in args.items()
@@ -474,10 +507,154 @@ class Builder:
             self.graph.remove_node(node)
             self.folded.append(f"{_text(e)} is the identity; removed ({e.span.line}:{e.span.column})")
             return inp
-        self.graph.add_node(node, kind="op", op=op.name, args=args, span=e.span, route=self.route)
+        self.graph.add_node(node, kind="op", op=op.name, args=args, span=e.span, route=self.route, block=self._block)
         for src, port in edges:
             self.graph.add_edge(src, node, port=port)
+        for pname, a in block_nodes:
+            self._build_block(op, node, pname, a, sc)
         return node
+
+    def _no_source_in_block(self, name: str, span: Span) -> None:
+        if self._block is not None:
+            owner = self.graph.nodes[self._block]
+            raise GradError(f"the {{ ... }} pipeline of '{owner['op']}' cannot read '{name}'", span,
+                            f"'{owner['op']}' feeds its inner pipeline values it computes itself (e.g. projected "
+                            "gradients); use only ops on that input")
+
+    def _build_block(self, op: Op, node: str, pname: str, a: ast.Expr, sc: _Scope) -> None:
+        """Build a block op's inner sub-pipeline: it reads ``<node>/<pname>`` (the values the op
+        hands it) and its output feeds the op's ``pname`` port. Its nodes carry ``block=node``."""
+        body = self.expr(a, sc, node)
+        if not isinstance(body, Fragment):
+            raise GradError(f"'{pname}' of '{op.name}' must be a pipeline of ops such as 'adam' or "
+                            f"'clip_norm(1) | adam', got {kind_name(body)}", a.span,
+                            "the op feeds it its own values; do not start it with a source such as 'grad'")
+        entry = f"{node}/{pname}"
+        outer, self._block = self._block, node
+        try:
+            self.graph.add_node(entry, kind="block_in", op=pname, args={}, span=a.span, route=self.route,
+                                block=node)
+            out = body.apply(entry, node)
+        finally:
+            self._block = outer
+        if out == entry:  # the block is the identity (e.g. { scale(1) }): keep the op's port fed
+            pass
+        inner = self._block_members(node)
+        for n in inner:
+            d = self.graph.nodes[n]
+            if op.projects_block and d.get("kind") == "op" and OPS[d["op"]].reads_param:
+                raise GradError(f"'{d['op']}' reads the parameters, but the {{ ... }} pipeline of '{op.name}' "
+                                "runs on projected values of another shape", d["span"],
+                                f"move it outside the block: grad | {op.name}(...) {{ ... }} | {d['op']}")
+            for src, _, _ in self.graph.in_edges(n, data=True):
+                if src not in inner and src != entry:
+                    d = self.graph.nodes[src]
+                    raise GradError(f"the {{ ... }} pipeline of '{op.name}' reads '{d['op']}', which lives "
+                                    "outside it", d["span"] if d.get("span") else a.span,
+                                    f"'{op.name}' runs its inner pipeline on values it computes itself "
+                                    "(e.g. projected gradients); use only ops on that input")
+        direct = [OPS[self.graph.nodes[n]["op"]] for n in self.graph.nodes
+                  if n in inner and self.graph.nodes[n].get("block") == node and self.graph.nodes[n]["kind"] == "op"]
+        problem = op.check_block(direct)
+        if problem is not None:
+            raise GradError(problem[0], a.span, problem[1])
+        self.graph.add_edge(out, node, port=pname)
+
+    def _block_members(self, node: str) -> set[str]:
+        """Every node built inside ``node``'s block, nested blocks included."""
+        members = {n for n, d in self.graph.nodes(data=True) if d.get("block") == node}
+        todo = list(members)
+        while todo:
+            m = todo.pop()
+            for n, d in self.graph.nodes(data=True):
+                if d.get("block") == m and n not in members:
+                    members.add(n)
+                    todo.append(n)
+        return members
+
+    # ------------------------------------------------------------------ combiners and macros
+    def _combiner(self, op: Op, e: ast.Call, sc: _Scope, prefix: str) -> Stream:
+        """``pcgrad(grads.a, grads.b, ...)``: every positional argument is a signal; the call
+        is a signal (the head of a pipeline), not a stage."""
+        if e.block is not None:
+            raise GradError(f"op '{op.name}' takes no {{ ... }} block", e.block.span)
+        if len(e.args) < 2:
+            raise GradError(f"'{op.name}' combines two or more signals, got {len(e.args)}", e.span,
+                            f"write {op.name}(grads.main, grads.aux) and call opt.step(losses={{...}})")
+        node = self._fresh(f"{prefix}/{op.name}")
+        self.graph.add_node(node, kind="pending")
+        edges: list[tuple[str, str]] = []
+        try:
+            for k, a in enumerate(e.args):
+                v = self.expr(a, sc, node)
+                if not isinstance(v, Stream):
+                    raise GradError(f"argument {k + 1} of '{op.name}' must be a signal, got {kind_name(v)}",
+                                    a.span, "pass the task gradients: grads.<loss name>, or a parenthesised "
+                                    "pipeline such as (grads.aux | clip_norm(1))")
+                edges.append((v.node, "x" if k == 0 else f"x{k}"))
+            rest = ast.Call(e.func, (), e.kwargs, None, span=e.span)
+            bound = self._bind(f"op '{op.name}'", [p.name for p in op.params[1:]], rest)
+            args = self._op_args(op, op.params[1:], bound, e, sc, node)
+            args[op.params[0].name] = len(e.args)  # how many signals: buffer names may depend on it
+        except GradError:
+            self.graph.remove_node(node)
+            raise
+        self.graph.add_node(node, kind="op", op=op.name, args=args, span=e.span, route=self.route, block=self._block)
+        for src, port in edges:
+            self.graph.add_edge(src, node, port=port)
+        return Stream(node, e.span)
+
+    def _op_args(self, op: Op, params: tuple[Param, ...], bound: dict[str, ast.Expr], e: ast.Call, sc: _Scope,
+                 node: str) -> dict[str, Any]:
+        """Defaults and checked values of an op's non-signal arguments."""
+        args: dict[str, Any] = {}
+        for p in params:
+            if p.name not in bound:
+                if p.default is _required():
+                    raise GradError(f"op '{op.name}' needs argument '{p.name}'", e.span,
+                                    f"write {op.name}({p.name}=...)")
+                args[p.name] = S.Const(p.default) if p.kind in ("scalar", "int") else p.default
+                continue
+            a = bound[p.name]
+            if p.kind == "choice":
+                args[p.name] = self._choice(op, p, a)
+                continue
+            v = self.expr(a, sc, node)
+            if p.kind == "bool":
+                args[p.name] = self._bool_arg(op, p, v, a)
+            elif p.kind == "int":
+                args[p.name] = self._int_arg(op, p, v, a)
+            elif p.kind in ("scalar", "value", "any"):
+                args[p.name] = self._scalar_arg(op, p, v, a)
+            else:  # pragma: no cover - op definitions are checked by the op tests
+                raise GradError(f"'{p.name}' of '{op.name}' cannot be given here", a.span)
+        return args
+
+    def _macro_call(self, op: MacroOp, e: ast.Call, sc: _Scope, prefix: str) -> Value:
+        """Inline a macro op's definition; its scalar arguments are range-checked at the user's call."""
+        if e.block is not None:
+            raise GradError(f"op '{op.name}' takes no {{ ... }} block", e.block.span)
+        bound = self._bind(f"op '{op.name}'", [p.name for p in op.params], e)
+        pre: dict[str, Value] = {}
+        for p in op.params:
+            if p.name not in bound:
+                if p.default is _required():
+                    raise GradError(f"op '{op.name}' needs argument '{p.name}'", e.span,
+                                    f"write {op.name}({', '.join(q.name + '=...' for q in op.params if q.default is _required())})")
+                continue
+            a = bound[p.name]
+            v = self.expr(a, sc, prefix)
+            if p.kind == "signal" and not isinstance(v, Stream):
+                raise GradError(f"argument '{p.name}' of '{op.name}' must be a signal, got {kind_name(v)}", a.span,
+                                "pass a source such as grads.main, or a parenthesised pipeline (grads.aux | sign)")
+            if p.kind in ("scalar", "int"):
+                self._scalar_arg(op, p, v, a)
+            pre[p.name] = v
+        env = _macro_env(op)
+        n_folded = len(self.folded)
+        out = self._def_call(env, env.defs[op.name], ast.Call(e.func, span=e.span), sc, pre)
+        del self.folded[n_folded:]  # folds inside the definition are not the user's
+        return out
 
     def _choice(self, op: Op, p: Param, a: ast.Expr) -> str:
         if isinstance(a, ast.Name) and len(a.parts) == 1:
@@ -497,6 +674,13 @@ class Builder:
         if isinstance(v, ScalarV) and isinstance(v.expr, S.HP) and self.hparams[v.expr.name].kind == "bool":
             return v.expr
         raise GradError(f"argument '{p.name}' of '{op.name}' must be true or false, got {kind_name(v)}", a.span)
+
+    def _int_arg(self, op: Op, p: Param, v: Value, a: ast.Expr) -> S.Const:
+        sv = self._scalar_arg(op, p, v, a)
+        if not (isinstance(sv, S.Const) and float(sv.value).is_integer()):
+            raise GradError(f"argument '{p.name}' of '{op.name}' must be a whole number known "
+                            "when the pipeline compiles", a.span)
+        return S.Const(int(sv.value))
 
     def _scalar_arg(self, op: Op, p: Param, v: Value, a: ast.Expr) -> S.Scalar:
         if not isinstance(v, ScalarV):
@@ -522,6 +706,18 @@ class Builder:
         elif p.has_range:
             self.range_checks.append(RangeCheck(expr, p, op.name, a.span))
         return expr
+
+
+_MACRO_ENVS: dict[str, ModuleEnv] = {}
+
+
+def _macro_env(op: MacroOp) -> ModuleEnv:
+    """The module holding a macro op's definition, parsed once."""
+    env = _MACRO_ENVS.get(op.name)
+    if env is None:
+        from .modules import load_module_tree
+        env = _MACRO_ENVS[op.name] = load_module_tree(op.definition, f"<gradpipe:{op.name}>")
+    return env
 
 
 def _required():

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from .ops import OPS
 
 if TYPE_CHECKING:
     from .program import Program
+
+
+#: shapes for which ``explain`` reports the state of pipelines that project (``galore``):
+#: a LLaMA-7B attention matrix, an MLP matrix, and a bias vector
+EXAMPLE_SHAPES: tuple[tuple[int, ...], ...] = ((4096, 4096), (4096, 11008), (4096,))
 
 
 def _arg_text(v) -> str:
@@ -22,6 +28,8 @@ def describe_node(prog: "Program", node: str) -> str:
     ins = prog.inputs(node)
     if kind == "source":
         return f"source {d['op']}"
+    if kind == "block_in":
+        return f"input of the {{ ... }} block of {d['block']}"
     if kind == "output":
         return f"update u = {ins.get('x')}   (p <- p - lr * u)"
     if kind == "arith":
@@ -52,13 +60,27 @@ def explain(prog: "Program") -> str:
         sel = "all parameters" if r.label == "main" else f"route {r.label}"
         lines.append(f"{sel}:")
         width = max(len(n) for n in prog.route_nodes(r.label))
+        nbuf = prog.state_bytes_per_param(r.label) // 4
+        # buffers the size of the parameter, or state of another size (projections, per-cluster values)?
+        projected = any(prog.state_numel(r.label, shape) != nbuf * math.prod(shape) for shape in EXAMPLE_SHAPES)
         for n in prog.route_nodes(r.label):
             bufs = prog.node_buffers(n)
-            state = f"   state: {', '.join(bufs)} ({4 * len(bufs)} B/param)" if bufs else ""
+            state = ""
+            if bufs:
+                state = f"   state: {', '.join(bufs)}"
+                if not projected:
+                    state += f" ({4 * len(bufs)} B/param)"
             lines.append(f"  {n.ljust(width)}  {describe_node(prog, n)}{state}")
-        nbytes = prog.state_bytes_per_param(r.label)
-        lines.append(f"  state: {nbytes} bytes per parameter in fp32 "
-                     f"({nbytes // 4} buffer{'s' if nbytes != 4 else ''} of the parameter's size)")
+        if projected:
+            for shape in EXAMPLE_SHAPES:
+                nbytes = 4 * prog.state_numel(r.label, shape) / math.prod(shape)
+                what = "x".join(map(str, shape))
+                lines.append(f"  state for a {what} {'matrix' if len(shape) == 2 else 'vector'}: "
+                             f"{nbytes:.3g} bytes per parameter in fp32")
+        else:
+            nbytes = prog.state_bytes_per_param(r.label)
+            lines.append(f"  state: {nbytes} bytes per parameter in fp32 "
+                         f"({nbytes // 4} buffer{'s' if nbytes != 4 else ''} of the parameter's size)")
     lines.append("")
     red = prog.reductions()
     lines.append("reductions:" + ("" if red else " none (every op is elementwise per tensor)"))

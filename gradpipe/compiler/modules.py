@@ -144,7 +144,7 @@ class ModuleEnv:
         return pathlib.Path(self.path).resolve().parent
 
 
-RESERVED = {"grad", "param", "grads", "lr", "step", "loss", "inf", "true", "false"}
+RESERVED = {"grad", "param", "grads", "samples", "lr", "step", "loss", "inf", "true", "false"}
 
 
 def _collect(env: ModuleEnv, errors: list[GradError]) -> None:

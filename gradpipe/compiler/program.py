@@ -18,7 +18,7 @@ from . import scalars as S
 from .build import Builder, RangeCheck, RouteInfo, selector_label
 from .modules import HyperParam, ModuleEnv, all_hparams, load_module_tree
 from .ops import OPS
-from .passes import cse, eliminate_dead, inputs_of
+from .passes import check_per_sample, cse, eliminate_dead, inputs_of
 
 __all__ = ["Program", "compile", "load", "builtin_dir", "builtin_names"]
 
@@ -59,6 +59,7 @@ class Program:
     removed: list[str] = field(default_factory=list)
     losses: frozenset[str] = frozenset()
     reads: frozenset[str] = frozenset()
+    _block_orders: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -121,6 +122,15 @@ class Program:
         keep = nx.ancestors(self.graph, route.output) | {route.output}
         return [n for n in nx.lexicographical_topological_sort(self.graph) if n in keep]
 
+    def block_order(self, node: str) -> list[str]:
+        """The nodes of ``node``'s inner block (not of blocks nested in it) in evaluation order."""
+        order = self._block_orders.get(node)
+        if order is None:
+            members = {n for n, d in self.graph.nodes(data=True) if d.get("block") == node}
+            order = [n for n in nx.lexicographical_topological_sort(self.graph) if n in members]
+            self._block_orders[node] = order
+        return order
+
     def inputs(self, node: str) -> dict[str, str]:
         return inputs_of(self.graph, node)
 
@@ -134,19 +144,45 @@ class Program:
         d = self.graph.nodes[node]
         if d["kind"] != "op":
             return []
+        return OPS[d["op"]].buffer_names(self._const_args(node, at_defaults))
+
+    def _const_args(self, node: str, at_defaults: bool = True) -> dict[str, Any]:
+        """A node's arguments known at compile time (hyperparameters at their defaults if asked)."""
         env = {**self.defaults(), "step": 1, "loss": 0.0}
-        const = {}
-        for k, v in d["args"].items():
+        const: dict[str, Any] = {}
+        for k, v in self.graph.nodes[node]["args"].items():
             if isinstance(v, (str, bool, int, float)):
                 const[k] = v
             elif isinstance(v, S.Const):
                 const[k] = v.value
-            elif at_defaults:
+            elif at_defaults and hasattr(v, "eval"):
                 try:
                     const[k] = v.eval(env)
                 except (ValueError, ZeroDivisionError, OverflowError, KeyError):
                     pass
-        return OPS[d["op"]].buffer_names(const)
+        return const
+
+    def state_numel(self, route: str, shape: Sequence[int]) -> int:
+        """Elements of optimizer state one parameter of ``shape`` keeps on ``route``
+        (block ops such as ``galore`` keep their inner pipeline's state at the projected shape)."""
+        def visit(nodes: list[str], shp: tuple[int, ...]) -> int:
+            total = 0
+            for n in nodes:
+                d = self.graph.nodes[n]
+                if d["kind"] != "op":
+                    continue
+                op, const = OPS[d["op"]], self._const_args(n)
+                total += op.state_numel(shp, const)
+                if any(p.kind == "block" for p in op.params):
+                    total += visit(self.block_order(n), tuple(op.inner_shape(shp, const)))
+            return total
+        top = [n for n in self.route_nodes(route) if self.graph.nodes[n].get("block") is None]
+        return visit(top, tuple(shape))
+
+    def has_projections(self, route: str) -> bool:
+        """True when the route holds a block op whose inner pipeline runs at another shape."""
+        return any(self.graph.nodes[n]["kind"] == "op" and OPS[self.graph.nodes[n]["op"]].projects_block
+                   for n in self.route_nodes(route))
 
     def state_buffers(self) -> list[str]:
         """Every per-parameter state buffer, as ``node.buffer``."""
@@ -358,6 +394,7 @@ def compile_env(env: ModuleEnv) -> Program:
     g = b.graph
     merged = cse(g)
     removed = eliminate_dead(g)
+    check_per_sample(g)
     canonical, digest = _canonical_and_hash(env)
     prog = Program(graph=g, hyperparams=hparams, routes=routes, path=env.path, source=env.module.source,
                    canonical=canonical, hash=digest, range_checks=b.range_checks, folded=b.folded,

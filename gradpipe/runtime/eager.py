@@ -14,6 +14,7 @@ import torch
 
 from ..compiler import scalars as S
 from ..compiler.ops import OPS, NodeCtx
+from ..compiler.ops.base import InnerNode
 from ..compiler.program import Program
 from ..dsl.diagnostics import GradError, Span
 
@@ -24,18 +25,21 @@ class RouteBatch:
     """The tensors of one route in one step.
 
     params: the parameters (any float dtype); grads: their gradients (or
-    ``grads.<loss>`` for multi-loss pipelines); envs: per parameter, the
+    ``grads.<loss>`` for multi-loss pipelines); shared: per parameter, whether every
+    loss reaches it (None for a single loss); envs: per parameter, the
     hyperparameter values of its group plus ``lr``, ``step`` and ``loss``;
     states: per parameter, its optimizer state dict (buffers are stored under
     ``node.buffer``).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], grads: Mapping[str, Sequence[torch.Tensor]],
-                 envs: Sequence[Mapping[str, Any]], states: Sequence[dict[str, Any]]) -> None:
+                 envs: Sequence[Mapping[str, Any]], states: Sequence[dict[str, Any]],
+                 shared: Sequence[bool] | None = None) -> None:
         self.params = list(params)
         self.grads = grads
         self.envs = list(envs)
         self.states = list(states)
+        self.shared = list(shared) if shared is not None else None
 
 
 def compute_dtype(p: torch.Tensor) -> torch.dtype:
@@ -87,36 +91,84 @@ class _NodeStateView(dict):
 def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
               order: Sequence[str] | None = None) -> list[torch.Tensor]:
     """Evaluate one route; return the update ``u`` per parameter (in the compute dtype)."""
-    g = prog.graph
     order = order if order is not None else prog.route_nodes(label)
+    ev = _Evaluator(prog, batch, node_states)
     values: dict[str, list[torch.Tensor]] = {}
-    cparams = [p.detach().to(compute_dtype(p)) for p in batch.params]
-    steps = [int(e["step"]) for e in batch.envs]
     for node in order:
-        d = g.nodes[node]
+        d = prog.graph.nodes[node]
+        if d.get("block") is not None:
+            continue  # evaluated by its block op, on the values that op hands it
+        if d["kind"] == "output":
+            return values[prog.inputs(node)["x"]]
+        ev.eval(node, values)
+    raise RuntimeError(f"route {label!r} has no output")  # pragma: no cover
+
+
+class _Evaluator:
+    """Evaluates nodes of one route in one step (shared by the route and by the blocks in it)."""
+
+    def __init__(self, prog: Program, batch: RouteBatch, node_states: dict[str, dict[str, Any]]) -> None:
+        self.prog, self.batch, self.node_states = prog, batch, node_states
+        self.cparams = [p.detach().to(compute_dtype(p)) for p in batch.params]
+        self.steps = [int(e["step"]) for e in batch.envs]
+
+    def eval(self, node: str, values: dict[str, list[torch.Tensor]]) -> None:
+        prog, batch = self.prog, self.batch
+        d = prog.graph.nodes[node]
         kind = d["kind"]
         ins = prog.inputs(node)
         if kind == "source":
             src = d["op"]
             if src == "param":
-                values[node] = cparams
+                values[node] = self.cparams
             else:
-                key = "grad" if src == "grad" else src
-                values[node] = [t.to(compute_dtype(p)) for t, p in zip(batch.grads[key], batch.params)]
+                values[node] = [t.to(compute_dtype(p)) for t, p in zip(batch.grads[src], batch.params)]
         elif kind == "op":
             op = OPS[d["op"]]
             args = _node_args(d, batch.envs)
-            if node not in node_states:
-                node_states[node] = op.init_node_state(const_args(d["args"]))
-            ctx = NodeCtx(inputs={port: values[src] for port, src in ins.items()}, args=args,
+            if node not in self.node_states:
+                self.node_states[node] = op.init_node_state(const_args(d["args"]))
+            blocks = [p.name for p in op.params if p.kind == "block"]
+            inner, inner_nodes = self._block_hooks(node, blocks, values) if blocks else (None, None)
+            ctx = NodeCtx(inputs={port: values[src] for port, src in ins.items() if port not in blocks}, args=args,
                           states=[_NodeStateView(st, node + ".") for st in batch.states],
-                          steps=steps, params=cparams, node_state=node_states[node])
+                          steps=self.steps, params=self.cparams, node_state=self.node_states[node],
+                          shared=batch.shared, inner=inner, inner_nodes=inner_nodes)
             values[node] = op.apply(ctx)
         elif kind == "arith":
             values[node] = _arith(d, ins, values, batch.envs)
-        elif kind == "output":
-            return values[ins["x"]]
-    raise RuntimeError(f"route {label!r} has no output")  # pragma: no cover
+        else:  # pragma: no cover - block inputs are set by run_block, outputs read by run_route
+            raise RuntimeError(f"cannot evaluate node {node!r} of kind {kind!r}")
+
+    def _block_hooks(self, node: str, blocks: list[str], values: dict[str, list[torch.Tensor]]):
+        """``ctx.inner`` and ``ctx.inner_nodes`` for a block op (the first block argument runs)."""
+        def inner(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+            return self.run_block(node, blocks[0], xs, values)
+
+        def inner_nodes() -> list[InnerNode]:
+            return self.inner_nodes(node)
+        return inner, inner_nodes
+
+    def inner_nodes(self, node: str) -> list[InnerNode]:
+        """The op nodes of ``node``'s block with their arguments and per-parameter state."""
+        out = []
+        for n in self.prog.block_order(node):
+            d = self.prog.graph.nodes[n]
+            if d["kind"] == "op":
+                out.append(InnerNode(n, OPS[d["op"]], _node_args(d, self.batch.envs),
+                                     [_NodeStateView(st, n + ".") for st in self.batch.states]))
+        return out
+
+    def run_block(self, node: str, port: str, xs: list[torch.Tensor],
+                  outer: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Run the sub-pipeline of ``node``'s ``port`` block on ``xs`` (one tensor per parameter)."""
+        values = dict(outer)
+        entry = f"{node}/{port}"
+        values[entry] = list(xs)
+        for n in self.prog.block_order(node):
+            if n != entry:
+                self.eval(n, values)
+        return values[self.prog.inputs(node)[port]]
 
 
 def _node_args(d: Mapping[str, Any], envs: Sequence[Mapping[str, Any]]) -> list[SimpleNamespace]:

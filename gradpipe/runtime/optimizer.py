@@ -119,7 +119,8 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *,
-             losses: Mapping[str, torch.Tensor] | None = None) -> Any:
+             losses: Mapping[str, torch.Tensor] | None = None,
+             samples: Mapping[Any, torch.Tensor] | None = None) -> Any:
         """One optimizer step.
 
         Args:
@@ -129,18 +130,27 @@ class Optimizer(torch.optim.Optimizer):
                 ``opt.step(losses={"main": l1, "aux": l2})``. gradpipe computes one
                 gradient per loss with autograd (``grads.main``, ``grads.aux``) and
                 ``grad`` is their sum. Call it instead of ``backward()``.
+            samples: for pipelines that read ``samples`` (DP-SGD), one gradient per
+                example for each parameter, ``(B, *p.shape)``, keyed by parameter
+                name (from ``named_parameters``) or by the tensor; e.g.
+                ``opt.step(samples=gradpipe.per_sample_grads(model, loss_fn, x, y))``.
+                ``grad`` is then their mean unless ``p.grad`` is set.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         prog = self.program
-        named_grads = self._loss_grads(losses) if losses is not None else None
+        named_grads, shared_of = self._loss_grads(losses) if losses is not None else (None, None)
         if prog.losses and named_grads is None:
             raise ValueError(f"the pipeline reads {', '.join('grads.' + n for n in sorted(prog.losses))}: "
                              "call opt.step(losses={...}) with those named losses")
         if loss is None and losses is not None:
             loss = sum(losses.values())
+        by_sample = self._sample_grads(samples) if samples is not None else None
+        if "samples" in prog.reads and by_sample is None:
+            raise ValueError("the pipeline reads 'samples' (per-example gradients): call "
+                             "opt.step(samples=gradpipe.per_sample_grads(model, loss_fn, inputs, targets))")
         if "loss" in prog.reads:
             if loss is None:
                 raise ValueError("the pipeline reads 'loss': pass a closure that returns the loss to step(), "
@@ -154,6 +164,9 @@ class Optimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if named_grads is not None:
                     if p not in named_grads["grad"]:
+                        continue
+                elif by_sample is not None:
+                    if p not in by_sample:
                         continue
                 elif p.grad is None:
                     continue
@@ -178,11 +191,15 @@ class Optimizer(torch.optim.Optimizer):
         for label, items, envs in plans:
             params = [p for p, _ in items]
             states = [self.state[p] for p in params]
-            if named_grads is None:
-                grads = {"grad": [p.grad for p in params]}
-            else:
+            if named_grads is not None:
                 grads = {k: [v[p] for p in params] for k, v in named_grads.items()}
-            updates = run_route(prog, label, RouteBatch(params, grads, envs, states), self._node_state,
+            elif by_sample is not None:
+                grads = {"samples": [by_sample[p] for p in params],
+                         "grad": [p.grad if p.grad is not None else by_sample[p].mean(0) for p in params]}
+            else:
+                grads = {"grad": [p.grad for p in params]}
+            shared = [shared_of[p] for p in params] if shared_of is not None else None
+            updates = run_route(prog, label, RouteBatch(params, grads, envs, states, shared), self._node_state,
                                 self._orders[label])
             for st in states:  # the ops read the step from the environment; count it once they succeeded
                 if "step" not in st:
@@ -198,8 +215,50 @@ class Optimizer(torch.optim.Optimizer):
                     p.copy_(p.to(u.dtype).add_(u, alpha=-lr))
         return loss
 
-    def _loss_grads(self, losses: Mapping[str, torch.Tensor]) -> dict[str, dict[torch.Tensor, torch.Tensor]]:
-        """One gradient per named loss (``grads.<name>``) and their sum (``grad``)."""
+    def set_basis(self, param: torch.Tensor | str, basis: torch.Tensor) -> None:
+        """Give ``param`` the protected input-space basis ``basis`` (``in × k``, orthonormal
+        columns) of every ``project_out`` node on its route; it is saved in ``state_dict``.
+        ``param`` is the tensor or its name from ``named_parameters``."""
+        if isinstance(param, str):
+            found = [p for name, p in self._named() if name == param]
+            if not found:
+                raise ValueError(f"no parameter named {param!r}")
+            param = found[0]
+        if param not in self._routes:
+            raise ValueError("set_basis: the tensor is not a parameter of this optimizer")
+        nodes = [n for n in self._orders[self._routes[param]]
+                 if self.program.graph.nodes[n].get("op") == "project_out"]
+        if not nodes:
+            raise ValueError("the route of this parameter has no project_out node")
+        cols = param.reshape(param.shape[0], -1).shape[1] if param.dim() >= 2 else None
+        if basis.dim() != 2 or cols is None or basis.shape[0] != cols:
+            raise ValueError(f"a basis for a parameter of shape {tuple(param.shape)} has shape ({cols}, k), "
+                             f"got {tuple(basis.shape)}")
+        for n in nodes:
+            self.state[param][f"{n}.basis"] = basis.detach().to(compute_dtype(param)).clone()
+
+    def _sample_grads(self, samples: Mapping[Any, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """Per-example gradients by parameter tensor, checked against the parameters' shapes."""
+        by_name = {name: p for name, p in self._named() if name is not None}
+        known = {p for _, p in self._named()}
+        out: dict[torch.Tensor, torch.Tensor] = {}
+        for key, g in samples.items():
+            p = by_name.get(key) if isinstance(key, str) else key
+            if p is None or p not in known:
+                what = repr(key) if isinstance(key, str) else "a tensor"
+                raise ValueError(f"step(samples=...) has {what}, which is not a parameter of this optimizer"
+                                 + ("" if by_name else " (build it from model.named_parameters() to use names)"))
+            if g.dim() != p.dim() + 1 or tuple(g.shape[1:]) != tuple(p.shape):
+                raise ValueError(f"per-example gradients of a parameter of shape {tuple(p.shape)} must have "
+                                 f"shape (B, {', '.join(map(str, p.shape))}), got {tuple(g.shape)}")
+            out[p] = g.detach()
+        return out
+
+    def _loss_grads(self, losses: Mapping[str, torch.Tensor]
+                    ) -> tuple[dict[str, dict[torch.Tensor, torch.Tensor]], dict[torch.Tensor, bool]]:
+        """One gradient per named loss (``grads.<name>``) and their sum (``grad``); and per
+        parameter, whether every loss the pipeline reads reaches it (a loss that does not
+        reach a parameter gives it a zero gradient)."""
         missing = sorted(set(self.program.losses) - set(losses))
         if missing:
             raise ValueError(f"the pipeline reads grads.{', grads.'.join(missing)}, but step(losses=...) has only "
@@ -224,7 +283,9 @@ class Optimizer(torch.optim.Optimizer):
                 total[p] = total[p] + gp if p in total else gp.clone()
             out[f"grads.{name}"] = per
         out["grad"] = total
-        return out
+        read = [n for n in names if n in self.program.losses] or names
+        shared_of = {params[j]: all(raw[n][j] is not None for n in read) for j in used}
+        return out, shared_of
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -6,10 +6,14 @@ same numbers every time for a given seed.
 
 Tasks:
     :mod:`gradpipe.tasks.digits`: a 64-64-10 MLP on scikit-learn's 8x8 digits.
+    :mod:`gradpipe.tasks.digits_multitask`: the same digits with a shared trunk
+        and two heads (digit and parity), for multi-loss pipelines.
 """
 
 from __future__ import annotations
 
 from .digits import DigitsData, TrainResult, load_digits_split, make_mlp, train
+from .digits_multitask import MultiTaskModel, MultiTaskResult, make_multitask_model, train_multitask
 
-__all__ = ["DigitsData", "TrainResult", "load_digits_split", "make_mlp", "train"]
+__all__ = ["DigitsData", "TrainResult", "load_digits_split", "make_mlp", "train",
+           "MultiTaskModel", "MultiTaskResult", "make_multitask_model", "train_multitask"]

@@ -26,7 +26,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ __all__ = [
     "DigitsData",
     "TrainResult",
     "load_digits_split",
+    "minibatches",
     "make_mlp",
     "train",
 ]
@@ -188,6 +189,27 @@ def make_mlp(seed: int = 0, hidden: int = 64, dtype: torch.dtype = torch.float32
     return model.to(dtype)
 
 
+def minibatches(n_train: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """The index tensors of ``steps`` minibatches: each pass over the ``n_train`` examples is a
+    fresh permutation from a generator seeded by ``seed``, cut into ``batch_size`` chunks (the
+    incomplete last chunk is dropped, so every batch has the same size)."""
+    if not 1 <= batch_size <= n_train:
+        raise ValueError(f"batch_size must be in 1..{n_train}, got {batch_size!r}")
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed((seed + _BATCH_SEED_OFFSET) % (2**63))
+    per_epoch = n_train // batch_size
+    return _batches(gen, n_train, batch_size, per_epoch, steps)
+
+
+def _batches(gen: torch.Generator, n: int, size: int, per_epoch: int, steps: int) -> Iterator[torch.Tensor]:
+    perm = torch.empty(0, dtype=torch.int64)
+    for step in range(steps):
+        b = step % per_epoch
+        if b == 0:
+            perm = torch.randperm(n, generator=gen)
+        yield perm[b * size:(b + 1) * size]
+
+
 def train(
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     *,
@@ -206,6 +228,10 @@ def train(
 
         opt.zero_grad(); loss = F.cross_entropy(model(xb), yb); loss.backward(); opt.step()
 
+    (a gradpipe pipeline that reads ``samples`` is stepped with
+    ``opt.step(samples=per_sample_grads(model, F.cross_entropy, xb, yb))`` instead,
+    and one that reads ``loss`` with ``opt.step(lambda: loss)``).
+
     Args:
         make_optimizer: called once with the fresh model; returns the optimizer
             to train it with (e.g. ``lambda m: torch.optim.SGD(m.parameters(), lr=0.1)``).
@@ -221,33 +247,34 @@ def train(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps!r}")
     data = load_digits_split(seed, dtype=dtype)
-    n_train = data.x_train.shape[0]
-    if not 1 <= batch_size <= n_train:
-        raise ValueError(f"batch_size must be in 1..{n_train}, got {batch_size!r}")
+    batches = minibatches(data.x_train.shape[0], batch_size, steps, seed)
 
     model = make_mlp(seed, dtype=dtype)
     model.train()
     opt = make_optimizer(model)
-
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed((seed + _BATCH_SEED_OFFSET) % (2**63))
-    batches_per_epoch = n_train // batch_size
     x_train, y_train = data.x_train, data.y_train
 
     step_losses: list[torch.Tensor] = []
-    perm = torch.empty(0, dtype=torch.int64)
+    # a gradpipe pipeline that reads per-example gradients (DP-SGD) gets them instead of .grad
+    reads = getattr(getattr(opt, "program", None), "reads", ())
+    per_example = "samples" in reads
+    reads_loss = "loss" in reads
+    if per_example:
+        from ..runtime.per_sample import per_sample_grads
     start = time.perf_counter()
-    for step in range(steps):
-        b = step % batches_per_epoch
-        if b == 0:
-            perm = torch.randperm(n_train, generator=gen)
-        idx = perm[b * batch_size:(b + 1) * batch_size]
+    for idx in batches:
         xb = x_train.index_select(0, idx)
         yb = y_train.index_select(0, idx)
         opt.zero_grad()
         loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        opt.step()
+        if reads_loss:  # the pipeline needs the loss value (e.g. aegd): step with a closure
+            loss.backward()
+            opt.step(lambda: loss)
+        elif per_example:
+            opt.step(samples=per_sample_grads(model, F.cross_entropy, xb, yb))
+        else:
+            loss.backward()
+            opt.step()
         step_losses.append(loss.detach())
     seconds = time.perf_counter() - start
 

@@ -11,6 +11,10 @@ from . import (  # noqa: E402,F401  (registration side effects)
     adam, add, clip_median, clip_norm, clip_value, decay, diffgrad, ema, lion, momentum, noise,
     project_orthogonal, rms, scale, sign,
     aegd, agc, centralize, classp, grams, gravity, normalize, trust_ratio,
+    bloop, dp, error_feedback, galore, pcgrad, project_out, topk,
+    coap, woodbury_fisher,
+    gcond, samgs,
+    group_scale, wavelet,
 )
 
 __all__ = ["OPS", "Op", "TensorOp", "Param", "Buffer", "NodeCtx", "register", "get_op"]

@@ -50,3 +50,23 @@ class Adam(TensorOp):
         bc2_sqrt = math.sqrt(1 - a.b2 ** step)
         denom = (v.sqrt() / bc2_sqrt).add_(a.eps)
         return (m / bc1).div_(denom)
+
+    def denominator(self, state: dict[str, torch.Tensor], args, step: int) -> torch.Tensor:
+        r"""The divisor :math:`d_t` of the first moment, :math:`u_t = m_t / d_t`, for wrappers
+        that scale other coefficients the way Adam scales its input (``wavelet``):
+
+        .. math:: d_t = (1-\beta_1^t)\,\big(\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon\big)
+
+        Equivalently :math:`d_t = (\sqrt{v_t} + \epsilon\sqrt{1-\beta_2^t}) / c_t` with the
+        step factor :math:`c_t` of :meth:`step_factor`, so :math:`1/d_t` is Hugging Face's
+        ``step_size / (sqrt(v) + eps_hf)`` (lr = 1) with ``eps_hf = eps * sqrt(1 - b2^t)``.
+        Read after this step's update."""
+        bc1 = 1 - args.b1 ** step
+        bc2_sqrt = math.sqrt(1 - args.b2 ** step)
+        return (state["v"].sqrt() / bc2_sqrt).add_(args.eps).mul_(bc1)
+
+    def step_factor(self, args, step: int) -> float:
+        r"""The time-dependent factor :math:`c_t = \sqrt{1-\beta_2^t}/(1-\beta_1^t)` of the
+        update: :math:`u_t = c_t\, m_t / (\sqrt{v_t} + \epsilon\sqrt{1-\beta_2^t})`. Wrappers
+        that watch the growth of ``m / (sqrt(v) + eps)`` (GWT's norm-growth limiter) divide it out."""
+        return math.sqrt(1 - args.b2 ** step) / (1 - args.b1 ** step)

@@ -15,18 +15,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
 from ..ranges import RangeMixin
 
-__all__ = ["Param", "Buffer", "Op", "TensorOp", "SeededOp", "NodeCtx", "REQUIRED", "register", "OPS", "get_op",
-           "route_norms", "adam_moments"]
+__all__ = ["Param", "Buffer", "Op", "TensorOp", "SeededOp", "MacroOp", "NodeCtx", "InnerNode", "find_inner", "REQUIRED", "register", "OPS",
+           "get_op", "route_norms", "adam_moments", "shared_dot"]
 
 REQUIRED: Any = object()
 
-ParamKind = Literal["scalar", "int", "bool", "choice", "signal", "value", "any"]
+ParamKind = Literal["scalar", "int", "bool", "choice", "signal", "value", "any", "signals", "block"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,12 @@ class Param(RangeMixin):
     ``int`` (a compile-time integer), ``bool``, ``choice`` (one word of
     ``choices``, written bare or quoted), ``signal`` (a stream: a source, a
     sub-pipeline, or an op applied to the receiving op's input), ``value``
-    (a signal or a scalar), ``any`` (``scale``'s argument: a scalar, a rule, or a signal).
+    (a signal or a scalar), ``any`` (``scale``'s argument: a scalar, a rule, or a signal),
+    ``signals`` (only first: every positional argument is a signal, e.g. the task
+    gradients of a combiner ``pcgrad(grads.a, grads.b)``; the call is then a signal
+    itself, not a stage), ``block`` (an inner sub-pipeline, written as a
+    ``{ ... }`` block after the call or as an op: ``galore(rank=8) { adam }``,
+    ``error_feedback(compressor=topk(0.1))``; the op runs it with ``ctx.inner``).
     """
 
     name: str
@@ -78,10 +83,52 @@ class NodeCtx:
     steps: list[int]
     params: list[torch.Tensor]
     node_state: dict[str, Any] = field(default_factory=dict)
+    #: per parameter, True when every loss the pipeline reads reaches it (always True
+    #: for a single loss); combiners merge only shared tensors and sum the rest
+    shared: list[bool] | None = None
+    #: block ops: run the inner sub-pipeline on one tensor per parameter (once per step)
+    inner: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+    #: block ops: the op nodes of the inner sub-pipeline, in evaluation order, as
+    #: :class:`InnerNode` (their op, arguments and state per parameter), for wrappers
+    #: whose math reads the inner state (COAP reads Adam's ``m``, GWT its denominator)
+    inner_nodes: Callable[[], list["InnerNode"]] | None = None
 
     @property
     def x(self) -> list[torch.Tensor]:
         return self.inputs["x"]
+
+    @property
+    def signals(self) -> list[list[torch.Tensor]]:
+        """A combiner's inputs in argument order: ``signals[k][i]`` is task k's tensor of parameter i."""
+        return [self.inputs["x"]] + [self.inputs[f"x{k}"] for k in range(1, len(self.inputs))
+                                     if f"x{k}" in self.inputs]
+
+    def is_shared(self, i: int) -> bool:
+        return True if self.shared is None else self.shared[i]
+
+
+@dataclass
+class InnerNode:
+    """One op node inside a block: ``states[i]`` is its buffer dict for parameter ``i``
+    (created on the node's first run), ``args[i]`` its evaluated arguments."""
+
+    name: str
+    op: "Op"
+    args: list[SimpleNamespace]
+    states: list[dict[str, torch.Tensor]]
+
+    def buffer(self, i: int, name: str) -> torch.Tensor | None:
+        return self.states[i].get(name)
+
+
+def find_inner(ctx: NodeCtx, buffer: str | None = None, method: str | None = None) -> InnerNode | None:
+    """The first inner op node that keeps ``buffer`` (or has ``method``), or None."""
+    for node in ctx.inner_nodes() if ctx.inner_nodes else []:
+        if buffer is not None and buffer in node.op.buffer_names({}):
+            return node
+        if method is not None and hasattr(node.op, method):
+            return node
+    return None
 
 
 class Op:
@@ -102,6 +149,27 @@ class Op:
     summary: ClassVar[str] = ""
     #: the paper or library this op follows
     reference: ClassVar[str] = ""
+
+    #: per-example gradients (the ``samples`` source, ``(B, *shape)`` per parameter): ``"map"``
+    #: ops take and give them (dp_clip), ``"reduce"`` ops take them and give one tensor
+    #: per parameter (dp_noise); other ops cannot take them
+    per_sample: ClassVar[str | None] = None
+    #: a block op whose inner pipeline sees transformed tensors (another shape): the
+    #: inner pipeline may not read the parameters
+    projects_block: ClassVar[bool] = False
+
+    def state_numel(self, shape: tuple[int, ...], const: dict[str, Any]) -> int:
+        """Elements of per-parameter state a node keeps for a parameter of ``shape``."""
+        return len(self.buffer_names(const)) * math.prod(shape)
+
+    def check_block(self, inner: list["Op"]) -> tuple[str, str] | None:
+        """Block ops: ``(message, hint)`` if the inner pipeline's ops (in order) cannot serve
+        this op (e.g. GWT needs an op with a denominator); checked when the pipeline compiles."""
+        return None
+
+    def inner_shape(self, shape: tuple[int, ...], const: dict[str, Any]) -> tuple[int, ...]:
+        """Block ops: the shape the inner pipeline sees for a parameter of ``shape``."""
+        return shape
 
     def reduction(self, args: dict[str, Any]) -> str | None:
         """The reduction this node performs over its input, if any ("global"/"tensor")."""
@@ -169,6 +237,15 @@ class SeededOp(Op):
         return torch.randn(x.shape, generator=gen, dtype=x.dtype, device="cpu").to(x.device)
 
 
+class MacroOp(Op):
+    """An op defined in the pipeline language itself: the compiler inlines
+    ``definition`` (one ``def`` named like the op) at every call, so ``explain``
+    and the state dict show the ops it expands to. ``params`` document and
+    range-check the arguments at the user's call."""
+
+    definition: ClassVar[str] = ""
+
+
 OPS: dict[str, Op] = {}
 
 
@@ -206,3 +283,11 @@ def adam_moments(state: dict[str, torch.Tensor], x: torch.Tensor, b1: float, b2:
     m.mul_(b1).add_(x, alpha=1 - b1)
     v.mul_(b2).addcmul_(x, x, value=1 - b2)
     return m, v
+
+
+def shared_dot(a: list[torch.Tensor], b: list[torch.Tensor], shared: list[bool] | None) -> torch.Tensor:
+    """The global inner product over the shared tensors (all of them when ``shared`` is None)."""
+    terms = [torch.sum(x * y) for i, (x, y) in enumerate(zip(a, b)) if shared is None or shared[i]]
+    if not terms:
+        return torch.zeros((), dtype=a[0].dtype if a else torch.float32)
+    return torch.stack(terms).sum()

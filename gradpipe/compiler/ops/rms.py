@@ -54,3 +54,14 @@ class Rms(TensorOp):
             avg = v.sqrt()
         avg.add_(a.eps)
         return x / avg
+
+    def denominator(self, state: dict[str, torch.Tensor], args, step: int) -> torch.Tensor:
+        r"""The divisor :math:`d_t` of the input, :math:`u_t = x_t / d_t`:
+        :math:`d_t = \sqrt{v_t} + \epsilon` (centered: :math:`\sqrt{v_t - \bar g_t^2} + \epsilon`),
+        for wrappers that scale other coefficients the way RMSprop scales its input
+        (``wavelet``). Read after this step's update."""
+        v = state["v"]
+        if args.centered:
+            g_avg = state["g_avg"]
+            return v.addcmul(g_avg, g_avg, value=-1).sqrt_().add_(args.eps)
+        return v.sqrt().add_(args.eps)
