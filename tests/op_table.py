@@ -1074,10 +1074,10 @@ def assert_exact_updates(steps: Sequence[tuple[list[torch.Tensor], list[torch.Te
 
 
 def make_case_optimizer(case: OpCase, params: Sequence[torch.Tensor], pipeline: Any = None, *,
-                        setup: bool = True) -> gradpipe.Optimizer:
-    """The row's optimizer (eager, lr = 1) on ``params``, with the row's ``setup`` hook run unless
-    ``setup=False`` (an optimizer about to load a state dict, which carries that state)."""
-    opt = gradpipe.Optimizer(params, pipeline if pipeline is not None else case.pipeline, backend="eager",
+                        setup: bool = True, backend: str = "eager") -> gradpipe.Optimizer:
+    """The row's optimizer (eager unless told, lr = 1) on ``params``, with the row's ``setup`` hook
+    run unless ``setup=False`` (an optimizer about to load a state dict, which carries that state)."""
+    opt = gradpipe.Optimizer(params, pipeline if pipeline is not None else case.pipeline, backend=backend,
                              **{"lr": 1.0, **case.hyperparams})
     if setup and case.setup is not None:
         case.setup(opt, list(params))
@@ -1085,12 +1085,12 @@ def make_case_optimizer(case: OpCase, params: Sequence[torch.Tensor], pipeline: 
 
 
 def run_case(case: OpCase, grads: Sequence[Any] | None = None, *, pipeline: Any = None,
-             params: list[torch.Tensor] | None = None, **kw: Any) -> list[Arrays]:
-    """Run one case through ``gradpipe.Optimizer(backend='eager', lr=1)``; the updates per step
+             params: list[torch.Tensor] | None = None, backend: str = "eager", **kw: Any) -> list[Arrays]:
+    """Run one case through ``gradpipe.Optimizer(backend=backend, lr=1)``; the updates per step
     (on the row's fixed inputs unless ``grads`` are given)."""
     grads = case_grads(case) if grads is None else grads
     params = make_params(case_params0(case), requires_grad=bool(case.tasks)) if params is None else params
-    opt = make_case_optimizer(case, params, pipeline)
+    opt = make_case_optimizer(case, params, pipeline, backend=backend)
     return run_optimizer(opt, params, grads, **kw)
 
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import pathlib
 from collections import defaultdict
+from functools import partial
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from ..compiler.program import Program, builtin_names, compile as compile_source, load
 from ..dsl.diagnostics import GradError
+from .compiled import CompiledRoutes
 from .eager import RouteBatch, compute_dtype, run_route
 
-__all__ = ["Optimizer", "as_program"]
+__all__ = ["Optimizer", "as_program", "BACKENDS"]
+
+#: ``eager``: the reference interpreter, op by op; ``compiled``: elementwise ops fused by
+#: ``torch.compile`` over flat buffers (``gradpipe/runtime/compiled.py``)
+BACKENDS = ("eager", "compiled")
 
 _STATE_FORMAT = 1
 
@@ -70,10 +76,11 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], pipeline: Program | str | pathlib.Path = "adam", *,
                  backend: str = "eager", **hyperparams: Any) -> None:
-        if backend != "eager":
-            raise ValueError(f"unknown backend {backend!r}: this version has the 'eager' reference backend")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         self.program = as_program(pipeline)
         self.backend = backend
+        self._compiled = CompiledRoutes(self.program) if backend == "compiled" else None
         prog = self.program
         values = prog.check_hyperparams(hyperparams, "Optimizer(...)")
         defaults = {**prog.defaults(), **values}
@@ -199,8 +206,9 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 grads = {"grad": [p.grad for p in params]}
             shared = [shared_of[p] for p in params] if shared_of is not None else None
-            updates = run_route(prog, label, RouteBatch(params, grads, envs, states, shared), self._node_state,
-                                self._orders[label])
+            run = self._compiled.run_route if self._compiled is not None else partial(run_route, prog)
+            updates = run(label, RouteBatch(params, grads, envs, states, shared), self._node_state,
+                          self._orders[label])
             for st in states:  # the ops read the step from the environment; count it once they succeeded
                 if "step" not in st:
                     st["step"] = torch.tensor(0.0, dtype=torch.float32)

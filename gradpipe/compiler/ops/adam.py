@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Buffer, Param, TensorOp, register
+from .base import Buffer, Param, TensorOp, addcmul_s, register, sqrt_s
 
 
 @register
@@ -32,6 +32,7 @@ class Adam(TensorOp):
     summary = "Adam's bias-corrected moment scaling (torch epsilon placement)"
     reference = "Kingma & Ba 2015; torch.optim.Adam"
     is_rule = True
+    flat = True
     params = (
         Param("b1", default=0.9, low=0.0, high=1.0, high_closed=False, doc="first-moment decay"),
         Param("b2", default=0.999, low=0.0, high=1.0, high_closed=False, doc="second-moment decay"),
@@ -45,9 +46,9 @@ class Adam(TensorOp):
             state["v"] = torch.zeros_like(x)
         m, v = state["m"], state["v"]
         m.lerp_(x, 1 - a.b1)
-        v.mul_(a.b2).addcmul_(x, x, value=1 - a.b2)
+        addcmul_s(v.mul_(a.b2), x, x, 1 - a.b2)
         bc1 = 1 - a.b1 ** step
-        bc2_sqrt = math.sqrt(1 - a.b2 ** step)
+        bc2_sqrt = sqrt_s(1 - a.b2 ** step)
         denom = (v.sqrt() / bc2_sqrt).add_(a.eps)
         return (m / bc1).div_(denom)
 

@@ -14,6 +14,7 @@ class Add(TensorOp):
     """
 
     name = "add"
+    flat = True
     summary = "x + s for a signal or number s"
     reference = "optax.add_decayed_weights (as add(wd * param))"
     params = (Param("s", kind="value", doc="the signal (or number) to add"),)

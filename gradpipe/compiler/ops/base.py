@@ -22,7 +22,7 @@ import torch
 from ..ranges import RangeMixin
 
 __all__ = ["Param", "Buffer", "Op", "TensorOp", "SeededOp", "MacroOp", "NodeCtx", "InnerNode", "find_inner", "REQUIRED", "register", "OPS",
-           "get_op", "route_norms", "adam_moments", "shared_dot"]
+           "get_op", "route_norms", "adam_moments", "shared_dot", "sqrt_s", "is_zero", "axpy_", "add_s", "addcmul_s"]
 
 REQUIRED: Any = object()
 
@@ -150,6 +150,12 @@ class Op:
     #: the paper or library this op follows
     reference: ClassVar[str] = ""
 
+    #: elementwise math with no per-tensor reduction, shape or randomness: the compiled
+    #: backend may run it on the route's tensors concatenated into flat buffers. Such an op
+    #: must accept its non-constant arguments and the step as 0-d tensors (use ``sqrt_s``,
+    #: ``axpy_``, ``add_s``, ``addcmul_s`` and ``is_zero`` instead of ``math.sqrt``,
+    #: ``alpha=`` / ``value=`` and ``if a.x == 0``)
+    flat: ClassVar[bool] = False
     #: per-example gradients (the ``samples`` source, ``(B, *shape)`` per parameter): ``"map"``
     #: ops take and give them (dp_clip), ``"reduce"`` ops take them and give one tensor
     #: per parameter (dp_noise); other ops cannot take them
@@ -170,6 +176,11 @@ class Op:
     def inner_shape(self, shape: tuple[int, ...], const: dict[str, Any]) -> tuple[int, ...]:
         """Block ops: the shape the inner pipeline sees for a parameter of ``shape``."""
         return shape
+
+    def flat_ok(self, const_args: dict[str, Any]) -> bool:
+        """Whether a node with these compile-time arguments may run on flat buffers (see ``flat``);
+        ops with a ``scope`` argument override this to allow ``scope=global``."""
+        return self.flat
 
     def reduction(self, args: dict[str, Any]) -> str | None:
         """The reduction this node performs over its input, if any ("global"/"tensor")."""
@@ -280,9 +291,37 @@ def adam_moments(state: dict[str, torch.Tensor], x: torch.Tensor, b1: float, b2:
         state["m"] = torch.zeros_like(x)
         state["v"] = torch.zeros_like(x)
     m, v = state["m"], state["v"]
-    m.mul_(b1).add_(x, alpha=1 - b1)
-    v.mul_(b2).addcmul_(x, x, value=1 - b2)
+    axpy_(m.mul_(b1), x, 1 - b1)
+    addcmul_s(v.mul_(b2), x, x, 1 - b2)
     return m, v
+
+
+# Scalar arguments are Python numbers in the eager backend and 0-d tensors in the compiled
+# one (so a changed hyperparameter or step does not recompile). These helpers keep the eager
+# arithmetic exactly as before and work with tensors too.
+def sqrt_s(v: Any) -> Any:
+    """``math.sqrt`` for a number, ``.sqrt()`` for a 0-d tensor."""
+    return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
+
+
+def is_zero(v: Any) -> bool:
+    """True for a Python number equal to 0 (a tensor argument is never treated as a constant)."""
+    return not isinstance(v, torch.Tensor) and v == 0
+
+
+def axpy_(y: torch.Tensor, x: torch.Tensor, a: Any) -> torch.Tensor:
+    """``y += a * x`` in place."""
+    return y.add_(x * a) if isinstance(a, torch.Tensor) else y.add_(x, alpha=a)
+
+
+def add_s(y: torch.Tensor, x: torch.Tensor, a: Any) -> torch.Tensor:
+    """``y + a * x``."""
+    return y + x * a if isinstance(a, torch.Tensor) else y.add(x, alpha=a)
+
+
+def addcmul_s(y: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, a: Any) -> torch.Tensor:
+    """``y += a * x1 * x2`` in place."""
+    return y.add_(x1 * x2 * a) if isinstance(a, torch.Tensor) else y.addcmul_(x1, x2, value=a)
 
 
 def shared_dot(a: list[torch.Tensor], b: list[torch.Tensor], shared: list[bool] | None) -> torch.Tensor:

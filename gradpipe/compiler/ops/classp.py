@@ -63,6 +63,9 @@ class CLASSP(TensorOp):
     def reduction(self, args):
         return "tensor" if args.get("threshold_mode", "elementwise") == "tensor" else None
 
+    def flat_ok(self, const_args):
+        return const_args.get("threshold_mode", "elementwise") == "elementwise"
+
     def update(self, x, state, a, step, inputs, param):
         if not state:
             state["s"] = torch.zeros_like(x)

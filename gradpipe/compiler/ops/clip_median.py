@@ -57,6 +57,9 @@ class ClipMedian(Op):
     def buffer_names(self, const_args):
         return [] if const_args.get("reset") is True else ["m"]
 
+    def flat_ok(self, const_args):
+        return const_args.get("geometry", "l2") == "coord" or const_args.get("scope", "global") == "global"
+
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         xs = ctx.x
         if not xs:

@@ -34,6 +34,9 @@ class ClipNorm(Op):
     def reduction(self, args):
         return args.get("scope", "global")
 
+    def flat_ok(self, const_args):
+        return const_args.get("scope", "global") == "global"
+
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         xs = ctx.x
         if not xs:

@@ -14,6 +14,7 @@ class ClipValue(TensorOp):
     """
 
     name = "clip_value"
+    flat = True
     summary = "clamp(x, -max, max)"
     reference = "torch.nn.utils.clip_grad_value_"
     params = (Param("max", default=1.0, low=0.0, doc="largest allowed magnitude"),)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Param, TensorOp, register
+from .base import Param, TensorOp, add_s, is_zero, register
 
 
 @register
@@ -17,6 +17,7 @@ class Decay(TensorOp):
     """
 
     name = "decay"
+    flat = True
     summary = "x + wd * param (L2 before a rule, decoupled after)"
     reference = "Loshchilov & Hutter 2019; torch.optim.AdamW"
     reads_param = True
@@ -26,6 +27,6 @@ class Decay(TensorOp):
         return const_args.get("wd") == 0
 
     def update(self, x, state, a, step, inputs, param):
-        if a.wd == 0:
+        if is_zero(a.wd):
             return x
-        return x.add(param, alpha=a.wd)
+        return add_s(x, param, a.wd)

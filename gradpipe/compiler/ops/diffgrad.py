@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .base import Buffer, Param, TensorOp, adam_moments, register
+from .base import Buffer, Param, TensorOp, adam_moments, register, sqrt_s
 
 
 @register
@@ -41,6 +39,7 @@ class DiffGrad(TensorOp):
     summary = "Adam moments times friction sigmoid(|x_prev - x|) (diffGrad_v2)"
     reference = "Dubey et al. 2019, arXiv:1909.11015; shivram1987/diffGrad diffGrad_v2.py"
     is_rule = True
+    flat = True
     params = (
         Param("b1", default=0.9, low=0.0, high=1.0, high_closed=False, doc="first-moment decay"),
         Param("b2", default=0.999, low=0.0, high=1.0, high_closed=False, doc="second-moment decay"),
@@ -56,5 +55,5 @@ class DiffGrad(TensorOp):
         prev = state["prev"]
         friction = torch.sigmoid((prev - x).abs_())
         prev.copy_(x)
-        step_size = math.sqrt(1 - a.b2 ** step) / (1 - a.b1 ** step)
+        step_size = sqrt_s(1 - a.b2 ** step) / (1 - a.b1 ** step)
         return (m * friction).div_(v.sqrt().add_(a.eps)).mul_(step_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Buffer, Param, TensorOp, register
+from .base import Buffer, Param, TensorOp, axpy_, register
 
 
 @register
@@ -30,12 +30,13 @@ class Ema(TensorOp):
         Param("debias", kind="bool", default=False, doc="divide by 1 - beta^t"),
     )
     buffers = (Buffer("m", "the average"),)
+    flat = True
 
     def update(self, x, state, a, step, inputs, param):
         if "m" not in state:
             state["m"] = torch.zeros_like(x)
         m = state["m"]
-        m.mul_(a.beta).add_(x, alpha=1 - a.beta)
+        axpy_(m.mul_(a.beta), x, 1 - a.beta)
         if a.debias:
             return m / (1 - a.beta ** step)
         return m

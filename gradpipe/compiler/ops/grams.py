@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .base import Buffer, Param, TensorOp, adam_moments, register
+from .base import Buffer, Param, TensorOp, adam_moments, register, sqrt_s
 
 
 @register
@@ -44,6 +42,7 @@ class Grams(TensorOp):
     summary = "sign(x) * |m| / (sqrt(v) + eps), Adam moments, bias-corrected step size"
     reference = "Cao, Li & Song 2024, arXiv:2412.17107; Gunale0926/Grams"
     is_rule = True
+    flat = True
     params = (
         Param("b1", default=0.9, low=0.0, high=1.0, high_closed=False, doc="first-moment decay"),
         Param("b2", default=0.999, low=0.0, high=1.0, high_closed=False, doc="second-moment decay"),
@@ -53,5 +52,5 @@ class Grams(TensorOp):
 
     def update(self, x, state, a, step, inputs, param):
         m, v = adam_moments(state, x, a.b1, a.b2)
-        step_size = math.sqrt(1 - a.b2 ** step) / (1 - a.b1 ** step)
+        step_size = sqrt_s(1 - a.b2 ** step) / (1 - a.b1 ** step)
         return torch.sign(x).mul_(m.abs()).div_(v.sqrt().add_(a.eps)).mul_(step_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Buffer, Param, TensorOp, register
+from .base import Buffer, Param, TensorOp, axpy_, register
 
 
 @register
@@ -23,6 +23,7 @@ class Lion(TensorOp):
     """
 
     name = "lion"
+    flat = True
     summary = "sign of an interpolated momentum (Lion)"
     reference = "Chen et al. 2023, arXiv:2302.06675"
     is_rule = True
@@ -37,5 +38,5 @@ class Lion(TensorOp):
             state["m"] = torch.zeros_like(x)
         m = state["m"]
         u = torch.sign(m * a.b1 + x * (1 - a.b1))
-        m.mul_(a.b2).add_(x, alpha=1 - a.b2)
+        axpy_(m.mul_(a.b2), x, 1 - a.b2)
         return u

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Buffer, Param, TensorOp, register
+from .base import Buffer, Param, TensorOp, add_s, axpy_, is_zero, register
 
 
 @register
@@ -25,6 +25,7 @@ class Momentum(TensorOp):
     """
 
     name = "momentum"
+    flat = True
     summary = "heavy-ball or Nesterov momentum (torch.optim.SGD semantics)"
     reference = "Polyak 1964; Sutskever et al. 2013; torch.optim.SGD"
     is_rule = True
@@ -42,13 +43,13 @@ class Momentum(TensorOp):
         return const_args.get("beta") == 0
 
     def update(self, x, state, a, step, inputs, param):
-        if a.beta == 0:
+        if is_zero(a.beta):
             return x
         if "buf" not in state:
             buf = state["buf"] = torch.clone(x).detach()
         else:
             buf = state["buf"]
-            buf.mul_(a.beta).add_(x, alpha=1 - a.dampening)
+            axpy_(buf.mul_(a.beta), x, 1 - a.dampening)
         if a.nesterov:
-            return x.add(buf, alpha=a.beta)
+            return add_s(x, buf, a.beta)
         return buf

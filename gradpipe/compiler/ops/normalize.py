@@ -40,6 +40,9 @@ class Normalize(Op):
     def reduction(self, args):
         return args.get("scope", "tensor")
 
+    def flat_ok(self, const_args):
+        return const_args.get("scope", "global") == "global"
+
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         xs = ctx.x
         if not xs:

@@ -47,6 +47,9 @@ class ProjectOrthogonal(Op):
     def reduction(self, args):
         return args.get("scope", "global")
 
+    def flat_ok(self, const_args):
+        return const_args.get("scope", "global") == "global"
+
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         xs, rs = ctx.x, ctx.inputs["ref"]
         if not xs:
@@ -59,7 +62,7 @@ class ProjectOrthogonal(Op):
         out = []
         for x, r, num, den, a in zip(xs, rs, ar, rr, ctx.args):
             c = num / (den + a.eps)
-            if a.max_coef != math.inf:
+            if isinstance(a.max_coef, torch.Tensor) or a.max_coef != math.inf:
                 c = torch.clamp(c, max=a.max_coef)
             out.append(x - c * r)
         return out

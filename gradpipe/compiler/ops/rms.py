@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Buffer, Param, TensorOp, register
+from .base import Buffer, Param, TensorOp, addcmul_s, register
 
 
 @register
@@ -24,6 +24,7 @@ class Rms(TensorOp):
     """
 
     name = "rms"
+    flat = True
     summary = "RMSprop scaling x / (sqrt(v) + eps) (torch.optim.RMSprop semantics)"
     reference = "Tieleman & Hinton 2012; torch.optim.RMSprop"
     is_rule = True
@@ -43,7 +44,7 @@ class Rms(TensorOp):
         if "v" not in state:
             state["v"] = torch.zeros_like(x)
         v = state["v"]
-        v.mul_(a.alpha).addcmul_(x, x, value=1 - a.alpha)
+        addcmul_s(v.mul_(a.alpha), x, x, 1 - a.alpha)
         if a.centered:
             if "g_avg" not in state:
                 state["g_avg"] = torch.zeros_like(x)

@@ -18,6 +18,7 @@ class Scale(TensorOp):
     """
 
     name = "scale"
+    flat = True
     summary = "multiply by a scalar; scale(rule) applies a scale rule"
     reference = "optax.scale / scale_by_*"
     params = (Param("x", kind="any", doc="a number, a rule (op), or a signal"),)

@@ -16,6 +16,7 @@ class Sign(TensorOp):
     """
 
     name = "sign"
+    flat = True
     summary = "elementwise sign (signSGD)"
     reference = "Bernstein et al. 2018"
     is_rule = True

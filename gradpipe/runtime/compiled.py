@@ -1,0 +1,349 @@
+"""The compiled backend: a route's elementwise ops fused by ``torch.compile`` over flat buffers.
+
+Lowering, per route:
+
+1. **Segments.** The route's nodes, in evaluation order, are cut into maximal runs of
+   *flat* nodes (ops whose math is elementwise or a ``global`` reduction, see
+   ``Op.flat_ok``, and arithmetic) and single *eager* nodes (per-tensor reductions,
+   shape-dependent ops, random draws, combiners, block ops). A global reduction
+   splits nothing: Inductor fuses the pointwise work around it.
+2. **Buckets.** In each step the route's parameters are grouped into buckets, one per
+   param group (hyperparameters and step), dtype and device; a segment sees each
+   bucket as one flat 1-D tensor (its parameters' values concatenated), so the
+   compiled graph has a fixed, small number of inputs however many tensors the
+   model has (compile time does not grow with the number of tensors).
+3. **State.** A flat node's buffers live in one flat tensor per bucket; the
+   optimizer's per-parameter state holds *views* into it (``state[p]["main/adam.m"]``
+   is a view), so ``state_dict`` keeps its layout and moves between backends.
+4. **Scalars are tensors.** Every argument that is not a compile-time constant
+   (hyperparameters, ``lr``, ``step``, ``loss``) enters the compiled graph as a 0-d
+   float64 tensor, so LR schedulers, changed hyperparameters and the growing step
+   counter never recompile. Constants are baked into the graph, and so is a zero
+   (ops branch on zero, e.g. ``momentum(0)`` keeps no buffer), so a value that
+   crosses zero compiles one more variant.
+5. **First step eager.** Ops create their state lazily; a segment's first run per
+   bucket layout is eager, and later runs are compiled (one compilation per segment
+   and layout, cached by ``torch.compile``).
+
+If ``torch.compile`` cannot run (no C++ compiler, an unsupported construct), the
+backend warns once and runs the same segments eagerly, giving the same results.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..compiler import scalars as S
+from ..compiler.ops import OPS, NodeCtx
+from ..compiler.program import Program
+from .eager import RouteBatch, _Evaluator, compute_dtype, eval_args
+
+__all__ = ["CompiledRoutes", "CompileFallbackWarning"]
+
+_SCALARS = (S.Const, S.HP, S.Src, S.BinS, S.NegS)
+
+
+class CompileFallbackWarning(UserWarning):
+    """``torch.compile`` could not compile a pipeline; gradpipe runs it eagerly instead."""
+
+
+class _Args:
+    """A node's arguments for one bucket (attribute access, like the eager backend's namespace)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            setattr(self, k, v)
+
+
+@dataclass
+class _Segment:
+    nodes: list[str]
+    inputs: list[str]
+    outputs: list[str]
+    #: per node: the names of its non-constant scalar arguments (evaluated each step)
+    dynamic: list[list[str]] = field(default_factory=list)
+    reads_param: bool = False
+
+
+@dataclass
+class _Bucket:
+    idxs: list[int]
+    shapes: list[torch.Size]
+    sizes: list[int]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def key(self) -> tuple:
+        return (tuple(self.idxs), tuple(tuple(s) for s in self.shapes), self.dtype, str(self.device))
+
+
+def _is_flat(prog: Program, node: str) -> bool:
+    d = prog.graph.nodes[node]
+    if d["kind"] == "arith":
+        return True
+    if d["kind"] != "op":
+        return False
+    op = OPS[d["op"]]
+    if op.has_node_state or op.per_sample or any(p.kind in ("block", "signals") for p in op.params):
+        return False
+    return op.flat_ok(prog._const_args(node, at_defaults=False))
+
+
+def plan_route(prog: Program, order: Sequence[str]) -> list[tuple[str, Any]]:
+    """The route as ``("eager", node)`` and ``("segment", _Segment)`` items in evaluation order."""
+    g = prog.graph
+    nodes = [n for n in order if g.nodes[n].get("block") is None and g.nodes[n]["kind"] not in ("output",)]
+    items: list[tuple[str, Any]] = []
+    run: list[str] = []
+
+    def close() -> None:
+        if not run:
+            return
+        members = set(run)
+        inputs: list[str] = []
+        for n in run:
+            for src in prog.inputs(n).values():
+                if src not in members and src not in inputs:
+                    inputs.append(src)
+        outputs = [n for n in run if any(dst not in members for dst in g.successors(n))]
+        dynamic = [[k for k, v in g.nodes[n]["args"].items() if isinstance(v, _SCALARS) and not isinstance(v, S.Const)]
+                   for n in run]
+        reads = any(g.nodes[n]["kind"] == "op" and OPS[g.nodes[n]["op"]].reads_param for n in run)
+        items.append(("segment", _Segment(list(run), inputs, outputs, dynamic, reads)))
+        run.clear()
+
+    for n in nodes:
+        if g.nodes[n]["kind"] == "source":
+            continue  # sources are values handed in, not work
+        if _is_flat(prog, n):
+            run.append(n)
+        else:
+            close()
+            items.append(("eager", n))
+    close()
+    return items
+
+
+def _segment_fn(prog: Program, seg: _Segment) -> Callable[..., list[list[torch.Tensor]]]:
+    """The pure function of one segment: flat inputs, flat state and scalars in, flat outputs out."""
+    g = prog.graph
+    specs = []
+    for n, dyn in zip(seg.nodes, seg.dynamic):
+        d = g.nodes[n]
+        const = {k: (v.value if isinstance(v, S.Const) else v) for k, v in d["args"].items() if k not in dyn}
+        specs.append((n, d["kind"], d["op"], prog.inputs(n), const, dyn))
+
+    def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]],
+            params: list[torch.Tensor], scalars: list[list[list[torch.Tensor]]],
+            steps: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        vals = dict(zip(seg.inputs, inputs))
+        nb = len(steps)
+        for j, (n, kind, opname, ins, const, dyn) in enumerate(specs):
+            if kind == "op":
+                args = [_Args({**const, **dict(zip(dyn, scalars[b][j]))}) for b in range(nb)]
+                ctx = NodeCtx(inputs={port: vals[src] for port, src in ins.items()}, args=args, states=states[j],
+                              steps=steps, params=params)
+                vals[n] = OPS[opname].apply(ctx)
+            else:
+                vals[n] = [_arith_bucket(opname, ins, vals, const, dict(zip(dyn, scalars[b][j])), b)
+                           for b in range(nb)]
+        return [vals[n] for n in seg.outputs]
+    return run
+
+
+def _arith_bucket(op: str, ins: dict[str, str], vals: dict[str, list[torch.Tensor]], const: dict[str, Any],
+                  dyn: dict[str, Any], b: int) -> torch.Tensor:
+    def side(port: str) -> Any:
+        if port in ins:
+            return vals[ins[port]][b]
+        return dyn[port] if port in dyn else const[port]
+    lhs = side("lhs")
+    if op == "neg":
+        return -lhs
+    rhs = side("rhs")
+    if op == "+":
+        return lhs + rhs
+    if op == "-":
+        return lhs - rhs
+    if op == "*":
+        return lhs * rhs
+    if op == "/":
+        return lhs / rhs
+    return lhs ** rhs
+
+
+def _own_code(fn: Callable, tag: str) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps its compiled graphs per code object
+    (at most ``cache_size_limit`` of them); every segment function shares one, so without
+    this, the ninth segment compiled in a process would silently run uncompiled."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+class CompiledRoutes:
+    """Runs a program's routes with fused, compiled segments (one instance per optimizer)."""
+
+    def __init__(self, prog: Program, *, compile: bool = True) -> None:  # noqa: A002 - mirrors torch.compile
+        self.prog = prog
+        self.use_compile = compile
+        self._plans: dict[str, list[tuple[str, Any]]] = {}
+        self._fns: dict[tuple[str, int], tuple[Callable, Callable]] = {}
+        self._warm: set[tuple] = set()
+        #: (route, segment index, bucket key, node) -> {buffer: flat tensor}
+        self._flat: dict[tuple, dict[str, torch.Tensor]] = {}
+        #: (bucket state key, buffer) -> (its flat tensor, the per-parameter views handed out)
+        self._views: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    # ------------------------------------------------------------------ one route, one step
+    def run_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
+                  order: Sequence[str]) -> list[torch.Tensor]:
+        prog = self.prog
+        plan = self._plans.get(label)
+        if plan is None:
+            plan = self._plans[label] = plan_route(prog, order)
+        buckets = self._buckets(batch)
+        ev = _Evaluator(prog, batch, node_states)
+        split: dict[str, list[torch.Tensor]] = {}
+        flat: dict[str, list[torch.Tensor]] = {}
+        for node in order:
+            d = prog.graph.nodes[node]
+            if d["kind"] == "source" and d.get("block") is None:
+                ev.eval(node, split)
+        for si, (kind, item) in enumerate(plan):
+            if kind == "eager":
+                for src in self._outer_inputs(item):
+                    self._to_split(src, split, flat, buckets, len(batch.params))
+                ev.eval(item, split)
+            else:
+                self._run_segment(label, si, item, batch, buckets, split, flat)
+        out = prog.inputs(next(r.output for r in prog.routes if r.label == label))["x"]
+        self._to_split(out, split, flat, buckets, len(batch.params))
+        return split[out]
+
+    def _outer_inputs(self, node: str) -> list[str]:
+        """The nodes feeding ``node`` from its route (a block op's inner pipeline runs inside it)."""
+        d = self.prog.graph.nodes[node]
+        blocks = {p.name for p in OPS[d["op"]].params if p.kind == "block"} if d["kind"] == "op" else set()
+        return [src for port, src in self.prog.inputs(node).items() if port not in blocks]
+
+    def _buckets(self, batch: RouteBatch) -> list[_Bucket]:
+        groups: dict[tuple, _Bucket] = {}
+        for i, (p, env) in enumerate(zip(batch.params, batch.envs)):
+            dt = compute_dtype(p)
+            key = (id(env), dt, p.device)
+            b = groups.get(key)
+            if b is None:
+                b = groups[key] = _Bucket([], [], [], dt, p.device)
+            b.idxs.append(i)
+            b.shapes.append(p.shape)
+            b.sizes.append(p.numel())
+        return list(groups.values())
+
+    @staticmethod
+    def _to_flat(node: str, split: dict, flat: dict, buckets: list[_Bucket]) -> list[torch.Tensor]:
+        if node not in flat:
+            vals = split[node]
+            flat[node] = [torch.cat([vals[i].reshape(-1).to(b.dtype) for i in b.idxs]) if len(b.idxs) > 1
+                          else vals[b.idxs[0]].reshape(-1).to(b.dtype) for b in buckets]
+        return flat[node]
+
+    @staticmethod
+    def _to_split(node: str, split: dict, flat: dict, buckets: list[_Bucket], n: int) -> list[torch.Tensor]:
+        if node not in split:
+            out: list[Any] = [None] * n
+            for b, t in zip(buckets, flat[node]):
+                for i, piece, shape in zip(b.idxs, torch.split(t, b.sizes), b.shapes):
+                    out[i] = piece.view(shape)
+            split[node] = out
+        return split[node]
+
+    # ------------------------------------------------------------------ segments
+    def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, buckets: list[_Bucket],
+                     split: dict, flat: dict) -> None:
+        inputs = [self._to_flat(src, split, flat, buckets) for src in seg.inputs]
+        params = ([torch.cat([batch.params[i].detach().reshape(-1).to(b.dtype) for i in b.idxs]) for b in buckets]
+                  if seg.reads_param else [None] * len(buckets))  # ops that do not read it get None
+        states = [[self._bucket_state(label, si, b, n, batch) for b in buckets] for n in seg.nodes]
+        envs = [batch.envs[b.idxs[0]] for b in buckets]
+        scalars = [[self._scalars(n, dyn, env) for n, dyn in zip(seg.nodes, seg.dynamic)] for env in envs]
+        steps = [torch.tensor(float(env["step"]), dtype=torch.float64) for env in envs]
+        eager_fn, compiled_fn = self._fns.get((label, si)) or self._make_fns(label, si, seg)
+        layout = (label, si, tuple(b.key for b in buckets))
+        fn = compiled_fn if (self.use_compile and layout in self._warm) else eager_fn
+        try:
+            outs = fn(inputs, states, params, scalars, steps)
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
+            if fn is eager_fn:
+                raise
+            self._fallback(e)
+            outs = eager_fn(inputs, states, params, scalars, steps)
+        self._warm.add(layout)
+        for n, o in zip(seg.outputs, outs):
+            flat[n] = o
+        for n, per_bucket in zip(seg.nodes, states):
+            for b, st in zip(buckets, per_bucket):
+                self._publish(label, si, n, b, st, batch)
+
+    def _make_fns(self, label: str, si: int, seg: _Segment) -> tuple[Callable, Callable]:
+        eager_fn = _segment_fn(self.prog, seg)
+        compiled_fn = torch.compile(_own_code(eager_fn, f"segment{si}"), dynamic=False) if self.use_compile \
+            else eager_fn
+        self._fns[(label, si)] = (eager_fn, compiled_fn)
+        return eager_fn, compiled_fn
+
+    def _fallback(self, e: Exception) -> None:
+        self.use_compile = False
+        warnings.warn(f"gradpipe: torch.compile could not compile pipeline '{self.prog.name}' "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); running it eagerly, "
+                      "with the same results", CompileFallbackWarning, stacklevel=4)
+
+    def _scalars(self, node: str, dyn: list[str], env: dict[str, Any]) -> list[torch.Tensor]:
+        d = self.prog.graph.nodes[node]
+        if not dyn:
+            return []
+        values = eval_args({k: d["args"][k] for k in dyn}, env, d["span"], d["op"])
+        # a zero stays a Python 0.0: ops branch on it (``is_zero``: momentum 0 keeps no buffer),
+        # exactly as in the eager backend; only crossing zero can recompile
+        return [torch.tensor(v, dtype=torch.float64) if v != 0 else 0.0
+                for v in (float(getattr(values, k)) for k in dyn)]
+
+    # ------------------------------------------------------------------ state: flat buffers, per-parameter views
+    def _bucket_state(self, label: str, si: int, b: _Bucket, node: str, batch: RouteBatch) -> dict[str, torch.Tensor]:
+        key = (label, si, b.key, node)
+        st = self._flat.get(key)
+        prefix = node + "."
+        per = [batch.states[i] for i in b.idxs]
+        names = {k[len(prefix):] for s in per for k in s if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if st is not None and set(st) == names and all(
+                self._published(key, k, st[k], [s.get(prefix + k) for s in per]) for k in names):
+            return st
+        # first step, a new layout, or state loaded from a checkpoint: gather what the parameters hold
+        if names and all(prefix + k in s for s in per for k in names):
+            st = {k: torch.cat([s[prefix + k].reshape(-1) for s in per]) if len(per) > 1
+                  else per[0][prefix + k].reshape(-1).clone() for k in sorted(names)}
+        else:
+            st = {}
+        self._flat[key] = st
+        return st
+
+    def _published(self, key: tuple, k: str, flat_t: torch.Tensor, held: list[torch.Tensor | None]) -> bool:
+        pub = self._views.get((key, k))
+        return pub is not None and pub[0] is flat_t and all(v is t for v, t in zip(pub[1], held))
+
+    def _publish(self, label: str, si: int, node: str, b: _Bucket, st: dict[str, torch.Tensor],
+                 batch: RouteBatch) -> None:
+        """Point the optimizer's per-parameter state at views of the bucket's flat buffers."""
+        key = (label, si, b.key, node)
+        for k, t in st.items():
+            pub = self._views.get((key, k))
+            if pub is None or pub[0] is not t:
+                pub = (t, [piece.view(shape) for piece, shape in zip(torch.split(t, b.sizes), b.shapes)])
+                self._views[(key, k)] = pub
+            for i, v in zip(b.idxs, pub[1]):
+                batch.states[i][f"{node}.{k}"] = v
