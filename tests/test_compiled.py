@@ -202,3 +202,51 @@ def test_loss_reading_pipeline_compiles_with_loss_as_a_tensor():
             opt.step(lambda: loss)
     for p, q in zip(m.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------ flat parameter storage
+def test_parameters_and_gradients_live_in_flat_buffers():
+    m = _model()
+    opt = gradpipe.Optimizer(m.named_parameters(), "adam", backend="compiled", lr=1e-2)
+    ps = list(m.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in ps}) == 1
+    opt.zero_grad()
+    _loss(m, 0).backward()
+    grads = [p.grad for p in ps]
+    assert len({g.untyped_storage().data_ptr() for g in grads}) == 1  # autograd accumulated in place
+    before = [p.detach().clone() for p in ps]
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, ps))
+    assert len({p.untyped_storage().data_ptr() for p in ps}) == 1
+
+
+def test_a_parameter_no_loss_reaches_is_skipped_as_in_torch():
+    torch.manual_seed(0)
+    used, unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    params = list(used.parameters()) + list(unused.parameters())
+    opt = gradpipe.Optimizer(params, "adam", backend="compiled", lr=0.1)
+    ref = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.1)
+    kept = [p.detach().clone() for p in unused.parameters()]
+    for t in range(4):
+        opt.zero_grad()
+        used(torch.randn(5, 3)).pow(2).sum().backward()
+        opt.step()
+    for p, k in zip(unused.parameters(), kept):
+        assert torch.equal(p, k)  # never reached: no gradient, no step (Adam would move it otherwise)
+        assert float(opt.state[p].get("step", torch.tensor(0.0))) == 0
+    assert ref  # torch's Adam skips such parameters the same way
+
+
+def test_link_broken_by_hand_set_grads_or_model_to_falls_back_to_gathering():
+    m, m_ref = _model(dtype=torch.float64), _model(dtype=torch.float64)
+    opt = gradpipe.Optimizer(m.parameters(), "adamw", backend="compiled", lr=1e-2)
+    ref = gradpipe.Optimizer(m_ref.parameters(), "adamw", backend="eager", lr=1e-2)
+    for t in range(6):
+        for model, o in ((m, opt), (m_ref, ref)):
+            for p in model.parameters():  # a fresh .grad tensor: not the flat buffer's view
+                p.grad = torch.full_like(p, 0.01 * (t + 1))
+            o.step()
+    for p, q in zip(m.parameters(), m_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    opt.zero_grad()  # re-links the gradients to the flat buffer
+    assert len({p.grad.untyped_storage().data_ptr() for p in m.parameters()}) == 1

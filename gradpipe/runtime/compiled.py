@@ -68,6 +68,8 @@ class _Segment:
     #: per node: the names of its non-constant scalar arguments (evaluated each step)
     dynamic: list[list[str]] = field(default_factory=list)
     reads_param: bool = False
+    #: the node whose value is the route's update ``u``, when this segment computes it
+    final: str | None = None
 
 
 @dataclass
@@ -127,6 +129,11 @@ def plan_route(prog: Program, order: Sequence[str]) -> list[tuple[str, Any]]:
             close()
             items.append(("eager", n))
     close()
+    out = next(n for n in order if g.nodes[n]["kind"] == "output")
+    final = prog.inputs(out)["x"]
+    for kind, item in items:
+        if kind == "segment" and final in item.nodes and set(g.successors(final)) == {out}:
+            item.final = final
     return items
 
 
@@ -141,7 +148,8 @@ def _segment_fn(prog: Program, seg: _Segment) -> Callable[..., list[list[torch.T
 
     def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]],
             params: list[torch.Tensor], scalars: list[list[list[torch.Tensor]]],
-            steps: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+            steps: list[torch.Tensor], outs: list[list[torch.Tensor]],
+            apply: list[tuple[torch.Tensor, Any] | None]) -> None:
         vals = dict(zip(seg.inputs, inputs))
         nb = len(steps)
         for j, (n, kind, opname, ins, const, dyn) in enumerate(specs):
@@ -153,7 +161,16 @@ def _segment_fn(prog: Program, seg: _Segment) -> Callable[..., list[list[torch.T
             else:
                 vals[n] = [_arith_bucket(opname, ins, vals, const, dict(zip(dyn, scalars[b][j])), b)
                            for b in range(nb)]
-        return [vals[n] for n in seg.outputs]
+        # results go into buffers that live across steps: a fresh tensor the size of the
+        # parameters per step would cost more (page faults) than the math itself
+        for n, bufs in zip(seg.outputs, outs):
+            for b, (buf, value) in enumerate(zip(bufs, vals[n])):
+                if n == seg.final and apply[b] is not None:
+                    # p <- p - lr * u, fused: the parameters are this bucket's flat buffer
+                    flat_p, lr = apply[b]
+                    flat_p.copy_(flat_p.to(value.dtype) - lr * value)
+                else:
+                    buf.copy_(value)
     return run
 
 
@@ -186,6 +203,30 @@ def _own_code(fn: Callable, tag: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
+@dataclass
+class _Store:
+    """Parameters of one route, group, dtype and device, moved into one flat buffer: each
+    parameter's ``.data`` is a view of ``flat_p`` and its ``.grad`` a view of ``flat_g``, into
+    which autograd accumulates, so a step reads and writes the buffers directly."""
+
+    params: list[torch.Tensor]
+    flat_p: torch.Tensor
+    flat_g: torch.Tensor
+    grad_views: list[torch.Tensor]
+    #: ids of the parameters autograd reached since the last ``zero_grad``
+    reached: set[int] = field(default_factory=set)
+    handles: list[Any] = field(default_factory=list)
+
+    def linked(self) -> bool:
+        """Whether the parameters still live in the buffers (``.to()``, ``load_state_dict`` of the
+        model or a hand-set ``.grad`` break the link; the step then gathers instead)."""
+        return all(p.grad is v for p, v in zip(self.params, self.grad_views)) and \
+            all(p.data_ptr() == self.flat_p[0:1].data_ptr() + self._offset(i) for i, p in enumerate(self.params))
+
+    def _offset(self, i: int) -> int:
+        return sum(q.numel() for q in self.params[:i]) * self.flat_p.element_size()
+
+
 class CompiledRoutes:
     """Runs a program's routes with fused, compiled segments (one instance per optimizer)."""
 
@@ -197,8 +238,86 @@ class CompiledRoutes:
         self._warm: set[tuple] = set()
         #: (route, segment index, bucket key, node) -> {buffer: flat tensor}
         self._flat: dict[tuple, dict[str, torch.Tensor]] = {}
+        #: parameter -> the flat store holding it (see :meth:`adopt`)
+        self._store_of: dict[torch.Tensor, _Store] = {}
+        #: (purpose, bucket key) -> a flat tensor reused every step (gathered inputs, outputs)
+        self._bufs: dict[tuple, torch.Tensor] = {}
         #: (bucket state key, buffer) -> (its flat tensor, the per-parameter views handed out)
         self._views: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    # ------------------------------------------------------------------ flat parameter storage
+    def adopt(self, groups: Sequence[dict[str, Any]], route_of: dict[torch.Tensor, str]) -> None:
+        """Move the parameters of each (route, param group, dtype, device) into one flat buffer,
+        their gradients into another (parameters already adopted are left alone)."""
+        for group in groups:
+            sets: dict[tuple, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p in self._store_of or not p.requires_grad or p.is_sparse or p.grad is not None and p.grad.is_sparse:
+                    continue
+                sets.setdefault((route_of[p], p.dtype, p.device), []).append(p)
+            for (_, dtype, device), ps in sets.items():
+                if len({id(p) for p in ps}) != len(ps):
+                    continue
+                self._adopt(ps, dtype, device)
+
+    def _adopt(self, ps: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        total = sum(p.numel() for p in ps)
+        flat_p = torch.empty(total, dtype=dtype, device=device)
+        flat_g = torch.zeros(total, dtype=dtype, device=device)
+        store = _Store(ps, flat_p, flat_g, [])
+        off = 0
+        with torch.no_grad():
+            for p in ps:
+                n = p.numel()
+                flat_p[off:off + n].copy_(p.reshape(-1))
+                p.data = flat_p[off:off + n].view_as(p)
+                view = flat_g[off:off + n].view_as(p)
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                    store.reached.add(id(p))
+                p.grad = view
+                store.grad_views.append(view)
+                off += n
+        for p in ps:
+            store.handles.append(p.register_post_accumulate_grad_hook(lambda q, st=store: st.reached.add(id(q))))
+            self._store_of[p] = store
+
+    def has_grad(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` has a gradient this step (an adopted parameter always holds a gradient
+        view; it counts once autograd reached it, or when it was set by hand)."""
+        st = self._store_of.get(p)
+        if st is None or p.grad is None:
+            return p.grad is not None
+        i = next(k for k, q in enumerate(st.params) if q is p)
+        return p.grad is not st.grad_views[i] or id(p) in st.reached
+
+    def zero_grad(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Zero the gradients of adopted parameters in place (re-linking any replaced ``.grad``);
+        return the parameters that are not adopted, for the caller to handle."""
+        others = []
+        seen: set[int] = set()
+        for p in params:
+            st = self._store_of.get(p)
+            if st is None:
+                others.append(p)
+                continue
+            if id(st) in seen:
+                continue
+            seen.add(id(st))
+            st.flat_g.zero_()
+            st.reached.clear()
+            for q, v in zip(st.params, st.grad_views):
+                if q.grad is not v and q.data_ptr() != 0:
+                    q.grad = v
+        return others
+
+    def _store_for(self, b: _Bucket, batch: RouteBatch) -> _Store | None:
+        """The flat store that is exactly this bucket, with its parameters still in it."""
+        ps = [batch.params[i] for i in b.idxs]
+        st = self._store_of.get(ps[0])
+        if st is None or len(st.params) != len(ps) or any(q is not p for q, p in zip(st.params, ps)):
+            return None
+        return st if st.linked() else None
 
     # ------------------------------------------------------------------ one route, one step
     def run_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
@@ -208,7 +327,9 @@ class CompiledRoutes:
         if plan is None:
             plan = self._plans[label] = plan_route(prog, order)
         buckets = self._buckets(batch)
+        stores = [self._store_for(b, batch) for b in buckets]
         ev = _Evaluator(prog, batch, node_states)
+        applied: set[int] = set()
         split: dict[str, list[torch.Tensor]] = {}
         flat: dict[str, list[torch.Tensor]] = {}
         for node in order:
@@ -221,10 +342,22 @@ class CompiledRoutes:
                     self._to_split(src, split, flat, buckets, len(batch.params))
                 ev.eval(item, split)
             else:
-                self._run_segment(label, si, item, batch, buckets, split, flat)
+                applied |= self._run_segment(label, si, item, batch, buckets, stores, split, flat)
         out = prog.inputs(next(r.output for r in prog.routes if r.label == label))["x"]
+        if applied:  # the parameters of these buckets were updated inside the compiled segment
+            return self._partial_updates(out, split, flat, buckets, applied, len(batch.params))
         self._to_split(out, split, flat, buckets, len(batch.params))
         return split[out]
+
+    def _partial_updates(self, out: str, split: dict, flat: dict, buckets: list[_Bucket], applied: set[int],
+                         n: int) -> list[torch.Tensor | None]:
+        updates: list[torch.Tensor | None] = [None] * n
+        for bi, (b, t) in enumerate(zip(buckets, flat[out])):
+            if bi in applied:
+                continue
+            for i, piece, shape in zip(b.idxs, torch.split(t, b.sizes), b.shapes):
+                updates[i] = piece.view(shape)
+        return updates
 
     def _outer_inputs(self, node: str) -> list[str]:
         """The nodes feeding ``node`` from its route (a block op's inner pipeline runs inside it)."""
@@ -245,13 +378,33 @@ class CompiledRoutes:
             b.sizes.append(p.numel())
         return list(groups.values())
 
-    @staticmethod
-    def _to_flat(node: str, split: dict, flat: dict, buckets: list[_Bucket]) -> list[torch.Tensor]:
+    def _to_flat(self, node: str, split: dict, flat: dict, buckets: list[_Bucket],
+                 stores: list[_Store | None]) -> list[torch.Tensor]:
         if node not in flat:
             vals = split[node]
-            flat[node] = [torch.cat([vals[i].reshape(-1).to(b.dtype) for i in b.idxs]) if len(b.idxs) > 1
-                          else vals[b.idxs[0]].reshape(-1).to(b.dtype) for b in buckets]
+            d = self.prog.graph.nodes[node]
+            direct = d["kind"] == "source" and d["op"] in ("grad", "param")
+            flat[node] = [(st.flat_g if d["op"] == "grad" else st.flat_p).to(b.dtype) if direct and st is not None
+                          else self._gather(("in", node), b, [vals[i] for i in b.idxs])
+                          for b, st in zip(buckets, stores)]
         return flat[node]
+
+    def _buffer(self, purpose: tuple, b: _Bucket) -> torch.Tensor:
+        """A flat tensor for one bucket, allocated once and reused every step."""
+        key = (purpose, b.key)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty(sum(b.sizes), dtype=b.dtype, device=b.device)
+        return buf
+
+    def _gather(self, purpose: tuple, b: _Bucket, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The bucket's tensors as one flat tensor (a view when there is one tensor of the right dtype)."""
+        if len(tensors) == 1 and tensors[0].dtype == b.dtype and tensors[0].is_contiguous():
+            return tensors[0].reshape(-1)
+        buf = self._buffer(purpose, b)
+        torch.cat([t.reshape(-1) for t in tensors], out=buf) if all(t.dtype == b.dtype for t in tensors) else \
+            torch.cat([t.reshape(-1).to(b.dtype) for t in tensors], out=buf)
+        return buf
 
     @staticmethod
     def _to_split(node: str, split: dict, flat: dict, buckets: list[_Bucket], n: int) -> list[torch.Tensor]:
@@ -265,30 +418,55 @@ class CompiledRoutes:
 
     # ------------------------------------------------------------------ segments
     def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, buckets: list[_Bucket],
-                     split: dict, flat: dict) -> None:
-        inputs = [self._to_flat(src, split, flat, buckets) for src in seg.inputs]
-        params = ([torch.cat([batch.params[i].detach().reshape(-1).to(b.dtype) for i in b.idxs]) for b in buckets]
-                  if seg.reads_param else [None] * len(buckets))  # ops that do not read it get None
+                     stores: list[_Store | None], split: dict, flat: dict) -> set[int]:
+        """Run one fused segment; return the buckets whose parameters it updated in place."""
+        inputs = [self._to_flat(src, split, flat, buckets, stores) for src in seg.inputs]
         states = [[self._bucket_state(label, si, b, n, batch) for b in buckets] for n in seg.nodes]
         envs = [batch.envs[b.idxs[0]] for b in buckets]
         scalars = [[self._scalars(n, dyn, env) for n, dyn in zip(seg.nodes, seg.dynamic)] for env in envs]
+        reads = seg.reads_param and self._needs_param(seg, scalars)
+        params = ([st.flat_p.to(b.dtype) if st is not None else
+                   self._gather(("param", label), b, [batch.params[i].detach() for i in b.idxs])
+                   for b, st in zip(buckets, stores)]
+                  if reads else [None] * len(buckets))  # ops that do not read it get None
+        apply: list[tuple[torch.Tensor, Any] | None] = [None] * len(buckets)
+        if seg.final is not None:
+            for bi, (st, env) in enumerate(zip(stores, envs)):
+                if st is not None:
+                    lr = env["lr"]
+                    apply[bi] = (st.flat_p, lr.detach() if isinstance(lr, torch.Tensor) else
+                                 (torch.tensor(float(lr), dtype=torch.float64) if lr != 0 else 0.0))
         steps = [torch.tensor(float(env["step"]), dtype=torch.float64) for env in envs]
         eager_fn, compiled_fn = self._fns.get((label, si)) or self._make_fns(label, si, seg)
         layout = (label, si, tuple(b.key for b in buckets))
         fn = compiled_fn if (self.use_compile and layout in self._warm) else eager_fn
+        outs = [[self._buffer(("out", label, n), b) for b in buckets] for n in seg.outputs]
         try:
-            outs = fn(inputs, states, params, scalars, steps)
+            fn(inputs, states, params, scalars, steps, outs, apply)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
             if fn is eager_fn:
                 raise
             self._fallback(e)
-            outs = eager_fn(inputs, states, params, scalars, steps)
+            eager_fn(inputs, states, params, scalars, steps, outs, apply)
         self._warm.add(layout)
         for n, o in zip(seg.outputs, outs):
             flat[n] = o
         for n, per_bucket in zip(seg.nodes, states):
             for b, st in zip(buckets, per_bucket):
                 self._publish(label, si, n, b, st, batch)
+        return {bi for bi, a in enumerate(apply) if a is not None}
+
+    def _needs_param(self, seg: _Segment, scalars: list[list[list[Any]]]) -> bool:
+        """Whether some node of the segment reads the parameters in this step (in some bucket)."""
+        g = self.prog.graph
+        for j, (n, dyn) in enumerate(zip(seg.nodes, seg.dynamic)):
+            d = g.nodes[n]
+            if d["kind"] != "op" or not OPS[d["op"]].reads_param:
+                continue
+            const = {k: (v.value if isinstance(v, S.Const) else v) for k, v in d["args"].items() if k not in dyn}
+            if any(OPS[d["op"]].needs_param({**const, **dict(zip(dyn, per_bucket[j]))}) for per_bucket in scalars):
+                return True
+        return False
 
     def _make_fns(self, label: str, si: int, seg: _Segment) -> tuple[Callable, Callable]:
         eager_fn = _segment_fn(self.prog, seg)

@@ -89,6 +89,8 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._assign_routes()
         self._orders = {r.label: prog.route_nodes(r.label) for r in prog.routes}
+        if self._compiled is not None:
+            self._compiled.adopt(self.param_groups, self._routes)
 
     # ------------------------------------------------------------------ groups and routes
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -102,6 +104,8 @@ class Optimizer(torch.optim.Optimizer):
             prog.check_group(self.param_groups[-1], f"param group {index}")
             if hasattr(self, "_orders"):  # added after construction
                 self._assign_routes()
+                if self._compiled is not None:
+                    self._compiled.adopt(self.param_groups[-1:], self._routes)
         except Exception:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
@@ -175,7 +179,7 @@ class Optimizer(torch.optim.Optimizer):
                 elif by_sample is not None:
                     if p not in by_sample:
                         continue
-                elif p.grad is None:
+                elif p.grad is None or (self._compiled is not None and not self._compiled.has_grad(p)):
                     continue
                 elif p.grad.is_sparse:
                     raise RuntimeError("gradpipe does not support sparse gradients")
@@ -214,6 +218,8 @@ class Optimizer(torch.optim.Optimizer):
                     st["step"] = torch.tensor(0.0, dtype=torch.float32)
                 st["step"] += 1
             for p, u, (_, group) in zip(params, updates, items):
+                if u is None:  # updated in place by the compiled backend
+                    continue
                 lr = group["lr"]
                 if isinstance(lr, torch.Tensor):
                     lr = lr.item()
@@ -261,6 +267,25 @@ class Optimizer(torch.optim.Optimizer):
                                  f"shape (B, {', '.join(map(str, p.shape))}), got {tuple(g.shape)}")
             out[p] = g.detach()
         return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's, except that the compiled backend keeps the gradients of the parameters it
+        holds in flat buffers and zeroes them in place (``set_to_none`` does not apply to those:
+        a parameter autograd does not reach in the next backward is still skipped)."""
+        if self._compiled is None:
+            return super().zero_grad(set_to_none)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p in self._compiled.zero_grad(params):
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
 
     def _loss_grads(self, losses: Mapping[str, torch.Tensor]
                     ) -> tuple[dict[str, dict[torch.Tensor, torch.Tensor]], dict[torch.Tensor, bool]]:

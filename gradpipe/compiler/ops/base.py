@@ -177,6 +177,10 @@ class Op:
         """Block ops: the shape the inner pipeline sees for a parameter of ``shape``."""
         return shape
 
+    def needs_param(self, args: dict[str, Any]) -> bool:
+        """Whether this step's arguments make the op read the parameters (``decay(0)`` does not)."""
+        return self.reads_param
+
     def flat_ok(self, const_args: dict[str, Any]) -> bool:
         """Whether a node with these compile-time arguments may run on flat buffers (see ``flat``);
         ops with a ``scope`` argument override this to allow ``scope=global``."""

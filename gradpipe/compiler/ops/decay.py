@@ -26,6 +26,9 @@ class Decay(TensorOp):
     def identity(self, const_args):
         return const_args.get("wd") == 0
 
+    def needs_param(self, args):
+        return not is_zero(args.get("wd", 0.0))
+
     def update(self, x, state, a, step, inputs, param):
         if is_zero(a.wd):
             return x
