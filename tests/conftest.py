@@ -3,8 +3,17 @@
 CI runs the suite with two pytest workers on a 2-core machine: one torch
 thread per worker avoids oversubscription (torch's spinning threads made some
 files ten times slower when they shared the cores).
+
+Optimizers built without a ``backend`` use the eager reference here, so the
+suite checks the semantics without compiling every pipeline it builds;
+``tests/test_compiled.py`` runs the compiled backend (the default for users)
+against it.
 """
 
+import os
+
 import torch
+
+os.environ.setdefault("GRADPIPE_BACKEND", "eager")
 
 torch.set_num_threads(1)

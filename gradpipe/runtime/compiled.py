@@ -203,6 +203,16 @@ def _own_code(fn: Callable, tag: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
+def _covers(whole: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` are consecutive views that tile ``whole`` exactly (same dtype)."""
+    ptr, size = whole.data_ptr(), whole.element_size()
+    for t in tensors:
+        if t.dtype != whole.dtype or t.data_ptr() != ptr or not t.is_contiguous():
+            return False
+        ptr += t.numel() * size
+    return ptr == whole.data_ptr() + whole.numel() * size
+
+
 @dataclass
 class _Store:
     """Parameters of one route, group, dtype and device, moved into one flat buffer: each
@@ -384,9 +394,14 @@ class CompiledRoutes:
             vals = split[node]
             d = self.prog.graph.nodes[node]
             direct = d["kind"] == "source" and d["op"] in ("grad", "param")
-            flat[node] = [(st.flat_g if d["op"] == "grad" else st.flat_p).to(b.dtype) if direct and st is not None
-                          else self._gather(("in", node), b, [vals[i] for i in b.idxs])
-                          for b, st in zip(buckets, stores)]
+            out = []
+            for b, st in zip(buckets, stores):
+                whole = (st.flat_g if d["op"] == "grad" else st.flat_p) if direct and st is not None else None
+                if whole is not None and _covers(whole, [vals[i] for i in b.idxs]):
+                    out.append(whole.to(b.dtype))  # the tensors are this buffer, in order: no copy
+                else:
+                    out.append(self._gather(("in", node), b, [vals[i] for i in b.idxs]))
+            flat[node] = out
         return flat[node]
 
     def _buffer(self, purpose: tuple, b: _Bucket) -> torch.Tensor:

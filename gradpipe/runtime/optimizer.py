@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections import defaultdict
 from functools import partial
@@ -58,7 +59,11 @@ class Optimizer(torch.optim.Optimizer):
             route by name), or of param-group dicts.
         pipeline: a :class:`~gradpipe.Program`, a path to a `.grad` file, a
             built-in pipeline name (``"adam"``), or pipeline source text.
-        backend: ``"eager"``, the reference interpreter.
+        backend: ``"compiled"`` (the default): the pipeline's elementwise work fused by
+            ``torch.compile`` over flat buffers that hold the parameters, their
+            gradients and the state (see ``gradpipe/runtime/compiled.py``); or
+            ``"eager"``, the reference interpreter, op by op. ``None`` reads the
+            ``GRADPIPE_BACKEND`` environment variable (default ``compiled``).
         **hyperparams: values for the pipeline's declared hyperparameters
             (``lr``, ``betas``, ...); they become the param groups' defaults, so
             LR schedulers and per-group overrides work as in torch.
@@ -75,7 +80,9 @@ class Optimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Any], pipeline: Program | str | pathlib.Path = "adam", *,
-                 backend: str = "eager", **hyperparams: Any) -> None:
+                 backend: str | None = None, **hyperparams: Any) -> None:
+        if backend is None:
+            backend = os.environ.get("GRADPIPE_BACKEND", "compiled")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         self.program = as_program(pipeline)
