@@ -118,7 +118,7 @@ def test_float64_and_epoch_wraparound() -> None:
     assert r.initial_loss == pytest.approx(r32.initial_loss, rel=1e-5)
 
 
-def _fake_optimizer(named_parameters, name, lr):
+def _fake_optimizer(named_parameters, name, lr, backend=None):
     """Stands in for gradpipe.Optimizer so the demo is tested on its own."""
     from gradpipe.dsl.diagnostics import GradError, Span
 
