@@ -166,8 +166,9 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
         return run
     monkeypatch.setattr(C.torch, "compile", broken)
     m, m_ref = _model(dtype=torch.float64), _model(dtype=torch.float64)
-    opt = gradpipe.Optimizer(m.named_parameters(), "adamw", backend="compiled", lr=1e-2)
-    ref = gradpipe.Optimizer(m_ref.named_parameters(), "adamw", backend="eager", lr=1e-2)
+    src = "grad | adam(0.81, 0.97) | decay(0.013)"  # compiled nowhere else: the shared cache has no copy
+    opt = gradpipe.Optimizer(m.named_parameters(), src, backend="compiled", lr=1e-2)
+    ref = gradpipe.Optimizer(m_ref.named_parameters(), src, backend="eager", lr=1e-2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _train(m, opt, 5)
@@ -276,3 +277,15 @@ def test_dp_sgd_on_the_compiled_backend_matches_eager():
         out.append([p.detach().clone() for p in m.parameters()])
     for p, q in zip(*out):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
+
+
+def test_a_second_optimizer_of_the_same_model_does_not_recompile():
+    src = "grad | adam(0.8, 0.95) | decay(0.02)"  # a pipeline no other test compiles
+    first = _model()
+    opt = gradpipe.Optimizer(first.named_parameters(), src, backend="compiled", lr=1e-2)
+    _train(first, opt, 3)
+    after_first = _unique_graphs()
+    second = _model(seed=3)
+    opt2 = gradpipe.Optimizer(second.named_parameters(), src, backend="compiled", lr=1e-2)
+    _train(second, opt2, 3)
+    assert _unique_graphs() == after_first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from .lowering import route_cost
 from .ops import OPS
 
 if TYPE_CHECKING:
@@ -81,6 +82,15 @@ def explain(prog: "Program") -> str:
             nbytes = prog.state_bytes_per_param(r.label)
             lines.append(f"  state: {nbytes} bytes per parameter in fp32 "
                          f"({nbytes // 4} buffer{'s' if nbytes != 4 else ''} of the parameter's size)")
+    lines.append("")
+    lines.append("compiled backend (the default; per route):")
+    for r in prog.routes:
+        cost = route_cost(prog, r.label)
+        eager = f"; op by op: {', '.join(n.rsplit('/', 1)[-1] for n in cost.eager_nodes)}" if cost.eager_nodes else ""
+        lines.append(f"  {r.label}: {cost.segments} fused segment{'s' if cost.segments != 1 else ''}{eager}; "
+                     f"about {cost.kernels} kernel{'s' if cost.kernels != 1 else ''}; "
+                     f"{cost.bytes_per_param} bytes read and written per fp32 parameter per step "
+                     "(torch's fused Adam: 28)")
     lines.append("")
     red = prog.reductions()
     lines.append("reductions:" + ("" if red else " none (every op is elementwise per tensor)"))

@@ -40,13 +40,11 @@ import torch
 
 from ..compiler import scalars as S
 from ..compiler.ops import OPS, NodeCtx
+from ..compiler.lowering import Segment as _Segment, plan_route
 from ..compiler.program import Program
 from .eager import RouteBatch, _Evaluator, compute_dtype, eval_args
 
 __all__ = ["CompiledRoutes", "CompileFallbackWarning"]
-
-_SCALARS = (S.Const, S.HP, S.Src, S.BinS, S.NegS)
-
 
 class CompileFallbackWarning(UserWarning):
     """``torch.compile`` could not compile a pipeline; gradpipe runs it eagerly instead."""
@@ -61,18 +59,6 @@ class _Args:
 
 
 @dataclass
-class _Segment:
-    nodes: list[str]
-    inputs: list[str]
-    outputs: list[str]
-    #: per node: the names of its non-constant scalar arguments (evaluated each step)
-    dynamic: list[list[str]] = field(default_factory=list)
-    reads_param: bool = False
-    #: the node whose value is the route's update ``u``, when this segment computes it
-    final: str | None = None
-
-
-@dataclass
 class _Bucket:
     idxs: list[int]
     shapes: list[torch.Size]
@@ -83,58 +69,6 @@ class _Bucket:
     @property
     def key(self) -> tuple:
         return (tuple(self.idxs), tuple(tuple(s) for s in self.shapes), self.dtype, str(self.device))
-
-
-def _is_flat(prog: Program, node: str) -> bool:
-    d = prog.graph.nodes[node]
-    if d["kind"] == "arith":
-        return True
-    if d["kind"] != "op":
-        return False
-    op = OPS[d["op"]]
-    if op.has_node_state or op.per_sample or any(p.kind in ("block", "signals") for p in op.params):
-        return False
-    return op.flat_ok(prog._const_args(node, at_defaults=False))
-
-
-def plan_route(prog: Program, order: Sequence[str]) -> list[tuple[str, Any]]:
-    """The route as ``("eager", node)`` and ``("segment", _Segment)`` items in evaluation order."""
-    g = prog.graph
-    nodes = [n for n in order if g.nodes[n].get("block") is None and g.nodes[n]["kind"] not in ("output",)]
-    items: list[tuple[str, Any]] = []
-    run: list[str] = []
-
-    def close() -> None:
-        if not run:
-            return
-        members = set(run)
-        inputs: list[str] = []
-        for n in run:
-            for src in prog.inputs(n).values():
-                if src not in members and src not in inputs:
-                    inputs.append(src)
-        outputs = [n for n in run if any(dst not in members for dst in g.successors(n))]
-        dynamic = [[k for k, v in g.nodes[n]["args"].items() if isinstance(v, _SCALARS) and not isinstance(v, S.Const)]
-                   for n in run]
-        reads = any(g.nodes[n]["kind"] == "op" and OPS[g.nodes[n]["op"]].reads_param for n in run)
-        items.append(("segment", _Segment(list(run), inputs, outputs, dynamic, reads)))
-        run.clear()
-
-    for n in nodes:
-        if g.nodes[n]["kind"] == "source":
-            continue  # sources are values handed in, not work
-        if _is_flat(prog, n):
-            run.append(n)
-        else:
-            close()
-            items.append(("eager", n))
-    close()
-    out = next(n for n in order if g.nodes[n]["kind"] == "output")
-    final = prog.inputs(out)["x"]
-    for kind, item in items:
-        if kind == "segment" and final in item.nodes and set(g.successors(final)) == {out}:
-            item.final = final
-    return items
 
 
 def _segment_fn(prog: Program, seg: _Segment) -> Callable[..., list[list[torch.Tensor]]]:
@@ -193,6 +127,10 @@ def _arith_bucket(op: str, ins: dict[str, str], vals: dict[str, list[torch.Tenso
     if op == "/":
         return lhs / rhs
     return lhs ** rhs
+
+
+#: (pipeline hash, route, segment index, compiling?) -> (eager function, compiled function)
+_SHARED: dict[tuple, tuple[Callable, Callable]] = {}
 
 
 def _own_code(fn: Callable, tag: str) -> Callable:
@@ -484,11 +422,17 @@ class CompiledRoutes:
         return False
 
     def _make_fns(self, label: str, si: int, seg: _Segment) -> tuple[Callable, Callable]:
-        eager_fn = _segment_fn(self.prog, seg)
-        compiled_fn = torch.compile(_own_code(eager_fn, f"segment{si}"), dynamic=False) if self.use_compile \
-            else eager_fn
-        self._fns[(label, si)] = (eager_fn, compiled_fn)
-        return eager_fn, compiled_fn
+        # one compiled function per pipeline (its canonical hash), route and segment, shared by
+        # every optimizer in the process: a second optimizer of the same model does not recompile
+        key = (self.prog.hash, label, si, self.use_compile)
+        fns = _SHARED.get(key)
+        if fns is None:
+            eager_fn = _segment_fn(self.prog, seg)
+            compiled_fn = torch.compile(_own_code(eager_fn, f"segment{si}"), dynamic=False) if self.use_compile \
+                else eager_fn
+            fns = _SHARED[key] = (eager_fn, compiled_fn)
+        self._fns[(label, si)] = fns
+        return fns
 
     def _fallback(self, e: Exception) -> None:
         self.use_compile = False
