@@ -9,9 +9,15 @@ Lowering, per route:
    splits nothing: Inductor fuses the pointwise work around it.
 2. **Buckets.** In each step the route's parameters are grouped into buckets, one per
    param group (hyperparameters and step), dtype and device; a segment sees each
-   bucket as one flat 1-D tensor (its parameters' values concatenated), so the
-   compiled graph has a fixed, small number of inputs however many tensors the
-   model has (compile time does not grow with the number of tensors).
+   bucket as one flat 1-D tensor, so the compiled graph has a fixed, small number
+   of inputs however many tensors the model has (compile time does not grow with
+   the number of tensors). The optimizer *adopts* its parameters: each route's
+   parameters of one group, dtype and device move into one flat buffer (``p.data``
+   becomes a view) and their gradients into another that autograd accumulates into
+   (``p.grad`` is a view; ``zero_grad`` zeroes it in place). A step then reads the
+   gradients and updates the parameters in place, inside the last fused segment,
+   with no gather or scatter. When the link is broken (a hand-set ``.grad``,
+   ``model.to()``, gradients from ``step(losses=...)``) the step gathers instead.
 3. **State.** A flat node's buffers live in one flat tensor per bucket; the
    optimizer's per-parameter state holds *views* into it (``state[p]["main/adam.m"]``
    is a view), so ``state_dict`` keeps its layout and moves between backends.
@@ -44,7 +50,8 @@ from ..compiler.lowering import Segment as _Segment, plan_route
 from ..compiler.program import Program
 from .eager import RouteBatch, _Evaluator, compute_dtype, eval_args
 
-__all__ = ["CompiledRoutes", "CompileFallbackWarning"]
+__all__ = ["CompiledRoutes", "CompileFallbackWarning", "plan_route"]
+
 
 class CompileFallbackWarning(UserWarning):
     """``torch.compile`` could not compile a pipeline; gradpipe runs it eagerly instead."""
@@ -71,8 +78,9 @@ class _Bucket:
         return (tuple(self.idxs), tuple(tuple(s) for s in self.shapes), self.dtype, str(self.device))
 
 
-def _segment_fn(prog: Program, seg: _Segment) -> Callable[..., list[list[torch.Tensor]]]:
-    """The pure function of one segment: flat inputs, flat state and scalars in, flat outputs out."""
+def _segment_fn(prog: Program, seg: _Segment) -> Callable[..., None]:
+    """The function of one segment: flat inputs, flat state and scalars in; results written into
+    the given output buffers, or, for the route's update, applied to the flat parameters."""
     g = prog.graph
     specs = []
     for n, dyn in zip(seg.nodes, seg.dynamic):
@@ -127,6 +135,61 @@ def _arith_bucket(op: str, ins: dict[str, str], vals: dict[str, list[torch.Tenso
     if op == "/":
         return lhs / rhs
     return lhs ** rhs
+
+
+def _scalar_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The nodes that compute 0-d tensors from 0-d tensors and constants only (bias corrections
+    such as ``1 - b1 ** step``)."""
+    def zero_d(n: torch.fx.Node) -> bool:
+        v = n.meta.get("example_value")
+        return isinstance(v, torch.Tensor) and v.dim() == 0
+    out: set[torch.fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if zero_d(n):
+                out.add(n)
+        elif n.op in ("call_function", "call_method") and n.all_input_nodes and zero_d(n) \
+                and all(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def _inductor_with_scalars_hoisted(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    """A ``torch.compile`` backend: Inductor, after moving the 0-d computations out of the graph.
+
+    Inductor inlines scalar math into the elementwise loop that uses it, so ``b1 ** step``
+    would be recomputed for every vector of a 10M-element buffer (a large share of an Adam
+    step). Here the 0-d subgraph runs first, eagerly (a few tiny ops), and Inductor compiles
+    the rest with its results as inputs."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.passes.split_module import split_module
+
+    scalars = _scalar_nodes(gm)
+    if not any(n.op != "placeholder" for n in scalars):
+        return compile_fx(gm, example_inputs)
+    try:
+        split = split_module(gm, None, lambda n: 0 if n in scalars else 1)
+    except Exception:  # noqa: BLE001 - an unexpected graph shape: compile it whole
+        return compile_fx(gm, example_inputs)
+    if not hasattr(split, "submod_1"):
+        return compile_fx(gm, example_inputs)
+    split.submod_1 = _CompiledOnFirstCall(split.submod_1)
+    return split
+
+
+class _CompiledOnFirstCall(torch.nn.Module):
+    """Compiles a submodule with Inductor when it first runs (its inputs are known then)."""
+
+    def __init__(self, sub: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.sub = sub
+        self.fn: Callable | None = None
+
+    def forward(self, *args: Any) -> Any:
+        if self.fn is None:
+            from torch._inductor.compile_fx import compile_fx
+            self.fn = compile_fx(self.sub, list(args))
+        return self.fn(*args)
 
 
 #: (pipeline hash, route, segment index, compiling?) -> (eager function, compiled function)
@@ -428,8 +491,8 @@ class CompiledRoutes:
         fns = _SHARED.get(key)
         if fns is None:
             eager_fn = _segment_fn(self.prog, seg)
-            compiled_fn = torch.compile(_own_code(eager_fn, f"segment{si}"), dynamic=False) if self.use_compile \
-                else eager_fn
+            compiled_fn = torch.compile(_own_code(eager_fn, f"segment{si}"), dynamic=False,
+                                        backend=_inductor_with_scalars_hoisted) if self.use_compile else eager_fn
             fns = _SHARED[key] = (eager_fn, compiled_fn)
         self._fns[(label, si)] = fns
         return fns
