@@ -6,6 +6,7 @@
     gradpipe graph FILE|NAME -o out.svg|png|dot
     gradpipe ops                      the op library
     gradpipe demo                     train the digits task with the standard pipelines
+    gradpipe bench [--quick] ...      time optimizer steps against torch.optim.Adam
 
 A mistake in a `.grad` file is printed as ``path:line:col: error: ...`` with the
 line and a caret, never as a Python traceback.
@@ -143,6 +144,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    if args.quick:
+        sizes, pipelines, repeats = ["100K"], ["adam", "diffgrad"], 3
+    else:
+        sizes, pipelines, repeats = list(bench.SIZES), list(bench.PIPELINES), None
+    sizes = _csv(args.sizes) or sizes
+    pipelines = _csv(args.pipelines) or pipelines
+    backends = _csv(args.backends) or ["eager", "compiled"]
+    layouts = _csv(args.layouts) or ["1+50"]
+    repeats = args.repeats if args.repeats is not None else repeats
+    try:
+        for s in sizes:
+            bench.parse_size(s)
+        for lay in layouts:
+            bench.layout_shapes(10**6, lay)
+    except ValueError as e:
+        print(f"gradpipe bench: {e}", file=sys.stderr)
+        return 2
+    from .runtime.optimizer import BACKENDS
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad:
+        print(f"gradpipe bench: unknown backend {bad[0]!r}: choose from {', '.join(BACKENDS)}", file=sys.stderr)
+        return 2
+    for name in pipelines:
+        _resolve(name)  # a typo is a GradError, before any timing
+
+    def progress(row: dict) -> None:
+        if args.verbose:
+            t = row.get("step_s")
+            print(f"  {row['size']} {row['layout']} {row['impl']}: "
+                  + (f"{t * 1e3:.3f} ms" if t is not None else row["status"]), file=sys.stderr, flush=True)
+
+    rows = bench.run_bench(sizes, pipelines, backends, layouts, repeats, threads=args.threads or None,
+                           out_json=args.json, bandwidth_mb=64 if args.quick else 256, retries=args.retries,
+                           progress=progress)
+    table = bench.to_markdown(rows)
+    sys.stdout.write(table)
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(table + "\n" + bench.targets_markdown(rows))
+    if args.json:
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _csv(text: str | None) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else []
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     ap = argparse.ArgumentParser(prog="gradpipe", description="Optimizers as pipelines of gradient transforms.")
@@ -176,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="time optimizer steps against torch.optim.Adam (a Markdown table)")
+    p.add_argument("--quick", action="store_true", help="100K parameters, adam and diffgrad, 3 repeats")
+    p.add_argument("--sizes", help="comma-separated parameter counts (default 100K,1M,10M,100M)")
+    p.add_argument("--pipelines", help="comma-separated pipelines (default: the benchmark set)")
+    p.add_argument("--backends", help="comma-separated gradpipe backends (default eager,compiled)")
+    p.add_argument("--layouts", help="comma-separated layouts: 1+K (1 large, K small tensors), model (default 1+50)")
+    p.add_argument("--repeats", type=int, help="timed steps per case (default: by size)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2; 0 keeps torch's)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="time a case again when other processes slowed it (default 2)")
+    p.add_argument("--json", metavar="OUT.json", help="write every measurement, the machine and the bandwidth")
+    p.add_argument("--markdown", metavar="OUT.md", help="write the table and the targets check")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each case as it finishes")
+    p.set_defaults(func=cmd_bench)
     return ap
 
 
