@@ -208,7 +208,7 @@ def render(json_path: str | os.PathLike[str], plot: str | None) -> None:
     from gradpipe import bench
     jpath = pathlib.Path(json_path)
     doc = json.loads(jpath.read_text())
-    info, bw, config, rows = doc["machine"], doc["bandwidth"], doc["config"], doc["results"]
+    info, config, rows = doc["machine"], doc["config"], doc["results"]
     layouts = list(dict.fromkeys(r["layout"] for r in rows))
     md = [f"# Optimizer-step benchmark, {info['date']}\n",
           f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, Python {info['python']}, "
@@ -227,6 +227,10 @@ def render(json_path: str | os.PathLike[str], plot: str | None) -> None:
           "## Every case\n", bench.to_markdown(rows), "## Targets\n", bench.targets_markdown(rows, config.get("first_compile_s"))]
     if doc.get("storage_costs"):
         md.append(_storage_markdown(doc["storage_costs"]))
+        again = doc.get("storage_costs_machine")
+        if again:
+            md.append(f"(Measured again with `--storage-only` at {again['date']}, gradpipe sources sha256 "
+                      f"{again.get('gradpipe_source_sha256')}.)\n")
     mpath = jpath.with_suffix(".md")
     mpath.write_text("\n".join(md))
     print(f"wrote {mpath}")

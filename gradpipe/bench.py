@@ -56,8 +56,8 @@ Layouts: ``"1+K"`` is one large matrix holding 90% of the parameters (``(n/1000,
 shapes of a GPT-2-style transformer scaled to about ``n`` parameters
 (:func:`gpt_shapes`).
 
-heavyball and pytorch-optimizer are timed when importable (``HeavyBall ForeachAdamW``,
-``pytorch_optimizer DiffGrad``) and reported as ``not installed`` otherwise.
+heavyball and pytorch-optimizer are timed when importable (``heavyball.ForeachAdamW``,
+``pytorch_optimizer.DiffGrad``) and reported as ``not installed`` otherwise.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def measure_bandwidth(mbytes: int = 256, repeats: int = 10) -> dict[str, float]:
       element). An optimizer step updates its parameter and state in place and reads
       the gradient, so this is the access pattern of the roofline.
     * ``add_gbs``: ``c = a + b`` into a third buffer (12 B counted, as STREAM counts it;
-      the hardware also reads ``c`` before writing it, write-allocate).
+      the hardware also reads ``c`` before writing it, write-allocate; McCalpin's STREAM).
     * ``copy_gbs``: ``b = a`` (8 B counted).
     """
     n = mbytes * 2**20 // 4
@@ -448,7 +448,6 @@ def _run_case(case: _Case, named: list[tuple[str, torch.Tensor]], base: torch.op
                includes_autograd=multi, autograd_s=statistics.median(auto_times) if multi else None,
                compile_fallback=fallback[0] if fallback else None, attempts=len(attempts),
                fused_spread=spread, noisy=spread > max_spread)
-    del opt
     return row
 
 

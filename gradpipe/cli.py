@@ -178,7 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   + (f"{t * 1e3:.3f} ms" if t is not None else row["status"]), file=sys.stderr, flush=True)
 
     rows = bench.run_bench(sizes, pipelines, backends, layouts, repeats, threads=args.threads or None,
-                           out_json=args.json, bandwidth_mb=64 if args.quick else 256, retries=args.retries,
+                           out_json=args.json, bandwidth_mb=args.bandwidth_mb or (64 if args.quick else 256), retries=args.retries,
                            progress=progress)
     table = bench.to_markdown(rows)
     sys.stdout.write(table)
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", help="comma-separated layouts: 1+K (1 large, K small tensors), model (default 1+50)")
     p.add_argument("--repeats", type=int, help="timed steps per case (default: by size)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2; 0 keeps torch's)")
+    p.add_argument("--bandwidth-mb", type=int, help="buffer size of the bandwidth measurements "
+                   "(default 256; 64 with --quick)")
     p.add_argument("--retries", type=int, default=2,
                    help="time a case again when other processes slowed it (default 2)")
     p.add_argument("--json", metavar="OUT.json", help="write every measurement, the machine and the bandwidth")

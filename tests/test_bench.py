@@ -84,7 +84,7 @@ def test_traffic_model() -> None:
 def test_cli_bench(tmp_path, capsys) -> None:
     js, md = tmp_path / "b.json", tmp_path / "b.md"
     rc = main(["bench", "--sizes", "10K", "--pipelines", "adam", "--backends", "eager", "--repeats", "2",
-               "--threads", "1", "--retries", "0", "--json", str(js), "--markdown", str(md)])
+               "--threads", "1", "--retries", "0", "--bandwidth-mb", "4", "--json", str(js), "--markdown", str(md)])
     out = capsys.readouterr().out
     assert rc == 0
     assert "gradpipe adam [eager]" in out and "vs fused Adam" in out

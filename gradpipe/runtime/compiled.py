@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -227,15 +229,21 @@ class _Store:
     #: ids of the parameters autograd reached since the last ``zero_grad``
     reached: set[int] = field(default_factory=set)
     handles: list[Any] = field(default_factory=list)
+    #: each parameter's address inside ``flat_p``, and its index, computed once
+    ptrs: list[int] = field(default_factory=list)
+    index: dict[int, int] = field(default_factory=dict)
 
     def linked(self) -> bool:
         """Whether the parameters still live in the buffers (``.to()``, ``load_state_dict`` of the
         model or a hand-set ``.grad`` break the link; the step then gathers instead)."""
         return all(p.grad is v for p, v in zip(self.params, self.grad_views)) and \
-            all(p.data_ptr() == self.flat_p[0:1].data_ptr() + self._offset(i) for i, p in enumerate(self.params))
+            all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
 
-    def _offset(self, i: int) -> int:
-        return sum(q.numel() for q in self.params[:i]) * self.flat_p.element_size()
+
+def _mark_reached(store_ref: "weakref.ref[_Store]", p: torch.Tensor) -> None:
+    st = store_ref()
+    if st is not None:
+        st.reached.add(id(p))
 
 
 class CompiledRoutes:
@@ -290,8 +298,11 @@ class CompiledRoutes:
                 store.grad_views.append(view)
                 off += n
         for p in ps:
-            store.handles.append(p.register_post_accumulate_grad_hook(lambda q, st=store: st.reached.add(id(q))))
+            # the hook holds the store weakly: a deleted optimizer's buffers are freed
+            store.handles.append(p.register_post_accumulate_grad_hook(partial(_mark_reached, weakref.ref(store))))
             self._store_of[p] = store
+        store.ptrs = [p.data_ptr() for p in ps]
+        store.index = {id(p): i for i, p in enumerate(ps)}
 
     def has_grad(self, p: torch.Tensor) -> bool:
         """Whether ``p`` has a gradient this step (an adopted parameter always holds a gradient
@@ -299,8 +310,7 @@ class CompiledRoutes:
         st = self._store_of.get(p)
         if st is None or p.grad is None:
             return p.grad is not None
-        i = next(k for k, q in enumerate(st.params) if q is p)
-        return p.grad is not st.grad_views[i] or id(p) in st.reached
+        return p.grad is not st.grad_views[st.index[id(p)]] or id(p) in st.reached
 
     def zero_grad(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Zero the gradients of adopted parameters in place (re-linking any replaced ``.grad``);
