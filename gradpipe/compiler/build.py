@@ -537,8 +537,6 @@ class Builder:
             out = body.apply(entry, node)
         finally:
             self._block = outer
-        if out == entry:  # the block is the identity (e.g. { scale(1) }): keep the op's port fed
-            pass
         inner = self._block_members(node)
         for n in inner:
             d = self.graph.nodes[n]

@@ -22,7 +22,7 @@ import torch
 from ..ranges import RangeMixin
 
 __all__ = ["Param", "Buffer", "Op", "TensorOp", "SeededOp", "MacroOp", "NodeCtx", "InnerNode", "find_inner", "REQUIRED", "register", "OPS",
-           "get_op", "route_norms", "adam_moments", "shared_dot", "sqrt_s", "is_zero", "axpy_", "add_s", "addcmul_s"]
+           "get_op", "route_norms", "adam_moments", "global_dot", "sqrt_s", "is_zero", "axpy_", "add_s", "addcmul_s"]
 
 REQUIRED: Any = object()
 
@@ -150,7 +150,8 @@ class Op:
     #: the paper or library this op follows
     reference: ClassVar[str] = ""
 
-    #: elementwise math with no per-tensor reduction, shape or randomness: the compiled
+    #: elementwise math, or reductions over the whole route, with no shape dependence or
+    #: randomness (a per-tensor reduction, ``reduction() == "tensor"``, opts out): the compiled
     #: backend may run it on the route's tensors concatenated into flat buffers. Such an op
     #: must accept its non-constant arguments and the step as 0-d tensors (use ``sqrt_s``,
     #: ``axpy_``, ``add_s``, ``addcmul_s`` and ``is_zero`` instead of ``math.sqrt``,
@@ -182,9 +183,9 @@ class Op:
         return self.reads_param
 
     def flat_ok(self, const_args: dict[str, Any]) -> bool:
-        """Whether a node with these compile-time arguments may run on flat buffers (see ``flat``);
-        ops with a ``scope`` argument override this to allow ``scope=global``."""
-        return self.flat
+        """Whether a node with these compile-time arguments may run on flat buffers (see ``flat``):
+        a ``flat`` op, unless these arguments make it reduce within each tensor (``scope=tensor``)."""
+        return self.flat and self.reduction(const_args) != "tensor"
 
     def reduction(self, args: dict[str, Any]) -> str | None:
         """The reduction this node performs over its input, if any ("global"/"tensor")."""
@@ -328,9 +329,8 @@ def addcmul_s(y: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, a: Any) -> to
     return y.add_(x1 * x2 * a) if isinstance(a, torch.Tensor) else y.addcmul_(x1, x2, value=a)
 
 
-def shared_dot(a: list[torch.Tensor], b: list[torch.Tensor], shared: list[bool] | None) -> torch.Tensor:
-    """The global inner product over the shared tensors (all of them when ``shared`` is None)."""
-    terms = [torch.sum(x * y) for i, (x, y) in enumerate(zip(a, b)) if shared is None or shared[i]]
-    if not terms:
-        return torch.zeros((), dtype=a[0].dtype if a else torch.float32)
-    return torch.stack(terms).sum()
+def global_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """The inner product of two routes' worth of tensors, as if each list were one flat vector."""
+    if not a:
+        return torch.zeros(())
+    return torch.stack([torch.sum(x * y) for x, y in zip(a, b)]).sum()

@@ -47,6 +47,7 @@ class CLASSP(TensorOp):
     """
 
     name = "classp"
+    flat = True
     summary = "x / (S + eps)^(1/p) where x^2 > threshold, else 0; S += |x|^p where updated"
     reference = "Ludwig 2024 (CLASSP); oswaldoludwig/CLASSP CLASSP.py"
     is_rule = True
@@ -63,8 +64,6 @@ class CLASSP(TensorOp):
     def reduction(self, args):
         return "tensor" if args.get("threshold_mode", "elementwise") == "tensor" else None
 
-    def flat_ok(self, const_args):
-        return const_args.get("threshold_mode", "elementwise") == "elementwise"
 
     def update(self, x, state, a, step, inputs, param):
         if not state:

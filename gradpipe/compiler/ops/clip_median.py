@@ -39,6 +39,7 @@ class ClipMedian(Op):
     """
 
     name = "clip_median"
+    flat = True
     summary = "m <- m + clip_tau(x - m), output m (online median)"
     reference = "Schaipp et al. 2024, arXiv:2402.12828"
     params = (
@@ -57,8 +58,6 @@ class ClipMedian(Op):
     def buffer_names(self, const_args):
         return [] if const_args.get("reset") is True else ["m"]
 
-    def flat_ok(self, const_args):
-        return const_args.get("geometry", "l2") == "coord" or const_args.get("scope", "global") == "global"
 
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         xs = ctx.x

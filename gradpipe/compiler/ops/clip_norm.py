@@ -23,6 +23,7 @@ class ClipNorm(Op):
     """
 
     name = "clip_norm"
+    flat = True
     summary = "x * min(1, max / (||x|| + 1e-6)), global or per tensor"
     reference = "Pascanu et al. 2013; torch.nn.utils.clip_grad_norm_"
     params = (
@@ -34,8 +35,6 @@ class ClipNorm(Op):
     def reduction(self, args):
         return args.get("scope", "global")
 
-    def flat_ok(self, const_args):
-        return const_args.get("scope", "global") == "global"
 
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         xs = ctx.x

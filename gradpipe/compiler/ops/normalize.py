@@ -29,6 +29,7 @@ class Normalize(Op):
     """
 
     name = "normalize"
+    flat = True
     summary = "x / (||x|| + eps), per tensor or global"
     reference = "Hazan et al. 2015; Yu et al. 2017, arXiv:1707.04822"
     params = (
@@ -40,8 +41,6 @@ class Normalize(Op):
     def reduction(self, args):
         return args.get("scope", "tensor")
 
-    def flat_ok(self, const_args):
-        return const_args.get("scope", "global") == "global"
 
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         xs = ctx.x

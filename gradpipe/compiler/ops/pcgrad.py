@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import NodeCtx, Param, SeededOp, register, shared_dot
+from .base import NodeCtx, Param, SeededOp, global_dot, register
 
 
 @register
@@ -56,9 +56,9 @@ class PCGrad(SeededOp):
         for i in range(k):
             gi = [g.clone() for g in tasks[i]]
             for j in torch.randperm(k, generator=gen).tolist():
-                dot = shared_dot(gi, tasks[j], None)
+                dot = global_dot(gi, tasks[j])
                 if dot < 0:
-                    coef = dot / shared_dot(tasks[j], tasks[j], None)
+                    coef = dot / global_dot(tasks[j], tasks[j])
                     for t, gj in zip(gi, tasks[j]):
                         t.sub_(coef * gj)
             projected.append(gi)

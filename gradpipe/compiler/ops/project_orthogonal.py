@@ -34,6 +34,7 @@ class ProjectOrthogonal(Op):
     """
 
     name = "project_orthogonal"
+    flat = True
     summary = "a - <a,r>/(<r,r>+eps) r against a reference signal r"
     reference = "Ablin et al. 2024 (Bloop); Mao et al. 2024 (ODICE)"
     params = (
@@ -47,8 +48,6 @@ class ProjectOrthogonal(Op):
     def reduction(self, args):
         return args.get("scope", "global")
 
-    def flat_ok(self, const_args):
-        return const_args.get("scope", "global") == "global"
 
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         xs, rs = ctx.x, ctx.inputs["ref"]
