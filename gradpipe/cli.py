@@ -5,8 +5,12 @@
     gradpipe explain FILE|NAME        nodes, state bytes, reductions, optimisations
     gradpipe graph FILE|NAME -o out.svg|png|dot
     gradpipe ops                      the op library
-    gradpipe demo                     train the digits task with the standard pipelines
     gradpipe bench [--quick] ...      time optimizer steps against torch.optim.Adam
+    gradpipe train FILE|NAME --task T one training run, recorded in MLflow
+    gradpipe compare FILE|NAME|DIR... pipelines x seeds x grid as a Prefect flow, ranked
+    gradpipe serve DIR --cron "..."   a Prefect deployment re-running the comparison on a schedule
+    gradpipe ui                       the MLflow UI on 127.0.0.1
+    gradpipe demo                     compare the standard and seed pipelines on digits
 
 A mistake in a `.grad` file is printed as ``path:line:col: error: ...`` with the
 line and a caret, never as a Python traceback.
@@ -138,12 +142,6 @@ def cmd_ops(args: argparse.Namespace) -> int:
 
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-    rows = run_demo(args.pipelines or None, steps=args.steps, seed=args.seed)
-    return 0 if all(r.ok for r in rows) else 1
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
     if args.quick:
@@ -221,12 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ops", help="list the op library")
     p.set_defaults(func=cmd_ops)
 
-    p = sub.add_parser("demo", help="train scikit-learn's digits with the standard pipelines and scalpel.grad")
-    p.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="names or .grad files (default: the standard set)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
-
     p = sub.add_parser("bench", help="time optimizer steps against torch.optim.Adam (a Markdown table)")
     p.add_argument("--quick", action="store_true", help="100K parameters, adam and diffgrad, 3 repeats")
     p.add_argument("--sizes", help="comma-separated parameter counts (default 100K,1M,10M,100M)")
@@ -243,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="OUT.md", help="write the table and the targets check")
     p.add_argument("-v", "--verbose", action="store_true", help="print each case as it finishes")
     p.set_defaults(func=cmd_bench)
+
+    from .flows.commands import add_commands
+    add_commands(sub)
     return ap
 
 

@@ -17,3 +17,7 @@ import torch
 os.environ.setdefault("GRADPIPE_BACKEND", "eager")
 
 torch.set_num_threads(1)
+
+
+# a real Prefect server on 127.0.0.1 for the flow tests (started only by tests that ask for it)
+from prefect_server import prefect_server  # noqa: E402,F401

@@ -1,19 +1,72 @@
 """Small, fast, deterministic training tasks for trying out optimizers.
 
 Each task trains a tiny model on data shipped with an installed package (no
-downloads), so a run takes well under a second on a laptop CPU and gives the
-same numbers every time for a given seed.
+downloads), so a run takes about a second on a laptop CPU and gives the same
+numbers every time for a given seed.
 
-Tasks:
-    :mod:`gradpipe.tasks.digits`: a 64-64-10 MLP on scikit-learn's 8x8 digits.
-    :mod:`gradpipe.tasks.digits_multitask`: the same digits with a shared trunk
-        and two heads (digit and parity), for multi-loss pipelines.
+Tasks (``gradpipe.tasks.get_task(name)``):
+    ``digits`` (:class:`DigitsTask`, :mod:`gradpipe.tasks.digits`): a 64-64-10
+        MLP on scikit-learn's 8x8 digits; metric ``val_accuracy``.
+    ``digits-multitask`` (:class:`DigitsMultitaskTask`,
+        :mod:`gradpipe.tasks.digits_multitask`): the same digits with a shared
+        trunk and two heads (digit and parity), two named losses ``main`` and
+        ``aux`` for multi-loss pipelines; metric ``val_accuracy``.
+    ``charlm`` (:class:`CharLMTask`, :mod:`gradpipe.tasks.charlm`): a
+        character-level language model of Python standard-library source;
+        metric ``val_loss`` (nats per character).
+
+Any task is trained with :func:`run_task`::
+
+    import gradpipe
+    from gradpipe.tasks import get_task, run_task
+
+    result = run_task(get_task("charlm"),
+                      lambda m: gradpipe.Optimizer(m.named_parameters(), "adam", lr=3e-3),
+                      steps=200, seed=0, on_step=print)
+    print(result.metrics)
+
+**Your own task.** Subclass :class:`Task`: set ``name``, ``metric``,
+``higher_is_better``, ``default_steps`` and ``loss_names``, and implement
+``make_model(seed)``, ``batches(seed, steps)`` (exactly ``steps`` batches),
+``losses(model, batch)`` (a dict of scalar tensors keyed by ``loss_names``)
+and ``evaluate(model)`` (a dict of floats that includes ``metric``); add
+``sample_grads(model, batch)`` for DP pipelines that read ``samples``. The
+constructor's keyword arguments are the task's options. Draw randomness from
+``torch.Generator`` objects seeded from ``seed``, not from the global RNG::
+
+    # mypkg/tasks.py
+    class MyTask(gradpipe.tasks.Task):
+        name = "mytask"
+        metric = "val_loss"
+        higher_is_better = False
+        default_steps = 300
+        loss_names = ("loss",)
+
+        def __init__(self, width: int = 32): ...
+        ...
+
+Then name it ``mypkg.tasks:MyTask`` (``gradpipe train --task mypkg.tasks:MyTask``,
+or ``get_task("mypkg.tasks:MyTask", width=64)``; a function returning a Task
+works too), or register it under a short name with an entry point in your
+package's ``pyproject.toml``::
+
+    [project.entry-points."gradpipe.tasks"]
+    mytask = "mypkg.tasks:MyTask"
+
+and use ``--task mytask``.
 """
 
 from __future__ import annotations
 
+from .base import Diverged, EvalRecord, StepRecord, Task, TaskError, TaskResult, check_task, run_task
+from .charlm import CharLMTask
 from .digits import DigitsData, TrainResult, load_digits_split, make_mlp, train
 from .digits_multitask import MultiTaskModel, MultiTaskResult, make_multitask_model, train_multitask
+from .digits_task import DigitsMultitaskTask, DigitsTask
+from .registry import available_tasks, get_task, task_options
 
 __all__ = ["DigitsData", "TrainResult", "load_digits_split", "make_mlp", "train",
-           "MultiTaskModel", "MultiTaskResult", "make_multitask_model", "train_multitask"]
+           "MultiTaskModel", "MultiTaskResult", "make_multitask_model", "train_multitask",
+           "Task", "TaskError", "TaskResult", "StepRecord", "EvalRecord", "Diverged", "run_task", "check_task",
+           "get_task", "available_tasks", "task_options",
+           "DigitsTask", "DigitsMultitaskTask", "CharLMTask"]

@@ -1,0 +1,311 @@
+"""The orchestration commands of the CLI: ``train``, ``compare``, ``serve``, ``ui`` and ``demo``.
+
+Each ``cmd_*`` takes the parsed arguments and returns the exit status. Every
+mistake a user can make (a bad pipeline, an unknown task, a malformed
+``--set``, a tracking store or Dask scheduler that does not answer) is
+one message on stderr and exit status 2 before anything is written; a
+comparison exits 1 only if every run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .server import apply_prefect_defaults
+
+__all__ = ["add_commands", "DEMO_SINGLE", "DEMO_MULTI"]
+
+#: The demo's single-loss comparison on ``digits``: the standard pipelines and the seed papers'.
+DEMO_SINGLE: tuple[str, ...] = (
+    "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lion", "diffgrad", "grams", "scalpel",
+    "galore_adamw", "coap_adamw", "natural_galore_adamw", "gwt_adam", "sgg_adamw", "noisy_sgd", "dp_sgd",
+    "econtrol_sgd", "aegd", "gravity",
+)
+#: The demo's multi-loss comparison on ``digits-multitask``.
+DEMO_MULTI: tuple[str, ...] = ("adam", "pcgrad_adam", "gcond", "samgs_adam", "bloop_adam")
+
+
+def _fail(command: str, exc: BaseException) -> int:
+    text = str(exc).strip() or type(exc).__name__
+    if type(exc).__name__ != "GradError":
+        text = f"gradpipe {command}: {text}"
+    print(text, file=sys.stderr)
+    return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from ..dsl.diagnostics import GradError
+    from ..tasks import TaskError
+    from .spec import SpecError
+    from .tracking import TrackingError
+    return (GradError, TaskError, SpecError, TrackingError, ConnectionError)
+
+
+def _console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def print_ranking(result: Any, out=None) -> None:
+    """The ranked table (mean and spread over seeds) on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+    console = Console(file=out or sys.stdout, width=140)
+    t = Table(title=f"ranked by {result.metric} ({'higher' if result.higher_is_better else 'lower'} is better)")
+    for col, just in (("#", "right"), ("pipeline", "left"), ("runs", "right"), (result.metric, "right"),
+                      ("final loss", "right"), ("s/run", "right"), ("note", "left")):
+        t.add_column(col, justify=just)
+    for i, r in enumerate(result.ranking, 1):
+        score = "failed" if math.isnan(r.score_mean) else f"{r.score_mean:.4f} ± {r.score_std:.4f}"
+        loss = "" if math.isnan(r.loss_mean) else f"{r.loss_mean:.4f} ± {r.loss_std:.4f}"
+        note = r.reasons[0][:60] if r.reasons else ""
+        t.add_row(str(i), r.label, f"{r.finished}/{r.finished + r.failed}", score, loss, _fmt(r.seconds_mean, 2), note)
+    console.print(t)
+
+
+def _ui_hint(uri: str, exp_id: str, parent: str) -> str:
+    arg = "" if uri == _default_uri() else f" --tracking-uri {uri}"
+    return (f"look at it in the MLflow UI:  gradpipe ui{arg}\n"
+            f"  then open http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{parent}")
+
+
+def _default_uri() -> str:
+    from .tracking import resolve_tracking_uri
+    return resolve_tracking_uri(None)
+
+
+def _run_compare(args: argparse.Namespace, pipelines: Sequence[str], task: str, seeds: Sequence[int], *,
+                 per_pipeline: dict[str, dict[str, Any]] | None = None, name: str | None = None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from .comparison import compare, progress_hook
+    from .spec import parse_grid, parse_sets
+    sets = parse_sets(getattr(args, "set", None))
+    grid = parse_grid(getattr(args, "grid", None))
+    console = _console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False, disable=not console.is_terminal and not args.progress) as bar:
+        job = bar.add_task(f"{task}: starting Prefect", total=None)
+
+        def done(outcome) -> None:
+            if bar.tasks[job].total is None:
+                bar.update(job, total=args._planned)
+            mark = "" if outcome.ok else f"  FAILED: {outcome.reason}"
+            bar.update(job, advance=1, description=f"{task}: {outcome.spec.run_name}")
+            if mark:
+                console.print(f"[red]{outcome.spec.run_name}{mark}[/red]")
+
+        args._planned = len(pipelines) * len(seeds) * max(1, math.prod(len(v) for v in grid.values()) if grid else 1)
+        with progress_hook(done):
+            return compare(pipelines, task, seeds, steps=args.steps, grid=grid, sets=sets,
+                           per_pipeline=per_pipeline, runner=getattr(args, "runner", "local"),
+                           address=getattr(args, "address", None), workers=args.workers,
+                           tracking_uri=args.tracking_uri, experiment=args.experiment, backend=args.backend,
+                           name=name)
+
+
+def _pipelines(targets: Sequence[str]) -> list[str]:
+    from .comparison import grad_files
+    out: list[str] = []
+    for t in targets:
+        out.extend(grad_files(t) if Path(t).is_dir() else [t])
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    try:
+        result = _run_compare(args, _pipelines(args.pipelines), args.task, list(range(args.seed, args.seed + args.seeds)))
+    except _user_errors() as e:
+        return _fail("compare", e)
+    print_ranking(result)
+    failed = result.failed
+    if failed:
+        print(f"{len(failed)} of {len(result.outcomes)} runs failed:", file=sys.stderr)
+        for o in failed:
+            print(f"  {o.spec.run_name}: {o.reason}", file=sys.stderr)
+    print(_ui_hint(result.tracking_uri, result.experiment_id, result.parent_run_id))
+    return 1 if result.all_failed else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from . import tracking
+    from .spec import parse_sets
+    from .train import load_pipeline
+    from ..tasks import get_task
+    try:
+        the_task = get_task(args.task)
+        program = load_pipeline(args.pipeline)
+        sets = parse_sets(args.set)
+        program.check_hyperparams(sets, "--set")
+        from .comparison import plan_runs
+        spec = plan_runs([args.pipeline], args.task, [args.seed], steps=args.steps, sets=sets, backend=args.backend,
+                         task_losses=the_task.loss_names)[0]
+        uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        tracking.check_tracking_uri(uri)
+        exp_id = tracking.ensure_experiment(uri, args.experiment)
+    except _user_errors() as e:
+        return _fail("train", e)
+    from .train import run_params, run_tags
+    steps = spec.steps or the_task.default_steps
+    run_id = tracking.create_child_run(uri, exp_id, None, spec.run_name, run_params(spec, program, steps),
+                                       run_tags(spec))
+    console = _console()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not console.is_terminal and not args.progress) as bar:
+        job = bar.add_task(spec.run_name, total=steps)
+        outcome = _train_in_flow(spec, uri, run_id, lambda s, n: bar.update(job, completed=s))
+    if outcome.ok:
+        metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(outcome.metrics.items()))
+        print(f"{spec.run_name} on {spec.task}: final loss {outcome.final_loss:.4f}  {metrics}")
+    else:
+        print(f"{spec.run_name} on {spec.task} FAILED: {outcome.reason}", file=sys.stderr)
+    print(f"MLflow run {run_id}")
+    print(_ui_hint(uri, exp_id, run_id))
+    return 0 if outcome.ok else 1
+
+
+def _train_in_flow(spec, uri: str, run_id: str, on_step):
+    """One run inside a Prefect flow run (so it shows in Prefect), with a progress callback."""
+    from prefect import flow
+    from .train import execute_run
+
+    @flow(name="gradpipe-train", persist_result=False, validate_parameters=False)
+    def gradpipe_train(spec, uri: str, run_id: str):
+        return execute_run(spec, uri, run_id, on_step=on_step)
+
+    return gradpipe_train(spec, uri, run_id)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .schedule import serve
+    from .server import start_prefect_server
+    from .spec import parse_sets
+    server = None
+    try:
+        sets = parse_sets(args.set)
+        if not os.environ.get("PREFECT_API_URL"):
+            home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+            print(f"PREFECT_API_URL is not set: starting a Prefect server on 127.0.0.1 (PREFECT_HOME={home}); "
+                  "schedules need one", file=sys.stderr)
+            server = start_prefect_server(home, port=args.prefect_port)
+            os.environ["PREFECT_API_URL"] = server.api_url
+            print(f"Prefect server at {server.api_url.removesuffix('/api')}", file=sys.stderr)
+        serve(args.directory, args.cron, name=args.name, task=args.task, seeds=args.seeds, steps=args.steps,
+              tracking_uri=args.tracking_uri, experiment=args.experiment, backend=args.backend, sets=sets)
+    except _user_errors() as e:
+        return _fail("serve", e)
+    except RuntimeError as e:
+        return _fail("serve", e)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from . import tracking
+    from .ui import run_ui
+    try:
+        uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        return run_ui(uri, host=args.host, port=args.port)
+    except _user_errors() as e:
+        return _fail("ui", e)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import lr_for
+    from .spec import pipeline_label
+    single = list(args.pipelines) if args.pipelines else list(DEMO_SINGLE)
+    runs = [("digits", single)]
+    if not args.pipelines:
+        runs.append(("digits-multitask", list(DEMO_MULTI)))
+    status = 0
+    last = None
+    for task, pipelines in runs:
+        lrs = {pipeline_label(p): {"lr": lr_for(p)} for p in pipelines}
+        print(f"\n== {len(pipelines)} pipelines on {task}, {args.seeds} seed(s), {args.steps} steps ==")
+        try:
+            result = _run_compare(args, pipelines, task, list(range(args.seed, args.seed + args.seeds)),
+                                  per_pipeline=lrs, name=f"demo: {task}")
+        except _user_errors() as e:
+            return _fail("demo", e)
+        print_ranking(result)
+        for o in result.failed:
+            print(f"  FAILED {o.spec.run_name}: {o.reason}", file=sys.stderr)
+        status = max(status, 1 if result.all_failed else 0)
+        last = result
+    if last is not None:
+        print("\n" + _ui_hint(last.tracking_uri, last.experiment_id, last.parent_run_id))
+    return status
+
+
+def _common(p: argparse.ArgumentParser, *, steps_default: int | None = None) -> None:
+    p.add_argument("--steps", type=int, default=steps_default, help="optimizer steps (default: the task's)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
+    p.add_argument("--experiment", default="gradpipe", help="MLflow experiment (default gradpipe)")
+    p.add_argument("--backend", default="eager", choices=("eager", "compiled"),
+                   help="gradpipe backend (default eager: small tasks finish before compiling would pay off)")
+    p.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
+
+
+def add_commands(sub: Any) -> None:
+    """Add ``train``, ``compare``, ``serve``, ``ui`` and ``demo`` to the CLI's subparsers."""
+    apply_prefect_defaults()
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "Creating initial MLflow database tables..."
+    p = sub.add_parser("train", help="train one pipeline on a task, recorded in MLflow")
+    p.add_argument("pipeline", metavar="FILE|NAME")
+    p.add_argument("--task", default="digits", help="digits, digits-multitask, charlm, or package.module:factory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a hyperparameter (repeatable)")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="compare pipelines over seeds and a grid (a Prefect flow, MLflow runs)")
+    p.add_argument("pipelines", nargs="+", metavar="FILE|NAME|DIR")
+    p.add_argument("--task", default="digits", help="digits, digits-multitask, charlm, or package.module:factory")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds per pipeline (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a hyperparameter for every run")
+    p.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="try each value (repeatable: a product)")
+    p.add_argument("--runner", default="local", choices=("local", "dask"), help="Prefect task runner")
+    p.add_argument("--address", help="with --runner dask: an existing scheduler, e.g. tcp://10.0.0.5:8786")
+    p.add_argument("--workers", type=int, default=2, help="runs at a time (local) or LocalCluster workers (dask)")
+    _common(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("serve", help="serve a Prefect deployment that re-runs a comparison on a cron schedule")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (every day at 03:00)')
+    p.add_argument("--name", help="deployment name (default: the folder's name)")
+    p.add_argument("--task", default="digits")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--set", action="append", metavar="NAME=VALUE")
+    p.add_argument("--prefect-port", type=int, default=4200,
+                   help="port of the Prefect server started when PREFECT_API_URL is unset (default 4200)")
+    _common(p)
+    p.set_defaults(func=cmd_serve, experiment="gradpipe-scheduled")
+
+    p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 against the same store")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("demo", help="compare the standard and seed pipelines on digits; print the ranked table")
+    p.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="names or .grad files (default: the demo set)")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    _common(p, steps_default=200)
+    p.set_defaults(func=cmd_demo, experiment="gradpipe-demo")

@@ -1,0 +1,268 @@
+"""One training run as a Prefect task and flow, recorded in one MLflow run.
+
+:func:`execute_run` is the whole run as plain Python: load the pipeline and
+the task, train with :func:`gradpipe.tasks.run_task`, log to an existing
+MLflow run. :data:`train_task` wraps it as a Prefect task with retries for
+transient failures (a lost connection to the tracking server, a worker
+restarted); :func:`train_flow` is the one-run flow behind ``gradpipe train``.
+
+What a run records (``docs/orchestration.md`` has the full list):
+
+- params: ``pipeline``, ``pipeline_hash``, ``task``, ``seed``, ``steps``,
+  ``backend`` and every hyperparameter (tuples as ``betas.0``, ``betas.1``);
+- tags: ``gradpipe.version``, ``gradpipe.backend``, ``gradpipe.pipeline``,
+  ``gradpipe.git_commit`` (when the pipeline lives in a git repository),
+  ``prefect.flow_run_id``/``prefect.task_run_id``;
+- metrics per step, sent in batches: ``train/loss`` (and ``train/loss_<name>``
+  for each named loss), ``opt/grad_norm``, ``opt/update_norm``,
+  ``time/step_ms``; ``eval/<metric>`` at each evaluation; ``final/*`` once;
+- artifacts: the ``.grad`` source, its canonical form, the graph picture,
+  the ``explain`` report and ``plots/loss.png``.
+
+A run whose loss becomes NaN or infinite, or whose pipeline or task is
+wrong, ends FAILED with the reason in the ``gradpipe.failure`` tag and keeps
+what it logged. Such failures are returned, not raised: they are answers,
+and retrying cannot change them. Anything else is raised for Prefect to
+retry; a retry reopens the same MLflow run and, training being
+deterministic, skips the steps the earlier attempt already logged, so no
+step is recorded twice.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from prefect import flow, task
+
+from . import tracking
+from .spec import RunSpec, hyperparam_params, pipeline_label
+
+__all__ = ["RunOutcome", "execute_run", "train_task", "train_flow", "run_params", "run_tags",
+           "load_pipeline", "TRANSIENT"]
+
+#: Exceptions worth a retry: the network, the file system, a worker that went away.
+TRANSIENT: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
+
+
+@dataclass
+class RunOutcome:
+    """What a run returns to the flow that started it (small and picklable, for Dask).
+
+    Attributes:
+        spec: the run.
+        run_id: its MLflow run.
+        status: ``"FINISHED"`` or ``"FAILED"``.
+        reason: why it failed (one line), else None.
+        losses: training loss per step (up to the failure for a failed run).
+        metrics: the final evaluation (``val_accuracy``, ``val_loss``, ...).
+        final_loss: mean of the last 10 losses (NaN if none).
+        seconds: wall time of the training loop.
+        metric: the task's headline metric name; ``higher_is_better`` its direction.
+    """
+
+    spec: RunSpec
+    run_id: str
+    status: str
+    reason: str | None = None
+    losses: list[float] = field(default_factory=list, repr=False)
+    metrics: dict[str, float] = field(default_factory=dict)
+    final_loss: float = math.nan
+    seconds: float = 0.0
+    metric: str = "val_loss"
+    higher_is_better: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "FINISHED"
+
+    @property
+    def score(self) -> float:
+        """The headline validation metric (NaN for a failed run)."""
+        return self.metrics.get(self.metric, math.nan) if self.ok else math.nan
+
+
+def load_pipeline(ref: str):
+    """The compiled :class:`~gradpipe.Program` for a name or path (a GradError if it is wrong)."""
+    import gradpipe
+    return gradpipe.load(ref)
+
+
+def run_params(spec: RunSpec, program: Any, steps: int) -> dict[str, str]:
+    """The MLflow params of a run: identity, then every hyperparameter value it trains with."""
+    values = dict(program.defaults())
+    values.update(spec.hyperparams)
+    params = {"pipeline": pipeline_label(spec.pipeline), "pipeline_hash": program.hash, "task": spec.task,
+              "seed": str(spec.seed), "steps": str(steps), "backend": spec.backend}
+    params.update(hyperparam_params(values))
+    params.update({f"task.{k}": str(v) for k, v in spec.task_options.items()})
+    return params
+
+
+def run_tags(spec: RunSpec, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The MLflow tags of a run."""
+    import gradpipe
+    tags = {"gradpipe.version": gradpipe.__version__, "gradpipe.backend": spec.backend,
+            "gradpipe.pipeline": pipeline_label(spec.pipeline), "gradpipe.run_key": spec.key,
+            "gradpipe.task": spec.task}
+    where = pathlib.Path(spec.pipeline)
+    commit = tracking.git_commit(where.parent if where.suffix == ".grad" else pathlib.Path.cwd())
+    if commit:
+        tags["gradpipe.git_commit"] = commit
+    tags.update(_prefect_ids())
+    tags.update(extra or {})
+    return tags
+
+
+def _prefect_ids() -> dict[str, str]:
+    try:
+        from prefect.runtime import flow_run, task_run
+        out = {"prefect.flow_run_id": flow_run.id, "prefect.task_run_id": task_run.id}
+    except Exception:  # pragma: no cover - outside Prefect, or an older runtime
+        return {}
+    return {k: str(v) for k, v in out.items() if v}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    is_grad_error = type(exc).__name__ == "GradError"
+    reason = first if is_grad_error and first else (f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+    return reason[:2000]
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from ..dsl.diagnostics import GradError
+    from ..tasks import TaskError
+    return isinstance(exc, (GradError, TaskError))
+
+
+def _logged_upto(uri: str, run_id: str) -> int:
+    """The last step an earlier attempt of this run logged (0 for a fresh run)."""
+    from mlflow import MlflowClient
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")
+    return max((m.step for m in history), default=0)
+
+
+def _clear_failure(uri: str, run_id: str) -> None:
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    if tracking.FAILURE_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, tracking.FAILURE_TAG)
+
+
+def execute_run(spec: RunSpec, uri: str, run_id: str, *,
+                on_step: Callable[[int, int], None] | None = None) -> RunOutcome:
+    """Train ``spec`` and record it in the MLflow run ``run_id`` of the store at ``uri``.
+
+    The run must exist (see :func:`gradpipe.flows.tracking.create_child_run`);
+    this sets it RUNNING, logs params, tags, metrics and artifacts, and ends it
+    FINISHED or FAILED. ``on_step(step, steps)`` reports progress.
+
+    Returns:
+        The :class:`RunOutcome`. A diverged run or a user error (a GradError,
+        an unknown task) is a FAILED outcome; other exceptions propagate, with
+        the run marked FAILED, so that the caller may retry.
+    """
+    import gradpipe
+    from ..tasks import Diverged, get_task, run_task
+    from .figures import loss_curves
+
+    log = tracking.RunLogger(uri, run_id)
+    log.start()
+    outcome = RunOutcome(spec=spec, run_id=run_id, status="FAILED")
+    curve: list[tuple[int, float]] = []
+    try:
+        skip = _logged_upto(uri, run_id)
+        if skip:  # a retry: the earlier attempt's failure is history, its steps are kept
+            log.tags({"gradpipe.resumed_after_step": str(skip)})
+            _clear_failure(uri, run_id)
+        program = load_pipeline(spec.pipeline)
+        the_task = get_task(spec.task, **dict(spec.task_options))
+        steps = spec.steps or the_task.default_steps
+        outcome.metric, outcome.higher_is_better = the_task.metric, the_task.higher_is_better
+        program.check_hyperparams(spec.hyperparams, "the run's hyperparameters")
+        if not skip:
+            log.params(run_params(spec, program, steps))
+            log.tags(run_tags(spec))
+            for name, text in tracking.pipeline_artifacts(program, program.source).items():
+                log.text(text, f"pipeline/{name}")
+
+        def make_optimizer(model):
+            return gradpipe.Optimizer(model.named_parameters(), program, backend=spec.backend,
+                                      **dict(spec.hyperparams))
+
+        def step_hook(rec) -> None:
+            curve.append((rec.step, rec.loss))
+            if on_step is not None:
+                on_step(rec.step, steps)
+            if rec.step <= skip:
+                return
+            values = {"train/loss": rec.loss, "opt/grad_norm": rec.grad_norm,
+                      "opt/update_norm": rec.update_norm, "time/step_ms": rec.seconds * 1e3}
+            if len(rec.losses) > 1:
+                values.update({f"train/loss_{k}": v for k, v in rec.losses.items()})
+            log.metrics(values, rec.step)
+
+        def eval_hook(rec) -> None:
+            if rec.step > skip:
+                log.metrics({f"eval/{k}": v for k, v in rec.metrics.items()}, rec.step)
+
+        start = time.perf_counter()
+        try:
+            result = run_task(the_task, make_optimizer, steps=steps, seed=spec.seed, eval_every=spec.eval_every,
+                              on_step=step_hook, on_eval=eval_hook)
+        finally:
+            outcome.seconds = time.perf_counter() - start
+            outcome.losses = [v for _, v in curve]
+            if curve:
+                log.figure(loss_curves({spec.label: curve}, f"{spec.run_name} on {spec.task}"), "plots/loss.png")
+        outcome.metrics = dict(result.metrics)
+        outcome.final_loss = result.final_loss
+        log.metrics({"final/loss": result.final_loss, "final/seconds": outcome.seconds,
+                     **{f"final/{k}": v for k, v in result.metrics.items()}}, steps)
+        outcome.status = "FINISHED"
+        log.finish("FINISHED")
+        return outcome
+    except Diverged as e:
+        outcome.reason = str(e)
+        log.finish("FAILED", outcome.reason)
+        return outcome
+    except Exception as e:
+        outcome.reason = _one_line(e)
+        log.finish("FAILED", outcome.reason)
+        if _is_user_error(e):
+            return outcome
+        raise
+    except BaseException:  # KeyboardInterrupt, SystemExit from a SIGTERM handler
+        log.finish("KILLED", "interrupted")
+        raise
+
+
+def _retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: only errors a second attempt can fix."""
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="train-run", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient,
+      task_run_name="{spec.pipeline} seed={spec.seed}", persist_result=False)
+def train_task(spec: RunSpec, uri: str, run_id: str) -> RunOutcome:
+    """Prefect task: :func:`execute_run` with retries for transient errors."""
+    return execute_run(spec, uri, run_id)
+
+
+@flow(name="gradpipe-train", log_prints=False, persist_result=False)
+def train_flow(spec: RunSpec, uri: str, experiment: str = "gradpipe") -> RunOutcome:
+    """Prefect flow: one run as its own top-level MLflow run in ``experiment``."""
+    exp_id = tracking.ensure_experiment(uri, experiment)
+    run_id = tracking.create_child_run(uri, exp_id, None, spec.run_name, {}, {})
+    return train_task(spec, uri, run_id)

@@ -1,0 +1,197 @@
+"""The Prefect flows for real: comparisons, failures, a Dask cluster, a cron schedule, the CLI.
+
+Every test here runs against a real Prefect server on 127.0.0.1 (the
+``prefect_server`` fixture) and an MLflow SQLite store in ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from prefect_server import api_request, prefect_env
+
+pytestmark = pytest.mark.slow
+
+GRADPIPE = [sys.executable, "-m", "gradpipe"]
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri, experiment):
+    c = _client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def _curve(uri, run_id, key="train/loss"):
+    return [m.value for m in sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_compare_2x2_leaves_one_parent_and_four_finished_children(prefect_server, tmp_path):
+    """The issue's acceptance check: 2 pipelines x 2 seeds, 30 steps on digits."""
+    from gradpipe.flows import compare
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    result = compare(["adam", "momentum"], "digits", [0, 1], steps=30,
+                     per_pipeline={"adam": {"lr": 0.01}, "momentum": {"lr": 0.1}},
+                     tracking_uri=uri, experiment="acceptance")
+    parents, children = _runs(uri, "acceptance")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_id == result.parent_run_id
+    assert len(children) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {result.parent_run_id}
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert {(r.data.params["pipeline"], r.data.params["seed"]) for r in children} == {
+        ("adam", "0"), ("adam", "1"), ("momentum", "0"), ("momentum", "1")}
+    for r in children:
+        curve = _curve(uri, r.info.run_id)
+        assert len(curve) == 30
+        assert sum(curve[-5:]) / 5 < 0.85 * sum(curve[:5]) / 5, "the loss must fall"
+        assert r.data.tags["prefect.flow_run_id"] == parents[0].data.tags["prefect.flow_run_id"]
+    arts = {a.path for a in _client(uri).list_artifacts(result.parent_run_id)}
+    assert {"comparison.md", "comparison.json", "plots"} <= arts
+    assert {r.label for r in result.ranking} == {"adam lr=0.01", "momentum lr=0.1"}
+
+
+def test_a_failing_run_does_not_stop_the_others(prefect_server, tmp_path):
+    from gradpipe.flows import compare
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    result = compare(["adam", "sgd"], "digits", [0], steps=20,
+                     per_pipeline={"adam": {"lr": 0.01}, "sgd": {"lr": 1e38}},
+                     tracking_uri=uri, experiment="failing")
+    assert [o.spec.label for o in result.failed] == ["sgd lr=1e+38"]
+    parents, children = _runs(uri, "failing")
+    status = {r.data.params["pipeline"]: r for r in children}
+    assert status["adam"].info.status == "FINISHED"
+    assert status["sgd"].info.status == "FAILED"
+    assert "became inf" in status["sgd"].data.tags["gradpipe.failure"]
+    assert _curve(uri, status["sgd"].info.run_id), "a failed run keeps what it logged"
+    assert parents[0].info.status == "FINISHED"
+    assert result.ranking[-1].label == "sgd lr=1e+38"
+
+
+def test_compare_on_a_dask_cluster_of_two_worker_processes(prefect_server, tmp_path):
+    from distributed import LocalCluster
+    from gradpipe.flows import compare
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster:
+        result = compare(["adam", "rmsprop"], "digits", [0, 1], steps=15, sets={"lr": 0.01}, runner="dask",
+                         address=cluster.scheduler_address, tracking_uri=uri, experiment="dask")
+        worker_pids = {w.pid for w in cluster.workers.values()} if hasattr(cluster, "workers") else set()
+    assert not result.failed
+    parents, children = _runs(uri, "dask")
+    assert len(parents) == 1 and len(children) == 4
+    assert {r.info.status for r in children} == {"FINISHED"}
+    assert all(len(_curve(uri, r.info.run_id)) == 15 for r in children)
+    assert len(worker_pids) == 2
+
+
+def test_a_cron_schedule_runs_the_comparison(prefect_server, tmp_path):
+    """`gradpipe serve DIR --cron` for real: serve, trigger the deployment, find the runs in MLflow."""
+    from prefect.deployments import run_deployment
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    (folder / "mine.grad").write_text("hparam lr = 0.01\ngrad | adam(0.9, 0.999, 1e-8)\n")
+    (folder / "plain.grad").write_text("hparam lr = 0.05\ngrad\n")
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    env = prefect_env(prefect_server)
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([*GRADPIPE, "serve", str(folder), "--cron", "0 3 * * *", "--name", "nightly",
+                             "--steps", "10", "--tracking-uri", uri, "--experiment", "sched"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        dep = None
+        while time.monotonic() < deadline and dep is None:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            found = api_request(prefect_server.api_url, "/deployments/filter", {})
+            dep = next((d for d in found if d["name"] == "nightly"), None)
+            time.sleep(0.5)
+        assert dep is not None, (tmp_path / "serve.log").read_text()
+        assert dep["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        run = run_deployment("gradpipe-scheduled-compare/nightly", timeout=240)
+        assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
+    finally:
+        import signal
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    parents, children = _runs(uri, "sched")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.params["pipeline"] for r in children) == ["mine", "plain"]
+    assert {r.info.status for r in children} == {"FINISHED"}
+
+
+def test_cli_compare_prints_the_ranking_and_the_ui_command(prefect_server, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = subprocess.run([*GRADPIPE, "compare", "adam", "sgd", "--task", "digits", "--seeds", "2", "--steps", "10",
+                          "--set", "lr=0.05", "--tracking-uri", uri, "--experiment", "cli"],
+                         env=prefect_env(prefect_server), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ranked by val_accuracy" in out.stdout and "2/2" in out.stdout
+    assert "gradpipe ui" in out.stdout and "#/experiments/" in out.stdout
+    assert "Traceback" not in out.stderr
+    assert len(_runs(uri, "cli")[1]) == 4
+
+
+def test_cli_exits_nonzero_only_when_every_run_fails(prefect_server, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = subprocess.run([*GRADPIPE, "compare", "sgd", "momentum", "--steps", "10", "--set", "lr=1e38",
+                          "--tracking-uri", uri, "--experiment", "allfail"],
+                         env=prefect_env(prefect_server), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 1
+    assert "2 of 2 runs failed" in out.stderr and "Traceback" not in out.stderr
+    parents, children = _runs(uri, "allfail")
+    assert parents[0].info.status == "FAILED" and {r.info.status for r in children} == {"FAILED"}
+
+
+def test_cli_train_on_the_char_lm(prefect_server, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = subprocess.run([*GRADPIPE, "train", "adam", "--task", "charlm", "--steps", "40", "--set", "lr=3e-3",
+                          "--tracking-uri", uri, "--experiment", "lm"],
+                         env=prefect_env(prefect_server), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "val_loss=" in out.stdout
+    parents, _ = _runs(uri, "lm")
+    (run,) = parents
+    assert run.info.status == "FINISHED" and run.data.params["task"] == "charlm"
+    evals = _curve(uri, run.info.run_id, "eval/val_loss")
+    assert evals[-1] < evals[0]
+
+
+BAD = [
+    (["compare", "adma", "--steps", "5"], "did you mean"),
+    (["compare", "adam", "--task", "digitz"], "digits"),
+    (["compare", "adam", "--set", "lrr=0.1"], "unknown hyperparameter 'lrr'"),
+    (["compare", "adam", "--set", "lr"], "--set expects NAME=VALUE"),
+    (["compare", "pcgrad_adam", "--task", "digits"], "digits-multitask"),
+    (["compare", "adam", "--tracking-uri", "http://127.0.0.1:9"], "127.0.0.1:9"),
+    (["compare", "adam", "--runner", "dask", "--address", "tcp://127.0.0.1:9"], "no Dask scheduler answers"),
+    (["train", "nope.grad"], "nope.grad"),
+    (["serve", ".", "--cron", "every day"], "cron"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_message_and_nothing_written(tmp_path, argv, needle):
+    (tmp_path / "p.grad").write_text("grad\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    out = subprocess.run([*GRADPIPE, *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.grad"], "nothing half-written"
