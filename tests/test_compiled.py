@@ -279,6 +279,20 @@ def test_dp_sgd_on_the_compiled_backend_matches_eager():
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
 
 
+def test_a_pipeline_reading_samples_and_grad_sees_the_same_grad_on_both_backends():
+    """Stepping with samples and no backward: ``grad`` is the mean of the per-example gradients.
+    The compiled backend keeps a zeroed gradient view on every parameter; it must not read it."""
+    src = "hparam lr = 0.1\ngrad + (samples | dp_clip(1e9) | dp_noise(0))"
+    out = []
+    for backend in ("eager", "compiled"):
+        m = _model(dtype=torch.float64)
+        opt = gradpipe.Optimizer(m.named_parameters(), src, backend=backend)
+        _train(m, opt, 4)
+        out.append([p.detach().clone() for p in m.parameters()])
+    for p, q in zip(*out):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12)
+
+
 def test_a_second_optimizer_of_the_same_model_does_not_recompile():
     src = "grad | adam(0.8, 0.95) | decay(0.02)"  # a pipeline no other test compiles
     first = _model()

@@ -195,3 +195,60 @@ def test_bad_input_is_one_message_and_nothing_written(tmp_path, argv, needle):
     assert needle in out.stderr
     assert "Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.grad"], "nothing half-written"
+
+
+def test_prefect_retries_a_transient_failure_into_the_same_run(prefect_server, tmp_path, monkeypatch):
+    """An OSError mid-run (a lost connection) is retried by Prefect; the retry reopens the same MLflow
+    run and logs every step exactly once."""
+    import gradpipe.flows.train as train_mod
+    from gradpipe.flows import compare
+    real = train_mod.execute_run
+    calls = []
+
+    def flaky(spec, uri, run_id, **kw):
+        calls.append(run_id)
+        if len(calls) == 1:
+            return real(spec, uri, run_id, on_step=lambda s, n: (_ for _ in ()).throw(OSError("reset"))
+                        if s == 7 else None)
+        return real(spec, uri, run_id, **kw)
+
+    monkeypatch.setattr(train_mod, "execute_run", flaky)
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    result = compare(["adam"], "digits", [0], steps=12, sets={"lr": 0.01}, tracking_uri=uri, experiment="retry")
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert not result.failed
+    parents, children = _runs(uri, "retry")
+    (child,) = children
+    assert child.info.status == "FINISHED" and child.data.tags["gradpipe.resumed_after_step"] == "6"
+    steps = sorted(m.step for m in _client(uri).get_metric_history(child.info.run_id, "train/loss"))
+    assert steps == list(range(1, 13))
+
+
+def test_sigterm_ends_the_run_as_killed_and_keeps_its_metrics(prefect_server, tmp_path):
+    import signal
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    proc = subprocess.Popen([*GRADPIPE, "train", "sgd", "--task", "charlm", "--steps", "100000",
+                             "--tracking-uri", uri, "--experiment", "term"],
+                            env=prefect_env(prefect_server), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        logged = []
+        while time.monotonic() < deadline and not logged:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(1)
+            try:
+                (run,) = _runs(uri, "term")[0]
+                logged = _curve(uri, run.info.run_id)
+            except (ValueError, AttributeError):
+                pass
+        assert logged, "no metrics were flushed"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    (run,) = _runs(uri, "term")[0]
+    assert run.info.status == "KILLED"
+    assert len(_curve(uri, run.info.run_id)) >= len(logged)

@@ -6,7 +6,6 @@ in the demo tests), so they do not depend on the pipeline compiler.
 
 from __future__ import annotations
 
-import io
 import math
 import pathlib
 
@@ -116,47 +115,3 @@ def test_float64_and_epoch_wraparound() -> None:
     assert len(r.losses) == 25 and all(math.isfinite(v) for v in r.losses)
     r32 = train(adam(), steps=25, batch_size=128)
     assert r.initial_loss == pytest.approx(r32.initial_loss, rel=1e-5)
-
-
-def _fake_optimizer(named_parameters, name, lr, backend=None):
-    """Stands in for gradpipe.Optimizer so the demo is tested on its own."""
-    from gradpipe.dsl.diagnostics import GradError, Span
-
-    params = [p for _, p in named_parameters]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "bad":
-        src = "grad | nosuchop\n"
-        raise GradError("unknown operator 'nosuchop'", Span(1, 8, 1, 16, "bad.grad", src), "did you mean 'sign'?")
-    raise RuntimeError("exploded\nwith a second line")
-
-
-def test_demo_table_rows_and_failures(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gradpipe
-    from gradpipe.demo import REFERENCE_LABEL, run_demo
-
-    monkeypatch.setattr(gradpipe, "Optimizer", _fake_optimizer, raising=False)
-    buf = io.StringIO()
-    rows = run_demo(["sgd", "bad", "weird"], steps=20, out=buf)
-    text = buf.getvalue()
-
-    assert [r.pipeline for r in rows] == ["sgd", REFERENCE_LABEL, "bad", "weird"]
-    sgd, ref, bad, weird = rows
-    assert sgd.ok and ref.ok and sgd.lr == ref.lr == 0.1
-    assert sgd.result.losses == ref.result.losses  # same init, same batches
-    assert not bad.ok and bad.error == "bad.grad:1:8: error: unknown operator 'nosuchop'"
-    assert not weird.ok and weird.error == "RuntimeError: exploded" and weird.lr == 1e-2
-    assert "Traceback" not in text and "second line" not in text
-    assert text.splitlines()[0].startswith("gradpipe demo:")
-    assert "FAILED: bad.grad:1:8" in text
-    assert "identical losses" in text
-
-
-def test_demo_reference_only() -> None:
-    from gradpipe.demo import REFERENCE_LABEL, run_demo
-
-    buf = io.StringIO()
-    rows = run_demo([], steps=5, out=buf)
-    assert [r.pipeline for r in rows] == [REFERENCE_LABEL]
-    assert rows[0].ok
-    assert REFERENCE_LABEL in buf.getvalue()

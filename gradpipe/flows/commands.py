@@ -90,6 +90,7 @@ def _run_compare(args: argparse.Namespace, pipelines: Sequence[str], task: str, 
     from .spec import parse_grid, parse_sets
     sets = parse_sets(getattr(args, "set", None))
     grid = parse_grid(getattr(args, "grid", None))
+    _end_runs_on_sigterm()
     console = _console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False, disable=not console.is_terminal and not args.progress) as bar:
@@ -110,6 +111,13 @@ def _run_compare(args: argparse.Namespace, pipelines: Sequence[str], task: str, 
                            address=getattr(args, "address", None), workers=args.workers,
                            tracking_uri=args.tracking_uri, experiment=args.experiment, backend=args.backend,
                            name=name)
+
+
+def _end_runs_on_sigterm() -> None:
+    """A SIGTERM (Prefect cancelling, a scheduler stopping us) ends our open MLflow runs as
+    KILLED instead of leaving them RUNNING forever."""
+    from . import tracking
+    tracking.install_sigterm_handler(tracking.end_open_runs)
 
 
 def _pipelines(targets: Sequence[str]) -> list[str]:
@@ -158,6 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     steps = spec.steps or the_task.default_steps
     run_id = tracking.create_child_run(uri, exp_id, None, spec.run_name, run_params(spec, program, steps),
                                        run_tags(spec))
+    _end_runs_on_sigterm()
     console = _console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not console.is_terminal and not args.progress) as bar:

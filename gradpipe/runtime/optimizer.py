@@ -186,7 +186,7 @@ class Optimizer(torch.optim.Optimizer):
                 elif by_sample is not None:
                     if p not in by_sample:
                         continue
-                elif p.grad is None or (self._compiled is not None and not self._compiled.has_grad(p)):
+                elif not self._has_grad(p):
                     continue
                 elif p.grad.is_sparse:
                     raise RuntimeError("gradpipe does not support sparse gradients")
@@ -213,7 +213,7 @@ class Optimizer(torch.optim.Optimizer):
                 grads = {k: [v[p] for p in params] for k, v in named_grads.items()}
             elif by_sample is not None:
                 grads = {"samples": [by_sample[p] for p in params],
-                         "grad": [p.grad if p.grad is not None else by_sample[p].mean(0) for p in params]}
+                         "grad": [p.grad if self._has_grad(p) else by_sample[p].mean(0) for p in params]}
             else:
                 grads = {"grad": [p.grad for p in params]}
             shared = [shared_of[p] for p in params] if shared_of is not None else None
@@ -274,6 +274,13 @@ class Optimizer(torch.optim.Optimizer):
                                  f"shape (B, {', '.join(map(str, p.shape))}), got {tuple(g.shape)}")
             out[p] = g.detach()
         return out
+
+    def _has_grad(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` got a gradient this step (the compiled backend keeps a zeroed
+        gradient view on every adopted parameter; it counts only once something wrote it)."""
+        if p.grad is None:
+            return False
+        return self._compiled is None or self._compiled.has_grad(p)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, except that the compiled backend keeps the gradients of the parameters it
