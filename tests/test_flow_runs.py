@@ -8,6 +8,7 @@ stores in ``tmp_path``; ``test_flows.py`` runs the same code through Prefect.
 from __future__ import annotations
 
 import math
+import pathlib
 
 import pytest
 from hypothesis import given, strategies as st
@@ -198,3 +199,13 @@ def test_a_retried_run_logs_every_step_exactly_once(store):
     assert straight.losses == out.losses
     by_step = {m.step: m.value for m in _client(uri).get_metric_history(rid, "train/loss")}
     assert [by_step[s] for s in range(1, 31)] == pytest.approx(straight.losses, rel=0, abs=0)
+
+
+def test_a_folder_skips_the_pipelines_its_task_cannot_train(tmp_path):
+    from gradpipe.flows.comparison import fitting_task, grad_files
+    files = grad_files("pipelines")
+    fit, skipped = fitting_task(files, "digits")
+    assert {pathlib.Path(f).stem for f in skipped} == {"pcgrad_adam", "gcond", "samgs_adam", "bloop_adam"}
+    assert len(fit) + len(skipped) == len(files)
+    fit, skipped = fitting_task(files, "digits-multitask")
+    assert not skipped

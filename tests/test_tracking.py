@@ -368,5 +368,7 @@ def test_band_curves_render() -> None:
     assert labels == ["adam (mean of 2 seeds)", "sgd (mean of 2 seeds, 1 diverged)", "one (mean of 1 seed)"]
     mean = ax.get_lines()[0].get_ydata()
     assert list(mean) == [3.5, 2.25, 1.25, 1.2]
-    assert ax.get_legend().get_title().get_text().startswith("line: mean over seeds")
+    assert [list(x.get_ydata()) for x in ax.get_lines()[1:3]] == [[3.0, 2.0, 1.0], [4.0, 2.5, 1.5, 1.2]]
+    assert len(ax.get_lines()) == 3 + 3 + 1  # every run thin, plus each pipeline's mean
+    assert ax.get_legend().get_title().get_text().startswith("bold: mean over seeds, thin: each run")
     assert figures.figure_png(fig).startswith(PNG)

@@ -120,17 +120,29 @@ def _end_runs_on_sigterm() -> None:
     tracking.install_sigterm_handler(tracking.end_open_runs)
 
 
-def _pipelines(targets: Sequence[str]) -> list[str]:
-    from .comparison import grad_files
+def _pipelines(targets: Sequence[str], task: str) -> list[str]:
+    """Names and files as given; a folder's ``.grad`` files that ``task`` can train (the others
+    are listed on stderr: a folder usually mixes single- and multi-loss pipelines)."""
+    from .comparison import fitting_task, grad_files
     out: list[str] = []
     for t in targets:
-        out.extend(grad_files(t) if Path(t).is_dir() else [t])
+        if not Path(t).is_dir():
+            out.append(t)
+            continue
+        files = grad_files(t)
+        if not files:
+            from .spec import SpecError
+            raise SpecError(f"no .grad files in {t}")
+        fit, skipped = fitting_task(files, task)
+        for f in skipped:
+            print(f"skipping {f}: it reads named losses that task {task!r} does not have", file=sys.stderr)
+        out.extend(fit)
     return out
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     try:
-        result = _run_compare(args, _pipelines(args.pipelines), args.task, list(range(args.seed, args.seed + args.seeds)))
+        result = _run_compare(args, _pipelines(args.pipelines, args.task), args.task, list(range(args.seed, args.seed + args.seeds)))
     except _user_errors() as e:
         return _fail("compare", e)
     print_ranking(result)

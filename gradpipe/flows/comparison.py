@@ -37,7 +37,8 @@ from . import tracking
 from .spec import RunSpec, SpecError, grid_points, pipeline_label
 from .train import RunOutcome, load_pipeline, run_params, run_tags, train_task
 
-__all__ = ["RANKED_COLUMNS", "Comparison", "RankedRow", "compare", "compare_flow", "make_runner",
+__all__ = ["RANKED_COLUMNS", "Comparison", "RankedRow", "compare", "compare_flow", "make_runner", "fitting_task",
+           "grad_files",
            "plan_runs", "rank", "check_dask_address", "progress_hook"]
 
 _progress: list[Callable[[RunOutcome], None]] = []
@@ -330,3 +331,18 @@ def compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequence[int]
 def grad_files(directory: str | pathlib.Path) -> list[str]:
     """The ``.grad`` files under ``directory`` (recursively, sorted)."""
     return [str(p) for p in sorted(pathlib.Path(directory).rglob("*.grad")) if p.is_file()]
+
+
+def fitting_task(files: Sequence[str], task: str) -> tuple[list[str], list[str]]:
+    """Split a folder's pipelines into those ``task`` can train and those it cannot
+    (a pipeline reading ``grads.main`` needs a task with a loss named ``main``).
+
+    Named pipelines that don't fit are an error (:func:`plan_runs`); a folder
+    usually mixes single- and multi-loss pipelines, so its misfits are skipped.
+    """
+    from ..tasks import get_task
+    names = set(get_task(task).loss_names)
+    fit, skipped = [], []
+    for f in files:
+        (fit if set(load_pipeline(f).losses) <= names else skipped).append(f)
+    return fit, skipped

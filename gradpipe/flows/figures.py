@@ -83,7 +83,7 @@ def loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], title: str, y
 
 def band_curves(groups: Mapping[str, list[Sequence[float]]], title: str, ylabel: str = "loss",
                 *, xlabel: str = "step") -> Figure:
-    """Mean over seeds with a min-max band, one colour per pipeline.
+    """Every run's curve (thin), and per pipeline the mean over seeds (bold) with a min-max band.
 
     ``groups[pipeline] = [losses of seed 0, losses of seed 1, ...]``, each a
     per-step sequence (step 1 first). Seeds may have different lengths (a run
@@ -116,12 +116,14 @@ def band_curves(groups: Mapping[str, list[Sequence[float]]], title: str, ylabel:
         label += f", {diverged} diverged)" if diverged else ")"
         (line,) = ax.plot(x, mean, label=label, lw=1.6, marker="o" if n == 1 else None)
         if len(runs) > 1:
-            ax.fill_between(x, lo, hi, where=has, alpha=0.22, color=line.get_color(), lw=0)
+            ax.fill_between(x, lo, hi, where=has, alpha=0.15, color=line.get_color(), lw=0)
+            for r in runs:  # each child run, so the parent's figure shows every curve
+                ax.plot(np.arange(1, len(r) + 1), r, lw=0.6, alpha=0.55, color=line.get_color())
             banded = True
         lines += 1
         finite.append(arr[ok])
     return _finish(fig, ax, title, xlabel, ylabel, finite, lines,
-                   "line: mean over seeds, band: min to max" if banded else None)
+                   "bold: mean over seeds, thin: each run, band: min to max" if banded else None)
 
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:

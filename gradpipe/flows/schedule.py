@@ -17,7 +17,7 @@ from typing import Any
 
 from prefect import flow
 
-from .comparison import compare, grad_files
+from .comparison import compare, fitting_task, grad_files
 from .spec import SpecError
 
 __all__ = ["scheduled_compare", "serve", "deployment_name"]
@@ -35,9 +35,11 @@ def scheduled_compare(directory: str, task: str = "digits", seeds: int = 1, step
                       tracking_uri: str | None = None, experiment: str = "gradpipe-scheduled",
                       backend: str = "eager", sets: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compare every ``.grad`` file in ``directory`` now; returns a summary (parent run id, counts)."""
-    files = grad_files(directory)
+    files, skipped = fitting_task(grad_files(directory), task)
+    if skipped:
+        print(f"skipped (they need named losses {task} lacks): {', '.join(skipped)}")
     if not files:
-        raise SpecError(f"no .grad files in {directory}")
+        raise SpecError(f"no .grad files in {directory} that task {task!r} can train")
     result = compare(files, task, list(range(seeds)), steps=steps, sets=sets, tracking_uri=tracking_uri,
                      experiment=experiment, backend=backend, name=f"scheduled: {pathlib.Path(directory).name}")
     print(f"compared {len(files)} pipelines: parent run {result.parent_run_id}, "
@@ -72,6 +74,8 @@ def serve(directory: str | pathlib.Path, cron: str, *, name: str | None = None, 
     for f in files:
         gradpipe.load(f)
     get_task(task)
+    if not fitting_task(files, task)[0]:
+        raise SpecError(f"no .grad file in {directory} can train on task {task!r} (they read named losses)")
     try:
         CronSchedule(cron=cron)
     except ValueError:
