@@ -72,10 +72,15 @@ def print_ranking(result: Any, out=None) -> None:
     console.print(t)
 
 
-def _ui_hint(uri: str, exp_id: str, parent: str) -> str:
+def _ui_hint(uri: str, exp_id: str, run_id: str, *, sweep: bool = True) -> str:
+    """The command that opens the MLflow UI on this store, and the page to open: a sweep's
+    runs in the chart view (every child's curves), or one run's page."""
+    from .ui import experiment_runs_url
     arg = "" if uri == _default_uri() else f" --tracking-uri {uri}"
-    return (f"look at it in the MLflow UI:  gradpipe ui{arg}\n"
-            f"  then open http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{parent}")
+    base = "http://127.0.0.1:5000"
+    page = (experiment_runs_url(base, exp_id, parent_run_id=run_id) if sweep
+            else f"{base}/#/experiments/{exp_id}/runs/{run_id}")
+    return f"look at it in the MLflow UI:  gradpipe ui{arg}\n  then open {page}"
 
 
 def _default_uri() -> str:
@@ -190,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"{spec.run_name} on {spec.task} FAILED: {outcome.reason}", file=sys.stderr)
     print(f"MLflow run {run_id}")
-    print(_ui_hint(uri, exp_id, run_id))
+    print(_ui_hint(uri, exp_id, run_id, sweep=False))
     return 0 if outcome.ok else 1
 
 

@@ -168,7 +168,7 @@ def _inductor_with_scalars_hoisted(gm: torch.fx.GraphModule, example_inputs: lis
 
     scalars = _scalar_nodes(gm)
     if not any(n.op != "placeholder" for n in scalars):
-        return compile_fx(gm, example_inputs)
+        return _CompiledOnFirstCall(gm)
     try:
         split = split_module(gm, None, lambda n: 0 if n in scalars else 1)
     except Exception:  # noqa: BLE001 - an unexpected graph shape: compile it whole
@@ -180,18 +180,49 @@ def _inductor_with_scalars_hoisted(gm: torch.fx.GraphModule, example_inputs: lis
 
 
 class _CompiledOnFirstCall(torch.nn.Module):
-    """Compiles a submodule with Inductor when it first runs (its inputs are known then)."""
+    """Compiles a submodule with Inductor when it first runs (its inputs are known then).
+
+    The scalars are computed in float64 (hyperparameters, ``1 - b2 ** step``), but a
+    float64 scalar inside a float32 loop makes Inductor convert every element to double
+    and back: the 10M-parameter Adam step took 1.12x torch's fused Adam that way and
+    0.67x with float32 scalars (docs/benchmarks.md). So when no vector input is float64,
+    the 0-d float64 inputs are rounded to float32 on the way in, once per step (the
+    eager backend rounds them the same way: torch computes ``float32 * python_float``
+    in float32)."""
 
     def __init__(self, sub: torch.fx.GraphModule) -> None:
         super().__init__()
         self.sub = sub
         self.fn: Callable | None = None
+        self.narrow: tuple[int, ...] = ()
 
     def forward(self, *args: Any) -> Any:
         if self.fn is None:
             from torch._inductor.compile_fx import compile_fx
+            self.narrow = _narrowable(args)
+            args = _narrowed(args, self.narrow)
             self.fn = compile_fx(self.sub, list(args))
-        return self.fn(*args)
+            return self.fn(*args)
+        return self.fn(*_narrowed(args, self.narrow))
+
+
+def _narrowable(args: Sequence[Any]) -> tuple[int, ...]:
+    """Positions of 0-d float64 inputs to round to float32: all of them, unless some
+    vector input is float64 (then float64 is the computation's precision)."""
+    vectors = [a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0 and a.is_floating_point()]
+    if not vectors or any(a.dtype == torch.float64 for a in vectors):
+        return ()
+    return tuple(i for i, a in enumerate(args)
+                 if isinstance(a, torch.Tensor) and a.dim() == 0 and a.dtype == torch.float64)
+
+
+def _narrowed(args: Sequence[Any], idx: tuple[int, ...]) -> Sequence[Any]:
+    if not idx:
+        return args
+    out = list(args)
+    for i in idx:
+        out[i] = out[i].to(torch.float32)
+    return out
 
 
 #: (pipeline hash, route, segment index, compiling?) -> (eager function, compiled function)
