@@ -209,3 +209,61 @@ def test_a_folder_skips_the_pipelines_its_task_cannot_train(tmp_path):
     assert len(fit) + len(skipped) == len(files)
     fit, skipped = fitting_task(files, "digits-multitask")
     assert not skipped
+
+
+def _final_params(uri, run_id):
+    from gradpipe.flows.train import load_checkpoint
+    return load_checkpoint(uri, run_id)
+
+
+def test_an_interrupted_run_resumes_to_the_same_bits(store):
+    """Checkpoints every 5 steps; a run stopped at step 13 resumes from step 10 and ends with
+    parameters and optimizer state bitwise equal to a run that never stopped."""
+    import torch
+    from gradpipe.flows.train import resume_run
+    uri, exp = store
+    spec = RunSpec("diffgrad", "digits", seed=2, steps=20, hyperparams={"lr": 0.01})
+    straight = _new_run(uri, exp, spec)
+    assert execute_run(spec, uri, straight, checkpoint_every=5).ok
+
+    broken = _new_run(uri, exp, spec)
+
+    def stop(step, steps):
+        if step == 13:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(spec, uri, broken, on_step=stop, checkpoint_every=5)
+    assert _client(uri).get_run(broken).data.tags["gradpipe.checkpoint_step"] == "10"
+    out = resume_run(uri, broken)
+    assert out.ok
+    run = _client(uri).get_run(broken)
+    assert run.info.status == "FINISHED" and run.data.tags["gradpipe.resumed_from_step"] == "10"
+    a, b = _final_params(uri, straight), _final_params(uri, broken)
+    assert a.step == b.step == 20
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    for pa, pb in zip(a.optimizer["state"].values(), b.optimizer["state"].values()):
+        for k in pa:
+            assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), k
+    steps = sorted(m.step for m in _client(uri).get_metric_history(broken, "train/loss"))
+    assert steps == list(range(1, 21))
+
+
+def test_resume_refuses_a_finished_run_or_a_changed_pipeline(store, tmp_path):
+    from gradpipe.flows.train import ResumeError, resume_run
+    uri, exp = store
+    f = tmp_path / "mine.grad"
+    f.write_text("hparam lr = 0.01\ngrad | adam(0.9, 0.999, 1e-8)\n")
+    spec = RunSpec(str(f), "digits", steps=6)
+    rid = _new_run(uri, exp, spec)
+    assert execute_run(spec, uri, rid, checkpoint_every=2).ok
+    with pytest.raises(ResumeError, match="already finished"):
+        resume_run(uri, rid)
+    rid2 = _new_run(uri, exp, spec)
+    with pytest.raises(KeyboardInterrupt):
+        execute_run(spec, uri, rid2, checkpoint_every=2,
+                    on_step=lambda s, n: (_ for _ in ()).throw(KeyboardInterrupt) if s == 3 else None)
+    f.write_text("hparam lr = 0.01\ngrad | adam(0.8, 0.999, 1e-8)\n")
+    with pytest.raises(ResumeError, match="changed since"):
+        resume_run(uri, rid2)

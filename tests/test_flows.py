@@ -252,3 +252,53 @@ def test_sigterm_ends_the_run_as_killed_and_keeps_its_metrics(prefect_server, tm
     (run,) = _runs(uri, "term")[0]
     assert run.info.status == "KILLED"
     assert len(_curve(uri, run.info.run_id)) >= len(logged)
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_final_parameters(prefect_server, tmp_path):
+    """`gradpipe train` killed with SIGKILL mid-run, then `gradpipe train --resume RUN_ID`: the final
+    parameters are bitwise those of an uninterrupted run."""
+    import signal
+    import torch
+    from gradpipe.flows.train import load_checkpoint
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    env = prefect_env(prefect_server)
+    argv = [*GRADPIPE, "train", "adam", "--task", "charlm", "--steps", "1500", "--checkpoint-every", "100",
+            "--set", "lr=3e-3", "--tracking-uri", uri, "--experiment", "kill"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        run_id, deadline = None, time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.3)
+            try:
+                parents = _runs(uri, "kill")[0]
+            except AttributeError:  # the experiment does not exist yet
+                continue
+            if parents and int(parents[0].data.tags.get("gradpipe.checkpoint_step", "0")) >= 300:
+                run_id = parents[0].info.run_id
+                break
+        assert run_id, "no checkpoint was logged"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _client(uri).get_run(run_id).info.status == "RUNNING"  # SIGKILL: nothing could end it
+    killed_at = load_checkpoint(uri, run_id).step
+    assert killed_at < 1500
+
+    out = subprocess.run([*GRADPIPE, "train", "--resume", run_id, "--tracking-uri", uri], env=env,
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"from step {killed_at}" in out.stdout
+    straight = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    runs = {r.info.run_id: r for r in _runs(uri, "kill")[0]}
+    assert len(runs) == 2 and {r.info.status for r in runs.values()} == {"FINISHED"}
+    (other,) = set(runs) - {run_id}
+    a, b = load_checkpoint(uri, run_id), load_checkpoint(uri, other)
+    assert a.step == b.step == 1500
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    steps = sorted(m.step for m in _client(uri).get_metric_history(run_id, "train/loss"))
+    assert steps == list(range(1, 1501)), "every step logged exactly once"

@@ -115,7 +115,7 @@ def _run_compare(args: argparse.Namespace, pipelines: Sequence[str], task: str, 
                            per_pipeline=per_pipeline, runner=getattr(args, "runner", "local"),
                            address=getattr(args, "address", None), workers=args.workers,
                            tracking_uri=args.tracking_uri, experiment=args.experiment, backend=args.backend,
-                           name=name)
+                           name=name, threads=args.threads)
 
 
 def _end_runs_on_sigterm() -> None:
@@ -161,54 +161,90 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from . import tracking
-    from .spec import parse_sets
-    from .train import load_pipeline
+    from .spec import RunSpec, parse_sets
+    from .train import ResumeError, load_pipeline, run_params, run_tags
     from ..tasks import get_task
     try:
+        if args.resume:
+            if args.pipeline or args.set:
+                raise ResumeError("--resume takes the pipeline and hyperparameters from the run: give neither")
+            return _resume(args)
+        if not args.pipeline:
+            raise ResumeError("give a pipeline (FILE or NAME), or --resume RUN_ID")
         the_task = get_task(args.task)
         program = load_pipeline(args.pipeline)
         sets = parse_sets(args.set)
         program.check_hyperparams(sets, "--set")
         from .comparison import plan_runs
-        spec = plan_runs([args.pipeline], args.task, [args.seed], steps=args.steps, sets=sets, backend=args.backend,
-                         task_losses=the_task.loss_names)[0]
+        spec: RunSpec = plan_runs([args.pipeline], args.task, [args.seed], steps=args.steps, sets=sets,
+                                  backend=args.backend, task_losses=the_task.loss_names, threads=args.threads)[0]
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_tracking_uri(uri)
         exp_id = tracking.ensure_experiment(uri, args.experiment)
-    except _user_errors() as e:
+    except _user_errors() + (ResumeError,) as e:
         return _fail("train", e)
-    from .train import run_params, run_tags
     steps = spec.steps or the_task.default_steps
     run_id = tracking.create_child_run(uri, exp_id, None, spec.run_name, run_params(spec, program, steps),
                                        run_tags(spec))
+    print(f"MLflow run {run_id}", flush=True)
+    outcome = _train_with_progress(args, spec.run_name, steps, lambda on_step: _in_flow(
+        "execute", spec, uri, run_id, on_step, args.checkpoint_every))
+    return _report_run(outcome, uri, exp_id, run_id)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+    from . import tracking
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_tracking_uri(uri)
+    from .train import ResumeError, load_checkpoint
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(args.resume)
+    except Exception:  # noqa: BLE001 - MlflowException for an unknown id
+        raise ResumeError(f"no run {args.resume} in {uri}") from None
+    ckpt = load_checkpoint(uri, args.resume)
+    steps = int(run.data.params.get("steps", "0") or 0) or None
+    start = ckpt.step if ckpt is not None else 0
+    print(f"resuming MLflow run {args.resume} ({run.info.run_name}) from step {start}", flush=True)
+    outcome = _train_with_progress(args, run.info.run_name, steps, lambda on_step: _in_flow(
+        "resume", None, uri, args.resume, on_step, args.checkpoint_every))
+    return _report_run(outcome, uri, run.info.experiment_id, args.resume)
+
+
+def _train_with_progress(args: argparse.Namespace, name: str, steps: int | None, go):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     _end_runs_on_sigterm()
     console = _console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not console.is_terminal and not args.progress) as bar:
-        job = bar.add_task(spec.run_name, total=steps)
-        outcome = _train_in_flow(spec, uri, run_id, lambda s, n: bar.update(job, completed=s))
+        job = bar.add_task(name, total=steps)
+        return go(lambda s, n: bar.update(job, completed=s, total=n))
+
+
+def _report_run(outcome, uri: str, exp_id: str, run_id: str) -> int:
+    spec = outcome.spec
     if outcome.ok:
         metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(outcome.metrics.items()))
         print(f"{spec.run_name} on {spec.task}: final loss {outcome.final_loss:.4f}  {metrics}")
     else:
         print(f"{spec.run_name} on {spec.task} FAILED: {outcome.reason}", file=sys.stderr)
-    print(f"MLflow run {run_id}")
     print(_ui_hint(uri, exp_id, run_id, sweep=False))
     return 0 if outcome.ok else 1
 
 
-def _train_in_flow(spec, uri: str, run_id: str, on_step):
+def _in_flow(kind: str, spec, uri: str, run_id: str, on_step, checkpoint_every: int):
     """One run inside a Prefect flow run (so it shows in Prefect), with a progress callback."""
     from prefect import flow
-    from .train import execute_run
+    from .train import execute_run, resume_run
 
     @flow(name="gradpipe-train", persist_result=False, validate_parameters=False)
-    def gradpipe_train(spec, uri: str, run_id: str):
-        return execute_run(spec, uri, run_id, on_step=on_step)
+    def gradpipe_train(run_id: str):
+        if kind == "resume":
+            return resume_run(uri, run_id, on_step=on_step, checkpoint_every=checkpoint_every)
+        return execute_run(spec, uri, run_id, on_step=on_step, checkpoint_every=checkpoint_every)
 
-    return gradpipe_train(spec, uri, run_id)
+    return gradpipe_train(run_id)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -226,7 +262,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ["PREFECT_API_URL"] = server.api_url
             print(f"Prefect server at {server.api_url.removesuffix('/api')}", file=sys.stderr)
         serve(args.directory, args.cron, name=args.name, task=args.task, seeds=args.seeds, steps=args.steps,
-              tracking_uri=args.tracking_uri, experiment=args.experiment, backend=args.backend, sets=sets)
+              tracking_uri=args.tracking_uri, experiment=args.experiment, backend=args.backend, sets=sets,
+              threads=args.threads)
     except _user_errors() as e:
         return _fail("serve", e)
     except RuntimeError as e:
@@ -283,6 +320,8 @@ def _common(p: argparse.ArgumentParser, *, steps_default: int | None = None) -> 
     p.add_argument("--backend", default="eager", choices=("eager", "compiled"),
                    help="gradpipe backend (default eager: small tasks finish before compiling would pay off)")
     p.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per run (default 1: small tasks run side by side; part of a run's identity)")
 
 
 def add_commands(sub: Any) -> None:
@@ -290,7 +329,10 @@ def add_commands(sub: Any) -> None:
     apply_prefect_defaults()
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "Creating initial MLflow database tables..."
     p = sub.add_parser("train", help="train one pipeline on a task, recorded in MLflow")
-    p.add_argument("pipeline", metavar="FILE|NAME")
+    p.add_argument("pipeline", metavar="FILE|NAME", nargs="?")
+    p.add_argument("--resume", metavar="RUN_ID", help="go on with an interrupted run from its latest checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="K",
+                   help="log model and optimizer state every K steps and at the end (default 50; 0: never)")
     p.add_argument("--task", default="digits", help="digits, digits-multitask, charlm, or package.module:factory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a hyperparameter (repeatable)")

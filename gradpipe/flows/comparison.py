@@ -152,7 +152,7 @@ def plan_runs(pipelines: Sequence[str], task: str, seeds: Sequence[int], *, step
               grid: Mapping[str, Sequence[Any]] | None = None, sets: Mapping[str, Any] | None = None,
               per_pipeline: Mapping[str, Mapping[str, Any]] | None = None, backend: str = "eager",
               task_options: Mapping[str, Any] | None = None, eval_every: int | None = None,
-              task_losses: Sequence[str] | None = None) -> list[RunSpec]:
+              task_losses: Sequence[str] | None = None, threads: int = 1) -> list[RunSpec]:
     """Every run of a comparison, checked: pipelines x grid points x seeds.
 
     ``sets`` apply to every pipeline; ``per_pipeline[label]`` (e.g. the demo's
@@ -189,9 +189,17 @@ def plan_runs(pipelines: Sequence[str], task: str, seeds: Sequence[int], *, step
             hp = {k: v for k, v in hp.items() if k in program.hyperparams or k in (sets or {}) or k in point}
             program.check_hyperparams(hp, "--set/--grid")
             for seed in seeds:
-                specs.append(RunSpec(pipeline=str(ref), task=task, seed=int(seed), steps=steps, hyperparams=hp,
-                                     backend=backend, task_options=dict(task_options or {}), eval_every=eval_every))
+                specs.append(RunSpec(pipeline=_absolute(ref), task=task, seed=int(seed), steps=steps, hyperparams=hp,
+                                     backend=backend, task_options=dict(task_options or {}), eval_every=eval_every,
+                                     threads=threads))
     return specs
+
+
+def _absolute(ref: str) -> str:
+    """A pipeline file as an absolute path (runs on other processes, or resumed later from another
+    folder, must find it); a built-in name as it is."""
+    p = pathlib.Path(ref)
+    return str(p.resolve()) if p.suffix == ".grad" and p.is_file() else str(ref)
 
 
 def check_dask_address(address: str, timeout: float = 10.0) -> None:
@@ -221,7 +229,7 @@ def make_runner(runner: str = "local", *, address: str | None = None, workers: i
 
 @flow(name="gradpipe-compare", persist_result=False, log_prints=False)
 def compare_flow(specs: list[RunSpec], uri: str, experiment_id: str, name: str = "compare",
-                 parent_params: dict[str, str] | None = None) -> Comparison:
+                 parent_params: dict[str, str] | None = None, checkpoint_every: int = 0) -> Comparison:
     """Prefect flow: one parent run, one child run per spec, fanned out on the flow's task runner."""
     from ..tasks import get_task
     from .figures import band_curves
@@ -240,7 +248,7 @@ def compare_flow(specs: list[RunSpec], uri: str, experiment_id: str, name: str =
             steps = spec.steps or first.default_steps
             children.append(tracking.create_child_run(uri, experiment_id, parent, spec.run_name,
                                                       run_params(spec, program, steps), run_tags(spec)))
-        futures = [train_task.submit(spec, uri, rid) for spec, rid in zip(specs, children)]
+        futures = [train_task.submit(spec, uri, rid, checkpoint_every) for spec, rid in zip(specs, children)]
         outcomes: list[RunOutcome] = []
         for spec, rid, fut in zip(specs, children, futures):
             try:
@@ -297,13 +305,18 @@ def compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequence[int]
             runner: str = "local", address: str | None = None, workers: int = 2,
             tracking_uri: str | None = None, experiment: str = "gradpipe", backend: str = "eager",
             task_options: Mapping[str, Any] | None = None, eval_every: int | None = None,
-            name: str | None = None) -> Comparison:
+            name: str | None = None, checkpoint_every: int = 0, threads: int = 1) -> Comparison:
     """Run a comparison and return it (see the module docstring).
 
     Everything is checked before anything is written: a GradError for a bad
     pipeline or hyperparameter, a :class:`gradpipe.tasks.TaskError` for a bad
     task, :class:`tracking.TrackingError` for a store that does not answer,
     ``ConnectionError`` for a Dask address that does not answer.
+
+    ``checkpoint_every=K`` logs each run's model and optimizer state every K
+    steps and at the end (``checkpoints/latest.pt``); a retried run then goes on
+    from its latest checkpoint instead of step 1. ``threads`` is each run's
+    ``torch.set_num_threads`` (1 by default: runs go side by side).
     """
     from ..runtime.optimizer import BACKENDS
     from ..tasks import get_task
@@ -312,7 +325,7 @@ def compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequence[int]
     the_task = get_task(task, **dict(task_options or {}))
     specs = plan_runs(pipelines, task, seeds, steps=steps, grid=grid, sets=sets, per_pipeline=per_pipeline,
                       backend=backend, task_options=task_options, eval_every=eval_every,
-                      task_losses=the_task.loss_names)
+                      task_losses=the_task.loss_names, threads=threads)
     runner_obj = make_runner(runner, address=address, workers=1 if backend == "compiled" else workers)
     if runner == "dask" and address:
         check_dask_address(address)
@@ -325,7 +338,8 @@ def compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequence[int]
                      "runs": str(len(specs)), "runner": runner, "backend": backend,
                      "steps": str(steps) if steps else "default"}
     parent_params.update({f"grid.{k}": ",".join(map(str, v)) for k, v in (grid or {}).items()})
-    return compare_flow.with_options(task_runner=runner_obj)(specs, uri, exp_id, title, parent_params)
+    return compare_flow.with_options(task_runner=runner_obj)(specs, uri, exp_id, title, parent_params,
+                                                             checkpoint_every)
 
 
 def grad_files(directory: str | pathlib.Path) -> list[str]:

@@ -33,7 +33,8 @@ def deployment_name(name: str) -> str:
 @flow(name=FLOW_NAME, persist_result=False, log_prints=True, validate_parameters=False)
 def scheduled_compare(directory: str, task: str = "digits", seeds: int = 1, steps: int | None = None,
                       tracking_uri: str | None = None, experiment: str = "gradpipe-scheduled",
-                      backend: str = "eager", sets: dict[str, Any] | None = None) -> dict[str, Any]:
+                      backend: str = "eager", sets: dict[str, Any] | None = None,
+                      threads: int = 1) -> dict[str, Any]:
     """Compare every ``.grad`` file in ``directory`` now; returns a summary (parent run id, counts)."""
     files, skipped = fitting_task(grad_files(directory), task)
     if skipped:
@@ -41,7 +42,8 @@ def scheduled_compare(directory: str, task: str = "digits", seeds: int = 1, step
     if not files:
         raise SpecError(f"no .grad files in {directory} that task {task!r} can train")
     result = compare(files, task, list(range(seeds)), steps=steps, sets=sets, tracking_uri=tracking_uri,
-                     experiment=experiment, backend=backend, name=f"scheduled: {pathlib.Path(directory).name}")
+                     experiment=experiment, backend=backend, name=f"scheduled: {pathlib.Path(directory).name}",
+                     threads=threads)
     print(f"compared {len(files)} pipelines: parent run {result.parent_run_id}, "
           f"{len(result.failed)} of {len(result.outcomes)} runs failed")
     if result.all_failed:
@@ -53,7 +55,7 @@ def scheduled_compare(directory: str, task: str = "digits", seeds: int = 1, step
 def serve(directory: str | pathlib.Path, cron: str, *, name: str | None = None, task: str = "digits",
           seeds: int = 1, steps: int | None = None, tracking_uri: str | None = None,
           experiment: str = "gradpipe-scheduled", backend: str = "eager", sets: dict[str, Any] | None = None,
-          run_now: bool = False) -> None:
+          threads: int = 1) -> None:
     """Register and serve the scheduled comparison until interrupted (needs ``PREFECT_API_URL``).
 
     Checks first: the folder has ``.grad`` files that compile, the task
@@ -86,10 +88,7 @@ def serve(directory: str | pathlib.Path, cron: str, *, name: str | None = None, 
     tracking.check_tracking_uri(uri)
     tracking.ensure_experiment(uri, experiment)
     params = {"directory": str(folder), "task": task, "seeds": seeds, "steps": steps, "tracking_uri": uri,
-              "experiment": experiment, "backend": backend, "sets": dict(sets or {})}
+              "experiment": experiment, "backend": backend, "sets": dict(sets or {}), "threads": threads}
     dep_name = name or folder.name
-    if run_now:
-        params_now = dict(params)
-        scheduled_compare(**params_now)
     scheduled_compare.serve(name=dep_name, cron=cron, parameters=params,
                             description=f"Compare the .grad files in {folder} on {task}")

@@ -42,6 +42,9 @@ class RunSpec:
         backend: ``"eager"`` or ``"compiled"`` (see :class:`gradpipe.Optimizer`).
         task_options: keyword options for the task (e.g. ``batch_size``).
         eval_every: evaluate every this many steps (``None``: the task's default).
+        threads: torch's intra-op threads for the run (``torch.set_num_threads``).
+            The last bits of a matmul depend on it, so it is part of the run;
+            the default 1 suits the small tasks, which run side by side instead.
     """
 
     pipeline: str
@@ -52,6 +55,7 @@ class RunSpec:
     backend: str = "eager"
     task_options: Mapping[str, Any] = field(default_factory=dict)
     eval_every: int | None = None
+    threads: int = 1
 
     @property
     def label(self) -> str:
@@ -63,6 +67,23 @@ class RunSpec:
     def run_name(self) -> str:
         """The MLflow run name: the label and the seed."""
         return f"{self.label} seed={self.seed}"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (the ``run_spec.json`` artifact a resumed run is rebuilt from)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "RunSpec":
+        """The inverse of :meth:`to_json` (JSON lists of hyperparameters become tuples again)."""
+        def tup(v: Any) -> Any:
+            return tuple(tup(x) for x in v) if isinstance(v, list) else v
+        return cls(pipeline=str(d["pipeline"]), task=str(d["task"]), seed=int(d["seed"]),
+                   steps=None if d.get("steps") is None else int(d["steps"]),
+                   hyperparams={k: tup(v) for k, v in dict(d.get("hyperparams") or {}).items()},
+                   backend=str(d.get("backend", "eager")),
+                   task_options=dict(d.get("task_options") or {}),
+                   eval_every=None if d.get("eval_every") is None else int(d["eval_every"]),
+                   threads=int(d.get("threads", 1)))
 
     @property
     def key(self) -> str:

@@ -41,8 +41,8 @@ from prefect import flow, task
 from . import tracking
 from .spec import RunSpec, hyperparam_params, pipeline_label
 
-__all__ = ["RunOutcome", "execute_run", "train_task", "train_flow", "run_params", "run_tags",
-           "load_pipeline", "TRANSIENT"]
+__all__ = ["RunOutcome", "execute_run", "resume_run", "load_checkpoint", "ResumeError", "train_task", "train_flow",
+           "run_params", "run_tags", "load_pipeline", "TRANSIENT", "CHECKPOINT_ARTIFACT", "SPEC_ARTIFACT"]
 
 #: Exceptions worth a retry: the network, the file system, a worker that went away.
 TRANSIENT: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
@@ -96,7 +96,7 @@ def run_params(spec: RunSpec, program: Any, steps: int) -> dict[str, str]:
     values = dict(program.defaults())
     values.update(spec.hyperparams)
     params = {"pipeline": pipeline_label(spec.pipeline), "pipeline_hash": program.hash, "task": spec.task,
-              "seed": str(spec.seed), "steps": str(steps), "backend": spec.backend}
+              "seed": str(spec.seed), "steps": str(steps), "backend": spec.backend, "torch_threads": str(spec.threads)}
     params.update(hyperparam_params(values))
     params.update({f"task.{k}": str(v) for k, v in spec.task_options.items()})
     return params
@@ -154,13 +154,63 @@ def _clear_failure(uri: str, run_id: str) -> None:
         client.delete_tag(run_id, tracking.FAILURE_TAG)
 
 
+#: Where a run keeps its latest checkpoint (overwritten as the run goes on) and its spec.
+CHECKPOINT_ARTIFACT = "checkpoints/latest.pt"
+SPEC_ARTIFACT = "run_spec.json"
+#: The tag that names the step of the run's latest checkpoint (written after the file).
+CHECKPOINT_TAG = "gradpipe.checkpoint_step"
+
+
+class ResumeError(ValueError):
+    """A run that cannot be resumed (finished, no spec, its pipeline changed), in one line."""
+
+
+def _save_checkpoint(uri: str, run_id: str, ckpt: Any) -> None:
+    """Log ``ckpt`` as ``checkpoints/latest.pt``, then move the run's checkpoint tag to its step:
+    a process killed between the two leaves the previous tag, which names a complete file."""
+    import tempfile
+
+    import torch
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "latest.pt"
+        torch.save(ckpt.to_dict(), path)
+        client.log_artifact(run_id, str(path), "checkpoints")
+    client.set_tag(run_id, CHECKPOINT_TAG, str(ckpt.step))
+
+
+def load_checkpoint(uri: str, run_id: str) -> Any:
+    """The run's latest checkpoint (a :class:`gradpipe.tasks.Checkpoint`), or None if it has none.
+
+    Loaded with ``torch.load(weights_only=True)``: a checkpoint holds tensors and
+    plain containers only, never pickled code."""
+    import tempfile
+
+    import torch
+    from mlflow import MlflowClient
+    from ..tasks import Checkpoint
+    client = MlflowClient(tracking_uri=uri)
+    if CHECKPOINT_TAG not in client.get_run(run_id).data.tags:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp)
+        return Checkpoint.from_dict(torch.load(local, weights_only=True))
+
+
 def execute_run(spec: RunSpec, uri: str, run_id: str, *,
-                on_step: Callable[[int, int], None] | None = None) -> RunOutcome:
+                on_step: Callable[[int, int], None] | None = None, checkpoint_every: int = 0,
+                resume: Any = None) -> RunOutcome:
     """Train ``spec`` and record it in the MLflow run ``run_id`` of the store at ``uri``.
 
     The run must exist (see :func:`gradpipe.flows.tracking.create_child_run`);
     this sets it RUNNING, logs params, tags, metrics and artifacts, and ends it
     FINISHED or FAILED. ``on_step(step, steps)`` reports progress.
+
+    With ``checkpoint_every=K`` the model and optimizer states are logged as
+    the artifact ``checkpoints/latest.pt`` every K steps and at the end (the
+    final parameters); ``resume`` (a :class:`gradpipe.tasks.Checkpoint`) goes
+    on from one (see :func:`resume_run`).
 
     Returns:
         The :class:`RunOutcome`. A diverged run or a user error (a GradError,
@@ -185,11 +235,20 @@ def execute_run(spec: RunSpec, uri: str, run_id: str, *,
         steps = spec.steps or the_task.default_steps
         outcome.metric, outcome.higher_is_better = the_task.metric, the_task.higher_is_better
         program.check_hyperparams(spec.hyperparams, "the run's hyperparameters")
-        if not skip:
+        if not skip and resume is None:
             log.params(run_params(spec, program, steps))
             log.tags(run_tags(spec))
+            log.dict(spec.to_json(), SPEC_ARTIFACT)
             for name, text in tracking.pipeline_artifacts(program, program.source).items():
                 log.text(text, f"pipeline/{name}")
+        if resume is not None:
+            log.tags({"gradpipe.resumed_from_step": str(resume.step)})
+            _clear_failure(uri, run_id)
+        if checkpoint_every:
+            log.tags({"gradpipe.checkpoint_every": str(checkpoint_every)})
+
+        import torch
+        torch.set_num_threads(spec.threads)  # process-wide: every run of a comparison asks the same
 
         def make_optimizer(model):
             return gradpipe.Optimizer(model.named_parameters(), program, backend=spec.backend,
@@ -214,7 +273,9 @@ def execute_run(spec: RunSpec, uri: str, run_id: str, *,
         start = time.perf_counter()
         try:
             result = run_task(the_task, make_optimizer, steps=steps, seed=spec.seed, eval_every=spec.eval_every,
-                              on_step=step_hook, on_eval=eval_hook)
+                              on_step=step_hook, on_eval=eval_hook, resume=resume,
+                              checkpoint_every=checkpoint_every,
+                              on_checkpoint=(lambda c: _save_checkpoint(uri, run_id, c)) if checkpoint_every else None)
         finally:
             outcome.seconds = time.perf_counter() - start
             outcome.losses = [v for _, v in curve]
@@ -242,6 +303,47 @@ def execute_run(spec: RunSpec, uri: str, run_id: str, *,
         raise
 
 
+def resume_run(uri: str, run_id: str, *, on_step: Callable[[int, int], None] | None = None,
+               checkpoint_every: int = 0) -> RunOutcome:
+    """Go on with an interrupted run (killed, crashed, failed on a transient error) in place.
+
+    The run's ``run_spec.json`` says what it trains; its latest checkpoint (if
+    any) where to start; steps already logged are not logged again. The
+    parameters at the end are bitwise those of a run that never stopped
+    (``tests/test_flows.py`` kills one with SIGKILL to check).
+
+    Raises:
+        ResumeError: the run finished, has no spec (not a gradpipe run), or
+            its pipeline file changed since it started (the hash differs).
+    """
+    import json
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ResumeError(f"no run {run_id} in {uri}") from None
+    if run.info.status == "FINISHED":
+        raise ResumeError(f"run {run_id} already finished; nothing to resume")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = RunSpec.from_json(json.loads(pathlib.Path(
+                client.download_artifacts(run_id, SPEC_ARTIFACT, tmp)).read_text()))
+    except (MlflowException, OSError, ValueError, KeyError):
+        raise ResumeError(f"run {run_id} has no {SPEC_ARTIFACT}: it was not started by gradpipe train/compare") from None
+    program = load_pipeline(spec.pipeline)
+    logged = run.data.params.get("pipeline_hash")
+    if logged and logged != program.hash:
+        raise ResumeError(f"the pipeline {spec.pipeline} changed since run {run_id} started "
+                          f"(hash {program.hash}, the run has {logged}); resuming would mix two optimizers")
+    ckpt = load_checkpoint(uri, run_id)
+    every = checkpoint_every or int(run.data.tags.get("gradpipe.checkpoint_every", "0") or 0)
+    return execute_run(spec, uri, run_id, on_step=on_step, checkpoint_every=every, resume=ckpt)
+
+
 def _retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: only errors a second attempt can fix."""
     try:
@@ -255,9 +357,11 @@ def _retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
 
 @task(name="train-run", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient,
       task_run_name="{spec.pipeline} seed={spec.seed}", persist_result=False)
-def train_task(spec: RunSpec, uri: str, run_id: str) -> RunOutcome:
-    """Prefect task: :func:`execute_run` with retries for transient errors."""
-    return execute_run(spec, uri, run_id)
+def train_task(spec: RunSpec, uri: str, run_id: str, checkpoint_every: int = 0) -> RunOutcome:
+    """Prefect task: :func:`execute_run` with retries for transient errors; a retry goes on
+    from the run's latest checkpoint when it has one."""
+    return execute_run(spec, uri, run_id, checkpoint_every=checkpoint_every,
+                       resume=load_checkpoint(uri, run_id) if checkpoint_every else None)
 
 
 @flow(name="gradpipe-train", log_prints=False, persist_result=False)

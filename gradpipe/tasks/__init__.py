@@ -58,7 +58,7 @@ and use ``--task mytask``.
 
 from __future__ import annotations
 
-from .base import Diverged, EvalRecord, StepRecord, Task, TaskError, TaskResult, check_task, run_task
+from .base import Checkpoint, Diverged, EvalRecord, StepRecord, Task, TaskError, TaskResult, check_task, run_task
 from .charlm import CharLMTask
 from .digits import DigitsData, TrainResult, load_digits_split, make_mlp, train
 from .digits_multitask import MultiTaskModel, MultiTaskResult, make_multitask_model, train_multitask
@@ -68,5 +68,6 @@ from .registry import available_tasks, get_task, task_options
 __all__ = ["DigitsData", "TrainResult", "load_digits_split", "make_mlp", "train",
            "MultiTaskModel", "MultiTaskResult", "make_multitask_model", "train_multitask",
            "Task", "TaskError", "TaskResult", "StepRecord", "EvalRecord", "Diverged", "run_task", "check_task",
+           "Checkpoint",
            "get_task", "available_tasks", "task_options",
            "DigitsTask", "DigitsMultitaskTask", "CharLMTask"]

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "Checkpoint",
     "StepRecord",
     "EvalRecord",
     "Diverged",
@@ -118,6 +119,32 @@ class Diverged(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (Dask workers)
         return (type(self), (self.step, self.loss, self.losses))
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to go on after ``step`` steps as if it had never stopped.
+
+    The batches are not saved: a task's batches are a function of its seed, so a
+    resumed run skips the first ``step`` of them. Only tensors, dicts, lists and
+    numbers: loadable with ``torch.load(weights_only=True)``.
+
+    Attributes:
+        step: optimizer steps taken.
+        model: ``model.state_dict()``.
+        optimizer: ``opt.state_dict()`` (a gradpipe optimizer's includes its RNG state).
+    """
+
+    step: int
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "model": self.model, "optimizer": self.optimizer}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Checkpoint":
+        return cls(step=int(d["step"]), model=dict(d["model"]), optimizer=dict(d["optimizer"]))
 
 
 @dataclass
@@ -282,7 +309,9 @@ def _evaluate(task: Task, model: nn.Module, step: int) -> EvalRecord:
 def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], *,
              steps: int | None = None, seed: int = 0, eval_every: int | None = None,
              on_step: Callable[[StepRecord], None] | None = None,
-             on_eval: Callable[[EvalRecord], None] | None = None) -> TaskResult:
+             on_eval: Callable[[EvalRecord], None] | None = None,
+             resume: Checkpoint | None = None, checkpoint_every: int = 0,
+             on_checkpoint: Callable[[Checkpoint], None] | None = None) -> TaskResult:
     """Train ``task`` for ``steps`` steps with the optimizer ``make_optimizer(model)`` builds.
 
     The model is ``task.make_model(seed)`` (in training mode) and the data
@@ -327,6 +356,14 @@ def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optim
             ``max(1, steps // 10)``; ``0`` evaluates only after the last step.
         on_step: called with a :class:`StepRecord` after every step.
         on_eval: called with an :class:`EvalRecord` after every evaluation.
+        resume: go on from this :class:`Checkpoint` (same task, seed and
+            optimizer): the model and optimizer states are loaded, the first
+            ``resume.step`` batches are skipped, and steps, evaluations and
+            checkpoints continue from ``resume.step + 1``. The parameters at
+            the end are bitwise those of a run that never stopped.
+        checkpoint_every: call ``on_checkpoint`` with a :class:`Checkpoint`
+            after every this many steps (0: never) and after the last step.
+        on_checkpoint: receives the checkpoints (copies; safe to keep).
 
     Returns:
         A :class:`TaskResult`.
@@ -353,7 +390,19 @@ def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optim
                         f"got {type(model).__name__}")
     model.train()
     opt = make_optimizer(model)
+    first = 1
+    if resume is not None:
+        if not 0 <= resume.step < n_steps:
+            raise ValueError(f"cannot resume at step {resume.step} of a {n_steps}-step run")
+        model.load_state_dict(resume.model)
+        opt.load_state_dict(resume.optimizer)
+        first = resume.step + 1
     params = _params(opt)
+
+    def save_checkpoint(step: int) -> None:
+        import copy
+        on_checkpoint(Checkpoint(step=step, model=copy.deepcopy(model.state_dict()),
+                                 optimizer=copy.deepcopy(opt.state_dict())))
 
     program = getattr(opt, "program", None)
     reads = frozenset(getattr(program, "reads", ()) or ())
@@ -381,6 +430,8 @@ def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optim
             batch = next(it)
         except StopIteration:
             raise TaskError(f"task {task.name!r}: batches(seed, {n_steps}) gave only {step - 1} batches") from None
+        if step < first:  # resuming: these batches were trained on before the checkpoint
+            continue
 
         t0 = time.perf_counter()
         opt.zero_grad()
@@ -437,6 +488,8 @@ def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optim
                                update_norm=update_norm, seconds=(t1 - t0) + (t3 - t2)))
         if every and step % every == 0:
             record_eval(step)
+        if on_checkpoint is not None and (step == n_steps or (checkpoint_every and step % checkpoint_every == 0)):
+            save_checkpoint(step)
     if not evals or evals[-1].step != n_steps:
         record_eval(n_steps)
 
