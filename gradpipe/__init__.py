@@ -3,17 +3,18 @@
     opt = gradpipe.Optimizer(model.named_parameters(), "pipelines/scalpel.grad", lr=1e-3)
 
 Public API: :func:`compile`, :func:`load`, :class:`Program`, :class:`Optimizer`,
-:class:`GradError`, :func:`format_source`.
+:class:`GradError`, :func:`format_source`, :class:`NonFiniteError`.
 """
 
 from .compiler.ops.project_out import gpm_basis
 from .compiler.program import Program, builtin_names, compile, load
 from .dsl.diagnostics import GradError
 from .dsl.formatter import format_source
+from .runtime.nonfinite import NonFiniteError
 from .runtime.optimizer import Optimizer
 from .runtime.per_sample import per_sample_grads
 
 __version__ = "0.1.0"
 
-__all__ = ["Optimizer", "Program", "GradError", "compile", "load", "format_source", "builtin_names", "per_sample_grads", "gpm_basis",
+__all__ = ["Optimizer", "Program", "GradError", "NonFiniteError", "compile", "load", "format_source", "builtin_names", "per_sample_grads", "gpm_basis",
            "__version__"]

@@ -4,6 +4,7 @@
     gradpipe fmt [--check] FILE|DIR...  rewrite files in canonical form
     gradpipe explain FILE|NAME        nodes, state bytes, reductions, optimisations
     gradpipe graph FILE|NAME -o out.svg|png|dot
+    gradpipe diff A B                 structural difference of two pipelines; exit 1 if they differ
     gradpipe ops                      the op library
     gradpipe bench [--quick] ...      time optimizer steps against torch.optim.Adam
     gradpipe train FILE|NAME --task T one training run, recorded in MLflow
@@ -131,6 +132,21 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Exit status as diff(1): 0 when the pipelines have the same structure, 1 when they
+    differ, 2 when one cannot be loaded."""
+    from .compiler.diff import diff_programs
+    from .dsl.diagnostics import GradError
+    try:
+        a, b = _resolve(args.a), _resolve(args.b)
+    except GradError as e:
+        print(e, file=sys.stderr)
+        return 2
+    d = diff_programs(a, b, a_label=args.a, b_label=args.b)
+    sys.stdout.write(d.to_json() + "\n" if args.json else d.to_text())
+    return 0 if d.is_empty else 1
+
+
 def cmd_ops(args: argparse.Namespace) -> int:
     from .compiler.ops import OPS
     from .docs_ops import signature
@@ -215,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="FILE|NAME")
     p.add_argument("-o", "--output", help="output file; its suffix picks the format (default NAME.svg)")
     p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("diff", help="structural difference of two pipelines (nodes, hyperparameters, routes, "
+                       "state); exit 0 if none, 1 if they differ, 2 on errors")
+    p.add_argument("a", metavar="A", help="a .grad file or a built-in name")
+    p.add_argument("b", metavar="B", help="a .grad file or a built-in name")
+    p.add_argument("--json", action="store_true", help="print the difference as JSON")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("ops", help="list the op library")
     p.set_defaults(func=cmd_ops)

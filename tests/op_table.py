@@ -979,6 +979,10 @@ CASES: tuple[OpCase, ...] = (
            lambda: ref_group_scale_adam(2, 2, 0.5, 0.5), inputs="matrices"),
     OpCase("group_scale_defaults", "group_scale", "grad | group_scale { adam(0.8, 0.9) }",
            lambda: ref_group_scale_adam(b1=0.8, b2=0.9), inputs="matrices"),
+    # policy ops: the identity on the stream (what they do to a non-finite step: test_nonfinite.py)
+    OpCase("skip_nonfinite", "skip_nonfinite", "grad | skip_nonfinite(3) | adam(0.8, 0.9, 1e-6)",
+           lambda: ref_adam(0.8, 0.9, 1e-6)),
+    OpCase("allow_nonfinite", "allow_nonfinite", "grad | allow_nonfinite | momentum(0.8)", lambda: ref_momentum(0.8)),
 )
 
 

@@ -302,3 +302,16 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_final_parameters(prefect_
         assert torch.equal(a.model[k], b.model[k]), k
     steps = sorted(m.step for m in _client(uri).get_metric_history(run_id, "train/loss"))
     assert steps == list(range(1, 1501)), "every step logged exactly once"
+
+
+def test_cli_compare_on_a_dask_local_cluster(prefect_server, tmp_path):
+    """`--runner dask` without an address: gradpipe starts a LocalCluster of --workers processes.
+    Through the CLI, whose progress hooks hold a terminal: the flow must still pickle for Dask."""
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    out = subprocess.run([*GRADPIPE, "compare", "adam", "sgd", "--steps", "8", "--runner", "dask", "--workers", "2",
+                          "--progress", "--tracking-uri", uri, "--experiment", "cli-dask"],
+                         env=prefect_env(prefect_server), capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "Failed to serialize" not in out.stderr
+    parents, children = _runs(uri, "cli-dask")
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}

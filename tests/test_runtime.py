@@ -231,7 +231,7 @@ def test_load_state_dict_from_another_pipeline_raises() -> None:
     opt = gradpipe.Optimizer(m.parameters(), "adam", lr=1e-2)
     _train(m, opt, 2)
     sd = opt.state_dict()
-    for other in ("lion", "rmsprop", "grad | adam | adam"):
+    for other in ("lion", "rmsprop", "grad | sign"):  # ("grad | adam | adam" migrates: tests/test_migration.py)
         with pytest.raises(gradpipe.GradError):
             gradpipe.Optimizer(m.parameters(), other).load_state_dict(sd)
 

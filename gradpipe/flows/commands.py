@@ -128,7 +128,7 @@ def _end_runs_on_sigterm() -> None:
 def _pipelines(targets: Sequence[str], task: str) -> list[str]:
     """Names and files as given; a folder's ``.grad`` files that ``task`` can train (the others
     are listed on stderr: a folder usually mixes single- and multi-loss pipelines)."""
-    from .comparison import fitting_task, grad_files
+    from .checks import fitting_task, grad_files
     out: list[str] = []
     for t in targets:
         if not Path(t).is_dir():
@@ -248,12 +248,13 @@ def _in_flow(kind: str, spec, uri: str, run_id: str, on_step, checkpoint_every: 
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .schedule import serve
     from .server import start_prefect_server
     from .spec import parse_sets
     server = None
     try:
         sets = parse_sets(args.set)
+        from .checks import check_serve
+        check_serve(args.directory, args.cron, task=args.task, seeds=args.seeds)  # before starting anything
         if not os.environ.get("PREFECT_API_URL"):
             home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
             print(f"PREFECT_API_URL is not set: starting a Prefect server on 127.0.0.1 (PREFECT_HOME={home}); "
@@ -261,6 +262,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server = start_prefect_server(home, port=args.prefect_port)
             os.environ["PREFECT_API_URL"] = server.api_url
             print(f"Prefect server at {server.api_url.removesuffix('/api')}", file=sys.stderr)
+        from .schedule import serve  # imports prefect, which reads PREFECT_API_URL once
         serve(args.directory, args.cron, name=args.name, task=args.task, seeds=args.seeds, steps=args.steps,
               tracking_uri=args.tracking_uri, experiment=args.experiment, backend=args.backend, sets=sets,
               threads=args.threads)
@@ -278,11 +280,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from . import tracking
-    from .ui import run_ui
+    from .ui import UIError, run_ui
     try:
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
         return run_ui(uri, host=args.host, port=args.port)
-    except _user_errors() as e:
+    except _user_errors() + (UIError,) as e:
         return _fail("ui", e)
 
 
@@ -316,9 +318,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, *, steps_default: int | None = None) -> None:
     p.add_argument("--steps", type=int, default=steps_default, help="optimizer steps (default: the task's)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
-    p.add_argument("--experiment", default="gradpipe", help="MLflow experiment (default gradpipe)")
-    p.add_argument("--backend", default="eager", choices=("eager", "compiled"),
-                   help="gradpipe backend (default eager: small tasks finish before compiling would pay off)")
+    p.add_argument("--experiment", default="gradpipe", help="MLflow experiment (default %(default)s)")
+    p.add_argument("--backend", default=os.environ.get("GRADPIPE_BACKEND", "eager"), choices=("eager", "compiled"),
+                   help="gradpipe backend (default $GRADPIPE_BACKEND or eager: small tasks finish before "
+                   "compiling would pay off)")
     p.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (default 1: small tasks run side by side; part of a run's identity)")

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from prefect import flow
 
 from . import tracking
+from .checks import fitting_task, grad_files  # noqa: F401  (re-exported)
 from .spec import RunSpec, SpecError, grid_points, pipeline_label
 from .train import RunOutcome, load_pipeline, run_params, run_tags, train_task
 
@@ -52,6 +53,13 @@ def progress_hook(fn: Callable[[RunOutcome], None]) -> Iterator[None]:
         yield
     finally:
         _progress.remove(fn)
+
+
+def _notify(outcome: RunOutcome) -> None:
+    # a module-level function, not the list itself, in the flow's code: Prefect ships the flow
+    # to Dask workers pickled by value, and the CLI's hooks hold a terminal (locks, threads)
+    for fn in list(_progress):
+        fn(outcome)
 
 
 @dataclass
@@ -259,8 +267,7 @@ def compare_flow(specs: list[RunSpec], uri: str, experiment_id: str, name: str =
                                  metric=metric, higher_is_better=higher)
                 tracking.RunLogger(uri, rid).finish("FAILED", out.reason)
             outcomes.append(out)
-            for fn in list(_progress):
-                fn(out)
+            _notify(out)
         ranking = rank(outcomes, higher)
         table = ranking_markdown(ranking, metric)
         parent_log.text(table, "comparison.md")
@@ -287,8 +294,23 @@ def compare_flow(specs: list[RunSpec], uri: str, experiment_id: str, name: str =
         return Comparison(experiment_id=experiment_id, parent_run_id=parent, tracking_uri=uri, outcomes=outcomes,
                           ranking=ranking, metric=metric, higher_is_better=higher)
     except BaseException as e:
-        parent_log.finish("FAILED", f"{type(e).__name__}: {e}")
+        reason = f"{type(e).__name__}: {e}"
+        parent_log.finish("FAILED", reason)
+        _end_unfinished(uri, children if "children" in locals() else [], f"the comparison stopped ({reason})")
         raise
+
+
+def _end_unfinished(uri: str, run_ids: Sequence[str], reason: str) -> None:
+    """Mark the runs of a comparison that stopped, and that no task will finish, as KILLED
+    (not left SCHEDULED or RUNNING forever); what they logged stays."""
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    for rid in run_ids:
+        try:
+            if client.get_run(rid).info.status in ("SCHEDULED", "RUNNING"):
+                tracking.RunLogger(uri, rid).finish("KILLED", reason[:2000])
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
 
 
 def _flow_tags() -> dict[str, str]:
@@ -340,23 +362,3 @@ def compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequence[int]
     parent_params.update({f"grid.{k}": ",".join(map(str, v)) for k, v in (grid or {}).items()})
     return compare_flow.with_options(task_runner=runner_obj)(specs, uri, exp_id, title, parent_params,
                                                              checkpoint_every)
-
-
-def grad_files(directory: str | pathlib.Path) -> list[str]:
-    """The ``.grad`` files under ``directory`` (recursively, sorted)."""
-    return [str(p) for p in sorted(pathlib.Path(directory).rglob("*.grad")) if p.is_file()]
-
-
-def fitting_task(files: Sequence[str], task: str) -> tuple[list[str], list[str]]:
-    """Split a folder's pipelines into those ``task`` can train and those it cannot
-    (a pipeline reading ``grads.main`` needs a task with a loss named ``main``).
-
-    Named pipelines that don't fit are an error (:func:`plan_runs`); a folder
-    usually mixes single- and multi-loss pipelines, so its misfits are skipped.
-    """
-    from ..tasks import get_task
-    names = set(get_task(task).loss_names)
-    fit, skipped = [], []
-    for f in files:
-        (fit if set(load_pipeline(f).losses) <= names else skipped).append(f)
-    return fit, skipped

@@ -17,10 +17,11 @@ from typing import Any
 
 from prefect import flow
 
-from .comparison import compare, fitting_task, grad_files
+from .checks import check_serve, fitting_task, grad_files
+from .comparison import compare
 from .spec import SpecError
 
-__all__ = ["scheduled_compare", "serve", "deployment_name"]
+__all__ = ["scheduled_compare", "serve", "check_serve", "deployment_name"]
 
 FLOW_NAME = "gradpipe-scheduled-compare"
 
@@ -61,29 +62,10 @@ def serve(directory: str | pathlib.Path, cron: str, *, name: str | None = None, 
     Checks first: the folder has ``.grad`` files that compile, the task
     exists, the cron expression parses, the tracking store answers.
     """
-    from prefect.client.schemas.schedules import CronSchedule
-
-    import gradpipe
-    from ..tasks import get_task
     from . import tracking
 
-    folder = pathlib.Path(directory).resolve()
-    if not folder.is_dir():
-        raise SpecError(f"{directory} is not a folder")
+    folder = check_serve(directory, cron, task=task, seeds=seeds)
     files = grad_files(folder)
-    if not files:
-        raise SpecError(f"no .grad files in {directory}")
-    for f in files:
-        gradpipe.load(f)
-    get_task(task)
-    if not fitting_task(files, task)[0]:
-        raise SpecError(f"no .grad file in {directory} can train on task {task!r} (they read named losses)")
-    try:
-        CronSchedule(cron=cron)
-    except ValueError:
-        raise SpecError(f"{cron!r} is not a cron expression (e.g. \"0 3 * * *\": every day at 03:00)") from None
-    if seeds < 1:
-        raise SpecError("--seeds must be at least 1")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.check_tracking_uri(uri)
     tracking.ensure_experiment(uri, experiment)
@@ -91,4 +73,4 @@ def serve(directory: str | pathlib.Path, cron: str, *, name: str | None = None, 
               "experiment": experiment, "backend": backend, "sets": dict(sets or {}), "threads": threads}
     dep_name = name or folder.name
     scheduled_compare.serve(name=dep_name, cron=cron, parameters=params,
-                            description=f"Compare the .grad files in {folder} on {task}")
+                            description=f"Compare the {len(files)} .grad files in {folder} on {task}")

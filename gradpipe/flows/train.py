@@ -147,6 +147,31 @@ def _logged_upto(uri: str, run_id: str) -> int:
     return max((m.step for m in history), default=0)
 
 
+def _logged_losses(uri: str, run_id: str) -> list[float]:
+    from mlflow import MlflowClient
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def finished_outcome(spec: RunSpec, uri: str, run_id: str) -> RunOutcome | None:
+    """The outcome of a run that already FINISHED, read back from MLflow (None if it did not).
+
+    Dask re-runs a finished task whose result lived on a worker that died; the
+    run it recorded is complete, so it is read, not trained again."""
+    from mlflow import MlflowClient
+    from ..tasks import get_task
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    if run.info.status != "FINISHED":
+        return None
+    task_ = get_task(spec.task, **dict(spec.task_options))
+    finals = {k.removeprefix("final/"): v for k, v in run.data.metrics.items() if k.startswith("final/")}
+    losses = _logged_losses(uri, run_id)
+    return RunOutcome(spec=spec, run_id=run_id, status="FINISHED", losses=losses,
+                      metrics={k: v for k, v in finals.items() if k not in ("loss", "seconds")},
+                      final_loss=finals.get("loss", math.nan), seconds=finals.get("seconds", 0.0),
+                      metric=task_.metric, higher_is_better=task_.higher_is_better)
+
+
 def _clear_failure(uri: str, run_id: str) -> None:
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=uri)
@@ -283,6 +308,11 @@ def execute_run(spec: RunSpec, uri: str, run_id: str, *,
                 log.figure(loss_curves({spec.label: curve}, f"{spec.run_name} on {spec.task}"), "plots/loss.png")
         outcome.metrics = dict(result.metrics)
         outcome.final_loss = result.final_loss
+        if resume is not None or skip:  # this attempt trained only the tail: the run's whole curve is in MLflow
+            log.flush()
+            outcome.losses = _logged_losses(uri, run_id)
+            tail = outcome.losses[-10:]
+            outcome.final_loss = math.fsum(tail) / len(tail) if tail else math.nan
         log.metrics({"final/loss": result.final_loss, "final/seconds": outcome.seconds,
                      **{f"final/{k}": v for k, v in result.metrics.items()}}, steps)
         outcome.status = "FINISHED"
@@ -344,24 +374,52 @@ def resume_run(uri: str, run_id: str, *, on_step: Callable[[int, int], None] | N
     return execute_run(spec, uri, run_id, on_step=on_step, checkpoint_every=every, resume=ckpt)
 
 
+#: MLflow error codes a second attempt can get past (a server restarting, a busy store).
+TRANSIENT_MLFLOW_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED",
+                                    "DEADLINE_EXCEEDED", "ABORTED"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry can fix ``exc``: the network or file system (:data:`TRANSIENT`), an
+    MLflow server that is restarting or overloaded, or a SQLite store that is locked."""
+    if isinstance(exc, TRANSIENT):
+        return True
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # pragma: no cover
+        return False
+    if isinstance(exc, MlflowException):
+        return exc.error_code in TRANSIENT_MLFLOW_CODES or "database is locked" in str(exc)
+    return "database is locked" in str(exc)
+
+
 def _retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: only errors a second attempt can fix."""
+    """Prefect retry condition: only errors a second attempt can fix (:func:`is_transient`)."""
     try:
         state.result()
-    except TRANSIENT:
-        return True
-    except Exception:
-        return False
+    except Exception as e:  # noqa: BLE001
+        return is_transient(e)
     return False
 
 
-@task(name="train-run", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient,
-      task_run_name="{spec.pipeline} seed={spec.seed}", persist_result=False)
-def train_task(spec: RunSpec, uri: str, run_id: str, checkpoint_every: int = 0) -> RunOutcome:
-    """Prefect task: :func:`execute_run` with retries for transient errors; a retry goes on
-    from the run's latest checkpoint when it has one."""
+def run_attempt(spec: RunSpec, uri: str, run_id: str, checkpoint_every: int = 0) -> RunOutcome:
+    """One attempt at the run ``run_id``, whatever came before it: a run that already
+    finished is read back, one with a checkpoint goes on from it, any other starts.
+
+    This is the function behind :data:`train_task`. It has its own module-level name
+    so that Dask pickles it by reference (a function named like the Task object that
+    wraps it would be pickled by value, with whatever its globals hold)."""
+    done = finished_outcome(spec, uri, run_id)
+    if done is not None:
+        return done
     return execute_run(spec, uri, run_id, checkpoint_every=checkpoint_every,
                        resume=load_checkpoint(uri, run_id) if checkpoint_every else None)
+
+
+#: Prefect task: :func:`run_attempt`, retried (twice, 2 s apart) on transient errors only.
+train_task = task(run_attempt, name="train-run", retries=2, retry_delay_seconds=2,
+                  retry_condition_fn=_retry_transient, task_run_name="{spec.pipeline} seed={spec.seed}",
+                  persist_result=False)
 
 
 @flow(name="gradpipe-train", log_prints=False, persist_result=False)

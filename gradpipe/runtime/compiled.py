@@ -27,9 +27,12 @@ Lowering, per route:
    counter never recompile. Constants are baked into the graph, and so is a zero
    (ops branch on zero, e.g. ``momentum(0)`` keeps no buffer), so a value that
    crosses zero compiles one more variant.
-5. **First step eager.** Ops create their state lazily; a segment's first run per
-   bucket layout is eager, and later runs are compiled (one compilation per segment
-   and layout, cached by ``torch.compile``).
+5. **First step eager.** Ops create their state lazily: a segment runs eagerly while some
+   bucket is at its first step, and compiled once every bucket is past it (one compilation
+   per segment and layout, cached by ``torch.compile``). The choice depends only on the step
+   counters, which ``state_dict`` saves, so a run resumed from a checkpoint takes the same
+   path as one that never stopped, and gives the same parameters bit for bit (eager and
+   compiled arithmetic can differ in the last bit).
 
 If ``torch.compile`` cannot run (no C++ compiler, an unsupported construct), the
 backend warns once and runs the same segments eagerly, giving the same results.
@@ -285,7 +288,6 @@ class CompiledRoutes:
         self.use_compile = compile
         self._plans: dict[str, list[tuple[str, Any]]] = {}
         self._fns: dict[tuple[str, int], tuple[Callable, Callable]] = {}
-        self._warm: set[tuple] = set()
         #: (route, segment index, bucket key, node) -> {buffer: flat tensor}
         self._flat: dict[tuple, dict[str, torch.Tensor]] = {}
         #: parameter -> the flat store holding it (see :meth:`adopt`)
@@ -362,6 +364,30 @@ class CompiledRoutes:
                 if q.grad is not v and q.data_ptr() != 0:
                     q.grad = v
         return others
+
+    def grad_buffers(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The gradients of ``params`` in as few tensors as possible, for one reduction over them
+        (the non-finite check): the flat gradient buffer of every store whose parameters are all
+        in ``params`` with their ``.grad`` still its views, and the parameters left over (their
+        ``.grad`` is read one by one). A store with a parameter outside ``params`` (not reached
+        this step) is not read whole: that parameter's gradient does not enter the step."""
+        wanted = {id(p) for p in params}
+        flats: list[torch.Tensor] = []
+        rest: list[torch.Tensor] = []
+        whole: dict[int, bool] = {}
+        for p in params:
+            st = self._store_of.get(p)
+            if st is not None:
+                ok = whole.get(id(st))
+                if ok is None:
+                    ok = whole[id(st)] = all(id(q) in wanted and q.grad is v
+                                             for q, v in zip(st.params, st.grad_views))
+                    if ok:
+                        flats.append(st.flat_g)
+                if ok:
+                    continue
+            rest.append(p)
+        return flats, rest
 
     def _store_for(self, b: _Bucket, batch: RouteBatch) -> _Store | None:
         """The flat store that is exactly this bucket, with its parameters still in it."""
@@ -495,8 +521,11 @@ class CompiledRoutes:
                                  (torch.tensor(float(lr), dtype=torch.float64) if lr != 0 else 0.0))
         steps = [torch.tensor(float(env["step"]), dtype=torch.float64) for env in envs]
         eager_fn, compiled_fn = self._fns.get((label, si)) or self._make_fns(label, si, seg)
-        layout = (label, si, tuple(b.key for b in buckets))
-        fn = compiled_fn if (self.use_compile and layout in self._warm) else eager_fn
+        # eager at a bucket's first step (its ops create their state), compiled after: decided by
+        # the saved step counters alone, not by what this optimizer ran before, so a resumed run
+        # runs each step the way the uninterrupted run did (bitwise resume)
+        warm = all(int(env["step"]) > 1 for env in envs)
+        fn = compiled_fn if (self.use_compile and warm) else eager_fn
         outs = [[self._buffer(("out", label, n), b) for b in buckets] for n in seg.outputs]
         try:
             fn(inputs, states, params, scalars, steps, outs, apply)
@@ -505,7 +534,6 @@ class CompiledRoutes:
                 raise
             self._fallback(e)
             eager_fn(inputs, states, params, scalars, steps, outs, apply)
-        self._warm.add(layout)
         for n, o in zip(seg.outputs, outs):
             flat[n] = o
         for n, per_bucket in zip(seg.nodes, states):

@@ -14,6 +14,7 @@ from ..compiler.program import Program, builtin_names, compile as compile_source
 from ..dsl.diagnostics import GradError
 from .compiled import CompiledRoutes
 from .eager import RouteBatch, compute_dtype, run_route
+from .nonfinite import NonFiniteGuard, policy_of
 
 __all__ = ["Optimizer", "as_program", "BACKENDS"]
 
@@ -73,6 +74,12 @@ class Optimizer(torch.optim.Optimizer):
     that come from the pipeline's structure, plus ``"step"``. Parameters in
     fp16/bf16 keep fp32 state and math.
 
+    A step whose gradients hold NaN or Inf changes nothing and is counted
+    (``nonfinite_steps``, ``consecutive_nonfinite``, ``last_step_skipped``); more
+    than 10 in a row raise :class:`gradpipe.NonFiniteError`. The pipeline can
+    say otherwise with ``skip_nonfinite(max_consecutive=N)`` or ``allow_nonfinite``
+    (``docs/language.md`` 5.12, ``gradpipe/runtime/nonfinite.py``).
+
     Example::
 
         opt = gradpipe.Optimizer(model.named_parameters(), "adamw", lr=3e-4)
@@ -88,6 +95,7 @@ class Optimizer(torch.optim.Optimizer):
         self.program = as_program(pipeline)
         self.backend = backend
         self._compiled = CompiledRoutes(self.program) if backend == "compiled" else None
+        self._nonfinite = NonFiniteGuard(policy_of(self.program))  # skip_nonfinite / allow_nonfinite
         prog = self.program
         values = prog.check_hyperparams(hyperparams, "Optimizer(...)")
         defaults = {**prog.defaults(), **values}
@@ -133,6 +141,23 @@ class Optimizer(torch.optim.Optimizer):
     def route_of(self, p: torch.Tensor) -> str:
         """The label of the route that updates ``p``."""
         return self._routes[p]
+
+    # ------------------------------------------------------------------ non-finite steps
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped so far because a gradient held NaN or Inf (kept in ``state_dict``)."""
+        return self._nonfinite.total
+
+    @property
+    def consecutive_nonfinite(self) -> int:
+        """Skipped steps since the last finite one; past ``skip_nonfinite(max_consecutive=...)``
+        (10 by default) ``step()`` raises ``gradpipe.NonFiniteError``."""
+        return self._nonfinite.consecutive
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last ``step()`` was skipped for a non-finite gradient (nothing changed)."""
+        return self._nonfinite.last_skipped
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -191,6 +216,11 @@ class Optimizer(torch.optim.Optimizer):
                 elif p.grad.is_sparse:
                     raise RuntimeError("gradpipe does not support sparse gradients")
                 by_route[self._routes[p]].append((p, group))
+        # A gradient with NaN or Inf skips the whole step before anything runs (the pipeline's
+        # skip_nonfinite policy, the default; runtime/nonfinite.py), or raises past its limit.
+        if self._nonfinite.skip(self, [p for items in by_route.values() for p, _ in items], named_grads,
+                                by_sample, loss_value):
+            return loss
         # Build every environment and check it before any state changes: a step that
         # fails leaves parameters, state and step counters as they were.
         plans = []
@@ -344,46 +374,25 @@ class Optimizer(torch.optim.Optimizer):
                 saved = OPS[self.program.graph.nodes[node]["op"]].node_state_dict(st)
                 if saved:
                     node_state[node] = saved
-        sd["gradpipe"] = {"format": _STATE_FORMAT, "pipeline": self.program.name,
-                          "pipeline_hash": self.program.hash, "schema": self.program.state_schema(),
-                          "node_state": node_state}
+        from .migration import state_meta
+        sd["gradpipe"] = {"format": _STATE_FORMAT, **state_meta(self.program), "node_state": node_state}
+        sd["gradpipe"]["nonfinite"] = self._nonfinite.state_dict()
         return sd
 
+    #: what the last ``load_state_dict`` did (a :class:`~gradpipe.runtime.migration.StateMigration`)
+    last_migration: Any = None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        meta = state_dict.get("gradpipe")
-        prog = self.program
-        if meta is None:
-            raise GradError("this state dict was not saved by a gradpipe Optimizer", prog._file_span(),
-                            "load a state dict saved from gradpipe.Optimizer.state_dict()")
-        saved_schema = list(meta.get("schema", []))
-        if saved_schema != prog.state_schema():
-            ours, theirs = set(prog.state_schema()), set(saved_schema)
-            detail = "; ".join(filter(None, [
-                ("it has " + ", ".join(sorted(theirs - ours))) if theirs - ours else "",
-                ("it lacks " + ", ".join(sorted(ours - theirs))) if ours - theirs else ""]))
-            raise GradError(f"this state dict is from another pipeline ('{meta.get('pipeline')}', hash "
-                            f"{meta.get('pipeline_hash')}) whose state does not match '{prog.name}' "
-                            f"(hash {prog.hash}): {detail}", prog._file_span(),
-                            "load it into an Optimizer built from the same .grad pipeline")
-        sd = {k: v for k, v in state_dict.items() if k != "gradpipe"}
-        for i, group in enumerate(sd.get("param_groups", [])):
-            extra = {k: v for k, v in group.items() if k in prog.hyperparams}
-            prog.check_hyperparams(extra, f"the loaded param group {i}")
+        """Load a state dict saved by this pipeline, or by an edited version of it.
+
+        Buffers whose node keeps its name, op and buffer list are loaded (each checked
+        against its parameter's shape); buffers of new nodes are created by their op in
+        the next step; buffers of nodes the edit removed are dropped. Anything other
+        than a plain load raises a ``StateMigrationWarning``, and ``self.last_migration``
+        holds the report. A state dict of an unrelated pipeline (no node keeps state in
+        both) is a ``GradError``. See ``gradpipe/runtime/migration.py``."""
+        from .migration import load_state
         # torch casts floating state to the parameter's dtype, which would round fp32 state of
-        # bf16 parameters; load the groups through torch and the state here, keeping dtypes.
-        saved_state = sd.get("state", {})
-        super().load_state_dict({**sd, "state": {}})
-        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            if pid in saved_state:
-                self.state[p] = {k: (v.detach().clone().to(device="cpu" if k == "step" else p.device)
-                                     if isinstance(v, torch.Tensor) else v)
-                                 for k, v in saved_state[pid].items()}
-        from ..compiler.ops import OPS
-        from .eager import const_args
-        for node, saved in meta.get("node_state", {}).items():
-            d = prog.graph.nodes[node]
-            op = OPS[d["op"]]
-            st = self._node_state.setdefault(node, op.init_node_state(const_args(d["args"])))
-            op.load_node_state_dict(st, saved)
+        # bf16 parameters; load_state loads the groups through torch and the state itself, keeping dtypes.
+        self.last_migration = load_state(self, state_dict, super().load_state_dict)
+        self._nonfinite.load_state_dict(state_dict["gradpipe"].get("nonfinite"))  # counters of skipped steps

@@ -392,7 +392,7 @@ def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optim
     opt = make_optimizer(model)
     first = 1
     if resume is not None:
-        if not 0 <= resume.step < n_steps:
+        if not 0 <= resume.step <= n_steps:
             raise ValueError(f"cannot resume at step {resume.step} of a {n_steps}-step run")
         model.load_state_dict(resume.model)
         opt.load_state_dict(resume.optimizer)
@@ -493,9 +493,9 @@ def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optim
     if not evals or evals[-1].step != n_steps:
         record_eval(n_steps)
 
-    tail = losses_hist[-10:]
+    tail = losses_hist[-10:]  # empty when resuming a run whose last checkpoint is its last step
     return TaskResult(task=task.name, steps=n_steps, losses=losses_hist,
-                      final_loss=math.fsum(tail) / len(tail), metrics=dict(evals[-1].metrics),
+                      final_loss=math.fsum(tail) / len(tail) if tail else math.nan, metrics=dict(evals[-1].metrics),
                       seconds=time.perf_counter() - start, named_losses=named_hist, evals=evals)
 
 

@@ -15,6 +15,7 @@ from . import (  # noqa: E402,F401  (registration side effects)
     coap, woodbury_fisher,
     gcond, samgs,
     group_scale, wavelet,
+    nonfinite,
 )
 
 __all__ = ["OPS", "Op", "TensorOp", "Param", "Buffer", "NodeCtx", "register", "get_op"]

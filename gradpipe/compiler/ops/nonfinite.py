@@ -1,0 +1,89 @@
+"""``skip_nonfinite`` and ``allow_nonfinite``: what a step does with NaN or Inf gradients.
+
+These are *policy* ops. On the stream they are the identity; what they state is a rule for
+the whole optimizer step, which the runtime applies before any op runs
+(``gradpipe/runtime/nonfinite.py``). A pipeline that names neither behaves as
+``skip_nonfinite(max_consecutive=10)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .base import NodeCtx, Op, Param, register
+
+#: the policy of a pipeline that names neither op: skip, and stop after this many skips in a row
+DEFAULT_MAX_CONSECUTIVE = 10
+
+#: the names of the policy ops (the runtime looks for them in the graph)
+POLICY_OPS = ("skip_nonfinite", "allow_nonfinite")
+
+
+class _Policy(Op):
+    """A pass-through stage: the stream is unchanged; the op only marks the pipeline's policy."""
+
+    flat = True
+
+    def apply(self, ctx: NodeCtx) -> list:
+        return list(ctx.x)
+
+
+@register
+class SkipNonfinite(_Policy):
+    r"""Skip optimizer steps whose gradients are not finite; the default policy.
+
+    .. math::
+        u = x
+
+    On the stream the op is the identity. It states a policy for the whole step: before
+    any op of any route runs, the optimizer checks every gradient the pipeline reads
+    (``grad``, ``grads.<loss>``, ``samples``, and the ``loss`` when the pipeline reads it)
+    for NaN and Inf, with one reduction per flat gradient buffer. If one is not finite the
+    step is skipped: the parameters, every state buffer, the step counter and the ops'
+    random generators stay as they were, bit for bit, and the next finite step proceeds as
+    if the skipped batch had never been seen. The optimizer counts skipped steps
+    (``nonfinite_steps``, ``consecutive_nonfinite``, ``last_step_skipped``, kept in
+    ``state_dict``), and more than ``max_consecutive`` skipped steps in a row raise
+    ``gradpipe.NonFiniteError``, which names the parameters with non-finite gradients.
+    ``max_consecutive=inf`` never raises; ``max_consecutive=0`` raises on the first
+    non-finite step (still without touching the parameters).
+
+    The policy covers every route, wherever in the file the op is written; by convention
+    it heads the chain: ``grad | skip_nonfinite(3) | adam``. A pipeline that names no
+    policy op behaves as ``skip_nonfinite(max_consecutive=10)``.
+
+    Reference: optax ``apply_if_finite`` (skip the update and keep the inner state, count
+    consecutive failures); ``torch.amp.GradScaler`` (skip ``optimizer.step()`` when an
+    unscaled gradient holds an Inf or a NaN, found with
+    ``torch._amp_foreach_non_finite_check_and_unscale_``).
+    """
+
+    name = "skip_nonfinite"
+    summary = "identity; policy: a step with NaN/Inf gradients changes nothing, too many in a row raise"
+    reference = "optax apply_if_finite; torch.amp.GradScaler"
+    params = (Param("max_consecutive", default=DEFAULT_MAX_CONSECUTIVE, low=0.0, high=math.inf,
+                    doc="skipped steps allowed in a row before NonFiniteError; a whole number or inf, "
+                        "known at compile time"),)
+
+
+@register
+class AllowNonfinite(_Policy):
+    r"""No finiteness check: NaN and Inf gradients go into the pipeline, as in ``torch.optim``.
+
+    .. math::
+        u = x
+
+    On the stream the op is the identity. It turns off the check that
+    ``skip_nonfinite`` (the default policy) makes before every step, and with it the
+    reduction over the gradients and the host synchronisation that reads its result: a
+    NaN or Inf gradient then reaches the state and the parameters, as it does with
+    ``torch.optim.Adam``. For benchmarks against torch, or loops that already check (a
+    ``torch.amp.GradScaler`` skips the step itself before the optimizer sees an Inf).
+    Like ``skip_nonfinite`` it covers every route, wherever it is written.
+
+    Reference: ``torch.optim`` (no check).
+    """
+
+    name = "allow_nonfinite"
+    summary = "identity; policy: no finiteness check (NaN/Inf reach state and parameters, as in torch.optim)"
+    reference = "torch.optim"

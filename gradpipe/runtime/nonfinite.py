@@ -1,0 +1,239 @@
+"""Non-finite steps: the check that runs before every optimizer step, and its counters.
+
+A step whose gradients hold a NaN or an Inf is skipped by default: nothing changes, not
+the parameters, not a state buffer, not the step counter, not an op's random generator.
+The pipeline states the policy with a policy op (``gradpipe/compiler/ops/nonfinite.py``):
+
+* ``skip_nonfinite(max_consecutive=N)`` (the default, with ``N = 10``): skip, count, and
+  raise :class:`NonFiniteError` when more than ``N`` steps in a row were skipped;
+* ``allow_nonfinite``: no check, as ``torch.optim`` (NaN and Inf reach the state).
+
+The check reads every gradient tensor the step hands the pipeline (``grad``,
+``grads.<loss>``, ``samples``) and, when the pipeline reads it, the loss. It is one
+fused reduction per list of tensors (``torch._amp_foreach_non_finite_check_and_unscale_``
+with a unit scale, the kernel ``torch.amp.GradScaler`` uses to find Inf and NaN, reading
+each gradient once), over the flat gradient buffer of the compiled backend where the
+step's gradients are that buffer, and one host synchronisation per device to read the
+result. The semantics follow optax's ``apply_if_finite`` (skip, keep the inner state,
+count consecutive failures) and ``torch.amp.GradScaler`` (skip ``optimizer.step()``),
+except that exceeding the limit raises instead of applying the non-finite update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+
+from ..compiler import scalars as S
+from ..compiler.ops.nonfinite import DEFAULT_MAX_CONSECUTIVE, POLICY_OPS
+from ..compiler.program import Program
+from ..dsl.diagnostics import GradError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .optimizer import Optimizer
+
+__all__ = ["NonFiniteError", "NonFinitePolicy", "NonFiniteGuard", "policy_of", "any_nonfinite",
+           "DEFAULT_MAX_CONSECUTIVE"]
+
+
+class NonFiniteError(FloatingPointError):
+    """More optimizer steps in a row had NaN or Inf gradients than the pipeline's
+    ``skip_nonfinite(max_consecutive=...)`` allows (10 by default).
+
+    The parameters and the optimizer state are those after the last finite step: no
+    skipped step changed them. Attributes: ``step`` (the step number that could not be
+    taken), ``consecutive`` (skipped steps in a row, this one included), ``max_consecutive``,
+    ``total`` (skipped steps in the run so far) and ``params`` (the parameters, by name where
+    the optimizer was built from ``named_parameters()``, whose gradients were not finite in
+    this step, each with the source: ``grad``, ``grads.<loss>``, ``samples``).
+    """
+
+    def __init__(self, step: int, consecutive: int, max_consecutive: float, total: int,
+                 params: Sequence[str] = (), loss: float | None = None) -> None:
+        self.step, self.consecutive, self.max_consecutive = int(step), int(consecutive), float(max_consecutive)
+        self.total, self.params, self.loss = int(total), list(params), loss
+        limit = int(max_consecutive) if math.isfinite(max_consecutive) else max_consecutive
+        what = []
+        if self.params:
+            shown = ", ".join(self.params[:10]) + (f" and {len(self.params) - 10} more" if len(self.params) > 10 else "")
+            what.append(f"non-finite gradients (NaN or Inf) in {shown}")
+        if loss is not None and not math.isfinite(loss):
+            what.append(f"loss {loss}")
+        super().__init__(
+            f"step {self.step}: {'; '.join(what) or 'non-finite gradients (NaN or Inf)'}; {self.consecutive} such "
+            f"steps in a row, more than skip_nonfinite(max_consecutive={limit}) allows ({self.total} skipped in "
+            "this run). The parameters and the optimizer state are those after the last finite step.\n"
+            "hint: lower the learning rate, look for a log, a division or an overflow in the loss, or raise the "
+            "limit: grad | skip_nonfinite(max_consecutive=...) | ...")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (Dask workers)
+        return (type(self), (self.step, self.consecutive, self.max_consecutive, self.total, self.params, self.loss))
+
+
+@dataclass(frozen=True)
+class NonFinitePolicy:
+    """What a step with a non-finite gradient does: with ``check`` false, nothing (as torch);
+    else it is skipped, and more than ``max_consecutive`` in a row raise. ``node`` is the graph
+    node that states it (None for the default)."""
+
+    check: bool = True
+    max_consecutive: float = DEFAULT_MAX_CONSECUTIVE
+    node: str | None = None
+
+
+def policy_of(prog: Program) -> NonFinitePolicy:
+    """The pipeline's policy: from its ``skip_nonfinite`` / ``allow_nonfinite`` nodes (all of them
+    must state the same policy), or the default ``skip_nonfinite(max_consecutive=10)``."""
+    found: list[tuple[str, NonFinitePolicy, Any]] = []
+    for node, d in prog.graph.nodes(data=True):
+        if d.get("kind") != "op" or d.get("op") not in POLICY_OPS:
+            continue
+        if d.get("block") is not None:
+            raise GradError(f"'{d['op']}' is a policy of the whole step; it cannot sit inside a {{ ... }} block",
+                            d["span"], f"write it in the main chain: grad | {d['op']} | ...")
+        if d["op"] == "allow_nonfinite":
+            found.append((node, NonFinitePolicy(False, math.inf, node), d["span"]))
+            continue
+        arg = d["args"].get("max_consecutive")
+        value = arg.value if isinstance(arg, S.Const) else None
+        if value is None or not (math.isinf(value) or float(value).is_integer()):
+            raise GradError("max_consecutive of 'skip_nonfinite' must be a whole number or inf, known when the "
+                            "pipeline compiles", d["span"], "write skip_nonfinite(max_consecutive=10)")
+        found.append((node, NonFinitePolicy(True, float(value), node), d["span"]))
+    if not found:
+        return NonFinitePolicy()
+    found.sort(key=lambda f: (f[2].line, f[2].column, f[0]))
+    first = found[0][1]
+    for node, pol, span in found[1:]:
+        if (pol.check, pol.max_consecutive) != (first.check, first.max_consecutive):
+            raise GradError("two different non-finite policies: a policy op covers the whole step, so every "
+                            "route must state the same one", span,
+                            f"keep one policy, e.g. the one of {found[0][0]}")
+    return first
+
+
+def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` holds a NaN or an Inf: one fused reduction per device and dtype
+    group (GradScaler's kernel with a unit scale, which leaves the values as they are), and one
+    host synchronisation per device."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            by_device.setdefault(t.device, []).append(t)
+    flags = []
+    for device, ts in by_device.items():
+        found = torch.zeros(1, dtype=torch.float32, device=device)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones(1, dtype=torch.float32,
+                                                                                   device=device))
+        except (RuntimeError, NotImplementedError, AttributeError):  # a device or dtype the kernel lacks
+            found = torch.stack([torch.isfinite(t).all() for t in ts]).logical_not().any().to(torch.float32)
+        flags.append(found)
+    return any(bool(f.item()) for f in flags)
+
+
+class NonFiniteGuard:
+    """The policy and the counters of one optimizer (see :func:`policy_of`).
+
+    ``total`` counts skipped steps in the run, ``consecutive`` the skipped steps since the last
+    finite one, ``last_skipped`` whether the last ``step()`` call was skipped; all three are
+    saved in ``state_dict()["gradpipe"]["nonfinite"]``.
+    """
+
+    def __init__(self, policy: NonFinitePolicy) -> None:
+        self.policy = policy
+        self.total = 0
+        self.consecutive = 0
+        self.last_skipped = False
+
+    # ------------------------------------------------------------------ the check
+    def skip(self, opt: "Optimizer", params: Sequence[torch.Tensor],
+             named_grads: Mapping[str, Mapping[torch.Tensor, torch.Tensor]] | None,
+             by_sample: Mapping[torch.Tensor, torch.Tensor] | None, loss_value: float | None) -> bool:
+        """Check this step's inputs before anything runs (``loss_value``: the loss when the pipeline
+        reads it, else None). True: skip the step (counted); raises :class:`NonFiniteError` past
+        the limit. False: take it (the consecutive count restarts)."""
+        if not self.policy.check or not params:  # no gradient this step: nothing to count
+            return False
+        bad = (loss_value is not None and not math.isfinite(loss_value)) or \
+            any_nonfinite(self._tensors(opt, params, named_grads, by_sample))
+        if not bad:
+            self.consecutive = 0
+            self.last_skipped = False
+            return False
+        self.total += 1
+        self.consecutive += 1
+        self.last_skipped = True
+        if self.consecutive > self.policy.max_consecutive:
+            raise NonFiniteError(_step_number(opt, params), self.consecutive, self.policy.max_consecutive,
+                                 self.total, self._culprits(opt, params, named_grads, by_sample), loss_value)
+        return True
+
+    @staticmethod
+    def _sources(opt: "Optimizer", params: Sequence[torch.Tensor],
+                 named_grads: Mapping[str, Mapping[torch.Tensor, torch.Tensor]] | None,
+                 by_sample: Mapping[torch.Tensor, torch.Tensor] | None
+                 ) -> list[tuple[str, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """The gradient tensors the pipeline reads this step: (source, [(parameter, tensor)])."""
+        prog = opt.program
+        out = []
+        if named_grads is not None:
+            for name in sorted(prog.losses):
+                per = named_grads[f"grads.{name}"]
+                out.append((f"grads.{name}", [(p, per[p]) for p in params if p in per]))
+            if "grad" in prog.reads:
+                out.append(("grad", [(p, named_grads["grad"][p]) for p in params]))
+        elif by_sample is not None:
+            if "samples" in prog.reads:
+                out.append(("samples", [(p, by_sample[p]) for p in params]))
+            if "grad" in prog.reads:  # p.grad when set, else the mean of the (checked) samples
+                out.append(("grad", [(p, p.grad) for p in params if opt._has_grad(p)]))
+        elif "grad" in prog.reads:
+            out.append(("grad", [(p, p.grad) for p in params]))
+        return out
+
+    def _tensors(self, opt: "Optimizer", params: Sequence[torch.Tensor],
+                 named_grads: Mapping[str, Mapping[torch.Tensor, torch.Tensor]] | None,
+                 by_sample: Mapping[torch.Tensor, torch.Tensor] | None) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for source, pairs in self._sources(opt, params, named_grads, by_sample):
+            if source == "grad" and named_grads is None and opt._compiled is not None:
+                flats, rest = opt._compiled.grad_buffers([p for p, _ in pairs])
+                out += flats + [p.grad for p in rest]
+            else:
+                out += [t for _, t in pairs]
+        return out
+
+    def _culprits(self, opt: "Optimizer", params: Sequence[torch.Tensor],
+                  named_grads: Mapping[str, Mapping[torch.Tensor, torch.Tensor]] | None,
+                  by_sample: Mapping[torch.Tensor, torch.Tensor] | None) -> list[str]:
+        """``name (source)`` for every gradient that is not finite (the slow path, on the error only)."""
+        names = {p: name for name, p in opt._named() if name is not None}
+        index = {p: i for i, (_, p) in enumerate(opt._named())}
+        out = []
+        for source, pairs in self._sources(opt, params, named_grads, by_sample):
+            for p, t in pairs:
+                if not bool(torch.isfinite(t).all()):
+                    who = names.get(p) or f"parameter {index.get(p, '?')} of shape {tuple(p.shape)}"
+                    out.append(f"{who} ({source})")
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "consecutive": self.consecutive, "last_step_skipped": self.last_skipped}
+
+    def load_state_dict(self, saved: Mapping[str, Any] | None) -> None:
+        """Restore the counters (a state dict saved before they existed restores zeros)."""
+        saved = saved or {}
+        self.total = int(saved.get("total", 0))
+        self.consecutive = int(saved.get("consecutive", 0))
+        self.last_skipped = bool(saved.get("last_step_skipped", False))
+
+
+def _step_number(opt: "Optimizer", params: Sequence[torch.Tensor]) -> int:
+    """The step number the pipeline would have seen (the largest among the step's parameters)."""
+    steps = [int(opt.state[p]["step"].item()) for p in params if "step" in opt.state.get(p, {})]
+    return max(steps, default=0) + 1
