@@ -437,6 +437,7 @@ class TestChecks:
 # ------------------------------------------------------------------------ imports
 @pytest.fixture
 def libtree(tmp_path):
+    (tmp_path / "gradpipe.toml").write_text("")  # the project root: imports may not leave it
     (tmp_path / "lib").mkdir()
     (tmp_path / "sub").mkdir()
     (tmp_path / "lib" / "common.grad").write_text(

@@ -142,7 +142,7 @@ def test_a_run_records_params_tags_metrics_and_artifacts(store):
     history = c.get_metric_history(rid, "train/loss")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, 13))
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(out.losses)
-    for key in ("opt/grad_norm", "opt/update_norm", "time/step_ms"):
+    for key in ("opt/grad_norm", "opt/update_norm", "time/step_ms", "opt/nonfinite_steps"):
         assert len(c.get_metric_history(rid, key)) == 12
     assert c.get_metric_history(rid, "eval/val_accuracy")
     assert "final/val_accuracy" in run.data.metrics

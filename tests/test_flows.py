@@ -44,7 +44,7 @@ def test_compare_2x2_leaves_one_parent_and_four_finished_children(prefect_server
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     result = compare(["adam", "momentum"], "digits", [0, 1], steps=30,
                      per_pipeline={"adam": {"lr": 0.01}, "momentum": {"lr": 0.1}},
-                     tracking_uri=uri, experiment="acceptance")
+                     tracking_uri=uri, experiment="acceptance", baseline="adam")
     parents, children = _runs(uri, "acceptance")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].info.run_id == result.parent_run_id
@@ -59,7 +59,8 @@ def test_compare_2x2_leaves_one_parent_and_four_finished_children(prefect_server
         assert sum(curve[-5:]) / 5 < 0.85 * sum(curve[:5]) / 5, "the loss must fall"
         assert r.data.tags["prefect.flow_run_id"] == parents[0].data.tags["prefect.flow_run_id"]
     arts = {a.path for a in _client(uri).list_artifacts(result.parent_run_id)}
-    assert {"comparison.md", "comparison.json", "plots"} <= arts
+    assert {"comparison.md", "comparison.json", "plots", "diff_vs_baseline.txt", "diff_vs_baseline.json"} <= arts
+    assert parents[0].data.tags["gradpipe.baseline"] == "adam"
     assert {r.label for r in result.ranking} == {"adam lr=0.01", "momentum lr=0.1"}
 
 

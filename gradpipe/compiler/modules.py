@@ -4,6 +4,11 @@ A :class:`ModuleEnv` holds a file's hyperparameters, ``let`` bindings, ``def``
 pipelines, import aliases and body (a single pipeline or routes). Imports are
 resolved relative to the importing file; cycles are reported with the chain
 of files.
+
+A `.grad` file is untrusted input (docs/security.md): an import may name only a
+``.grad`` file inside the *project root* of the top-level file (see
+:func:`project_root`), and a program imports at most :data:`MAX_IMPORTED_FILES`
+files, nested at most :data:`MAX_IMPORT_DEPTH` deep.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from ..dsl.parser import parse, read_source
 from .ranges import RangeMixin
 from .scalars import check_finite, fold
 
-__all__ = ["HyperParam", "ModuleEnv", "load_module_tree", "const_value"]
+__all__ = ["HyperParam", "ModuleEnv", "load_module_tree", "const_value", "project_root",
+           "ROOT_MARKERS", "MAX_IMPORT_DEPTH", "MAX_IMPORTED_FILES"]
+
+#: A folder holding one of these is a project root: imports never leave it.
+ROOT_MARKERS = ("gradpipe.toml", "pyproject.toml", ".git")
+#: Longest chain of imports (a file that imports a file that imports ...).
+MAX_IMPORT_DEPTH = 16
+#: Most distinct files one program may import (each is parsed once).
+MAX_IMPORTED_FILES = 64
 
 
 @dataclass(frozen=True)
@@ -223,14 +236,97 @@ def _collect(env: ModuleEnv, errors: list[GradError]) -> None:
             errors.append(e)
 
 
-def load_module_tree(source: str, path: str, *, _stack: tuple[str, ...] = (),
-                     _cache: dict[str, ModuleEnv] | None = None) -> ModuleEnv:
-    """Parse ``source`` and every file it imports; raise one GradError with every problem."""
+def _builtin_dir() -> pathlib.Path:
+    """gradpipe's own pipeline folder (``program.builtin_dir``; repeated here to avoid an import cycle)."""
+    return (pathlib.Path(__file__).resolve().parent.parent / "_pipelines").resolve()
+
+
+def _has_marker(folder: pathlib.Path) -> bool:
+    for m in ROOT_MARKERS:
+        try:
+            if (folder / m).exists():
+                return True
+        except OSError:  # an unreadable folder is not a project root
+            continue
+    return False
+
+
+def project_root(start: str | pathlib.Path) -> pathlib.Path:
+    """The folder that imports of a program whose top-level file is in ``start`` must stay inside.
+
+    It is the nearest folder at or above ``start`` (resolved: symlinks followed)
+    that holds a ``gradpipe.toml``, ``pyproject.toml`` or ``.git``; if there is
+    none, ``start`` itself. gradpipe's own pipelines (loaded by name) have their
+    folder as root. For source text compiled with ``gradpipe.compile``, ``start``
+    is the current directory.
+    """
+    start = pathlib.Path(start).resolve()
+    builtin = _builtin_dir()
+    if start == builtin or builtin in start.parents:
+        return builtin
+    for folder in (start, *start.parents):
+        if _has_marker(folder):
+            return folder
+    return start
+
+
+def load_module_tree(source: str, path: str, *, root: str | pathlib.Path | None = None,
+                     _stack: tuple[str, ...] = (), _cache: dict[str, ModuleEnv] | None = None) -> ModuleEnv:
+    """Parse ``source`` and every file it imports; raise one GradError with every problem.
+
+    ``root``: the folder imports must stay inside; by default :func:`project_root`
+    of the file's folder (of the current directory for ``<string>`` paths).
+    """
     module = parse(source, path)
-    return _load(module, path, _stack, {} if _cache is None else _cache)
+    imports = [s for s in module.stmts if isinstance(s, ast.Import)]
+    top = None
+    if imports:  # a file without imports never looks at the file system
+        try:
+            top = pathlib.Path(root).resolve() if root is not None else \
+                project_root(ModuleEnv(module, path).directory())
+        except OSError as e:  # e.g. the current directory was deleted
+            raise GradError(f"cannot find the folder imports are relative to: {e.strerror or e}",
+                            imports[0].span) from None
+    return _load(module, path, _stack, {} if _cache is None else _cache, top)
 
 
-def _load(module: ast.Module, path: str, stack: tuple[str, ...], cache: dict[str, ModuleEnv]) -> ModuleEnv:
+def _is_absolute(text: str) -> bool:
+    """A path that does not depend on the importing file's folder, on any platform."""
+    return text.startswith(("/", "\\")) or bool(pathlib.PureWindowsPath(text).drive) or text.startswith("~")
+
+
+def _inside(path: pathlib.Path, root: pathlib.Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _resolve_import(env: ModuleEnv, s: ast.Import, root: pathlib.Path | None) -> pathlib.Path:
+    """The file an import names (resolved), or a GradError at the import."""
+    assert root is not None  # load_module_tree finds it when a file has imports
+    where = f"the project root {root}"
+    if _is_absolute(s.path):
+        raise GradError(f"import path '{s.path}' is absolute", s.span,
+                        f"write it relative to this file's folder; imports stay inside {where}")
+    try:
+        target = env.directory() / s.path
+        if target.suffix != ".grad" and not target.exists():
+            target = target.with_name(target.name + ".grad")
+        resolved = target.resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # a name too long, a symlink loop
+        raise GradError(f"cannot resolve the import '{s.path}': {getattr(e, 'strerror', None) or e}",
+                        s.span) from None
+    if not _inside(resolved, root):
+        raise GradError(f"import '{s.path}' resolves outside {where}", s.span,
+                        "imports stay inside the nearest folder with a gradpipe.toml, pyproject.toml or .git "
+                        "above the main file; move the file there, or add a gradpipe.toml to a folder that "
+                        "holds both")
+    if resolved.suffix != ".grad":
+        raise GradError(f"import '{s.path}' does not name a .grad file", s.span,
+                        "only .grad files can be imported")
+    return resolved
+
+
+def _load(module: ast.Module, path: str, stack: tuple[str, ...], cache: dict[str, ModuleEnv],
+          root: pathlib.Path | None) -> ModuleEnv:
     env = ModuleEnv(module, path)
     errors: list[GradError] = []
     _collect(env, errors)
@@ -239,10 +335,12 @@ def _load(module: ast.Module, path: str, stack: tuple[str, ...], cache: dict[str
     for s in module.stmts:
         if not isinstance(s, ast.Import):
             continue
-        target = (env.directory() / s.path)
-        if target.suffix != ".grad" and not target.exists():
-            target = target.with_name(target.name + ".grad")
-        tkey = str(target.resolve())
+        try:
+            target = _resolve_import(env, s, root)
+        except GradError as e:
+            errors.append(e)
+            continue
+        tkey = str(target)
         if tkey in stack:
             cycle = " -> ".join(pathlib.Path(p).name for p in stack[stack.index(tkey):] + (tkey,))
             errors.append(GradError(f"import cycle: {cycle}", s.span, "move the shared definitions to a third file"))
@@ -251,12 +349,25 @@ def _load(module: ast.Module, path: str, stack: tuple[str, ...], cache: dict[str
             errors.append(GradError(f"cannot find the imported file '{s.path}'", s.span,
                                     f"paths are relative to the importing file's folder ({env.directory()})"))
             continue
+        if not target.is_file():
+            errors.append(GradError(f"import '{s.path}' names a directory, not a .grad file", s.span))
+            continue
+        if tkey not in cache:
+            if len(stack) > MAX_IMPORT_DEPTH:
+                errors.append(GradError(f"imports are nested more than {MAX_IMPORT_DEPTH} files deep", s.span,
+                                        "import the shared file from the top-level file instead"))
+                continue
+            # files finished (in the cache) plus files still loading (on the stack, but the top one)
+            if len(cache) + len(stack) - 1 >= MAX_IMPORTED_FILES:
+                errors.append(GradError(f"the program imports more than {MAX_IMPORTED_FILES} files", s.span,
+                                        "merge some of them"))
+                continue
         try:
             if tkey in cache:
                 sub = cache[tkey]
             else:
                 text = read_source(target)
-                sub = _load(parse(text, str(target)), str(target), stack, cache)
+                sub = _load(parse(text, str(target)), str(target), stack, cache, root)
                 cache[tkey] = sub
         except GradError as e:
             errors.append(e)

@@ -12,10 +12,31 @@ reported as a :class:`GradError` whose text is::
 from __future__ import annotations
 
 import difflib
+import functools
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-__all__ = ["Span", "GradError", "Diagnostic", "did_you_mean"]
+__all__ = ["Span", "GradError", "Diagnostic", "did_you_mean", "printable"]
+
+# Control characters (C0 but tab, DEL, C1), bidirectional embeddings, overrides and
+# isolates, and line/paragraph separators. A hostile file could otherwise send
+# terminal escape sequences, or reorder the displayed text, through an error message.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e"
+                          "\u2066-\u2069\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that could control a terminal or reorder the line
+    replaced by U+FFFD (one character for one, so caret columns stay right)."""
+    return _UNPRINTABLE.sub("\ufffd", text)
+
+
+@functools.lru_cache(maxsize=8)
+def _lines(source: str) -> tuple[str, ...]:
+    """The lines of a source text (only '\\n' ends a line, as for the lexer), split once per
+    text: a file with thousands of errors renders each of them without splitting it again."""
+    return tuple(source.split("\n"))
 
 
 @dataclass(frozen=True)
@@ -32,7 +53,7 @@ class Span:
     def source_line(self) -> str | None:
         if self.source is None:
             return None
-        lines = self.source.split("\n")  # the lexer counts only \n as a line break
+        lines = _lines(self.source)
         if 1 <= self.line <= len(lines):
             return lines[self.line - 1].rstrip("\r")
         return None
@@ -51,10 +72,10 @@ class Diagnostic:
 
     def render(self) -> str:
         s = self.span
-        out = [f"{s.path}:{s.line}:{s.column}: error: {self.message}"]
+        out = [f"{printable(s.path)}:{s.line}:{s.column}: error: {printable(self.message)}"]
         line = s.source_line()
         if line is not None:
-            shown = line.expandtabs(1)
+            shown = printable(line.expandtabs(1))
             if len(shown) > 200:  # do not flood the terminal with a 10 MB line
                 start = max(0, s.column - 100)
                 shown = shown[start:start + 200]
@@ -67,7 +88,7 @@ class Diagnostic:
             out.append("  " + shown)
             out.append("  " + " " * (caret_col - 1) + "^" * max(1, width))
         if self.hint:
-            out.append(f"hint: {self.hint}")
+            out.append(f"hint: {printable(self.hint)}")
         return "\n".join(out)
 
 
@@ -103,9 +124,39 @@ class GradError(ValueError):
         return cls("", diagnostics=diags)
 
 
+#: Above this many plausible candidates a hint compares only names with the same first letter,
+#: and gives up if there are still more: a file with thousands of names and thousands of
+#: typos would otherwise cost their product in string comparisons.
+MAX_SUGGESTION_CANDIDATES = 300
+
+
+@functools.lru_cache(maxsize=16)
+def _by_initial_and_length(candidates: tuple[str, ...]) -> dict[tuple[str, int], tuple[str, ...]]:
+    """Candidates grouped by (lower-case first letter, length); built once per candidate list."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for c in set(candidates):
+        groups.setdefault((c[:1].lower(), len(c)), []).append(c)
+    return {k: tuple(v) for k, v in groups.items()}
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
-    """A "did you mean" hint for a misspelt name, or None."""
-    matches = difflib.get_close_matches(name, sorted(set(candidates)), n=3, cutoff=0.6)
+    """A "did you mean" hint for a misspelt name, or None.
+
+    A match needs difflib's similarity ratio 2M/(a+b) >= 0.6 (M matching characters,
+    M <= min(a, b)), which only names whose lengths are within a factor 7/3 of each
+    other can reach; the others are never compared. The candidates are grouped once per
+    list (cached), so thousands of typos against thousands of names stay cheap."""
+    n = len(name)
+    groups = _by_initial_and_length(tuple(candidates))
+    near = [(initial, names) for (initial, length), names in groups.items()
+            if 3 * n <= 7 * length and 3 * length <= 7 * n]
+    pool = [c for _, names in near for c in names]
+    if len(pool) > MAX_SUGGESTION_CANDIDATES:
+        first = name[:1].lower()
+        pool = [c for initial, names in near if initial == first for c in names]
+        if len(pool) > MAX_SUGGESTION_CANDIDATES:
+            return None
+    matches = difflib.get_close_matches(name, sorted(pool), n=3, cutoff=0.6)
     if not matches:
         return None
     if len(matches) == 1:

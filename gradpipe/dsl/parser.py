@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import threading
 import pathlib
 from typing import Iterator
@@ -38,6 +39,10 @@ MAX_NESTING = 64
 #: Deeper syntax trees (e.g. ``1+1+...+1`` with hundreds of terms, or long
 #: runs of ``-``/``not``) are refused for the same reason.
 MAX_DEPTH = 200
+
+#: Bidirectional embeddings, overrides and isolates ("Trojan Source", CVE-2021-42574):
+#: in a comment or a string they can make a file read differently from what it means.
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 _OPEN = {"LPAR", "LSQB", "LBRACE"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
@@ -350,10 +355,15 @@ def _precheck(source: str, path: str) -> None:
                         "a pipeline is a few lines of text; is this the right file?")
     nul = source.find("\x00")
     if nul >= 0:
-        line = source.count("\n", 0, nul) + 1
-        col = nul - (source.rfind("\n", 0, nul) + 1) + 1
-        raise GradError("file contains binary data (a NUL byte)", Span(line, col, line, col + 1, path, None),
+        line, col = _line_col(source, nul)
+        raise GradError("file contains binary data (a NUL byte)", Span(line, col, line, col + 1, path, source),
                         "a .grad file is UTF-8 text")
+    bidi = _BIDI.search(source)
+    if bidi is not None:
+        line, col = _line_col(source, bidi.start())
+        raise GradError(f"file contains a Unicode bidirectional control character "
+                        f"(U+{ord(bidi.group()):04X})", Span(line, col, line, col + 1, path, source),
+                        "it can make the text display differently from how it is read; remove it")
     depth = 0
     for ch, line, col in _brackets(source):
         if ch in "([{":
@@ -364,6 +374,11 @@ def _precheck(source: str, path: str) -> None:
                                 "split the expression with 'let' bindings")
         else:
             depth = max(0, depth - 1)
+
+
+def _line_col(source: str, pos: int) -> tuple[int, int]:
+    """1-based line and column of offset ``pos`` (only '\\n' ends a line, as for the lexer)."""
+    return source.count("\n", 0, pos) + 1, pos - (source.rfind("\n", 0, pos) + 1) + 1
 
 
 def _brackets(source: str) -> Iterator[tuple[str, int, int]]:
@@ -404,6 +419,16 @@ def _unclosed_before(source: str, pos: int) -> tuple[str, int, int] | None:
     return stack[-1] if stack else None
 
 
+def _end_span(path: str, source: str) -> Span:
+    """Just after the last character of the last non-empty-ending line (lines end at '\\n' only,
+    as the lexer counts them; a final newline does not start a line of its own)."""
+    lines = source.split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()
+    last = lines[-1].rstrip("\r")
+    return Span(len(lines), len(last) + 1, len(lines), len(last) + 2, path, source)
+
+
 def _syntax_error(e: lark.exceptions.LarkError, path: str, source: str) -> GradError:
     if isinstance(e, lark.exceptions.UnexpectedCharacters):
         span = Span(e.line, e.column, e.line, e.column + 1, path, source)
@@ -417,15 +442,11 @@ def _syntax_error(e: lark.exceptions.LarkError, path: str, source: str) -> GradE
             hint = f"expected {_describe(set(e.allowed))}"
         return GradError(f"unexpected character {ch!r}", span, hint)
     if isinstance(e, lark.exceptions.UnexpectedEOF):
-        lines = source.splitlines() or [""]
-        line = len(lines)
-        span = Span(line, len(lines[-1]) + 1, line, len(lines[-1]) + 2, path, source)
-        return GradError("unexpected end of file", span, f"expected {_describe(set(e.expected))}")
+        return GradError("unexpected end of file", _end_span(path, source), f"expected {_describe(set(e.expected))}")
     if isinstance(e, lark.exceptions.UnexpectedToken):
         tok = e.token
         if tok.type == "$END":
-            lines = source.splitlines() or [""]
-            span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2, path, source)
+            span = _end_span(path, source)
             hint = f"expected {_describe(set(e.expected))}"
             # newlines inside brackets are skipped, so an unclosed bracket shows up here
             openers = [o for c, o in (("RPAR", "'('"), ("RSQB", "'['"), ("RBRACE", "'{'")) if c in e.expected]

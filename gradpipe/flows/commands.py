@@ -115,7 +115,8 @@ def _run_compare(args: argparse.Namespace, pipelines: Sequence[str], task: str, 
                            per_pipeline=per_pipeline, runner=getattr(args, "runner", "local"),
                            address=getattr(args, "address", None), workers=args.workers,
                            tracking_uri=args.tracking_uri, experiment=args.experiment, backend=args.backend,
-                           name=name, threads=args.threads)
+                           name=name, threads=args.threads, baseline=getattr(args, "baseline", None),
+                           checkpoint_every=getattr(args, "checkpoint_every", 0))
 
 
 def _end_runs_on_sigterm() -> None:
@@ -352,6 +353,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--runner", default="local", choices=("local", "dask"), help="Prefect task runner")
     p.add_argument("--address", help="with --runner dask: an existing scheduler, e.g. tcp://10.0.0.5:8786")
     p.add_argument("--workers", type=int, default=2, help="runs at a time (local) or LocalCluster workers (dask)")
+    p.add_argument("--baseline", metavar="FILE|NAME",
+                   help="log on the parent run what each pipeline changes against this one (gradpipe diff)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="log each run's model and optimizer state every K steps (default 0: never); "
+                   "a retried run goes on from it")
     _common(p)
     p.set_defaults(func=cmd_compare)
 

@@ -231,13 +231,15 @@ def make_runner(runner: str = "local", *, address: str | None = None, workers: i
         if address:
             return DaskTaskRunner(address=address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": max(1, workers), "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+                                              "processes": True, "dashboard_address": None,
+                                              "host": "127.0.0.1"})  # this machine only
     raise SpecError(f"unknown runner {runner!r}: choose local or dask")
 
 
 @flow(name="gradpipe-compare", persist_result=False, log_prints=False)
 def compare_flow(specs: list[RunSpec], uri: str, experiment_id: str, name: str = "compare",
-                 parent_params: dict[str, str] | None = None, checkpoint_every: int = 0) -> Comparison:
+                 parent_params: dict[str, str] | None = None, checkpoint_every: int = 0,
+                 baseline: str | None = None) -> Comparison:
     """Prefect flow: one parent run, one child run per spec, fanned out on the flow's task runner."""
     from ..tasks import get_task
     from .figures import band_curves
@@ -250,6 +252,14 @@ def compare_flow(specs: list[RunSpec], uri: str, experiment_id: str, name: str =
         {"gradpipe.version": gradpipe.__version__, "gradpipe.kind": "comparison", **_flow_tags()})
     parent_log = tracking.RunLogger(uri, parent)
     try:
+        if baseline is not None:  # what each pipeline changes, structurally, against the baseline
+            from ..compiler.diff import diff_against_baseline
+            refs = {pipeline_label(s.pipeline): s.pipeline for s in specs}
+            text, data = diff_against_baseline(load_pipeline(baseline),
+                                               {k: load_pipeline(v) for k, v in refs.items()})
+            parent_log.text(text, "diff_vs_baseline.txt")
+            parent_log.dict(data, "diff_vs_baseline.json")
+            parent_log.tags({"gradpipe.baseline": pipeline_label(baseline)})
         children = []
         for spec in specs:
             program = load_pipeline(spec.pipeline)
@@ -327,7 +337,8 @@ def compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequence[int]
             runner: str = "local", address: str | None = None, workers: int = 2,
             tracking_uri: str | None = None, experiment: str = "gradpipe", backend: str = "eager",
             task_options: Mapping[str, Any] | None = None, eval_every: int | None = None,
-            name: str | None = None, checkpoint_every: int = 0, threads: int = 1) -> Comparison:
+            name: str | None = None, checkpoint_every: int = 0, threads: int = 1,
+            baseline: str | None = None) -> Comparison:
     """Run a comparison and return it (see the module docstring).
 
     Everything is checked before anything is written: a GradError for a bad
@@ -360,5 +371,7 @@ def compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequence[int]
                      "runs": str(len(specs)), "runner": runner, "backend": backend,
                      "steps": str(steps) if steps else "default"}
     parent_params.update({f"grid.{k}": ",".join(map(str, v)) for k, v in (grid or {}).items()})
+    if baseline is not None:
+        load_pipeline(baseline)  # a GradError now, not after the parent run exists
     return compare_flow.with_options(task_runner=runner_obj)(specs, uri, exp_id, title, parent_params,
-                                                             checkpoint_every)
+                                                             checkpoint_every, baseline)

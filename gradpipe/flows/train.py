@@ -275,9 +275,12 @@ def execute_run(spec: RunSpec, uri: str, run_id: str, *,
         import torch
         torch.set_num_threads(spec.threads)  # process-wide: every run of a comparison asks the same
 
+        made: list[Any] = []
+
         def make_optimizer(model):
-            return gradpipe.Optimizer(model.named_parameters(), program, backend=spec.backend,
-                                      **dict(spec.hyperparams))
+            made.append(gradpipe.Optimizer(model.named_parameters(), program, backend=spec.backend,
+                                           **dict(spec.hyperparams)))
+            return made[-1]
 
         def step_hook(rec) -> None:
             curve.append((rec.step, rec.loss))
@@ -286,7 +289,9 @@ def execute_run(spec: RunSpec, uri: str, run_id: str, *,
             if rec.step <= skip:
                 return
             values = {"train/loss": rec.loss, "opt/grad_norm": rec.grad_norm,
-                      "opt/update_norm": rec.update_norm, "time/step_ms": rec.seconds * 1e3}
+                      "opt/update_norm": rec.update_norm, "time/step_ms": rec.seconds * 1e3,
+                      # steps skipped for a NaN/Inf gradient so far (the pipeline's non-finite policy)
+                      "opt/nonfinite_steps": float(made[-1].nonfinite_steps)}
             if len(rec.losses) > 1:
                 values.update({f"train/loss_{k}": v for k, v in rec.losses.items()})
             log.metrics(values, rec.step)
