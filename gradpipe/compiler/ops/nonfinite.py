@@ -54,8 +54,9 @@ class SkipNonfinite(_Policy):
 
     Reference: optax ``apply_if_finite`` (skip the update and keep the inner state, count
     consecutive failures); ``torch.amp.GradScaler`` (skip ``optimizer.step()`` when an
-    unscaled gradient holds an Inf or a NaN, found with
-    ``torch._amp_foreach_non_finite_check_and_unscale_``).
+    unscaled gradient holds an Inf or a NaN). The check itself: ``torch.aminmax`` per
+    gradient on the CPU, GradScaler's ``torch._amp_foreach_non_finite_check_and_unscale_``
+    on a GPU (``gradpipe/runtime/nonfinite.py``).
     """
 
     name = "skip_nonfinite"
