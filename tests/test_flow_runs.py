@@ -267,3 +267,16 @@ def test_resume_refuses_a_finished_run_or_a_changed_pipeline(store, tmp_path):
     f.write_text("hparam lr = 0.01\ngrad | adam(0.8, 0.999, 1e-8)\n")
     with pytest.raises(ResumeError, match="changed since"):
         resume_run(uri, rid2)
+
+
+def test_a_stopped_comparison_marks_its_unfinished_runs_killed(store):
+    from gradpipe.flows.comparison import _end_unfinished
+    uri, exp = store
+    done = _new_run(uri, exp, RunSpec("adam", steps=3))
+    assert execute_run(RunSpec("adam", steps=3), uri, done).ok
+    waiting = _new_run(uri, exp, RunSpec("sgd", steps=3))
+    _end_unfinished(uri, [done, waiting], "the comparison stopped (KeyboardInterrupt)")
+    c = _client(uri)
+    assert c.get_run(done).info.status == "FINISHED"
+    assert c.get_run(waiting).info.status == "KILLED"
+    assert "KeyboardInterrupt" in c.get_run(waiting).data.tags[tracking.FAILURE_TAG]

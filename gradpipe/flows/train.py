@@ -19,8 +19,9 @@ What a run records (``docs/orchestration.md`` has the full list):
 - artifacts: the ``.grad`` source, its canonical form, the graph picture,
   the ``explain`` report and ``plots/loss.png``.
 
-A run whose loss becomes NaN or infinite, or whose pipeline or task is
-wrong, ends FAILED with the reason in the ``gradpipe.failure`` tag and keeps
+A run whose loss becomes NaN or infinite, whose optimizer skipped more
+non-finite gradient steps in a row than its policy allows, or whose pipeline
+or task is wrong, ends FAILED with the reason in the ``gradpipe.failure`` tag and keeps
 what it logged. Such failures are returned, not raised: they are answers,
 and retrying cannot change them. Anything else is raised for Prefect to
 retry; a retry reopens the same MLflow run and, training being
@@ -243,6 +244,7 @@ def execute_run(spec: RunSpec, uri: str, run_id: str, *,
         the run marked FAILED, so that the caller may retry.
     """
     import gradpipe
+    from ..runtime.nonfinite import NonFiniteError
     from ..tasks import Diverged, get_task, run_task
     from .figures import loss_curves
 
@@ -323,8 +325,8 @@ def execute_run(spec: RunSpec, uri: str, run_id: str, *,
         outcome.status = "FINISHED"
         log.finish("FINISHED")
         return outcome
-    except Diverged as e:
-        outcome.reason = str(e)
+    except (Diverged, NonFiniteError) as e:  # answers about the pipeline, not accidents: no retry
+        outcome.reason = str(e).splitlines()[0]
         log.finish("FAILED", outcome.reason)
         return outcome
     except Exception as e:
