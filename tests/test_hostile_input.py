@@ -27,6 +27,7 @@ import pytest
 import gradpipe
 from gradpipe import GradError
 from gradpipe.compiler import modules
+from gradpipe.compiler.build import MAX_EXPANDED_DEPTH, NODE_BUDGET
 from gradpipe.compiler.modules import MAX_IMPORT_DEPTH, MAX_IMPORTED_FILES, project_root
 from gradpipe.compiler.program import builtin_dir, builtin_names
 from gradpipe.dsl import parser as P
@@ -330,19 +331,92 @@ def test_long_flat_constructs_are_fine():
     assert gradpipe.compile("hparam t = (" + ", ".join(["0.5"] * 2000) + ")\ngrad | scale(t[1999])\n").routes
 
 
-# ------------------------------------------------------------------ known gaps (docs/security.md §5)
-@pytest.mark.xfail(raises=RecursionError, strict=True,
-                   reason="build.py: the depth of definitions that nest deep expressions adds up in its recursion")
+# ------------------------------------------------------------------ expansion (lets and defs built from each other)
 def test_definitions_that_nest_deep_expressions_are_a_grad_error():
+    """Depths add up across lets; the builder's own limit stops them, at the node that crossed it."""
     src = "let v0 = 1\n" + "".join(f"let v{i} = " + "-" * 150 + f"v{i - 1}\n" for i in range(1, 21))
-    compile_error(src + "grad | scale(v20)\n")
+    err = compile_error(src + "grad | scale(v20)\n")
+    assert f"more than {MAX_EXPANDED_DEPTH} levels deep" in err.message
+    assert str(MAX_EXPANDED_DEPTH) in err.hint and err.line > 1
 
 
-@pytest.mark.xfail(run=False, reason="build.py: no budget on the nodes an expansion builds (it would run for ever)")
-def test_definitions_that_double_at_every_level_are_a_grad_error():
-    src = "let v0 = sign\n" + "".join(f"let v{i} = v{i - 1} | v{i - 1}\n" for i in range(1, 31))
+def test_deep_definitions_of_defs_and_scalars_are_grad_errors():
+    """The same with defs, with deep expressions of signals, and with lets used one after
+    another (each stays shallow, the scalar expression they build does not)."""
+    defs = "def v0() = 1\n" + "".join(f"def v{i}() = " + "-" * 150 + f"v{i - 1}\n" for i in range(1, 21))
+    signals = "let v0 = sign\n" + "".join(f"let v{i} = " + "-" * 150 + f"v{i - 1}\n" for i in range(1, 21))
+    hp = ("hparam b = 1\nlet v0 = b\n" + "".join(f"let v{i} = " + "-" * 150 + f"v{i - 1}\n" for i in range(1, 21))
+          + "grad | scale(" + " + ".join(f"v{i}" for i in range(21)) + ")\n")
+    for src in (defs + "grad | scale(v20)\n", signals + "grad | v20\n", hp):
+        err = compile_error(src)
+        assert "levels deep" in err.message  # the expanded depth, or (signals) how deep pipelines apply
+
+
+def test_just_below_the_expanded_depth_compiles():
+    per = 100
+    n = MAX_EXPANDED_DEPTH // per - 1
+    src = "let v0 = 1\n" + "".join(f"let v{i} = " + "-" * per + f"v{i - 1}\n" for i in range(1, n + 1))
+    assert gradpipe.compile(src + f"grad | scale(v{n})\n").routes
+
+
+def test_a_recursion_error_is_a_grad_error_at_1_1(monkeypatch, tmp_path):
+    """The last line of defence: whatever recursion is left unbounded ends in a GradError."""
+    from gradpipe.compiler import program
+
+    def boom(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+    monkeypatch.setattr(program, "compile_env", boom)
+    err = compile_error("grad | adam\n")
+    assert (err.line, err.column) == (1, 1) and "recursion limit" in err.message
+    f = tmp_path / "deep.grad"
+    f.write_text("grad | adam\n")
+    err = load_error(f)
+    assert (err.line, err.column) == (1, 1) and "recursion limit" in err.message
+
+
+@pytest.mark.parametrize("combine", ["|", "+"])
+def test_definitions_that_double_at_every_level_are_a_grad_error(combine):
+    """``v1 | v1`` doubles at every line: refused at the definition that blew the budget.
+    ``v1 + v1`` too, although CSE would merge the copies: the budget counts work before CSE."""
+    src = "let v0 = sign\n" + "".join(f"let v{i} = v{i - 1} {combine} v{i - 1}\n" for i in range(1, 31))
     err = compile_error(src + "grad | v30\n")
     assert err.line <= 31
+    assert "expands to more than" in err.message and "NODE_BUDGET" in err.hint
+
+
+def test_defs_and_scalars_that_double_at_every_level_are_a_grad_error():
+    defs = "def v0() = sign\n" + "".join(f"def v{i}() = v{i - 1} | v{i - 1}\n" for i in range(1, 31))
+    no_nodes = "def v0() = 1\n" + "".join(f"def v{i}() = v{i - 1} + v{i - 1}\n" for i in range(1, 31))
+    identities = "let v0 = scale(1)\n" + "".join(f"let v{i} = v{i - 1} | v{i - 1}\n" for i in range(1, 31))
+    scalars = "hparam b = 1\nlet v0 = b\n" + "".join(f"let v{i} = v{i - 1} + v{i - 1}\n" for i in range(1, 31))
+    for src in (defs + "grad | v30\n", no_nodes + "grad | scale(v30)\n", identities + "grad | v30\n",
+                scalars + "grad | scale(v30)\n"):
+        err = compile_error(src)
+        assert "expands to more than" in err.message
+
+
+def test_unused_doubling_definitions_are_a_grad_error_too():
+    """``gradpipe check`` expands unused definitions as well: the same budget applies."""
+    src = "let v0 = sign\n" + "".join(f"let v{i} = v{i - 1} | v{i - 1}\n" for i in range(1, 31))
+    err = compile_error(src + "grad | adam\n")
+    assert "expands to more than" in err.message and err.line <= 31
+
+
+def test_the_budget_grows_with_the_program():
+    """Doubling to 2**k nodes is fine while the budget covers it."""
+    base = "let v0 = sign\n" + "".join(f"let v{i} = v{i - 1} | v{i - 1}\n" for i in range(1, 11))
+    assert gradpipe.compile(base + "grad | v10\n").routes  # 1,024 nodes
+
+
+def test_shipped_pipelines_are_far_inside_the_budget(monkeypatch):
+    """Every shipped pipeline compiles on 1% of the smallest budget (CSE is not needed for that)."""
+    from gradpipe.compiler import build
+    monkeypatch.setattr(build, "NODE_BUDGET", NODE_BUDGET // 100)
+    monkeypatch.setattr(build, "NODE_BUDGET_PER_AST_NODE", 0)
+    files = sorted((REPO / "pipelines").glob("*.grad")) + sorted(builtin_dir().glob("*.grad"))
+    assert files
+    for f in files:
+        assert gradpipe.load(f).routes, f
 
 
 # ------------------------------------------------------------------ linear time
@@ -397,6 +471,36 @@ def test_compiling_ten_thousand_lines_takes_linear_time(make):
         times += [_seconds(big)[0], _seconds(big)[0]]
     ratio = statistics.median(times) / t_small
     assert ratio < 25, f"10k lines took {ratio:.1f}x the time of 1k lines ({times} vs {t_small:.3f} s)"
+
+
+def nested_lets(lines: int) -> str:
+    """The fuzzer's ``nested`` case: each let folds a deep constant and applies the one before
+    (``let l{i} = scale(-----…1) | l{i-1}``), 190 levels a line."""
+    body = "".join(f"let l{i} = scale(" + "-" * 190 + f"1) | l{i - 1}\n" for i in range(1, lines))
+    return "let l0 = sign\n" + body + f"grad | l{lines - 1}\n"
+
+
+def test_nested_lets_of_deep_constants_take_linear_time():
+    """Folding logs only the largest folded expression and formats it when read, and the check
+    of unused definitions expands each let once: 150 lines (about 30 kB; once over ten minutes)
+    may take at most 25x the time of 15 (a quadratic compiler would take 100x)."""
+    small, big = nested_lets(15), nested_lets(150)
+    assert len(big) > 25_000
+    t_small = statistics.median(_seconds(small)[0] for _ in range(3))
+    first, out = _seconds(big)
+    assert isinstance(out, GradError)  # the chain of lets is longer than the let-chain limit
+    assert "nested let bindings" in str(out)
+    times = [first]
+    if first > 25 * t_small:
+        times += [_seconds(big)[0], _seconds(big)[0]]
+    ratio = statistics.median(times) / t_small
+    assert ratio < 25, f"150 lines took {ratio:.1f}x the time of 15 ({times} vs {t_small:.3f} s)"
+
+
+def test_the_folding_log_keeps_the_largest_folded_expression():
+    prog = gradpipe.compile("grad | scale(" + "-" * 191 + "1) | ema(2 * 0.25 + 0.25)\n")
+    assert len(prog.folded) == 2, prog.folded
+    assert prog.folded[1].startswith("2 * 0.25 + 0.25 -> 0.75")
 
 
 # ------------------------------------------------------------------ no code execution

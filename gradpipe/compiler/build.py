@@ -23,10 +23,77 @@ from .ops import OPS, Op, Param
 from .ops.base import MacroOp
 from .values import Fragment, ScalarV, Stream, Value, Word, kind_name
 
-__all__ = ["Builder", "RouteInfo", "RangeCheck"]
+__all__ = ["Builder", "RouteInfo", "RangeCheck", "MAX_EXPANDED_DEPTH", "NODE_BUDGET", "NODE_BUDGET_PER_AST_NODE",
+           "node_budget"]
 
 _MAX_INLINE_DEPTH = 32
 _MAX_APPLY_DEPTH = 100
+
+#: How deeply expressions may nest once the lets and defs they name are expanded into them
+#: (``let v1 = ---v0``, ``let v2 = ---v1``... add up). A single expression is already bounded
+#: by the parser (``gradpipe.dsl.parser.MAX_DEPTH``, 200); this bounds the sum, so the
+#: builder's recursion ends in a GradError rather than a RecursionError. Also the depth of a
+#: scalar argument built from lets of lets. Read on every use: a module constant.
+MAX_EXPANDED_DEPTH = 300
+
+#: What one program may expand to: at most ``NODE_BUDGET + NODE_BUDGET_PER_AST_NODE * n`` op and
+#: arithmetic applications, ``def`` expansions and scalar-expression terms, where ``n`` counts
+#: the syntax-tree nodes of the file and of everything it imports. A ``let`` or ``def`` is copied
+#: at every use, so definitions that each use the one before twice (``let v2 = v1 | v1``) double
+#: at every line; the budget turns that into a GradError instead of a compile that never ends.
+#: It counts work before common-subexpression elimination: ``v1 + v1`` costs twice even though
+#: CSE later keeps one copy. Real pipelines build a few nodes per syntax-tree node.
+NODE_BUDGET = 10_000
+NODE_BUDGET_PER_AST_NODE = 50
+
+
+def node_budget(env: ModuleEnv) -> int:
+    """The expansion budget of the program rooted at ``env`` (see :data:`NODE_BUDGET`)."""
+    seen: set[int] = set()
+    todo = [env]
+    n = 0
+    while todo:
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        n += sum(1 for _ in ast.walk(m.module))
+        todo.extend(m.aliases.values())
+        todo.extend(m.imported.values())
+    return NODE_BUDGET + NODE_BUDGET_PER_AST_NODE * n
+
+
+class _Folded:
+    """One entry of the folding log, formatted only when read (``str``): formatting every
+    folded sub-expression as it is built would cost time quadratic in an expression's depth."""
+
+    __slots__ = ("e", "result", "what")
+
+    def __init__(self, e: ast.Expr, result: object, what: str = "fold") -> None:
+        self.e, self.result, self.what = e, result, what
+
+    def __str__(self) -> str:
+        where = f"({self.e.span.line}:{self.e.span.column})"
+        if self.what == "identity":
+            return f"{_text(self.e)} is the identity; removed {where}"
+        return f"{_text(self.e)} -> {self.result} {where}"
+
+
+class _Label:
+    """A fragment's source text for messages, formatted only if a message needs it."""
+
+    __slots__ = ("e", "_s")
+
+    def __init__(self, e: ast.Expr) -> None:
+        self.e, self._s = e, None
+
+    def __str__(self) -> str:
+        if self._s is None:
+            self._s = _text(self.e)
+        return self._s
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
 _STREAM_SOURCES = ("grad", "param", "samples")
 
 
@@ -59,19 +126,29 @@ class _Scope:
 
 
 class Builder:
-    def __init__(self, root: ModuleEnv, hparams: dict[str, HyperParam]) -> None:
+    def __init__(self, root: ModuleEnv, hparams: dict[str, HyperParam], budget: int | None = None) -> None:
         self.root = root
         self.hparams = hparams
         self.graph = nx.MultiDiGraph()
         self.route = "main"
         self.range_checks: list[RangeCheck] = []
-        self.folded: list[str] = []
+        #: the folding log; entries format themselves when read (``str(entry)``)
+        self.folded: list[_Folded] = []
         self.losses: set[str] = set()
         self.reads: set[str] = set()
         self._let_memo: dict[tuple[int, str], Value] = {}
         self._let_busy: set[int] = set()
         self._suffix: dict[str, int] = {}
         self._depth = 0
+        self._expr_depth = 0
+        #: the spans of the fragments being applied, outermost first (where a blown budget is reported)
+        self._applying: list[Span] = []
+        self.budget = node_budget(root) if budget is None else budget
+        self.spent = 0
+        #: the error that ended the build when the budget ran out (raised again on every later use)
+        self.over_budget: GradError | None = None
+        #: id(scalar expr) -> (expr, terms, depth) of the scalar expressions built here
+        self._scalar_shapes: dict[int, tuple[S.Scalar, int, int]] = {}
         #: the block op whose inner sub-pipeline is being built (nodes get ``block=<it>``)
         self._block: str | None = None
         #: ids of the let and def statements the pipeline reached
@@ -84,10 +161,44 @@ class Builder:
             raise GradError(f"the pipeline nests more than {_MAX_APPLY_DEPTH} levels deep here", span,
                             "flatten it: fewer lets or defs that wrap one another")
         self._depth += 1
+        self._applying.append(span)
         try:
             yield
         finally:
             self._depth -= 1
+            self._applying.pop()
+
+    def _spend(self, span: Span, units: int = 1) -> None:
+        """Charge ``units`` to the expansion budget; a GradError once it is spent, at the
+        outermost definition being expanded (the one that blew it), else at ``span``."""
+        if self.over_budget is not None:
+            raise self.over_budget
+        self.spent += units
+        if self.spent > self.budget:
+            where = self._applying[0] if self._applying else span
+            self.over_budget = GradError(
+                f"the pipeline expands to more than {self.budget:,} nodes", where,
+                "every use of a let or def is a copy, so definitions that use the one before twice double "
+                f"at every line; the budget is {NODE_BUDGET:,} + {NODE_BUDGET_PER_AST_NODE} per syntax-tree "
+                "node of the program (gradpipe.compiler.build.NODE_BUDGET): use each definition once per level")
+            raise self.over_budget
+
+    def _scalar_shape(self, x: S.Scalar) -> tuple[int, int]:
+        """(terms, depth) of a scalar expression as a tree, in time linear in its distinct nodes."""
+        memo = self._scalar_shapes
+        todo: list[tuple[S.Scalar, bool]] = [(x, False)]
+        while todo:
+            y, ready = todo.pop()
+            if id(y) in memo:
+                continue
+            kids = (y.left, y.right) if isinstance(y, S.BinS) else (y.operand,) if isinstance(y, S.NegS) else ()
+            if not ready and any(id(k) not in memo for k in kids):
+                todo.append((y, True))
+                todo.extend((k, False) for k in kids)
+                continue
+            shapes = [memo[id(k)] for k in kids]
+            memo[id(y)] = (y, 1 + sum(sh[1] for sh in shapes), 1 + max((sh[2] for sh in shapes), default=0))
+        return memo[id(x)][1], memo[id(x)][2]
 
     # ------------------------------------------------------------------ graph helpers
     def _fresh(self, base: str) -> str:
@@ -109,6 +220,7 @@ class Builder:
         return Stream(node, span)
 
     def _arith(self, op: str, prefix: str, span: Span, lhs: Value, rhs: Value | None) -> str:
+        self._spend(span)
         names = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "neg": "neg"}
         node = self._fresh(f"{prefix}/{names[op]}")
         args: dict[str, Any] = {}
@@ -139,30 +251,41 @@ class Builder:
 
     # ------------------------------------------------------------------ expressions
     def expr(self, e: ast.Expr, sc: _Scope, prefix: str) -> Value:
-        if isinstance(e, ast.Num):
-            try:
-                S.check_finite(e.value)
-            except OverflowError:
-                raise GradError("the number is too large", e.span) from None
-            return ScalarV(S.Const(e.value), e.span)
-        if isinstance(e, ast.Bool):
-            return Word(e.value, e.span)
-        if isinstance(e, ast.Str):
-            return Word(e.value, e.span)
-        if isinstance(e, ast.Name):
-            return self.name(e, sc, prefix)
-        if isinstance(e, ast.Call):
-            return self.call(e, sc, prefix)
-        if isinstance(e, ast.Chain):
-            return self.chain(e, sc, prefix)
-        if isinstance(e, (ast.BinOp, ast.Neg)):
-            return self.arith(e, sc, prefix)
-        if isinstance(e, ast.Index):
-            return self.index(e, sc)
-        if isinstance(e, ast.Tuple):
-            raise GradError("a tuple can only be a hyperparameter's default", e.span,
-                            "declare it: hparam betas = (0.9, 0.999)")
-        raise GradError("unsupported expression", getattr(e, "span", Span()))  # pragma: no cover
+        """Compile one expression. The recursion is bounded by :data:`MAX_EXPANDED_DEPTH`, counted
+        across the lets and defs that expand into each other."""
+        if self._expr_depth >= MAX_EXPANDED_DEPTH:
+            raise GradError(f"the expression nests more than {MAX_EXPANDED_DEPTH} levels deep once the lets and "
+                            "defs it uses are expanded", e.span,
+                            f"the limit is {MAX_EXPANDED_DEPTH} levels (gradpipe.compiler.build.MAX_EXPANDED_DEPTH): "
+                            "compute it in fewer steps, or give a long chain of definitions fewer levels each")
+        self._expr_depth += 1
+        try:  # the dispatch is inline: one Python frame per level of the expression
+            if isinstance(e, ast.Num):
+                try:
+                    S.check_finite(e.value)
+                except OverflowError:
+                    raise GradError("the number is too large", e.span) from None
+                return ScalarV(S.Const(e.value), e.span)
+            if isinstance(e, ast.Bool):
+                return Word(e.value, e.span)
+            if isinstance(e, ast.Str):
+                return Word(e.value, e.span)
+            if isinstance(e, ast.Name):
+                return self.name(e, sc, prefix)
+            if isinstance(e, ast.Call):
+                return self.call(e, sc, prefix)
+            if isinstance(e, ast.Chain):
+                return self.chain(e, sc, prefix)
+            if isinstance(e, (ast.BinOp, ast.Neg)):
+                return self.arith(e, sc, prefix)
+            if isinstance(e, ast.Index):
+                return self.index(e, sc)
+            if isinstance(e, ast.Tuple):
+                raise GradError("a tuple can only be a hyperparameter's default", e.span,
+                                "declare it: hparam betas = (0.9, 0.999)")
+            raise GradError("unsupported expression", getattr(e, "span", Span()))  # pragma: no cover
+        finally:
+            self._expr_depth -= 1
 
     def chain(self, e: ast.Chain, sc: _Scope, prefix: str) -> Value:
         head = self.expr(e.stages[0], sc, prefix)
@@ -175,7 +298,7 @@ class Builder:
                     for st in stages:
                         cur = st.apply(cur, pfx)
                     return cur
-            return Fragment(apply, e.span, _text(e))
+            return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
         if not isinstance(head, Stream):
             raise GradError(f"a pipeline must start from a signal, but this is {kind_name(head)}",
                             e.stages[0].span, "start it with 'grad', e.g. 'grad | adam'")
@@ -216,7 +339,10 @@ class Builder:
     def arith(self, e: ast.BinOp | ast.Neg, sc: _Scope, prefix: str) -> Value:
         op = "neg" if isinstance(e, ast.Neg) else e.op
         operands = [e.operand] if isinstance(e, ast.Neg) else [e.left, e.right]
-        vals = [self.expr(o, sc, prefix) for o in operands]
+        n_folded = len(self.folded)
+        vals: list[Value] = []
+        for o in operands:  # a loop, not a comprehension: one Python frame fewer per level
+            vals.append(self.expr(o, sc, prefix))
         for o, v in zip(operands, vals):
             if isinstance(v, Word):
                 raise GradError(f"arithmetic needs numbers or signals, but this is {kind_name(v)}", o.span)
@@ -236,7 +362,22 @@ class Builder:
             except (OverflowError, ValueError):
                 raise GradError("the result is not a finite real number", e.span) from None
             if isinstance(r, S.Const) and not (op == "neg" and isinstance(e.operand, ast.Num)):
-                self.folded.append(f"{_text(e)} -> {r} ({e.span.line}:{e.span.column})")
+                # the folds of the operands themselves are part of this one: log only the largest
+                operand_ids = {id(o) for o in operands}
+                kept = [f for f in self.folded[n_folded:] if id(f.e) not in operand_ids]
+                self.folded[n_folded:] = kept
+                self.folded.append(_Folded(e, r))
+            elif not isinstance(r, S.Const):
+                terms, depth = self._scalar_shape(r)
+                if depth > MAX_EXPANDED_DEPTH:
+                    raise GradError(f"the expression nests more than {MAX_EXPANDED_DEPTH} levels deep once the "
+                                    "lets it uses are expanded", e.span,
+                                    f"the limit is {MAX_EXPANDED_DEPTH} levels "
+                                    "(gradpipe.compiler.build.MAX_EXPANDED_DEPTH): compute it in fewer steps")
+                if terms > self.budget:
+                    raise GradError(f"the expression expands to more than {self.budget:,} terms", e.span,
+                                    "every use of a let is a copy, so lets that use the one before twice double "
+                                    "at every line; the budget is gradpipe.compiler.build.NODE_BUDGET")
             return ScalarV(r, e.span)
         if op == "**" and not isinstance(vals[1], ScalarV):
             raise GradError("the exponent must be a number", operands[1].span)
@@ -245,7 +386,7 @@ class Builder:
                 with self._nesting(e.span):
                     concrete = [Stream(v.apply(inp, pfx), v.span) if isinstance(v, Fragment) else v for v in vals]
                     return self._arith(op, pfx, e.span, concrete[0], concrete[1] if len(concrete) > 1 else None)
-            return Fragment(apply, e.span, _text(e))
+            return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
         return Stream(self._arith(op, prefix, e.span, vals[0], vals[1] if len(vals) > 1 else None), e.span)
 
     # ------------------------------------------------------------------ names
@@ -405,6 +546,7 @@ class Builder:
         if e.block is not None:
             raise GradError(f"pipeline '{d.name}' takes no {{ ... }} block", e.block.span)
         bound = self._bind(f"pipeline '{d.name}'", [p.name for p in d.params], e)
+        self._spend(e.span)
         call_prefix = self._fresh_prefix(d.name)
         local: dict[str, Value] = {}
         for p in d.params:
@@ -450,9 +592,10 @@ class Builder:
         def apply(inp: str, pfx: str) -> str:
             with self._nesting(e.span):
                 return self._apply_op(op, bound, e, sc, inp, pfx)
-        return Fragment(apply, e.span, _text(e))
+        return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
 
     def _apply_op(self, op: Op, bound: dict[str, ast.Expr], e: ast.Call, sc: _Scope, inp: str, pfx: str) -> str:
+        self._spend(e.span)
         node = self._fresh(f"{pfx}/{op.name}")
         self.graph.add_node(node, kind="pending")  # reserve the name while arguments build
         args: dict[str, Any] = {}
@@ -505,7 +648,7 @@ class Builder:
                  if isinstance(v, (S.Const, str, bool))}
         if op.identity(const):
             self.graph.remove_node(node)
-            self.folded.append(f"{_text(e)} is the identity; removed ({e.span.line}:{e.span.column})")
+            self.folded.append(_Folded(e, None, "identity"))
             return inp
         self.graph.add_node(node, kind="op", op=op.name, args=args, span=e.span, route=self.route, block=self._block)
         for src, port in edges:
@@ -579,6 +722,7 @@ class Builder:
         if len(e.args) < 2:
             raise GradError(f"'{op.name}' combines two or more signals, got {len(e.args)}", e.span,
                             f"write {op.name}(grads.main, grads.aux) and call opt.step(losses={{...}})")
+        self._spend(e.span)
         node = self._fresh(f"{prefix}/{op.name}")
         self.graph.add_node(node, kind="pending")
         edges: list[tuple[str, str]] = []

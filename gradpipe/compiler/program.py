@@ -329,30 +329,41 @@ def _canonical_and_hash(env: ModuleEnv) -> tuple[str, str]:
 
 def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set[int]) -> list[GradError]:
     """Type-check the lets, and the defs whose parameters all have defaults, that the
-    pipeline does not reach, so ``gradpipe check`` reports mistakes in them too."""
+    pipeline does not reach, so ``gradpipe check`` reports mistakes in them too.
+
+    Each is expanded at most once in a successful check: the definitions are visited last
+    first (a definition usually builds on those above it), and every let, and every def
+    without parameters, that a successful check reaches counts as checked. Re-expanding
+    every let on its own would cost time quadratic in the length of a chain of lets built
+    from each other."""
     from .build import _Scope
     from .values import Fragment
     errors: list[GradError] = []
     scratch = Builder(env, hparams)
     scratch.route = "check"
-    for let in env.lets.values():
-        if id(let) in used:
+    checked = set(used)
+    todo: list[tuple[ast.Let | ast.Def, ast.Expr]] = [(let, let.value) for let in env.lets.values()]
+    todo += [(d, ast.Call(ast.Name((d.name,), span=d.span), span=d.span)) for d in env.defs.values()
+             if not any(p.default is None for p in d.params)]
+    #: what a use checks completely: a let, or a def without parameters (a def with some is
+    #: checked again with its defaults, which a use may not have tried)
+    same_everywhere = {id(let) for let in env.lets.values()} | {id(d) for d in env.defs.values() if not d.params}
+    todo.sort(key=lambda t: (t[0].span.line, t[0].span.column), reverse=True)
+    for stmt, expr in todo:
+        if id(stmt) in checked:
             continue
+        scratch.used.clear()
         try:
-            v = scratch.expr(let.value, _Scope(env), f"check/{let.name}")
+            v = scratch.expr(expr, _Scope(env), f"check/{stmt.name}" if isinstance(stmt, ast.Let) else "check")
             if isinstance(v, Fragment):
-                v.apply(scratch._source("grad", let.span).node, "check")
+                v.apply(scratch._source("grad", stmt.span).node, "check")
         except GradError as e:
             errors.append(e)
-    for d in env.defs.values():
-        if id(d) in used or any(p.default is None for p in d.params):
-            continue
-        try:
-            v = scratch.expr(ast.Call(ast.Name((d.name,), span=d.span), span=d.span), _Scope(env), "check")
-            if isinstance(v, Fragment):
-                v.apply(scratch._source("grad", d.span).node, "check")
-        except GradError as e:
-            errors.append(e)
+            checked.add(id(stmt))
+            if scratch.over_budget is not None:
+                break  # every later check would stop at the same budget
+        else:
+            checked |= scratch.used & same_everywhere
     return errors
 
 
@@ -387,7 +398,8 @@ def compile_env(env: ModuleEnv) -> Program:
             routes.append(b.build_route(label, r.selector, r.body, r.span))
         except GradError as e:
             errors.append(e)
-    errors.extend(_check_definitions(env, hparams, b.used))
+    if b.over_budget is None:  # a blown budget is reported once; the checks would only blow it again
+        errors.extend(_check_definitions(env, hparams, b.used))
     if errors:
         raise GradError.combine(errors)
     prog_defaults = {n: hp.default for n, hp in hparams.items()}
@@ -397,15 +409,30 @@ def compile_env(env: ModuleEnv) -> Program:
     check_per_sample(g)
     canonical, digest = _canonical_and_hash(env)
     prog = Program(graph=g, hyperparams=hparams, routes=routes, path=env.path, source=env.module.source,
-                   canonical=canonical, hash=digest, range_checks=b.range_checks, folded=b.folded,
+                   canonical=canonical, hash=digest, range_checks=b.range_checks, folded=[str(f) for f in b.folded],
                    merged=merged, removed=removed, losses=frozenset(b.losses), reads=frozenset(b.reads))
     prog.check_group(prog_defaults, "the hyperparameters' defaults")
     return prog
 
 
+def _compile_guarded(source: str, path: str) -> Program:
+    """Compile, turning a RecursionError into a GradError at 1:1.
+
+    The compiler bounds every recursion it knows of (the parser's depth and nesting limits,
+    ``MAX_EXPANDED_DEPTH`` and the let/def/apply limits in ``build.py``); this is the last line
+    of defence, so that no input ever ends in anything but a positioned GradError."""
+    try:
+        return compile_env(load_module_tree(source, path))
+    except RecursionError:
+        raise GradError("the pipeline is nested too deeply to compile (it reached Python's recursion limit)",
+                        Span(1, 1, 1, 2, path, source),
+                        "flatten it: fewer levels of brackets, arithmetic, and lets or defs built from "
+                        "each other") from None
+
+
 def compile(source: str, path: str = "<string>") -> Program:  # noqa: A001 - public name fixed by the design
     """Compile pipeline source text to a :class:`Program` (imports resolve from the cwd)."""
-    return compile_env(load_module_tree(source, path))
+    return _compile_guarded(source, path)
 
 
 def load(path_or_name: str | pathlib.Path) -> Program:
@@ -420,8 +447,8 @@ def load(path_or_name: str | pathlib.Path) -> Program:
     looks_like_path = p.suffix == ".grad" or "/" in name or "\\" in name
     builtin = builtin_dir() / f"{name}.grad"
     if not is_file and not looks_like_path and builtin.exists():
-        return compile_env(load_module_tree(read_source(builtin), str(builtin)))
+        return _compile_guarded(read_source(builtin), str(builtin))
     if is_file or looks_like_path or p.exists():
-        return compile_env(load_module_tree(read_source(p), name))
+        return _compile_guarded(read_source(p), name)
     raise GradError(f"no pipeline file or built-in pipeline named '{name}'", Span(1, 1, 1, 2, name, None),
                     did_you_mean(name, builtin_names()) or f"built-in pipelines: {', '.join(builtin_names())}")
