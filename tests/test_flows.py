@@ -313,6 +313,8 @@ def test_cli_compare_on_a_dask_local_cluster(prefect_server, tmp_path):
                           "--progress", "--tracking-uri", uri, "--experiment", "cli-dask"],
                          env=prefect_env(prefect_server), capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr and "Failed to serialize" not in out.stderr
+    assert "Failed to serialize" not in out.stderr
+    # (Dask may log its own connection tracebacks while the cluster shuts down; none may be ours)
+    assert "gradpipe/" not in "\n".join(l for l in out.stderr.splitlines() if l.strip().startswith("File "))
     parents, children = _runs(uri, "cli-dask")
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}

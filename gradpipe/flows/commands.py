@@ -332,6 +332,7 @@ def add_commands(sub: Any) -> None:
     """Add ``train``, ``compare``, ``serve``, ``ui`` and ``demo`` to the CLI's subparsers."""
     apply_prefect_defaults()
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "Creating initial MLflow database tables..."
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # a LocalCluster's workers inherit it
     p = sub.add_parser("train", help="train one pipeline on a task, recorded in MLflow")
     p.add_argument("pipeline", metavar="FILE|NAME", nargs="?")
     p.add_argument("--resume", metavar="RUN_ID", help="go on with an interrupted run from its latest checkpoint")

@@ -193,7 +193,9 @@ class ResumeError(ValueError):
 
 def _save_checkpoint(uri: str, run_id: str, ckpt: Any) -> None:
     """Log ``ckpt`` as ``checkpoints/latest.pt``, then move the run's checkpoint tag to its step:
-    a process killed between the two leaves the previous tag, which names a complete file."""
+    a process killed between the two leaves the previous tag, which names a complete file.
+    The caller flushes the metrics first, so every step up to a checkpoint is logged: a run
+    resumed from it re-trains, and logs, exactly the steps after it."""
     import tempfile
 
     import torch
@@ -307,7 +309,8 @@ def execute_run(spec: RunSpec, uri: str, run_id: str, *,
             result = run_task(the_task, make_optimizer, steps=steps, seed=spec.seed, eval_every=spec.eval_every,
                               on_step=step_hook, on_eval=eval_hook, resume=resume,
                               checkpoint_every=checkpoint_every,
-                              on_checkpoint=(lambda c: _save_checkpoint(uri, run_id, c)) if checkpoint_every else None)
+                              on_checkpoint=(lambda c: (log.flush(), _save_checkpoint(uri, run_id, c)))
+                              if checkpoint_every else None)
         finally:
             outcome.seconds = time.perf_counter() - start
             outcome.losses = [v for _, v in curve]
