@@ -27,8 +27,8 @@ def store(tmp_path):
 
 
 def _client(uri):
-    from mlflow import MlflowClient
-    return MlflowClient(tracking_uri=uri)
+    from gradpipe.flows.tracking import open_client
+    return open_client(uri)  # under the schema lock: the store may be new and a subprocess opening it too
 
 
 def _new_run(uri, exp, spec):

@@ -21,8 +21,8 @@ GRADPIPE = [sys.executable, "-m", "gradpipe"]
 
 
 def _client(uri):
-    from mlflow import MlflowClient
-    return MlflowClient(tracking_uri=uri)
+    from gradpipe.flows.tracking import open_client
+    return open_client(uri)  # under the schema lock: the store may be new and a subprocess opening it too
 
 
 def _runs(uri, experiment):

@@ -372,3 +372,31 @@ def test_band_curves_render() -> None:
     assert len(ax.get_lines()) == 3 + 3 + 1  # every run thin, plus each pipeline's mean
     assert ax.get_legend().get_title().get_text().startswith("bold: mean over seeds, thin: each run")
     assert figures.figure_png(fig).startswith(PNG)
+
+
+_OPEN_STORE = """
+import sys, time
+from gradpipe.flows.tracking import ensure_experiment
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+print(ensure_experiment(sys.argv[1], "together"))
+"""
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_do_not_race(tmp_path: Path) -> None:
+    """Four processes open one fresh ``mlruns.db`` at the same instant (two ``gradpipe train``
+    started together, or a test polling a store a subprocess is creating). Unlocked, MLflow's
+    schema creation fails with ``table ... already exists`` in all but one of them."""
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    start = str(time.time() + 8.0)  # after every interpreter has imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORE, uri, start], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1  # one experiment, seen by all
+    assert set(os.listdir(tmp_path)) <= {"mlartifacts", "mlruns.db"}  # no lock file left behind

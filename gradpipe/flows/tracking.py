@@ -26,6 +26,7 @@ store is touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -44,6 +45,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
@@ -255,10 +258,49 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 # --------------------------------------------------------------------------- experiments and runs
 
 
-def _client(uri: str) -> MlflowClient:
+@contextlib.contextmanager
+def _schema_lock(uri: str) -> Iterator[None]:
+    """Exclusive lock on the directory of a ``sqlite:///`` database (no-op otherwise).
+
+    MLflow creates and migrates a SQLite store's schema on the first open in
+    each process; two processes doing that at once against a new file fail
+    with ``table ... already exists``. Holding a ``flock`` on the database's
+    directory while the store opens serialises them without leaving a lock
+    file behind. Platforms without ``fcntl`` go unlocked.
+    """
+    path = _sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None  # type: ignore[assignment]
+    if path is None or fcntl is None:
+        yield
+        return
+    fd = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def open_client(uri: str) -> MlflowClient:
+    """An ``MlflowClient`` on ``uri`` whose store is already open.
+
+    Safe to call from several processes at once against a fresh SQLite file:
+    the first open (which creates the schema) happens under
+    :func:`_schema_lock`.
+    """
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    with _schema_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    return client
+
+
+def _client(uri: str) -> MlflowClient:
+    return open_client(uri)
 
 
 def _one_line(e: BaseException) -> str:
