@@ -83,10 +83,10 @@ def test_a_failing_run_does_not_stop_the_others(prefect_server, tmp_path):
 
 def test_compare_on_a_dask_cluster_of_two_worker_processes(prefect_server, tmp_path):
     from distributed import LocalCluster
+    from gradpipe.flows.comparison import local_cluster_kwargs
     from gradpipe.flows import compare
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      host="127.0.0.1") as cluster:
+    with LocalCluster(**local_cluster_kwargs(2)) as cluster:
         result = compare(["adam", "rmsprop"], "digits", [0, 1], steps=15, sets={"lr": 0.01}, runner="dask",
                          address=cluster.scheduler_address, tracking_uri=uri, experiment="dask")
         worker_pids = {w.pid for w in cluster.workers.values()} if hasattr(cluster, "workers") else set()

@@ -765,9 +765,12 @@ def test_the_dask_local_cluster_listens_on_127_0_0_1():
     kwargs = dict(runner.cluster_kwargs)
     assert kwargs.get("host") in (None, "127.0.0.1")
     assert kwargs.get("dashboard_address") is None  # no dashboard at all
+    assert kwargs["scheduler_kwargs"]["dashboard_address"].startswith("127.0.0.1:")  # its HTTP API
     kwargs["n_workers"] = 0  # the scheduler alone is enough to see where it listens
     with LocalCluster(**kwargs) as cluster:
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:"), cluster.scheduler_address
+        http = cluster.scheduler.http_server  # health and metrics: loopback, on a free port
+        assert http.address == "127.0.0.1" and http.port != 8787, (http.address, http.port)
 
 
 def test_tracking_stores_are_local_files_by_default(tmp_path, monkeypatch):

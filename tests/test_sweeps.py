@@ -47,8 +47,8 @@ def _assert_complete(uri, experiment):
 
 def _cluster():
     from distributed import LocalCluster
-    return LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                        host="127.0.0.1")
+    from gradpipe.flows.comparison import local_cluster_kwargs
+    return LocalCluster(**local_cluster_kwargs(2))
 
 
 def test_24_runs_on_a_dask_cluster_all_finish_with_full_histories(prefect_server, tmp_path):

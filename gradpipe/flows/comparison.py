@@ -230,10 +230,18 @@ def make_runner(runner: str = "local", *, address: str | None = None, workers: i
         from prefect_dask import DaskTaskRunner
         if address:
             return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": max(1, workers), "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None,
-                                              "host": "127.0.0.1"})  # this machine only
+        return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(workers))
     raise SpecError(f"unknown runner {runner!r}: choose local or dask")
+
+
+def local_cluster_kwargs(workers: int) -> dict[str, Any]:
+    """``distributed.LocalCluster`` arguments for ``--runner dask`` without ``--address``: worker
+    processes of one thread, everything on 127.0.0.1, no dashboard. The scheduler still serves
+    its small HTTP API (health, metrics); it goes on a free loopback port instead of Dask's
+    default 8787, which a second comparison running at the same time would find taken."""
+    return {"n_workers": max(1, workers), "threads_per_worker": 1, "processes": True,
+            "dashboard_address": None, "host": "127.0.0.1",
+            "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"}}
 
 
 @flow(name="gradpipe-compare", persist_result=False, log_prints=False)
