@@ -40,6 +40,7 @@ backend warns once and runs the same segments eagerly, giving the same results.
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 import weakref
@@ -78,7 +79,7 @@ class _Bucket:
     dtype: torch.dtype
     device: torch.device
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple:
         return (tuple(self.idxs), tuple(tuple(s) for s in self.shapes), self.dtype, str(self.device))
 
@@ -240,16 +241,6 @@ def _own_code(fn: Callable, tag: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def _covers(whole: torch.Tensor, tensors: list[torch.Tensor]) -> bool:
-    """Whether ``tensors`` are consecutive views that tile ``whole`` exactly (same dtype)."""
-    ptr, size = whole.data_ptr(), whole.element_size()
-    for t in tensors:
-        if t.dtype != whole.dtype or t.data_ptr() != ptr or not t.is_contiguous():
-            return False
-        ptr += t.numel() * size
-    return ptr == whole.data_ptr() + whole.numel() * size
-
-
 @dataclass
 class _Store:
     """Parameters of one route, group, dtype and device, moved into one flat buffer: each
@@ -345,6 +336,17 @@ class CompiledRoutes:
             return p.grad is not None
         return p.grad is not st.grad_views[st.index[id(p)]] or id(p) in st.reached
 
+    def grads_present(self, params: Sequence[torch.Tensor]) -> list[bool]:
+        """:meth:`has_grad` of each parameter, in one call (it runs every step)."""
+        out = []
+        store_of = self._store_of
+        for p in params:
+            g = p.grad
+            st = store_of.get(p) if g is not None else None
+            out.append(g is not None and (st is None or id(p) in st.reached
+                                          or g is not st.grad_views[st.index[id(p)]]))
+        return out
+
     def zero_grad(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Zero the gradients of adopted parameters in place (re-linking any replaced ``.grad``);
         return the parameters that are not adopted, for the caller to handle."""
@@ -410,22 +412,24 @@ class CompiledRoutes:
         applied: set[int] = set()
         split: dict[str, list[torch.Tensor]] = {}
         flat: dict[str, list[torch.Tensor]] = {}
-        for node in order:
-            d = prog.graph.nodes[node]
-            if d["kind"] == "source" and d.get("block") is None:
-                ev.eval(node, split)
+        # sources are evaluated per parameter only when something needs them one by one: a
+        # segment reads a linked store's flat buffers directly (see _to_flat)
+        sources = [node for node in order if prog.graph.nodes[node]["kind"] == "source"
+                   and prog.graph.nodes[node].get("block") is None]
+        ctx = (ev, sources, split, flat, buckets, len(batch.params))
         for si, (kind, item) in enumerate(plan):
             if kind == "eager":
+                for src in sources:  # a block's inner pipeline may read any of them
+                    self._to_split(src, ctx)
                 for src in self._outer_inputs(item):
-                    self._to_split(src, split, flat, buckets, len(batch.params))
+                    self._to_split(src, ctx)
                 ev.eval(item, split)
             else:
-                applied |= self._run_segment(label, si, item, batch, buckets, stores, split, flat)
+                applied |= self._run_segment(label, si, item, batch, buckets, stores, ctx)
         out = prog.inputs(next(r.output for r in prog.routes if r.label == label))["x"]
         if applied:  # the parameters of these buckets were updated inside the compiled segment
             return self._partial_updates(out, split, flat, buckets, applied, len(batch.params))
-        self._to_split(out, split, flat, buckets, len(batch.params))
-        return split[out]
+        return self._to_split(out, ctx)
 
     def _partial_updates(self, out: str, split: dict, flat: dict, buckets: list[_Bucket], applied: set[int],
                          n: int) -> list[torch.Tensor | None]:
@@ -456,19 +460,24 @@ class CompiledRoutes:
             b.sizes.append(p.numel())
         return list(groups.values())
 
-    def _to_flat(self, node: str, split: dict, flat: dict, buckets: list[_Bucket],
-                 stores: list[_Store | None]) -> list[torch.Tensor]:
+    def _to_flat(self, node: str, ctx: tuple, stores: list[_Store | None], batch: RouteBatch) -> list[torch.Tensor]:
+        ev, sources, split, flat, buckets, n = ctx
         if node not in flat:
-            vals = split[node]
             d = self.prog.graph.nodes[node]
             direct = d["kind"] == "source" and d["op"] in ("grad", "param")
-            out = []
+            out: list[torch.Tensor | None] = []
             for b, st in zip(buckets, stores):
-                whole = (st.flat_g if d["op"] == "grad" else st.flat_p) if direct and st is not None else None
-                if whole is not None and _covers(whole, [vals[i] for i in b.idxs]):
-                    out.append(whole.to(b.dtype))  # the tensors are this buffer, in order: no copy
-                else:
-                    out.append(self._gather(("in", node), b, [vals[i] for i in b.idxs]))
+                whole = None
+                if direct and st is not None:  # a linked store: its parameters live in flat_p
+                    if d["op"] == "param":
+                        whole = st.flat_p
+                    elif all(batch.grads["grad"][i] is v for i, v in zip(b.idxs, st.grad_views)):
+                        whole = st.flat_g
+                out.append(whole.to(b.dtype) if whole is not None else None)  # no copy in the compute dtype
+            if any(t is None for t in out):
+                vals = self._to_split(node, ctx)
+                out = [t if t is not None else self._gather(("in", node), b, [vals[i] for i in b.idxs])
+                       for t, b in zip(out, buckets)]
             flat[node] = out
         return flat[node]
 
@@ -489,9 +498,13 @@ class CompiledRoutes:
             torch.cat([t.reshape(-1).to(b.dtype) for t in tensors], out=buf)
         return buf
 
-    @staticmethod
-    def _to_split(node: str, split: dict, flat: dict, buckets: list[_Bucket], n: int) -> list[torch.Tensor]:
+    def _to_split(self, node: str, ctx: tuple) -> list[torch.Tensor]:
+        """``node``'s value as one tensor per parameter (views of its flat buffers when it has them)."""
+        ev, sources, split, flat, buckets, n = ctx
         if node not in split:
+            if node not in flat:  # a source no segment has read
+                ev.eval(node, split)
+                return split[node]
             out: list[Any] = [None] * n
             for b, t in zip(buckets, flat[node]):
                 for i, piece, shape in zip(b.idxs, torch.split(t, b.sizes), b.shapes):
@@ -501,9 +514,10 @@ class CompiledRoutes:
 
     # ------------------------------------------------------------------ segments
     def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, buckets: list[_Bucket],
-                     stores: list[_Store | None], split: dict, flat: dict) -> set[int]:
+                     stores: list[_Store | None], ctx: tuple) -> set[int]:
         """Run one fused segment; return the buckets whose parameters it updated in place."""
-        inputs = [self._to_flat(src, split, flat, buckets, stores) for src in seg.inputs]
+        flat = ctx[3]
+        inputs = [self._to_flat(src, ctx, stores, batch) for src in seg.inputs]
         states = [[self._bucket_state(label, si, b, n, batch) for b in buckets] for n in seg.nodes]
         envs = [batch.envs[b.idxs[0]] for b in buckets]
         scalars = [[self._scalars(n, dyn, env) for n, dyn in zip(seg.nodes, seg.dynamic)] for env in envs]
@@ -588,6 +602,10 @@ class CompiledRoutes:
         st = self._flat.get(key)
         prefix = node + "."
         per = [batch.states[i] for i in b.idxs]
+        # every parameter still holds the views handed out last step: nothing replaced or removed
+        # them (load_state_dict makes new tensors), and new buffers appear in ``st`` itself
+        if st and all(self._published(key, k, t, [s.get(prefix + k) for s in per]) for k, t in st.items()):
+            return st
         names = {k[len(prefix):] for s in per for k in s if k.startswith(prefix) and "." not in k[len(prefix):]}
         if st is not None and set(st) == names and all(
                 self._published(key, k, st[k], [s.get(prefix + k) for s in per]) for k in names):

@@ -42,9 +42,15 @@ class RouteBatch:
         self.shared = list(shared) if shared is not None else None
 
 
+_COMPUTE_DTYPE: dict[torch.dtype, torch.dtype] = {}
+
+
 def compute_dtype(p: torch.Tensor) -> torch.dtype:
     """State and math run in fp32 for half-precision parameters, else in the parameter's dtype."""
-    return torch.promote_types(p.dtype, torch.float32)
+    dt = _COMPUTE_DTYPE.get(p.dtype)
+    if dt is None:  # called per parameter per step: remember the answer per dtype
+        dt = _COMPUTE_DTYPE[p.dtype] = torch.promote_types(p.dtype, torch.float32)
+    return dt
 
 
 _SCALAR_TYPES = (S.Const, S.HP, S.Src, S.BinS, S.NegS)
@@ -109,8 +115,15 @@ class _Evaluator:
 
     def __init__(self, prog: Program, batch: RouteBatch, node_states: dict[str, dict[str, Any]]) -> None:
         self.prog, self.batch, self.node_states = prog, batch, node_states
-        self.cparams = [p.detach().to(compute_dtype(p)) for p in batch.params]
+        self._cparams: list[torch.Tensor] | None = None
         self.steps = [int(e["step"]) for e in batch.envs]
+
+    @property
+    def cparams(self) -> list[torch.Tensor]:
+        """The parameters, detached, in the compute dtype (made when a node first needs them)."""
+        if self._cparams is None:
+            self._cparams = [p.detach().to(compute_dtype(p)) for p in self.batch.params]
+        return self._cparams
 
     def eval(self, node: str, values: dict[str, list[torch.Tensor]]) -> None:
         prog, batch = self.prog, self.batch

@@ -6,7 +6,7 @@ import os
 import pathlib
 from collections import defaultdict
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -204,14 +204,15 @@ class Optimizer(torch.optim.Optimizer):
         by_route: dict[str, list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
         for group in self.param_groups:
             prog.check_group(group, "a param group")
-            for p in group["params"]:
+            present = self._grads_present(group["params"]) if named_grads is None and by_sample is None else None
+            for j, p in enumerate(group["params"]):
                 if named_grads is not None:
                     if p not in named_grads["grad"]:
                         continue
                 elif by_sample is not None:
                     if p not in by_sample:
                         continue
-                elif not self._has_grad(p):
+                elif not present[j]:
                     continue
                 elif p.grad.is_sparse:
                     raise RuntimeError("gradpipe does not support sparse gradients")
@@ -226,8 +227,8 @@ class Optimizer(torch.optim.Optimizer):
         plans = []
         for label, items in by_route.items():
             envs, shared = [], {}
-            for p, group in items:
-                step = int(self.state[p]["step"].item()) + 1 if "step" in self.state[p] else 1
+            for (p, group), done in zip(items, self._steps_done([p for p, _ in items])):
+                step = done + 1
                 env = shared.get((id(group), step))
                 if env is None:
                     env = {k: group[k] for k in prog.hyperparams}
@@ -253,7 +254,7 @@ class Optimizer(torch.optim.Optimizer):
             for st in states:  # the ops read the step from the environment; count it once they succeeded
                 if "step" not in st:
                     st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                st["step"] += 1
+            torch._foreach_add_([st["step"] for st in states], 1)  # one call, not one per parameter
             for p, u, (_, group) in zip(params, updates, items):
                 if u is None:  # updated in place by the compiled backend
                     continue
@@ -304,6 +305,24 @@ class Optimizer(torch.optim.Optimizer):
                                  f"shape (B, {', '.join(map(str, p.shape))}), got {tuple(g.shape)}")
             out[p] = g.detach()
         return out
+
+    def _steps_done(self, params: Sequence[torch.Tensor]) -> list[int]:
+        """The step counter of each parameter (0 before its first step), read in one call."""
+        held = [self.state[p].get("step") if p in self.state else None for p in params]
+        counters = [t for t in held if isinstance(t, torch.Tensor)]
+        first = counters[0] if counters else None
+        if len(counters) > 1 and all(t.dim() == 0 and t.dtype == first.dtype and t.device == first.device
+                                     for t in counters):
+            values = iter(torch.stack(counters).tolist())
+        else:
+            values = iter(float(t) for t in counters)
+        return [int(next(values)) if isinstance(t, torch.Tensor) else int(t or 0) for t in held]
+
+    def _grads_present(self, params: Sequence[torch.Tensor]) -> list[bool]:
+        """:meth:`_has_grad` of each parameter."""
+        if self._compiled is None:
+            return [p.grad is not None for p in params]
+        return self._compiled.grads_present(params)
 
     def _has_grad(self, p: torch.Tensor) -> bool:
         """Whether ``p`` got a gradient this step (the compiled backend keeps a zeroed
