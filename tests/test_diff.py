@@ -6,7 +6,6 @@ import functools
 import json
 import pathlib
 
-import pytest
 from hypothesis import given, settings, strategies as st
 
 import gradpipe

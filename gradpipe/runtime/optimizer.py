@@ -11,7 +11,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..compiler.program import Program, builtin_names, compile as compile_source, load
-from ..dsl.diagnostics import GradError
 from .compiled import CompiledRoutes
 from .eager import RouteBatch, compute_dtype, run_route
 from .nonfinite import NonFiniteGuard, policy_of

