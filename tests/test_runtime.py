@@ -515,3 +515,32 @@ def test_unknown_builtin_name_raises() -> None:
     with pytest.raises(gradpipe.GradError) as e:
         gradpipe.Optimizer([torch.nn.Parameter(torch.zeros(1))], "adamm")
     assert "adam" in str(e.value)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_step_counters_follow_each_parameter_through_skips_loads_and_hand_edits(backend):
+    """The counters of parameters stepped together share one tensor (one op per step); each
+    parameter's count is still its own: a parameter without a gradient is not counted, and a
+    counter replaced by ``load_state_dict`` or by hand is picked up."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = gradpipe.Optimizer([a, b], "adam", backend=backend, lr=0.1)
+
+    def step(*ps):
+        opt.zero_grad()
+        sum(p.sum() for p in ps).backward()
+        opt.step()
+
+    def counts():
+        return [opt.state[a]["step"].item(), opt.state[b]["step"].item()]
+
+    step(a, b)
+    step(a, b)
+    step(a)  # b gets no gradient
+    assert counts() == [3, 2]
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    step(a, b)
+    assert counts() == [4, 3]
+    opt.state[a]["step"] = torch.tensor(10.0)
+    step(a, b)
+    assert counts() == [11, 4]
+    assert all(opt.state[p]["step"].dtype == torch.float32 and opt.state[p]["step"].dim() == 0 for p in (a, b))

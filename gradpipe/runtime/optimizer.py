@@ -100,6 +100,8 @@ class Optimizer(torch.optim.Optimizer):
         defaults = {**prog.defaults(), **values}
         self._node_state: dict[str, dict[str, Any]] = {}
         self._routes: dict[torch.Tensor, str] = {}
+        #: ids of the parameters of one route's step -> (flat counters, their 0-d views)
+        self._counters: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         super().__init__(params, defaults)
         self._assign_routes()
         self._orders = {r.label: prog.route_nodes(r.label) for r in prog.routes}
@@ -250,10 +252,7 @@ class Optimizer(torch.optim.Optimizer):
             run = self._compiled.run_route if self._compiled is not None else partial(run_route, prog)
             updates = run(label, RouteBatch(params, grads, envs, states, shared), self._node_state,
                           self._orders[label])
-            for st in states:  # the ops read the step from the environment; count it once they succeeded
-                if "step" not in st:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
-            torch._foreach_add_([st["step"] for st in states], 1)  # one call, not one per parameter
+            self._count_step(params, states)  # the ops read the step from the environment
             for p, u, (_, group) in zip(params, updates, items):
                 if u is None:  # updated in place by the compiled backend
                     continue
@@ -305,8 +304,43 @@ class Optimizer(torch.optim.Optimizer):
             out[p] = g.detach()
         return out
 
+    # Step counters. Each parameter's ``state[p]["step"]`` is a 0-d float32 tensor, as in
+    # torch.optim; here the counters of the parameters a route steps together are 0-d views of
+    # one tensor, so reading them is one ``tolist()`` and counting a step one ``add_``, not one
+    # tensor op per parameter. Anything that replaces a counter (load_state_dict, a parameter
+    # joining or leaving the set) is seen by identity, and the set is rebuilt from the values.
+    _MAX_COUNTER_SETS = 8
+
+    def _counter_set(self, params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]] | None = None
+                     ) -> torch.Tensor | None:
+        """The flat tensor holding the counters of exactly ``params``, if they still hold its views."""
+        entry = self._counters.get(tuple(map(id, params)))
+        if entry is None:
+            return None
+        flat, views = entry
+        states = states if states is not None else [self.state.get(p, {}) for p in params]
+        return flat if all(st.get("step") is v for st, v in zip(states, views)) else None
+
+    def _count_step(self, params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]) -> None:
+        """Add one to the step counter of every parameter of ``params`` (creating it at 0)."""
+        flat = self._counter_set(params, states)
+        if flat is not None:
+            flat.add_(1)
+            return
+        done = self._steps_done(params)
+        flat = torch.tensor([d + 1 for d in done], dtype=torch.float32)
+        views = list(flat.unbind(0))
+        for st, v in zip(states, views):
+            st["step"] = v
+        if len(self._counters) >= self._MAX_COUNTER_SETS:
+            self._counters.clear()
+        self._counters[tuple(map(id, params))] = (flat, views)
+
     def _steps_done(self, params: Sequence[torch.Tensor]) -> list[int]:
         """The step counter of each parameter (0 before its first step), read in one call."""
+        flat = self._counter_set(params)
+        if flat is not None:
+            return [int(v) for v in flat.tolist()]
         held = [self.state[p].get("step") if p in self.state else None for p in params]
         counters = [t for t in held if isinstance(t, torch.Tensor)]
         first = counters[0] if counters else None
