@@ -473,7 +473,9 @@ class CompiledRoutes:
                         whole = st.flat_p
                     elif all(batch.grads["grad"][i] is v for i, v in zip(b.idxs, st.grad_views)):
                         whole = st.flat_g
-                out.append(whole.to(b.dtype) if whole is not None else None)  # no copy in the compute dtype
+                if whole is not None and whole.dtype != b.dtype:  # bf16/fp16 parameters: fp32 math
+                    whole = self._buffer(("in", node), b).copy_(whole)  # into a reused buffer, not a new one
+                out.append(whole)
             if any(t is None for t in out):
                 vals = self._to_split(node, ctx)
                 out = [t if t is not None else self._gather(("in", node), b, [vals[i] for i in b.idxs])
