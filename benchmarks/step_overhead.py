@@ -20,19 +20,13 @@ import argparse
 import datetime
 import json
 import pathlib
-import platform
 import statistics
 import time
 
 import torch
 
 import gradpipe
-
-
-def _shapes(total: int, tensors: int) -> list[tuple[int, ...]]:
-    big = int(total * 0.9)
-    small = (total - big) // (tensors - 1)
-    return [(big // 1000, 1000)] + [(small,)] * (tensors - 1)
+from gradpipe.bench import layout_shapes, machine_info
 
 
 def _median_step(step, n: int) -> float:
@@ -47,7 +41,7 @@ def _median_step(step, n: int) -> float:
 def measure(pipeline: str, total: int, tensors: int, blocks: int = 15, per_block: int = 50) -> dict:
     """Median step of ``pipeline`` (compiled) and of fused Adam, in alternating blocks."""
     torch.manual_seed(0)
-    shapes = _shapes(total, tensors)
+    shapes = [shape for _, shape in layout_shapes(total, f"1+{tensors - 1}")]  # gradpipe bench's layouts
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     opt = gradpipe.Optimizer([(f"p{i}", p) for i, p in enumerate(params)], pipeline, lr=1e-3)
     opt.zero_grad(set_to_none=False)
@@ -88,9 +82,7 @@ def main() -> None:
                   f"ratio {row['ratio_median']:.2f}x (blocks {row['ratio_min']:.2f}-{row['ratio_max']:.2f})")
     now = datetime.datetime.now(datetime.timezone.utc)
     out = args.out or pathlib.Path(__file__).parent / "results" / f"step-overhead-{now:%Y-%m-%d}.json"
-    out.write_text(json.dumps({"date": now.isoformat(timespec="seconds"), "torch": torch.__version__,
-                               "python": platform.python_version(), "machine": platform.machine(),
-                               "threads": args.threads, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"machine": machine_info(), "threads": args.threads, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -299,10 +299,6 @@ def open_client(uri: str) -> MlflowClient:
     return client
 
 
-def _client(uri: str) -> MlflowClient:
-    return open_client(uri)
-
-
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
@@ -331,7 +327,7 @@ def ensure_experiment(uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        client = _client(uri)
+        client = open_client(uri)
         exp = client.get_experiment_by_name(name)
     except MlflowException as e:
         raise TrackingError(f"cannot open the tracking store {uri}: {_one_line(e)}") from e
@@ -383,7 +379,7 @@ def _create_run(uri: str, experiment_id: str, name: str, params: Mapping[str, An
     from mlflow.entities import Param
 
     p = _params(params)                                       # validate before creating anything
-    client = _client(uri)
+    client = open_client(uri)
     run = client.create_run(str(experiment_id), tags=_default_tags(tags), run_name=name)
     run_id = run.info.run_id
     try:
@@ -459,7 +455,7 @@ class RunLogger:
         self.uri = uri
         self.run_id = run_id
         self.flush_every = int(flush_every)
-        self.client = _client(uri)
+        self.client = open_client(uri)
         self._buffer: list[Any] = []
         self._steps: set[int] = set()
         self._lock = threading.RLock()

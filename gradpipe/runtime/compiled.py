@@ -265,6 +265,18 @@ class _Store:
             all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
 
 
+@dataclass
+class _Values:
+    """One route's node values in one step: per parameter (``split``, what eager nodes read)
+    and per bucket (``flat``, what fused segments read and write)."""
+
+    ev: _Evaluator
+    buckets: list[_Bucket]
+    n: int
+    split: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    flat: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+
 def _mark_reached(store_ref: "weakref.ref[_Store]", p: torch.Tensor) -> None:
     st = store_ref()
     if st is not None:
@@ -277,7 +289,8 @@ class CompiledRoutes:
     def __init__(self, prog: Program, *, compile: bool = True) -> None:  # noqa: A002 - mirrors torch.compile
         self.prog = prog
         self.use_compile = compile
-        self._plans: dict[str, list[tuple[str, Any]]] = {}
+        #: route -> (its plan of segments and eager nodes, its source nodes)
+        self._plans: dict[str, tuple[list[tuple[str, Any]], list[str]]] = {}
         self._fns: dict[tuple[str, int], tuple[Callable, Callable]] = {}
         #: (route, segment index, bucket key, node) -> {buffer: flat tensor}
         self._flat: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -328,16 +341,10 @@ class CompiledRoutes:
         store.ptrs = [p.data_ptr() for p in ps]
         store.index = {id(p): i for i, p in enumerate(ps)}
 
-    def has_grad(self, p: torch.Tensor) -> bool:
-        """Whether ``p`` has a gradient this step (an adopted parameter always holds a gradient
-        view; it counts once autograd reached it, or when it was set by hand)."""
-        st = self._store_of.get(p)
-        if st is None or p.grad is None:
-            return p.grad is not None
-        return p.grad is not st.grad_views[st.index[id(p)]] or id(p) in st.reached
-
     def grads_present(self, params: Sequence[torch.Tensor]) -> list[bool]:
-        """:meth:`has_grad` of each parameter, in one call (it runs every step)."""
+        """Whether each parameter has a gradient this step (an adopted parameter always holds a
+        gradient view; it counts once autograd reached it, or when it was set by hand). One call
+        for all of them: it runs every step."""
         out = []
         store_of = self._store_of
         for p in params:
@@ -403,38 +410,36 @@ class CompiledRoutes:
     def run_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
                   order: Sequence[str]) -> list[torch.Tensor]:
         prog = self.prog
-        plan = self._plans.get(label)
-        if plan is None:
-            plan = self._plans[label] = plan_route(prog, order)
+        planned = self._plans.get(label)
+        if planned is None:
+            # sources are evaluated per parameter only when something needs them one by one: a
+            # segment reads a linked store's flat buffers directly (see _to_flat)
+            sources = [node for node in order if prog.graph.nodes[node]["kind"] == "source"
+                       and prog.graph.nodes[node].get("block") is None]
+            planned = self._plans[label] = (plan_route(prog, order), sources)
+        plan, sources = planned
         buckets = self._buckets(batch)
         stores = [self._store_for(b, batch) for b in buckets]
-        ev = _Evaluator(prog, batch, node_states)
+        vals = _Values(_Evaluator(prog, batch, node_states), buckets, len(batch.params))
         applied: set[int] = set()
-        split: dict[str, list[torch.Tensor]] = {}
-        flat: dict[str, list[torch.Tensor]] = {}
-        # sources are evaluated per parameter only when something needs them one by one: a
-        # segment reads a linked store's flat buffers directly (see _to_flat)
-        sources = [node for node in order if prog.graph.nodes[node]["kind"] == "source"
-                   and prog.graph.nodes[node].get("block") is None]
-        ctx = (ev, sources, split, flat, buckets, len(batch.params))
         for si, (kind, item) in enumerate(plan):
             if kind == "eager":
                 for src in sources:  # a block's inner pipeline may read any of them
-                    self._to_split(src, ctx)
+                    self._to_split(src, vals)
                 for src in self._outer_inputs(item):
-                    self._to_split(src, ctx)
-                ev.eval(item, split)
+                    self._to_split(src, vals)
+                vals.ev.eval(item, vals.split)
             else:
-                applied |= self._run_segment(label, si, item, batch, buckets, stores, ctx)
+                applied |= self._run_segment(label, si, item, batch, stores, vals)
         out = prog.inputs(next(r.output for r in prog.routes if r.label == label))["x"]
         if applied:  # the parameters of these buckets were updated inside the compiled segment
-            return self._partial_updates(out, split, flat, buckets, applied, len(batch.params))
-        return self._to_split(out, ctx)
+            return self._partial_updates(out, vals, applied)
+        return self._to_split(out, vals)
 
-    def _partial_updates(self, out: str, split: dict, flat: dict, buckets: list[_Bucket], applied: set[int],
-                         n: int) -> list[torch.Tensor | None]:
-        updates: list[torch.Tensor | None] = [None] * n
-        for bi, (b, t) in enumerate(zip(buckets, flat[out])):
+    @staticmethod
+    def _partial_updates(out: str, vals: _Values, applied: set[int]) -> list[torch.Tensor | None]:
+        updates: list[torch.Tensor | None] = [None] * vals.n
+        for bi, (b, t) in enumerate(zip(vals.buckets, vals.flat[out])):
             if bi in applied:
                 continue
             for i, piece, shape in zip(b.idxs, torch.split(t, b.sizes), b.shapes):
@@ -460,13 +465,15 @@ class CompiledRoutes:
             b.sizes.append(p.numel())
         return list(groups.values())
 
-    def _to_flat(self, node: str, ctx: tuple, stores: list[_Store | None], batch: RouteBatch) -> list[torch.Tensor]:
-        ev, sources, split, flat, buckets, n = ctx
+    def _to_flat(self, node: str, vals: _Values, stores: list[_Store | None], batch: RouteBatch
+                 ) -> list[torch.Tensor]:
+        """``node``'s value as one flat tensor per bucket (a linked store's own buffers when it can)."""
+        flat = vals.flat
         if node not in flat:
             d = self.prog.graph.nodes[node]
             direct = d["kind"] == "source" and d["op"] in ("grad", "param")
             out: list[torch.Tensor | None] = []
-            for b, st in zip(buckets, stores):
+            for b, st in zip(vals.buckets, stores):
                 whole = None
                 if direct and st is not None:  # a linked store: its parameters live in flat_p
                     if d["op"] == "param":
@@ -477,9 +484,9 @@ class CompiledRoutes:
                     whole = self._buffer(("in", node), b).copy_(whole)  # into a reused buffer, not a new one
                 out.append(whole)
             if any(t is None for t in out):
-                vals = self._to_split(node, ctx)
-                out = [t if t is not None else self._gather(("in", node), b, [vals[i] for i in b.idxs])
-                       for t, b in zip(out, buckets)]
+                per = self._to_split(node, vals)
+                out = [t if t is not None else self._gather(("in", node), b, [per[i] for i in b.idxs])
+                       for t, b in zip(out, vals.buckets)]
             flat[node] = out
         return flat[node]
 
@@ -500,26 +507,27 @@ class CompiledRoutes:
             torch.cat([t.reshape(-1).to(b.dtype) for t in tensors], out=buf)
         return buf
 
-    def _to_split(self, node: str, ctx: tuple) -> list[torch.Tensor]:
+    @staticmethod
+    def _to_split(node: str, vals: _Values) -> list[torch.Tensor]:
         """``node``'s value as one tensor per parameter (views of its flat buffers when it has them)."""
-        ev, sources, split, flat, buckets, n = ctx
+        split = vals.split
         if node not in split:
-            if node not in flat:  # a source no segment has read
-                ev.eval(node, split)
+            if node not in vals.flat:  # a source no segment has read
+                vals.ev.eval(node, split)
                 return split[node]
-            out: list[Any] = [None] * n
-            for b, t in zip(buckets, flat[node]):
+            out: list[Any] = [None] * vals.n
+            for b, t in zip(vals.buckets, vals.flat[node]):
                 for i, piece, shape in zip(b.idxs, torch.split(t, b.sizes), b.shapes):
                     out[i] = piece.view(shape)
             split[node] = out
         return split[node]
 
     # ------------------------------------------------------------------ segments
-    def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, buckets: list[_Bucket],
-                     stores: list[_Store | None], ctx: tuple) -> set[int]:
+    def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, stores: list[_Store | None],
+                     vals: _Values) -> set[int]:
         """Run one fused segment; return the buckets whose parameters it updated in place."""
-        flat = ctx[3]
-        inputs = [self._to_flat(src, ctx, stores, batch) for src in seg.inputs]
+        buckets = vals.buckets
+        inputs = [self._to_flat(src, vals, stores, batch) for src in seg.inputs]
         states = [[self._bucket_state(label, si, b, n, batch) for b in buckets] for n in seg.nodes]
         envs = [batch.envs[b.idxs[0]] for b in buckets]
         scalars = [[self._scalars(n, dyn, env) for n, dyn in zip(seg.nodes, seg.dynamic)] for env in envs]
@@ -551,7 +559,7 @@ class CompiledRoutes:
             self._fallback(e)
             eager_fn(inputs, states, params, scalars, steps, outs, apply)
         for n, o in zip(seg.outputs, outs):
-            flat[n] = o
+            vals.flat[n] = o
         for n, per_bucket in zip(seg.nodes, states):
             for b, st in zip(buckets, per_bucket):
                 self._publish(label, si, n, b, st, batch)
@@ -609,8 +617,7 @@ class CompiledRoutes:
         if st and all(self._published(key, k, t, [s.get(prefix + k) for s in per]) for k, t in st.items()):
             return st
         names = {k[len(prefix):] for s in per for k in s if k.startswith(prefix) and "." not in k[len(prefix):]}
-        if st is not None and set(st) == names and all(
-                self._published(key, k, st[k], [s.get(prefix + k) for s in per]) for k in names):
+        if st == {} and not names:  # a node that keeps no state
             return st
         # first step, a new layout, or state loaded from a checkpoint: gather what the parameters hold
         if names and all(prefix + k in s for s in per for k in names):

@@ -352,17 +352,15 @@ class Optimizer(torch.optim.Optimizer):
         return [int(next(values)) if isinstance(t, torch.Tensor) else int(t or 0) for t in held]
 
     def _grads_present(self, params: Sequence[torch.Tensor]) -> list[bool]:
-        """:meth:`_has_grad` of each parameter."""
+        """Whether each parameter got a gradient this step (the compiled backend keeps a zeroed
+        gradient view on every adopted parameter; it counts only once something wrote it)."""
         if self._compiled is None:
             return [p.grad is not None for p in params]
         return self._compiled.grads_present(params)
 
     def _has_grad(self, p: torch.Tensor) -> bool:
-        """Whether ``p`` got a gradient this step (the compiled backend keeps a zeroed
-        gradient view on every adopted parameter; it counts only once something wrote it)."""
-        if p.grad is None:
-            return False
-        return self._compiled is None or self._compiled.has_grad(p)
+        """:meth:`_grads_present` of one parameter."""
+        return self._grads_present((p,))[0]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, except that the compiled backend keeps the gradients of the parameters it
