@@ -3,9 +3,11 @@
     opt = gradpipe.Optimizer(model.named_parameters(), "pipelines/scalpel.grad", lr=1e-3)
 
 Public API: :func:`compile`, :func:`load`, :class:`Program`, :class:`Optimizer`,
-:class:`GradError`, :func:`format_source`, :class:`NonFiniteError`.
+:class:`GradError`, :func:`format_source`, :class:`NonFiniteError`, :func:`register_op`
+(ops from other packages, also through the ``gradpipe.ops`` entry point group).
 """
 
+from .compiler.ops import register_op
 from .compiler.ops.project_out import gpm_basis
 from .compiler.program import Program, builtin_names, compile, load
 from .dsl.diagnostics import GradError
@@ -17,4 +19,4 @@ from .runtime.per_sample import per_sample_grads
 __version__ = "0.1.0"
 
 __all__ = ["Optimizer", "Program", "GradError", "NonFiniteError", "compile", "load", "format_source", "builtin_names", "per_sample_grads", "gpm_basis",
-           "__version__"]
+           "register_op", "__version__"]

@@ -4,7 +4,7 @@
 
 Everything per op comes from the registry (:data:`gradpipe.compiler.ops.OPS`):
 the signature and valid ranges from ``params``, the state from ``buffers`` and
-``buffer_names``, the reduction from ``reduction``, the one-line summary and
+``buffers_for``, the reduction from ``reduction``, the one-line summary and
 the source from ``summary`` and ``reference``, and the math from the class
 docstring (reStructuredText math is turned into Markdown ``$...$``). The only
 hand-written parts are the introduction and :data:`NOTES`, the known
@@ -21,7 +21,7 @@ import re
 import sys
 from typing import Any, Sequence
 
-from .compiler.ops import OPS, Op, Param
+from .compiler.ops import BUILTIN_OPS, OPS, Op, Param
 from .compiler.ops.base import REQUIRED, SeededOp
 
 __all__ = ["render_ops_markdown", "op_markdown", "rst_to_markdown", "NOTES", "main"]
@@ -311,8 +311,9 @@ _EXAMPLE = (4096, 4096)
 
 
 def _sized_state(op: Op) -> bool:
-    """True for ops whose state is not a whole number of parameter-sized buffers."""
-    return type(op).state_numel is not Op.state_numel
+    """True for ops whose state is not a whole number of parameter-sized buffers (some buffer
+    declares a shape of its own)."""
+    return any(b.shape is not None for b in op.buffers)
 
 
 def _example_bytes(op: Op) -> str:
@@ -463,7 +464,7 @@ def op_markdown(op: Op) -> str:
     return "\n".join(lines)
 
 
-_INTRO = """\
+_INTRO = '''\
 # Op reference
 
 <!-- Generated from the op registry by `python -m gradpipe.docs_ops > docs/ops.md`.
@@ -486,9 +487,10 @@ Conventions:
   *signal* is a source (`param`, `grads.main`), a parenthesised pipeline
   (`(grad | sign)`), or an op, which is then applied to the same input as the
   op receiving it.
-- State buffers have the parameter's shape and are kept in fp32 (in fp64 for
-  fp64 parameters), created on the first step; "bytes per parameter" is 4 per
-  buffer. In `optimizer.state[p]` a buffer is stored under
+- State buffers have the shape of the op's input (the parameter's, unless the op
+  says otherwise) and are kept in fp32 (in fp64 for fp64 parameters); the runtime
+  creates them from the op's declaration before the op first runs on a
+  parameter; "bytes per parameter" is 4 per element. In `optimizer.state[p]` a buffer is stored under
   `"<node>.<buffer>"`, e.g. `main/project_orthogonal/ema.m`.
 - A `global` reduction (a norm or inner product) runs over every tensor of the
   route that has a gradient in the step, across param groups; `tensor` runs
@@ -496,12 +498,86 @@ Conventions:
 - "Scale rule" marks the optimizer rules in the sense of optax's `scale_by_*`.
   The compiler accepts `scale(op)` for any op and compiles it exactly as
   `| op`, with the same node and state names.
-"""
+
+## Adding an op
+
+An op is one module in `gradpipe/compiler/ops/` (every module there is imported
+and registers itself: there is no list to update) and one row in the op table
+of the tests (`tests/op_table.py`: the op's equations written again in NumPy,
+which the generic tests compare against on both backends, with state round
+trips; `test_table_covers_every_op` fails, naming the op, until the row exists).
+Then regenerate this page: `python -m gradpipe.docs_ops > docs/ops.md`
+(`tests/test_docs.py` fails, naming the op, while it is missing here).
+
+The module holds one class, like optax's `init` plus `update`: the signature
+(`params`, with valid ranges), the state declared once (`buffers`: name, shape
+relative to the input, dtype, initial value; the runtime creates it, `update`
+never does), and the math, with the equations and the paper in the docstring.
+Adamax (Kingma & Ba 2015, section 7.1), as torch's `Adamax` computes it:
+
+```python
+import torch
+from gradpipe.compiler.ops.base import Buffer, Param, TensorOp, addcmul_s, register
+
+
+@register
+class Adamax(TensorOp):
+    r"""Adamax: Adam with the infinity norm.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) x_t,\qquad
+        u_t^{\infty} = \max(\beta_2 u^{\infty}_{t-1}, |x_t| + \epsilon),\qquad
+        u_t = \frac{m_t}{(1-\beta_1^t)\, u^{\infty}_t}
+
+    Reference: D. P. Kingma, J. Ba, "Adam", ICLR 2015 (section 7.1); torch.optim.Adamax.
+    """
+
+    name = "my_adamax"
+    summary = "Adam with the infinity norm (torch.optim.Adamax)"
+    reference = "Kingma & Ba 2015; torch.optim.Adamax"
+    flat = True        # elementwise: the compiled backend fuses it over flat buffers
+    is_rule = True     # usable as scale(my_adamax)
+    params = (
+        Param("b1", default=0.9, low=0.0, high=1.0, high_closed=False, doc="first-moment decay"),
+        Param("b2", default=0.999, low=0.0, high=1.0, high_closed=False, doc="decay of the max"),
+        Param("eps", default=1e-8, low=0.0, doc="added to |x|"),
+    )
+    buffers = (Buffer("m", "first moment"), Buffer("u", "exponentially weighted infinity norm"))
+
+    def update(self, x, state, a, lane):
+        m, u = state["m"], state["u"]
+        m.lerp_(x, 1 - a.b1)
+        u.copy_(torch.maximum(u * a.b2, x.abs() + a.eps))
+        return m / ((1 - a.b1 ** lane.step) * u)
+```
+
+A `flat` op takes its non-constant arguments, the step and `lane.fresh` as 0-d
+tensors in the compiled backend: use the helpers of `gradpipe/compiler/ops/base.py`
+(`axpy_`, `addcmul_s`, `sqrt_s`, `is_zero`, `on_first` for a buffer whose first value
+is the first input) instead of `alpha=`, `math.sqrt` and `if`. Rules on the op's use
+that the signature cannot state go in its `check` hook (called when the pipeline
+compiles, so `gradpipe check` reports them); capabilities other ops rely on are base
+classes (`Denominator`). `tests/test_docs.py` runs the example above on both
+backends against `torch.optim.Adamax`.
+
+**From another package.** A package adds ops without touching gradpipe: decorate the
+class with `@gradpipe.register_op` and declare the module under the `gradpipe.ops`
+entry point group in its `pyproject.toml`:
+
+```toml
+[project.entry-points."gradpipe.ops"]
+myops = "myops.gradpipe_ops"
+```
+
+gradpipe loads every installed plug-in when it is imported; a plug-in that fails to
+load, or that reuses an op's name, is skipped with a `PluginWarning`
+(`gradpipe/compiler/ops/plugins.py`; `tests/test_plugins.py` installs one).
+'''
 
 
 def render_ops_markdown() -> str:
     """The whole of ``docs/ops.md``."""
-    names = sorted(OPS)
+    names = sorted(BUILTIN_OPS)  # plug-ins document themselves
     parts = [_INTRO, "## Summary", "",
              "| op | signature | state (bytes/param, fp32) | reduction | what it does |",
              "| --- | --- | --- | --- | --- |"]

@@ -39,12 +39,12 @@ def to_dot(prog: "Program") -> str:
                                 or "route", label=_q("all parameters" if r.label == "main" else f"route {r.label}"),
                                 style="dashed")
         for n in prog.route_nodes(r.label):
-            d = prog.graph.nodes[n]
+            kind = prog.node(n).kind.value
             bufs = prog.node_buffers(n)
             label = f"{n}\n{describe_node(prog, n).split('  <-')[0]}"
             if bufs:
                 label += f"\nstate: {', '.join(bufs)}"
-            cluster.add_node(pydot.Node(_q(n), label=_q(label), fillcolor=_COLORS.get(d["kind"], "white")))
+            cluster.add_node(pydot.Node(_q(n), label=_q(label), fillcolor=_COLORS.get(kind, "white")))
         g.add_subgraph(cluster)
     for u, v, d in prog.graph.edges(data=True):
         attrs = {} if d["port"] == "x" else {"label": _q(d["port"]), "style": "dashed"}

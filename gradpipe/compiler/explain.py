@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from .ir import Kind
 from .lowering import route_cost
-from .ops import OPS
 
 if TYPE_CHECKING:
     from .program import Program
@@ -24,24 +24,23 @@ def _arg_text(v) -> str:
 
 
 def describe_node(prog: "Program", node: str) -> str:
-    d = prog.graph.nodes[node]
-    kind = d["kind"]
-    ins = prog.inputs(node)
-    if kind == "source":
-        return f"source {d['op']}"
-    if kind == "block_in":
-        return f"input of the {{ ... }} block of {d['block']}"
-    if kind == "output":
+    n = prog.node(node)
+    ins = n.inputs
+    if n.kind is Kind.SOURCE:
+        return f"source {n.op}"
+    if n.kind is Kind.BLOCK_IN:
+        return f"input of the {{ ... }} block of {n.block}"
+    if n.kind is Kind.OUTPUT:
         return f"update u = {ins.get('x')}   (p <- p - lr * u)"
-    if kind == "arith":
-        lhs = ins.get("lhs") or _arg_text(d["args"].get("lhs"))
-        if d["op"] == "neg":
+    if n.kind is Kind.ARITH:
+        lhs = ins.get("lhs") or _arg_text(n.args.get("lhs"))
+        if n.op == "neg":
             return f"-{lhs}"
-        rhs = ins.get("rhs") or _arg_text(d["args"].get("rhs"))
-        return f"{lhs} {d['op']} {rhs}"
-    args = ", ".join(f"{k}={_arg_text(v)}" for k, v in d["args"].items())
+        rhs = ins.get("rhs") or _arg_text(n.args.get("rhs"))
+        return f"{lhs} {n.op} {rhs}"
+    args = ", ".join(f"{k}={_arg_text(v)}" for k, v in n.args.items())
     signals = ", ".join(f"{p}<-{src}" for p, src in ins.items() if p != "x")
-    text = f"{d['op']}({args})  <- {ins.get('x')}"
+    text = f"{n.op}({args})  <- {ins.get('x')}"
     if signals:
         text += f"  [{signals}]"
     return text
@@ -96,7 +95,7 @@ def explain(prog: "Program") -> str:
     lines.append("reductions:" + ("" if red else " none (every op is elementwise per tensor)"))
     for n, scope in red:
         what = "over every tensor of its route" if scope == "global" else "within each tensor"
-        lines.append(f"  {n}: {OPS[prog.graph.nodes[n]['op']].name} reduces {what} (scope={scope})")
+        lines.append(f"  {n}: {prog.node(n).op} reduces {what} (scope={scope})")
     lines.append("")
     lines.append("optimisations:")
     if not (prog.merged or prog.folded or prog.removed):

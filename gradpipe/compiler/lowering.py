@@ -10,86 +10,94 @@ reports the plan and its memory traffic per parameter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from . import scalars as S
-from .ops import OPS
+from .ir import Kind, Node
 
 if TYPE_CHECKING:
     from .program import Program
 
-__all__ = ["Segment", "plan_route", "route_cost", "RouteCost"]
-
-_SCALARS = (S.Const, S.HP, S.Src, S.BinS, S.NegS)
+__all__ = ["Segment", "plan_route", "route_cost", "RouteCost", "is_flat"]
 
 
 @dataclass
 class Segment:
     """A run of flat nodes compiled as one function."""
 
+    #: the nodes' names, in evaluation order
     nodes: list[str]
+    #: the nodes themselves (the typed IR)
+    members: tuple[Node, ...]
+    #: the nodes outside the segment whose values it reads, in order of first use
     inputs: list[str]
+    #: the segment's nodes whose values something after it reads
     outputs: list[str]
-    #: per node: the names of its non-constant scalar arguments (evaluated each step)
-    dynamic: list[list[str]] = field(default_factory=list)
+    #: whether some node of it reads the parameters
     reads_param: bool = False
     #: the node whose value is the route's update ``u``, when this segment computes it
     final: str | None = None
 
+    @property
+    def dynamic(self) -> list[tuple[str, ...]]:
+        """Per node, the names of its non-constant scalar arguments (evaluated each step)."""
+        return [n.dynamic for n in self.members]
 
-def _is_flat(prog: Program, node: str) -> bool:
-    d = prog.graph.nodes[node]
-    if d["kind"] == "arith":
+
+def is_flat(prog: "Program", node: Node) -> bool:
+    """Whether ``node`` can run on flat buffers (see ``Op.flat``)."""
+    if node.kind is Kind.ARITH:
         return True
-    if d["kind"] != "op":
+    if node.kind is not Kind.OP:
         return False
-    op = OPS[d["op"]]
+    op = node.impl
     if op.has_node_state or op.per_sample or any(p.kind in ("block", "signals") for p in op.params):
         return False
-    return op.flat_ok(prog._const_args(node, at_defaults=False))
+    return op.flat_ok(prog.const_args(node.name, at_defaults=False))
 
 
-def plan_route(prog: Program, order: Sequence[str]) -> list[tuple[str, Any]]:
-    """The route as ``("eager", node)`` and ``("segment", _Segment)`` items in evaluation order."""
-    g = prog.graph
-    nodes = [n for n in order if g.nodes[n].get("block") is None and g.nodes[n]["kind"] not in ("output",)]
+def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str | None = None
+               ) -> list[tuple[str, Any]]:
+    """The route as ``("eager", node name)`` and ``("segment", Segment)`` items in evaluation
+    order. The route is ``label``'s, or the one of the nodes in ``order``."""
+    if label is None:
+        label = prog.node(next(iter(order))).route  # type: ignore[arg-type]
+    ir = prog.ir[label]
+    users: dict[str, set[str]] = {}
+    for n in ir.all_nodes():
+        for src in n.inputs.values():
+            users.setdefault(src, set()).add(n.name)
     items: list[tuple[str, Any]] = []
-    run: list[str] = []
+    run: list[Node] = []
 
     def close() -> None:
         if not run:
             return
-        members = set(run)
+        members = {n.name for n in run}
         inputs: list[str] = []
         for n in run:
-            for src in prog.inputs(n).values():
+            for src in n.inputs.values():
                 if src not in members and src not in inputs:
                     inputs.append(src)
-        outputs = [n for n in run if any(dst not in members for dst in g.successors(n))]
-        dynamic = [[k for k, v in g.nodes[n]["args"].items() if isinstance(v, _SCALARS) and not isinstance(v, S.Const)]
-                   for n in run]
-        reads = any(g.nodes[n]["kind"] == "op" and OPS[g.nodes[n]["op"]].reads_param for n in run)
-        items.append(("segment", Segment(list(run), inputs, outputs, dynamic, reads)))
+        outputs = [n.name for n in run if users.get(n.name, set()) - members]
+        reads = any(n.is_op and n.impl.reads_param for n in run)
+        items.append(("segment", Segment([n.name for n in run], tuple(run), inputs, outputs, reads)))
         run.clear()
 
-    for n in nodes:
-        if g.nodes[n]["kind"] == "source":
+    for n in ir.nodes:
+        if n.kind in (Kind.SOURCE, Kind.OUTPUT):
             continue  # sources are values handed in, not work
-        if _is_flat(prog, n):
+        if is_flat(prog, n):
             run.append(n)
         else:
             close()
-            items.append(("eager", n))
+            items.append(("eager", n.name))
     close()
-    out = next(n for n in order if g.nodes[n]["kind"] == "output")
-    final = prog.inputs(out)["x"]
+    final = ir.update
     for kind, item in items:
-        if kind == "segment" and final in item.nodes and set(g.successors(final)) == {out}:
+        if kind == "segment" and final in item.nodes and users.get(final) == {ir.output.name}:
             item.final = final
     return items
-
-
 
 
 @dataclass(frozen=True)
@@ -109,19 +117,17 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
     or (the last one) reads and writes the parameter; an eager node reads its inputs and
     writes its result, and feeding a segment costs a gather (a copy). Every global
     reduction adds a pass (a kernel) over its input."""
-    plan = plan_route(prog, prog.route_nodes(label))
-    g = prog.graph
+    plan = plan_route(prog, label=label)
     total = kernels = segments = 0
     eager: list[str] = []
     produced_eager: set[str] = set()
     fused_update = False
     for kind, item in plan:
         if kind == "eager":
-            d = g.nodes[item]
+            n = prog.node(item)
             eager.append(item)
-            ins = [s for p, s in prog.inputs(item).items()]
-            total += len(ins) + 1 + 2 * len(prog.node_buffers(item))
-            if d["kind"] == "op" and OPS[d["op"]].needs_param(prog._const_args(item)):
+            total += len(n.inputs) + 1 + 2 * len(prog.node_buffers(item))
+            if n.is_op and n.impl.needs_param(prog.const_args(item)):
                 total += 1
             produced_eager.add(item)
             kernels += 1
@@ -131,13 +137,11 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
         for src in item.inputs:
             total += 1 + (2 if src in produced_eager else 0)
         reads_param = False
-        for n in item.nodes:
-            d = g.nodes[n]
-            total += 2 * len(prog.node_buffers(n))
-            if d["kind"] == "op":
-                op = OPS[d["op"]]
-                reads_param |= op.needs_param(prog._const_args(n))
-                if op.reduction(d["args"]) == "global":
+        for n in item.members:
+            total += 2 * len(prog.node_buffers(n.name))
+            if n.is_op:
+                reads_param |= n.impl.needs_param(prog.const_args(n.name))
+                if n.impl.reduction(n.args) == "global":
                     kernels += 1
         outs = [n for n in item.outputs if n != item.final]
         total += len(outs)

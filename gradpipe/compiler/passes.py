@@ -1,4 +1,5 @@
-"""Graph passes on the IR: common-subexpression elimination and dead-node elimination.
+"""Graph passes on the IR: common-subexpression elimination, dead-node elimination, and the
+checks that need the whole graph (per-example gradients, every op's own rules).
 
 CSE merges nodes that compute the same thing: the same op with the same
 arguments on the same inputs. For a stateful op this means one state buffer
@@ -9,13 +10,14 @@ are never merged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import networkx as nx
 
-from .ops import OPS
+from .ir import Node, freeze_node
+from .ops import OPS, CheckView
 
-__all__ = ["cse", "eliminate_dead", "inputs_of", "check_per_sample"]
+__all__ = ["cse", "eliminate_dead", "inputs_of", "check_per_sample", "check_ops"]
 
 
 def inputs_of(g: nx.MultiDiGraph, node: str) -> dict[str, str]:
@@ -63,20 +65,17 @@ def eliminate_dead(g: nx.MultiDiGraph) -> list[str]:
             live |= nx.ancestors(g, n)
     dead = [n for n in g.nodes if n not in live]
     g.remove_nodes_from(dead)
-    return [n for n in dead if g.graph.get("report_dead", True)]
+    return dead
 
 
 def check_per_sample(g: nx.MultiDiGraph) -> None:
     """Per-example gradients (``samples``) may only flow into per-sample ops (``dp_clip``) until
-    an op aggregates them (``dp_noise``). Fills ``dp_noise``'s sensitivity from the ``dp_clip``
-    feeding it when it was left at 0."""
+    an op aggregates them (``dp_noise``)."""
     from ..dsl.diagnostics import GradError
-    from . import scalars as S
     batched: dict[str, bool] = {}
     for node in nx.topological_sort(g):
         d = g.nodes[node]
-        ins = inputs_of(g, node)
-        fed = {port: batched.get(src, False) for port, src in ins.items()}
+        fed = {port: batched.get(src, False) for port, src in inputs_of(g, node).items()}
         kind = d["kind"]
         if kind == "source":
             batched[node] = d["op"] == "samples"
@@ -87,20 +86,52 @@ def check_per_sample(g: nx.MultiDiGraph) -> None:
                 raise GradError(f"'{d['op']}' works on per-example gradients", d["span"],
                                 f"feed it the 'samples' source: samples | {d['op']}")
             batched[node] = mode == "map"
-            if d["op"] == "dp_noise":
-                sens, sigma = d["args"].get("sensitivity"), d["args"].get("sigma")
-                if isinstance(sens, S.Const) and sens.value == 0 and not (isinstance(sigma, S.Const)
-                                                                           and sigma.value == 0):
-                    src = g.nodes[ins["x"]]
-                    if src["kind"] == "op" and src["op"] == "dp_clip":
-                        d["args"]["sensitivity"] = src["args"]["clip"]
-                    else:
-                        raise GradError("dp_noise needs the sensitivity of one example's gradient", d["span"],
-                                        "clip first (samples | dp_clip(1.0) | dp_noise(1.0)) or give the "
-                                        "Lipschitz bound: dp_noise(1.0, sensitivity = ...)")
             continue
         if any(fed.values()):
             what = "the pipeline's result" if kind == "output" else f"'{d['op']}'"
             raise GradError(f"{what} cannot take per-example gradients", d["span"],
                             "aggregate them first: samples | dp_clip(1.0) | dp_noise(1.0) | ...")
         batched[node] = False
+
+
+class _GraphView(CheckView):
+    """What op hooks see of the graph: its nodes, frozen."""
+
+    def __init__(self, g: nx.MultiDiGraph) -> None:
+        self.g = g
+        self._frozen: dict[str, Node] = {}
+
+    def node(self, name: str) -> Node:
+        n = self._frozen.get(name)
+        if n is None:
+            n = self._frozen[name] = freeze_node(self.g, name)
+        return n
+
+    def forget(self, name: str) -> None:
+        self._frozen.pop(name, None)
+
+    def nodes(self) -> Iterator[Node]:
+        for n in self.g.nodes:
+            yield self.node(n)
+
+    def input(self, node: Node, port: str = "x") -> Node | None:
+        src = node.inputs.get(port)
+        return None if src is None else self.node(src)
+
+
+def check_ops(g: nx.MultiDiGraph) -> None:
+    """Every op's own rules (:meth:`Op.infer_args`, then :meth:`Op.check`), in evaluation order,
+    so the first error is the first in the pipeline."""
+    view = _GraphView(g)
+    order = list(nx.lexicographical_topological_sort(g))
+    for name in order:
+        d = g.nodes[name]
+        if d["kind"] == "op":
+            new = OPS[d["op"]].infer_args(view.node(name), view)
+            if new is not None:
+                d["args"] = dict(new)
+                view.forget(name)
+    for name in order:
+        d = g.nodes[name]
+        if d["kind"] == "op":
+            OPS[d["op"]].check(view.node(name), view)

@@ -15,10 +15,14 @@ import networkx as nx
 from ..dsl import ast
 from ..dsl.diagnostics import GradError, Span, did_you_mean
 from . import scalars as S
-from .build import Builder, RangeCheck, RouteInfo, selector_label
+from .binder import RangeCheck
+from .build import Builder, RouteInfo, selector_label
+from .ir import Kind, Node, RouteIR, freeze
 from .modules import HyperParam, ModuleEnv, all_hparams, load_module_tree
 from .ops import OPS
-from .passes import check_per_sample, cse, eliminate_dead, inputs_of
+from .ops.nonfinite import NonFinitePolicy, policy_of
+from .passes import check_ops, check_per_sample, cse, eliminate_dead
+from .symbols import Scope
 
 __all__ = ["Program", "compile", "load", "builtin_dir", "builtin_names"]
 
@@ -39,11 +43,16 @@ class Program:
     """A checked, optimised pipeline.
 
     Attributes:
-        graph: the optimised IR, a ``networkx.MultiDiGraph``. Node attributes:
-            ``kind`` (source | op | arith | output), ``op``, ``args``, ``span``,
-            ``route``; edge attribute ``port`` (``x`` is the stream input).
+        graph: the optimised graph, a ``networkx.MultiDiGraph``, as ``gradpipe graph``
+            draws it. Node attributes: ``kind`` (source | op | arith | block_in | output,
+            :class:`~gradpipe.compiler.ir.Kind`), ``op``, ``args``, ``span``, ``route``,
+            ``block``; edge attribute ``port`` (``x`` is the stream input).
+        ir: per route label, the typed, frozen IR the backends run
+            (:class:`~gradpipe.compiler.ir.RouteIR`).
         hyperparams: declared hyperparameters (plus ``lr``), by name.
         routes: the routes in source order; a file without ``route`` has one, ``main``.
+        nonfinite: what a step with a non-finite gradient does (the ``skip_nonfinite`` /
+            ``allow_nonfinite`` policy, worked out when the file compiles).
     """
 
     graph: nx.MultiDiGraph
@@ -59,7 +68,14 @@ class Program:
     removed: list[str] = field(default_factory=list)
     losses: frozenset[str] = frozenset()
     reads: frozenset[str] = frozenset()
-    _block_orders: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
+    ir: dict[str, RouteIR] = field(default_factory=dict, repr=False)
+    nonfinite: NonFinitePolicy = field(default_factory=NonFinitePolicy)
+    _orders: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
+    _nodes: dict[str, Node] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for r in self.ir.values():
+            self._nodes.update(r.by_name)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -76,7 +92,7 @@ class Program:
         for k, v in values.items():
             hp = self.hyperparams.get(k)
             if hp is None:
-                raise GradError(f"unknown hyperparameter '{k}' (set in {origin})", self._file_span(),
+                raise GradError(f"unknown hyperparameter '{k}' (set in {origin})", self.file_span(),
                                 did_you_mean(k, self.hyperparams) or
                                 f"this pipeline declares: {', '.join(self.hyperparams)}")
             out[k] = hp.check(v, origin)
@@ -112,27 +128,36 @@ class Program:
                                 f"{rc.param.range_text()} of '{rc.op}'", rc.span,
                                 f"write the argument so that it stays in {rc.param.range_text()} at every step")
 
-    def _file_span(self) -> Span:
+    def file_span(self) -> Span:
+        """A span at the start of the pipeline's file (for problems of the whole file)."""
         return Span(1, 1, 1, 2, self.path, self.source)
 
     # ------------------------------------------------------------------ structure
+    def node(self, name: str) -> Node:
+        """A node of the typed IR by name."""
+        return self._nodes[name]
+
+    def find_node(self, name: str) -> Node | None:
+        """A node of the typed IR by name, or None if the program has no such node."""
+        return self._nodes.get(name)
+
+    def nodes(self) -> list[Node]:
+        """Every node of the typed IR (all routes, blocks included)."""
+        return list(self._nodes.values())
+
     def route_nodes(self, label: str) -> list[str]:
-        """The nodes of one route in evaluation (topological) order."""
-        route = next(r for r in self.routes if r.label == label)
-        keep = nx.ancestors(self.graph, route.output) | {route.output}
-        return [n for n in nx.lexicographical_topological_sort(self.graph) if n in keep]
+        """The names of one route's nodes (blocks included) in evaluation (topological) order."""
+        order = self._orders.get(label)
+        if order is None:
+            order = self._orders[label] = list(self.ir[label].by_name)
+        return order
 
     def block_order(self, node: str) -> list[str]:
         """The nodes of ``node``'s inner block (not of blocks nested in it) in evaluation order."""
-        order = self._block_orders.get(node)
-        if order is None:
-            members = {n for n, d in self.graph.nodes(data=True) if d.get("block") == node}
-            order = [n for n in nx.lexicographical_topological_sort(self.graph) if n in members]
-            self._block_orders[node] = order
-        return order
+        return [n.name for n in self.ir[self._nodes[node].route].blocks.get(node, ())]
 
     def inputs(self, node: str) -> dict[str, str]:
-        return inputs_of(self.graph, node)
+        return dict(self._nodes[node].inputs)
 
     def node_buffers(self, node: str, at_defaults: bool = True) -> list[str]:
         """The per-parameter buffers of a node.
@@ -141,48 +166,54 @@ class Program:
         defaults (``momentum(momentum)`` keeps no buffer when the default momentum
         is 0); ``False`` uses only the constants of the source, giving every
         buffer the node may keep (the checkpoint schema)."""
-        d = self.graph.nodes[node]
-        if d["kind"] != "op":
+        n = self._nodes[node]
+        if n.kind is not Kind.OP:
             return []
-        return OPS[d["op"]].buffer_names(self._const_args(node, at_defaults))
+        return n.impl.buffer_names(self.const_args(node, at_defaults))
 
-    def _const_args(self, node: str, at_defaults: bool = True) -> dict[str, Any]:
-        """A node's arguments known at compile time (hyperparameters at their defaults if asked)."""
-        env = {**self.defaults(), "step": 1, "loss": 0.0}
-        const: dict[str, Any] = {}
-        for k, v in self.graph.nodes[node]["args"].items():
-            if isinstance(v, (str, bool, int, float)):
-                const[k] = v
-            elif isinstance(v, S.Const):
-                const[k] = v.value
-            elif at_defaults and hasattr(v, "eval"):
+    def const_args(self, node: str, at_defaults: bool = True) -> dict[str, Any]:
+        """A node's structural arguments: its compile-time constants and, if ``at_defaults``, the
+        ones that depend only on hyperparameters, evaluated at their defaults (what a param
+        group with the default values gives). Arguments that read ``step`` or ``loss`` are left
+        out: they are never structural."""
+        n = self._nodes[node]
+        const = dict(n.const)
+        if at_defaults:
+            env = self.defaults()
+            for k in n.dynamic:
+                if k in n.per_step:
+                    continue
                 try:
-                    const[k] = v.eval(env)
-                except (ValueError, ZeroDivisionError, OverflowError, KeyError):
+                    const[k] = n.args[k].eval(env)
+                except (ValueError, ZeroDivisionError, OverflowError, KeyError, TypeError):
                     pass
         return const
 
     def state_numel(self, route: str, shape: Sequence[int]) -> int:
         """Elements of optimizer state one parameter of ``shape`` keeps on ``route``
         (block ops such as ``galore`` keep their inner pipeline's state at the projected shape)."""
-        def visit(nodes: list[str], shp: tuple[int, ...]) -> int:
-            total = 0
+        return sum(op.state_numel(shp, const) for _, op, const, shp in self.state_layout(route, shape))
+
+    def state_layout(self, route: str, shape: Sequence[int]) -> list[tuple[str, Any, dict[str, Any], tuple[int, ...]]]:
+        """``(node, op, structural args, input shape)`` of every op node of ``route`` for a
+        parameter of ``shape``, blocks included (their inner ops see the block's inner shape)."""
+        ir = self.ir[route]
+        out: list[tuple[str, Any, dict[str, Any], tuple[int, ...]]] = []
+
+        def visit(nodes: Sequence[Node], shp: tuple[int, ...]) -> None:
             for n in nodes:
-                d = self.graph.nodes[n]
-                if d["kind"] != "op":
+                if n.kind is not Kind.OP:
                     continue
-                op, const = OPS[d["op"]], self._const_args(n)
-                total += op.state_numel(shp, const)
-                if any(p.kind == "block" for p in op.params):
-                    total += visit(self.block_order(n), tuple(op.inner_shape(shp, const)))
-            return total
-        top = [n for n in self.route_nodes(route) if self.graph.nodes[n].get("block") is None]
-        return visit(top, tuple(shape))
+                op, const = n.impl, self.const_args(n.name)
+                out.append((n.name, op, const, shp))
+                if n.name in ir.blocks:
+                    visit(ir.blocks[n.name], tuple(op.inner_shape(shp, const)))
+        visit(ir.nodes, tuple(shape))
+        return out
 
     def has_projections(self, route: str) -> bool:
         """True when the route holds a block op whose inner pipeline runs at another shape."""
-        return any(self.graph.nodes[n]["kind"] == "op" and OPS[self.graph.nodes[n]["op"]].projects_block
-                   for n in self.route_nodes(route))
+        return any(n.is_op and n.impl.projects_block for n in self.ir[route].all_nodes())
 
     def state_buffers(self) -> list[str]:
         """Every per-parameter state buffer, as ``node.buffer``."""
@@ -198,20 +229,23 @@ class Program:
         Two pipelines with the same schema can exchange ``state_dict`` s (a changed
         comment, default or range does not matter; a changed op or buffer does)."""
         out = []
-        for n in sorted(self.graph.nodes):
-            d = self.graph.nodes[n]
-            bufs = self.node_buffers(n, at_defaults=False) if d["kind"] == "op" else []
-            if bufs or (d["kind"] == "op" and OPS[d["op"]].has_node_state):
-                out.append(f"{n} {d['op']} {','.join(bufs)}")
+        for name in sorted(self._nodes):
+            n = self._nodes[name]
+            if not n.is_op:
+                continue
+            bufs = self.node_buffers(name, at_defaults=False)
+            if bufs or n.impl.has_node_state:
+                out.append(f"{name} {n.op} {','.join(bufs)}")
         return out
 
     def reductions(self) -> list[tuple[str, str]]:
         out = []
-        for n, d in self.graph.nodes(data=True):
-            if d["kind"] == "op":
-                r = OPS[d["op"]].reduction(d["args"])
+        for name in self.graph.nodes:
+            n = self._nodes[name]
+            if n.is_op:
+                r = n.impl.reduction(n.args)
                 if r:
-                    out.append((n, r))
+                    out.append((name, r))
         return out
 
     # ------------------------------------------------------------------ routing
@@ -245,7 +279,7 @@ class Program:
                             "make the selectors disjoint, e.g. add 'and not ...' to one of them")
         if uncovered:
             raise GradError(f"{len(uncovered)} parameter(s) match no route: {_listing(uncovered)}",
-                            explicit[0].span if explicit else self._file_span(),
+                            explicit[0].span if explicit else self.file_span(),
                             "add 'route default: ...' or a selector that covers them")
         return labels
 
@@ -336,11 +370,10 @@ def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set
     without parameters, that a successful check reaches counts as checked. Re-expanding
     every let on its own would cost time quadratic in the length of a chain of lets built
     from each other."""
-    from .build import _Scope
     from .values import Fragment
     errors: list[GradError] = []
     scratch = Builder(env, hparams)
-    scratch.route = "check"
+    scratch.emit.route = "check"
     checked = set(used)
     todo: list[tuple[ast.Let | ast.Def, ast.Expr]] = [(let, let.value) for let in env.lets.values()]
     todo += [(d, ast.Call(ast.Name((d.name,), span=d.span), span=d.span)) for d in env.defs.values()
@@ -354,9 +387,9 @@ def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set
             continue
         scratch.used.clear()
         try:
-            v = scratch.expr(expr, _Scope(env), f"check/{stmt.name}" if isinstance(stmt, ast.Let) else "check")
+            v = scratch.expr(expr, Scope(env), f"check/{stmt.name}" if isinstance(stmt, ast.Let) else "check")
             if isinstance(v, Fragment):
-                v.apply(scratch._source("grad", stmt.span).node, "check")
+                v.apply(scratch.source("grad", stmt.span).node, "check")
         except GradError as e:
             errors.append(e)
             checked.add(id(stmt))
@@ -407,10 +440,15 @@ def compile_env(env: ModuleEnv) -> Program:
     merged = cse(g)
     removed = eliminate_dead(g)
     check_per_sample(g)
+    check_ops(g)  # every op's own rules: what building the optimizer would otherwise refuse
+    position = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(g))}
+    ir = {r.label: freeze(g, r.label, r.output, position) for r in routes}
+    nonfinite = policy_of(n for r in ir.values() for n in r.all_nodes())
     canonical, digest = _canonical_and_hash(env)
     prog = Program(graph=g, hyperparams=hparams, routes=routes, path=env.path, source=env.module.source,
                    canonical=canonical, hash=digest, range_checks=b.range_checks, folded=[str(f) for f in b.folded],
-                   merged=merged, removed=removed, losses=frozenset(b.losses), reads=frozenset(b.reads))
+                   merged=merged, removed=removed, losses=frozenset(b.losses), reads=frozenset(b.reads),
+                   ir=ir, nonfinite=nonfinite)
     prog.check_group(prog_defaults, "the hyperparameters' defaults")
     return prog
 

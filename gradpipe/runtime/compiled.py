@@ -24,15 +24,20 @@ Lowering, per route:
 4. **Scalars are tensors.** Every argument that is not a compile-time constant
    (hyperparameters, ``lr``, ``step``, ``loss``) enters the compiled graph as a 0-d
    float64 tensor, so LR schedulers, changed hyperparameters and the growing step
-   counter never recompile. Constants are baked into the graph, and so is a zero
-   (ops branch on zero, e.g. ``momentum(0)`` keeps no buffer), so a value that
-   crosses zero compiles one more variant.
-5. **First step eager.** Ops create their state lazily: a segment runs eagerly while some
-   bucket is at its first step, and compiled once every bucket is past it (one compilation
-   per segment and layout, cached by ``torch.compile``). The choice depends only on the step
-   counters, which ``state_dict`` saves, so a run resumed from a checkpoint takes the same
-   path as one that never stopped, and gives the same parameters bit for bit (eager and
-   compiled arithmetic can differ in the last bit).
+   counter never recompile. Constants are baked into the graph, and so is a
+   hyperparameter that is zero in the param group (ops branch on it, e.g.
+   ``momentum(0)`` keeps no buffer, as torch's SGD), so a group value that crosses zero
+   compiles one more variant. A value computed from ``step`` or ``loss`` is always a
+   tensor: it never changes the math by being zero at some step.
+5. **Compiled from the first step.** Ops declare their state (``Op.buffers``), so the
+   backend allocates a segment's flat state before the segment first runs, and tells the ops
+   which buckets start now with ``fresh`` (a 0-d bool tensor, so the first step and the
+   others share one compiled function). Every step runs the same compiled code, so a run
+   resumed from a checkpoint gives the same parameters bit for bit as one that never stopped.
+6. **One interpreter.** A segment's function is the eager interpreter
+   (``gradpipe/runtime/interpret.py``) run over the segment's nodes with a lane per bucket;
+   ``torch.compile`` traces it. Nodes that are not flat run through the same interpreter
+   with a lane per parameter.
 
 If ``torch.compile`` cannot run (no C++ compiler, an unsupported construct), the
 backend warns once and runs the same segments eagerly, giving the same results.
@@ -50,25 +55,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..compiler import scalars as S
-from ..compiler.ops import OPS, NodeCtx
+from ..compiler.ir import Kind, Node
 from ..compiler.lowering import Segment as _Segment, plan_route
+from ..compiler.ops import Args
 from ..compiler.program import Program
-from .eager import RouteBatch, _Evaluator, compute_dtype, eval_args
+from .eager import ParamLanes, RouteBatch, compute_dtype
+from .interpret import Lanes, apply_update, eval_dynamic, eval_node, structural_args
 
 __all__ = ["CompiledRoutes", "CompileFallbackWarning", "plan_route"]
 
 
 class CompileFallbackWarning(UserWarning):
     """``torch.compile`` could not compile a pipeline; gradpipe runs it eagerly instead."""
-
-
-class _Args:
-    """A node's arguments for one bucket (attribute access, like the eager backend's namespace)."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        for k, v in values.items():
-            setattr(self, k, v)
 
 
 @dataclass
@@ -84,63 +82,49 @@ class _Bucket:
         return (tuple(self.idxs), tuple(tuple(s) for s in self.shapes), self.dtype, str(self.device))
 
 
-def _segment_fn(prog: Program, seg: _Segment) -> Callable[..., None]:
+class _BucketLanes(Lanes):
+    """The lanes of a fused segment: one per bucket, with the state, ``fresh`` flags, flat
+    parameters and per-step scalars the backend prepared (this runs inside ``torch.compile``)."""
+
+    def __init__(self, seg: _Segment, steps: list[Any], states: list[list[dict[str, torch.Tensor]]],
+                 fresh: list[list[Any]], params: list[torch.Tensor | None], scalars: list[list[list[Any]]]) -> None:
+        self.steps = steps
+        self._index = {n.name: j for j, n in enumerate(seg.members)}
+        self._states, self._fresh, self._params, self._scalars = states, fresh, params, scalars
+
+    def args(self, node: Node) -> list[Args]:
+        j = self._index[node.name]
+        return [Args(node.const, **dict(zip(node.dynamic, per_bucket[j]))) for per_bucket in self._scalars]
+
+    def states(self, node, xs):
+        j = self._index[node.name]
+        return self._states[j], self._fresh[j]
+
+    def params(self, node: Node) -> list[torch.Tensor | None]:
+        return self._params
+
+
+def _segment_fn(seg: _Segment) -> Callable[..., None]:
     """The function of one segment: flat inputs, flat state and scalars in; results written into
     the given output buffers, or, for the route's update, applied to the flat parameters."""
-    g = prog.graph
-    specs = []
-    for n, dyn in zip(seg.nodes, seg.dynamic):
-        d = g.nodes[n]
-        const = {k: (v.value if isinstance(v, S.Const) else v) for k, v in d["args"].items() if k not in dyn}
-        specs.append((n, d["kind"], d["op"], prog.inputs(n), const, dyn))
 
-    def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]],
-            params: list[torch.Tensor], scalars: list[list[list[torch.Tensor]]],
-            steps: list[torch.Tensor], outs: list[list[torch.Tensor]],
-            apply: list[tuple[torch.Tensor, Any] | None]) -> None:
+    def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]], fresh: list[list[Any]],
+            params: list[torch.Tensor | None], scalars: list[list[list[Any]]], steps: list[torch.Tensor],
+            outs: list[list[torch.Tensor]], apply: list[tuple[torch.Tensor, Any] | None]) -> None:
         vals = dict(zip(seg.inputs, inputs))
-        nb = len(steps)
-        for j, (n, kind, opname, ins, const, dyn) in enumerate(specs):
-            if kind == "op":
-                args = [_Args({**const, **dict(zip(dyn, scalars[b][j]))}) for b in range(nb)]
-                ctx = NodeCtx(inputs={port: vals[src] for port, src in ins.items()}, args=args, states=states[j],
-                              steps=steps, params=params)
-                vals[n] = OPS[opname].apply(ctx)
-            else:
-                vals[n] = [_arith_bucket(opname, ins, vals, const, dict(zip(dyn, scalars[b][j])), b)
-                           for b in range(nb)]
+        lanes = _BucketLanes(seg, steps, states, fresh, params, scalars)
+        for n in seg.members:
+            vals[n.name] = eval_node(n, vals, lanes)
         # results go into buffers that live across steps: a fresh tensor the size of the
         # parameters per step would cost more (page faults) than the math itself
         for n, bufs in zip(seg.outputs, outs):
             for b, (buf, value) in enumerate(zip(bufs, vals[n])):
                 if n == seg.final and apply[b] is not None:
-                    # p <- p - lr * u, fused: the parameters are this bucket's flat buffer
-                    flat_p, lr = apply[b]
-                    flat_p.copy_(flat_p.to(value.dtype) - lr * value)
+                    flat_p, lr = apply[b]  # p <- p - lr * u, fused: the bucket's flat parameter buffer
+                    apply_update(flat_p, value, lr)
                 else:
                     buf.copy_(value)
     return run
-
-
-def _arith_bucket(op: str, ins: dict[str, str], vals: dict[str, list[torch.Tensor]], const: dict[str, Any],
-                  dyn: dict[str, Any], b: int) -> torch.Tensor:
-    def side(port: str) -> Any:
-        if port in ins:
-            return vals[ins[port]][b]
-        return dyn[port] if port in dyn else const[port]
-    lhs = side("lhs")
-    if op == "neg":
-        return -lhs
-    rhs = side("rhs")
-    if op == "+":
-        return lhs + rhs
-    if op == "-":
-        return lhs - rhs
-    if op == "*":
-        return lhs * rhs
-    if op == "/":
-        return lhs / rhs
-    return lhs ** rhs
 
 
 def _scalar_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
@@ -233,6 +217,8 @@ def _narrowed(args: Sequence[Any], idx: tuple[int, ...]) -> Sequence[Any]:
 _SHARED: dict[tuple, tuple[Callable, Callable]] = {}
 
 
+
+
 def _own_code(fn: Callable, tag: str) -> Callable:
     """``fn`` with a code object of its own. Dynamo keeps its compiled graphs per code object
     (at most ``cache_size_limit`` of them); every segment function shares one, so without
@@ -270,7 +256,7 @@ class _Values:
     """One route's node values in one step: per parameter (``split``, what eager nodes read)
     and per bucket (``flat``, what fused segments read and write)."""
 
-    ev: _Evaluator
+    lanes: ParamLanes
     buckets: list[_Bucket]
     n: int
     split: dict[str, list[torch.Tensor]] = field(default_factory=dict)
@@ -300,6 +286,8 @@ class CompiledRoutes:
         self._bufs: dict[tuple, torch.Tensor] = {}
         #: (bucket state key, buffer) -> (its flat tensor, the per-parameter views handed out)
         self._views: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        #: bucket state key -> [the node's 0-d ``fresh`` flag for the bucket, the value it holds]
+        self._flags: dict[tuple, list[Any]] = {}
 
     # ------------------------------------------------------------------ flat parameter storage
     def adopt(self, groups: Sequence[dict[str, Any]], route_of: dict[torch.Tensor, str]) -> None:
@@ -408,33 +396,31 @@ class CompiledRoutes:
 
     # ------------------------------------------------------------------ one route, one step
     def run_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
-                  order: Sequence[str]) -> list[torch.Tensor]:
+                  order: Sequence[str] | None = None) -> list[torch.Tensor | None]:
         prog = self.prog
-        planned = self._plans.get(label)
-        if planned is None:
-            # sources are evaluated per parameter only when something needs them one by one: a
-            # segment reads a linked store's flat buffers directly (see _to_flat)
-            sources = [node for node in order if prog.graph.nodes[node]["kind"] == "source"
-                       and prog.graph.nodes[node].get("block") is None]
-            planned = self._plans[label] = (plan_route(prog, order), sources)
-        plan, sources = planned
+        plan = self._plans.get(label)
+        if plan is None:
+            plan = self._plans[label] = plan_route(prog, label=label)
+        ir = prog.ir[label]
         buckets = self._buckets(batch)
         stores = [self._store_for(b, batch) for b in buckets]
-        vals = _Values(_Evaluator(prog, batch, node_states), buckets, len(batch.params))
+        vals = _Values(ParamLanes(prog, ir, batch, node_states), buckets, len(batch.params))
         applied: set[int] = set()
         for si, (kind, item) in enumerate(plan):
             if kind == "eager":
-                for src in sources:  # a block's inner pipeline may read any of them
+                node = ir.node(item)
+                for src in ir.sources():  # a block's inner pipeline may read any of them
+                    self._to_split(src.name, vals)
+                for port, src in node.inputs.items():
+                    if node.is_op and any(p.name == port and p.kind == "block" for p in node.impl.params):
+                        continue  # a block's output: the block op runs its inner pipeline itself
                     self._to_split(src, vals)
-                for src in self._outer_inputs(item):
-                    self._to_split(src, vals)
-                vals.ev.eval(item, vals.split)
+                vals.split[item] = eval_node(node, vals.split, vals.lanes)
             else:
                 applied |= self._run_segment(label, si, item, batch, stores, vals)
-        out = prog.inputs(next(r.output for r in prog.routes if r.label == label))["x"]
         if applied:  # the parameters of these buckets were updated inside the compiled segment
-            return self._partial_updates(out, vals, applied)
-        return self._to_split(out, vals)
+            return self._partial_updates(ir.update, vals, applied)
+        return self._to_split(ir.update, vals)
 
     @staticmethod
     def _partial_updates(out: str, vals: _Values, applied: set[int]) -> list[torch.Tensor | None]:
@@ -445,12 +431,6 @@ class CompiledRoutes:
             for i, piece, shape in zip(b.idxs, torch.split(t, b.sizes), b.shapes):
                 updates[i] = piece.view(shape)
         return updates
-
-    def _outer_inputs(self, node: str) -> list[str]:
-        """The nodes feeding ``node`` from its route (a block op's inner pipeline runs inside it)."""
-        d = self.prog.graph.nodes[node]
-        blocks = {p.name for p in OPS[d["op"]].params if p.kind == "block"} if d["kind"] == "op" else set()
-        return [src for port, src in self.prog.inputs(node).items() if port not in blocks]
 
     def _buckets(self, batch: RouteBatch) -> list[_Bucket]:
         groups: dict[tuple, _Bucket] = {}
@@ -470,13 +450,13 @@ class CompiledRoutes:
         """``node``'s value as one flat tensor per bucket (a linked store's own buffers when it can)."""
         flat = vals.flat
         if node not in flat:
-            d = self.prog.graph.nodes[node]
-            direct = d["kind"] == "source" and d["op"] in ("grad", "param")
+            n = self.prog.node(node)
+            direct = n.kind is Kind.SOURCE and n.op in ("grad", "param")
             out: list[torch.Tensor | None] = []
             for b, st in zip(vals.buckets, stores):
                 whole = None
                 if direct and st is not None:  # a linked store: its parameters live in flat_p
-                    if d["op"] == "param":
+                    if n.op == "param":
                         whole = st.flat_p
                     elif all(batch.grads["grad"][i] is v for i, v in zip(b.idxs, st.grad_views)):
                         whole = st.flat_g
@@ -513,7 +493,7 @@ class CompiledRoutes:
         split = vals.split
         if node not in split:
             if node not in vals.flat:  # a source no segment has read
-                vals.ev.eval(node, split)
+                split[node] = vals.lanes.source(vals.lanes.ir.node(node))
                 return split[node]
             out: list[Any] = [None] * vals.n
             for b, t in zip(vals.buckets, vals.flat[node]):
@@ -528,10 +508,14 @@ class CompiledRoutes:
         """Run one fused segment; return the buckets whose parameters it updated in place."""
         buckets = vals.buckets
         inputs = [self._to_flat(src, vals, stores, batch) for src in seg.inputs]
-        states = [[self._bucket_state(label, si, b, n, batch) for b in buckets] for n in seg.nodes]
         envs = [batch.envs[b.idxs[0]] for b in buckets]
-        scalars = [[self._scalars(n, dyn, env) for n, dyn in zip(seg.nodes, seg.dynamic)] for env in envs]
-        reads = seg.reads_param and self._needs_param(seg, scalars)
+        dynamic = [[eval_dynamic(n, env) for n in seg.members] for env in envs]  # per bucket, per node
+        scalars = [[self._scalars(n, d) for n, d in zip(seg.members, per)] for per in dynamic]
+        prepared = [[self._bucket_state(label, si, b, n, batch, dynamic[bi][j]) for bi, b in enumerate(buckets)]
+                    for j, n in enumerate(seg.members)]
+        states = [[st for st, _ in row] for row in prepared]
+        fresh = [[f for _, f in row] for row in prepared]
+        reads = seg.reads_param and self._needs_param(seg, dynamic)
         params = ([st.flat_p.to(b.dtype) if st is not None else
                    self._gather(("param", label), b, [batch.params[i].detach() for i in b.idxs])
                    for b, st in zip(buckets, stores)]
@@ -545,19 +529,16 @@ class CompiledRoutes:
                                  (torch.tensor(float(lr), dtype=torch.float64) if lr != 0 else 0.0))
         steps = [torch.tensor(float(env["step"]), dtype=torch.float64) for env in envs]
         eager_fn, compiled_fn = self._fns.get((label, si)) or self._make_fns(label, si, seg)
-        # eager at a bucket's first step (its ops create their state), compiled after: decided by
-        # the saved step counters alone, not by what this optimizer ran before, so a resumed run
-        # runs each step the way the uninterrupted run did (bitwise resume)
-        warm = all(int(env["step"]) > 1 for env in envs)
-        fn = compiled_fn if (self.use_compile and warm) else eager_fn
+        fn = compiled_fn if self.use_compile else eager_fn
         outs = [[self._buffer(("out", label, n), b) for b in buckets] for n in seg.outputs]
+        args = (inputs, states, fresh, params, scalars, steps, outs, apply)
         try:
-            fn(inputs, states, params, scalars, steps, outs, apply)
+            fn(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
             if fn is eager_fn:
                 raise
             self._fallback(e)
-            eager_fn(inputs, states, params, scalars, steps, outs, apply)
+            eager_fn(*args)
         for n, o in zip(seg.outputs, outs):
             vals.flat[n] = o
         for n, per_bucket in zip(seg.nodes, states):
@@ -565,15 +546,12 @@ class CompiledRoutes:
                 self._publish(label, si, n, b, st, batch)
         return {bi for bi, a in enumerate(apply) if a is not None}
 
-    def _needs_param(self, seg: _Segment, scalars: list[list[list[Any]]]) -> bool:
+    @staticmethod
+    def _needs_param(seg: _Segment, dynamic: list[list[dict[str, Any]]]) -> bool:
         """Whether some node of the segment reads the parameters in this step (in some bucket)."""
-        g = self.prog.graph
-        for j, (n, dyn) in enumerate(zip(seg.nodes, seg.dynamic)):
-            d = g.nodes[n]
-            if d["kind"] != "op" or not OPS[d["op"]].reads_param:
-                continue
-            const = {k: (v.value if isinstance(v, S.Const) else v) for k, v in d["args"].items() if k not in dyn}
-            if any(OPS[d["op"]].needs_param({**const, **dict(zip(dyn, per_bucket[j]))}) for per_bucket in scalars):
+        for j, n in enumerate(seg.members):
+            if n.is_op and n.impl.reads_param and \
+                    any(n.impl.needs_param({**n.const, **per_bucket[j]}) for per_bucket in dynamic):
                 return True
         return False
 
@@ -583,7 +561,7 @@ class CompiledRoutes:
         key = (self.prog.hash, label, si, self.use_compile)
         fns = _SHARED.get(key)
         if fns is None:
-            eager_fn = _segment_fn(self.prog, seg)
+            eager_fn = _segment_fn(seg)
             compiled_fn = torch.compile(_own_code(eager_fn, f"segment{si}"), dynamic=False,
                                         backend=_inductor_with_scalars_hoisted) if self.use_compile else eager_fn
             fns = _SHARED[key] = (eager_fn, compiled_fn)
@@ -596,37 +574,78 @@ class CompiledRoutes:
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); running it eagerly, "
                       "with the same results", CompileFallbackWarning, stacklevel=4)
 
-    def _scalars(self, node: str, dyn: list[str], env: dict[str, Any]) -> list[torch.Tensor]:
-        d = self.prog.graph.nodes[node]
-        if not dyn:
-            return []
-        values = eval_args({k: d["args"][k] for k in dyn}, env, d["span"], d["op"])
-        # a zero stays a Python 0.0: ops branch on it (``is_zero``: momentum 0 keeps no buffer),
-        # exactly as in the eager backend; only crossing zero can recompile
-        return [torch.tensor(v, dtype=torch.float64) if v != 0 else 0.0
-                for v in (float(getattr(values, k)) for k in dyn)]
+    @staticmethod
+    def _scalars(node: Node, values: dict[str, Any]) -> list[Any]:
+        """``node``'s per-step arguments as the compiled function takes them: 0-d float64 tensors
+        (a new value does not recompile), except a param group's ``false``/``true`` and zero,
+        which stay Python values (ops branch on them, e.g. ``momentum(0)`` keeps no buffer, as in
+        the eager backend); a value computed from ``step`` or ``loss`` is always a tensor."""
+        out: list[Any] = []
+        for k in node.dynamic:
+            v = values[k]
+            if isinstance(v, bool):
+                out.append(v)
+            elif v == 0 and k not in node.per_step:
+                out.append(0.0)
+            else:
+                out.append(torch.tensor(float(v), dtype=torch.float64))
+        return out
 
     # ------------------------------------------------------------------ state: flat buffers, per-parameter views
-    def _bucket_state(self, label: str, si: int, b: _Bucket, node: str, batch: RouteBatch) -> dict[str, torch.Tensor]:
-        key = (label, si, b.key, node)
+    def _bucket_state(self, label: str, si: int, b: _Bucket, node: Node, batch: RouteBatch,
+                      dynamic: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
+        """The node's flat state for the bucket and its ``fresh`` flag. The state is created from
+        the op's declared buffers (``Op.buffers_for``) where the parameters do not hold it yet:
+        before the first step, for a node new after ``load_state_dict``, or for a buffer a param
+        group's new value asks for."""
+        key = (label, si, b.key, node.name)
         st = self._flat.get(key)
-        prefix = node + "."
+        prefix = node.name + "."
         per = [batch.states[i] for i in b.idxs]
+        wanted = [buf.name for buf in node.impl.buffers_for(structural_args(node, dynamic))] if node.is_op else []
         # every parameter still holds the views handed out last step: nothing replaced or removed
-        # them (load_state_dict makes new tensors), and new buffers appear in ``st`` itself
-        if st and all(self._published(key, k, t, [s.get(prefix + k) for s in per]) for k, t in st.items()):
-            return st
-        names = {k[len(prefix):] for s in per for k in s if k.startswith(prefix) and "." not in k[len(prefix):]}
-        if st == {} and not names:  # a node that keeps no state
-            return st
-        # first step, a new layout, or state loaded from a checkpoint: gather what the parameters hold
-        if names and all(prefix + k in s for s in per for k in names):
-            st = {k: torch.cat([s[prefix + k].reshape(-1) for s in per]) if len(per) > 1
-                  else per[0][prefix + k].reshape(-1).clone() for k in sorted(names)}
-        else:
-            st = {}
+        # them (load_state_dict makes new tensors)
+        if st is not None and all(k in st for k in wanted) and \
+                all(self._published(key, k, t, [s.get(prefix + k) for s in per]) for k, t in st.items()):
+            return st, self._flag(key, False, b.device)
+        held = {k[len(prefix):] for s in per for k in s if k.startswith(prefix) and "." not in k[len(prefix):]}
+        names = sorted(set(wanted) | {k for k in held if all(prefix + k in s for s in per)})
+        if not names:  # a node that keeps no state
+            self._flat[key] = {}
+            return self._flat[key], self._flag(key, False, b.device)
+        new = [all(prefix + k not in s for k in wanted) and bool(wanted) for s in per]
+        made: dict[int, dict[str, torch.Tensor]] = {}
+        st = {}
+        for k in names:
+            if all(prefix + k in s for s in per):  # a new layout, or state loaded from a checkpoint
+                st[k] = torch.cat([s[prefix + k].reshape(-1) for s in per]) if len(per) > 1 \
+                    else per[0][prefix + k].reshape(-1).clone()
+                continue
+            pieces = []
+            for i, (s, shape) in enumerate(zip(per, b.shapes)):
+                if prefix + k in s:
+                    pieces.append(s[prefix + k].reshape(-1))
+                    continue
+                if i not in made:
+                    made[i] = node.impl.init(tuple(shape), structural_args(node, dynamic), b.dtype, b.device)
+                pieces.append(made[i][k].reshape(-1))
+            st[k] = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
         self._flat[key] = st
-        return st
+        if all(new) or not any(new):
+            return st, self._flag(key, all(new), b.device)
+        # some parameters start now, others carry state: a mask over the bucket (recompiles once)
+        return st, torch.cat([torch.full((n,), f, dtype=torch.bool, device=b.device) for f, n in zip(new, b.sizes)])
+
+    def _flag(self, key: tuple, value: bool, device: torch.device) -> torch.Tensor:
+        """The node's ``fresh`` flag for a bucket: a 0-d bool tensor of its own (the compiled
+        function's inputs must not alias), kept across steps and written only when it changes."""
+        entry = self._flags.get(key)
+        if entry is None:
+            entry = self._flags[key] = [torch.tensor(value, dtype=torch.bool, device=device), value]
+        elif entry[1] != value:
+            entry[0].fill_(value)
+            entry[1] = value
+        return entry[0]
 
     def _published(self, key: tuple, k: str, flat_t: torch.Tensor, held: list[torch.Tensor | None]) -> bool:
         pub = self._views.get((key, k))

@@ -33,10 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 
 from ..compiler.diff import ProgramDiff, describe, diff_descriptions, related_state, state_of_schema
-from ..compiler.ops import OPS
-from ..compiler.ops.base import Op
+from ..compiler.ops import Args
 from ..dsl.diagnostics import GradError
-from .eager import const_args
 
 if TYPE_CHECKING:
     from ..compiler.program import Program
@@ -146,27 +144,30 @@ def state_meta(prog: "Program") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- shapes
-def expected_shape(prog: "Program", node: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The shape of ``node``'s buffers for a parameter of ``shape``, where it is known:
-    the parameter's shape, or the shape the enclosing block ops (``galore``) hand their
-    inner pipeline. ``None`` for ops whose buffers have shapes of their own (those
-    that define ``state_numel``: projections, cluster statistics, a basis)."""
-    g = prog.graph
-    d = g.nodes[node]
-    if d["kind"] != "op" or type(OPS[d["op"]]).state_numel is not Op.state_numel:
+def expected_shape(prog: "Program", node: str, shape: tuple[int, ...], buffer: str | None = None
+                   ) -> tuple[int, ...] | None:
+    """The shape of ``node``'s buffer ``buffer`` for a parameter of ``shape``, from the op's
+    declaration (``Buffer.shape``) at the shape the node sees: the parameter's, or the shape
+    the enclosing block ops (``galore``) hand their inner pipeline. ``None`` where it is not
+    known: a buffer the op does not declare for these arguments (``project_out``'s basis,
+    which the user sets), or no buffer for a parameter of this shape."""
+    n = prog.find_node(node)
+    if n is None or not n.is_op:
         return None
-    chain = []
-    b = d.get("block")
-    while b is not None:
-        chain.append(b)
-        b = g.nodes[b].get("block")
-    out = tuple(shape)
-    for blk in reversed(chain):
-        try:
-            out = tuple(OPS[g.nodes[blk]["op"]].inner_shape(out, prog._const_args(blk)))
-        except (KeyError, TypeError, ValueError):
-            return None
-    return out
+    for name, op, const, shp in prog.state_layout(n.route, tuple(shape)):
+        if name != node:
+            continue
+        bufs = op.buffers_for(const)
+        if buffer is None:  # the first buffer of the parameter's shape
+            return tuple(shp) if any(b.shape is None for b in bufs) else None
+        for b in bufs:
+            if b.name == buffer:
+                try:
+                    return b.shape_for(tuple(shp), const)
+                except (KeyError, TypeError, ValueError):
+                    return None
+        return None
+    return None
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -190,7 +191,7 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
     prog = opt.program
     meta = state_dict.get("gradpipe")
     if meta is None:
-        raise GradError("this state dict was not saved by a gradpipe Optimizer", prog._file_span(),
+        raise GradError("this state dict was not saved by a gradpipe Optimizer", prog.file_span(),
                         "load a state dict saved from gradpipe.Optimizer.state_dict()")
     saved = state_of_schema(meta.get("schema", []))
     ours = state_of_schema(prog.state_schema())
@@ -202,7 +203,7 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
             return _listing(names, 4) if names else "no state"
         raise GradError(f"this state dict is from another pipeline ('{saved_name}', hash {saved_hash}) whose state "
                         f"does not match '{prog.name}' (hash {prog.hash}): no node keeps state in both; it keeps "
-                        f"{keeps(saved)}, '{prog.name}' keeps {keeps(ours)}", prog._file_span(),
+                        f"{keeps(saved)}, '{prog.name}' keeps {keeps(ours)}", prog.file_span(),
                         "load it into an Optimizer built from the same .grad pipeline, or from an edit of it "
                         "that keeps one of its stateful nodes (`gradpipe diff` shows what changed)")
     sd = {k: v for k, v in state_dict.items() if k != "gradpipe"}
@@ -227,7 +228,6 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
         else:
             carry.add(n)
     saved_ops = {n: d["op"] for n, d in meta.get("structure", {}).get("nodes", {}).items() if d.get("kind") == "op"}
-    g = prog.graph
 
     def keep_key(key: str) -> bool:
         parts = _split(key)
@@ -237,9 +237,10 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
         if node in saved or node in ours:
             return node in carry
         # state outside the schema (project_out's basis, set by the user): kept while its node is
-        if node not in g or g.nodes[node]["kind"] != "op":
+        n = prog.find_node(node)
+        if n is None or not n.is_op:
             return False
-        return saved_ops.get(node, g.nodes[node]["op"]) == g.nodes[node]["op"]
+        return saved_ops.get(node, n.op) == n.op
 
     # the state per parameter, shape-checked, before anything changes
     saved_state = sd.get("state", {})
@@ -257,12 +258,12 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
                 dropped_keys.add(k)
                 continue
             parts = _split(k)
-            if parts is not None and isinstance(v, torch.Tensor) and parts[0] in g:
-                want = expected_shape(prog, parts[0], tuple(p.shape))
+            if parts is not None and isinstance(v, torch.Tensor) and prog.find_node(parts[0]) is not None:
+                want = expected_shape(prog, parts[0], tuple(p.shape), parts[1])
                 if want is not None and tuple(v.shape) != want:
                     raise GradError(f"the state dict's buffer '{k}' of parameter {_param_label(names, i)} has shape "
                                     f"{tuple(v.shape)}, but this optimizer needs {want} "
-                                    f"(the parameter's shape is {tuple(p.shape)})", g.nodes[parts[0]]["span"],
+                                    f"(the parameter's shape is {tuple(p.shape)})", prog.node(parts[0]).span,
                                     "load the state dict into an optimizer over the same model; if you changed "
                                     "this op's arguments (such as a rank), its state cannot be carried over")
                 carried_keys.add(k)
@@ -291,9 +292,9 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
         if node not in carry:
             dropped_ns.append(node)
             continue
-        d = g.nodes[node]
-        op = OPS[d["op"]]
-        ns = opt._node_state.setdefault(node, op.init_node_state(const_args(d["args"])))
+        n = prog.node(node)
+        op = n.impl
+        ns = opt._node_state.setdefault(node, op.init_node_state(Args(n.const)))
         op.load_node_state_dict(ns, saved_ns)
         carried_ns.append(node)
     for node in list(opt._node_state):

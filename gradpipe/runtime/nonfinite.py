@@ -28,10 +28,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from ..compiler import scalars as S
-from ..compiler.ops.nonfinite import DEFAULT_MAX_CONSECUTIVE, POLICY_OPS
+from ..compiler.ops.nonfinite import DEFAULT_MAX_CONSECUTIVE, NonFinitePolicy
 from ..compiler.program import Program
-from ..dsl.diagnostics import GradError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import Optimizer
@@ -74,46 +72,10 @@ class NonFiniteError(FloatingPointError):
         return (type(self), (self.step, self.consecutive, self.max_consecutive, self.total, self.params, self.loss))
 
 
-@dataclass(frozen=True)
-class NonFinitePolicy:
-    """What a step with a non-finite gradient does: with ``check`` false, nothing (as torch);
-    else it is skipped, and more than ``max_consecutive`` in a row raise. ``node`` is the graph
-    node that states it (None for the default)."""
-
-    check: bool = True
-    max_consecutive: float = DEFAULT_MAX_CONSECUTIVE
-    node: str | None = None
-
-
 def policy_of(prog: Program) -> NonFinitePolicy:
-    """The pipeline's policy: from its ``skip_nonfinite`` / ``allow_nonfinite`` nodes (all of them
-    must state the same policy), or the default ``skip_nonfinite(max_consecutive=10)``."""
-    found: list[tuple[str, NonFinitePolicy, Any]] = []
-    for node, d in prog.graph.nodes(data=True):
-        if d.get("kind") != "op" or d.get("op") not in POLICY_OPS:
-            continue
-        if d.get("block") is not None:
-            raise GradError(f"'{d['op']}' is a policy of the whole step; it cannot sit inside a {{ ... }} block",
-                            d["span"], f"write it in the main chain: grad | {d['op']} | ...")
-        if d["op"] == "allow_nonfinite":
-            found.append((node, NonFinitePolicy(False, math.inf, node), d["span"]))
-            continue
-        arg = d["args"].get("max_consecutive")
-        value = arg.value if isinstance(arg, S.Const) else None
-        if value is None or not (math.isinf(value) or float(value).is_integer()):
-            raise GradError("max_consecutive of 'skip_nonfinite' must be a whole number or inf, known when the "
-                            "pipeline compiles", d["span"], "write skip_nonfinite(max_consecutive=10)")
-        found.append((node, NonFinitePolicy(True, float(value), node), d["span"]))
-    if not found:
-        return NonFinitePolicy()
-    found.sort(key=lambda f: (f[2].line, f[2].column, f[0]))
-    first = found[0][1]
-    for node, pol, span in found[1:]:
-        if (pol.check, pol.max_consecutive) != (first.check, first.max_consecutive):
-            raise GradError("two different non-finite policies: a policy op covers the whole step, so every "
-                            "route must state the same one", span,
-                            f"keep one policy, e.g. the one of {found[0][0]}")
-    return first
+    """The pipeline's policy, as the compiler worked it out (``Program.nonfinite``): from its
+    ``skip_nonfinite`` / ``allow_nonfinite`` nodes, or the default ``skip_nonfinite(max_consecutive=10)``."""
+    return prog.nonfinite
 
 
 def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:

@@ -12,8 +12,9 @@ import torch
 
 from ..compiler.program import Program, builtin_names, compile as compile_source, load
 from .compiled import CompiledRoutes
-from .eager import RouteBatch, compute_dtype, run_route
-from .nonfinite import NonFiniteGuard, policy_of
+from .eager import RouteBatch, run_route
+from .interpret import apply_update, compute_dtype
+from .nonfinite import NonFiniteGuard
 
 __all__ = ["Optimizer", "as_program", "BACKENDS"]
 
@@ -94,7 +95,7 @@ class Optimizer(torch.optim.Optimizer):
         self.program = as_program(pipeline)
         self.backend = backend
         self._compiled = CompiledRoutes(self.program) if backend == "compiled" else None
-        self._nonfinite = NonFiniteGuard(policy_of(self.program))  # skip_nonfinite / allow_nonfinite
+        self._nonfinite = NonFiniteGuard(self.program.nonfinite)  # skip_nonfinite / allow_nonfinite
         prog = self.program
         values = prog.check_hyperparams(hyperparams, "Optimizer(...)")
         defaults = {**prog.defaults(), **values}
@@ -257,12 +258,7 @@ class Optimizer(torch.optim.Optimizer):
                 if u is None:  # updated in place by the compiled backend
                     continue
                 lr = group["lr"]
-                if isinstance(lr, torch.Tensor):
-                    lr = lr.item()
-                if p.dtype == compute_dtype(p):
-                    p.add_(u, alpha=-lr)
-                else:
-                    p.copy_(p.to(u.dtype).add_(u, alpha=-lr))
+                apply_update(p, u, lr.item() if isinstance(lr, torch.Tensor) else lr)
         return loss
 
     def set_basis(self, param: torch.Tensor | str, basis: torch.Tensor) -> None:
@@ -276,16 +272,14 @@ class Optimizer(torch.optim.Optimizer):
             param = found[0]
         if param not in self._routes:
             raise ValueError("set_basis: the tensor is not a parameter of this optimizer")
-        nodes = [n for n in self._orders[self._routes[param]]
-                 if self.program.graph.nodes[n].get("op") == "project_out"]
+        from ..compiler.ops.project_out import ProjectOut
+        nodes = [n for n in self.program.ir[self._routes[param]].all_nodes()
+                 if n.is_op and isinstance(n.impl, ProjectOut)]
         if not nodes:
             raise ValueError("the route of this parameter has no project_out node")
-        cols = param.reshape(param.shape[0], -1).shape[1] if param.dim() >= 2 else None
-        if basis.dim() != 2 or cols is None or basis.shape[0] != cols:
-            raise ValueError(f"a basis for a parameter of shape {tuple(param.shape)} has shape ({cols}, k), "
-                             f"got {tuple(basis.shape)}")
+        checked = ProjectOut.basis_for(param, basis)
         for n in nodes:
-            self.state[param][f"{n}.basis"] = basis.detach().to(compute_dtype(param)).clone()
+            self.state[param][f"{n.name}.basis"] = checked.clone()
 
     def _sample_grads(self, samples: Mapping[Any, torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Per-example gradients by parameter tensor, checked against the parameters' shapes."""
@@ -418,10 +412,10 @@ class Optimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         node_state = {}
-        from ..compiler.ops import OPS
         for node, st in self._node_state.items():
-            if node in self.program.graph and self.program.graph.nodes[node]["kind"] == "op":
-                saved = OPS[self.program.graph.nodes[node]["op"]].node_state_dict(st)
+            n = self.program.find_node(node)
+            if n is not None and n.is_op:
+                saved = n.impl.node_state_dict(st)
                 if saved:
                     node_state[node] = saved
         from .migration import state_meta

@@ -1,21 +1,22 @@
-"""The op library. One module per op; importing this package registers them all.
+"""The op library. One module per op; every module of this package registers itself.
 
-See ``docs/ops.md`` for the table of ops with their math and sources.
+Importing this package imports each of its modules (``plugins.load_builtin_ops``:
+there is no list to keep), then loads the op plug-ins that installed packages
+declare under the ``gradpipe.ops`` entry point group (see :func:`load_plugins`).
+``docs/ops.md`` is generated from the registry (``python -m gradpipe.docs_ops``).
 """
 
-from .base import OPS, Buffer, NodeCtx, Op, Param, TensorOp, get_op, register
+from __future__ import annotations
 
-_load_all = True  # marker imported by base.get_op
+from .base import (OPS, Args, Buffer, CheckView, Denominator, InnerNode, Lane, MacroOp, NodeCtx, Op, Param,
+                   Rewrite, SeededOp, TensorOp, register)
+from .plugins import PLUGIN_GROUP, PluginError, load_builtin_ops, load_plugins, register_op
 
-from . import (  # noqa: E402,F401  (registration side effects)
-    adam, add, clip_median, clip_norm, clip_value, decay, diffgrad, ema, lion, momentum, noise,
-    project_orthogonal, rms, scale, sign,
-    aegd, agc, centralize, classp, grams, gravity, normalize, trust_ratio,
-    bloop, dp, error_feedback, galore, pcgrad, project_out, topk,
-    coap, woodbury_fisher,
-    gcond, samgs,
-    group_scale, wavelet,
-    nonfinite,
-)
+load_builtin_ops()
+#: the names of the ops that ship with gradpipe (plug-ins come after)
+BUILTIN_OPS: frozenset[str] = frozenset(OPS)
+load_plugins()
 
-__all__ = ["OPS", "Op", "TensorOp", "Param", "Buffer", "NodeCtx", "register", "get_op"]
+__all__ = ["OPS", "BUILTIN_OPS", "Op", "TensorOp", "SeededOp", "MacroOp", "Param", "Buffer", "Args", "Lane",
+           "NodeCtx", "InnerNode", "Denominator", "CheckView", "Rewrite", "register", "register_op",
+           "load_plugins", "load_builtin_ops", "PLUGIN_GROUP", "PluginError"]

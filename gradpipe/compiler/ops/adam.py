@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .base import Buffer, Param, TensorOp, addcmul_s, register, sqrt_s
+from .base import Buffer, Denominator, Param, TensorOp, addcmul_s, register, sqrt_s
 
 
 @register
-class Adam(TensorOp):
+class Adam(TensorOp, Denominator):
     r"""Scale by Adam's bias-corrected moments (Kingma & Ba, 2015).
 
     .. math::
@@ -40,15 +38,12 @@ class Adam(TensorOp):
     )
     buffers = (Buffer("m", "first moment"), Buffer("v", "second moment"))
 
-    def update(self, x, state, a, step, inputs, param):
-        if not state:
-            state["m"] = torch.zeros_like(x)
-            state["v"] = torch.zeros_like(x)
+    def update(self, x, state, a, lane):
         m, v = state["m"], state["v"]
         m.lerp_(x, 1 - a.b1)
         addcmul_s(v.mul_(a.b2), x, x, 1 - a.b2)
-        bc1 = 1 - a.b1 ** step
-        bc2_sqrt = sqrt_s(1 - a.b2 ** step)
+        bc1 = 1 - a.b1 ** lane.step
+        bc2_sqrt = sqrt_s(1 - a.b2 ** lane.step)
         denom = (v.sqrt() / bc2_sqrt).add_(a.eps)
         return (m / bc1).div_(denom)
 
@@ -63,11 +58,11 @@ class Adam(TensorOp):
         ``step_size / (sqrt(v) + eps_hf)`` (lr = 1) with ``eps_hf = eps * sqrt(1 - b2^t)``.
         Read after this step's update."""
         bc1 = 1 - args.b1 ** step
-        bc2_sqrt = math.sqrt(1 - args.b2 ** step)
+        bc2_sqrt = sqrt_s(1 - args.b2 ** step)
         return (state["v"].sqrt() / bc2_sqrt).add_(args.eps).mul_(bc1)
 
     def step_factor(self, args, step: int) -> float:
         r"""The time-dependent factor :math:`c_t = \sqrt{1-\beta_2^t}/(1-\beta_1^t)` of the
         update: :math:`u_t = c_t\, m_t / (\sqrt{v_t} + \epsilon\sqrt{1-\beta_2^t})`. Wrappers
         that watch the growth of ``m / (sqrt(v) + eps)`` (GWT's norm-growth limiter) divide it out."""
-        return math.sqrt(1 - args.b2 ** step) / (1 - args.b1 ** step)
+        return sqrt_s(1 - args.b2 ** step) / (1 - args.b1 ** step)

@@ -22,5 +22,5 @@ class Add(TensorOp):
     def identity(self, const_args):
         return const_args.get("s") == 0
 
-    def update(self, x, state, a, step, inputs, param):
-        return x + (inputs["s"] if "s" in inputs else a.s)
+    def update(self, x, state, a, lane):
+        return x + (lane.inputs["s"] if "s" in lane.inputs else a.s)

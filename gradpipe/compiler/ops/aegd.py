@@ -53,14 +53,14 @@ class AEGD(TensorOp):
     )
     buffers = (Buffer("r", "energy"),)
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         fc = float(a.f) + float(a.c)
         if not fc > 0:
             raise ValueError(f"aegd needs f + c > 0, got f={a.f!r} and c={a.c!r}: raise c so that loss + c > 0")
         sqrt_fc = math.sqrt(fc)
         v = x / (2 * sqrt_fc)
-        if not state:
-            state["r"] = torch.full_like(x, sqrt_fc)
         r = state["r"]
+        if lane.fresh:  # r_0 = sqrt(f_1 + c): set from the first step's loss
+            r.fill_(sqrt_fc)
         r.div_(v.square().mul_(2 * a.eta).add_(1))
         return r.mul(v).mul_(2)

@@ -54,8 +54,8 @@ class AGC(TensorOp):
     def reduction(self, args):
         return "tensor"
 
-    def update(self, x, state, a, step, inputs, param):
-        max_norm = _unitwise_norm(param).clamp(min=a.eps).mul_(a.clip)
+    def update(self, x, state, a, lane):
+        max_norm = _unitwise_norm(lane.param).clamp(min=a.eps).mul_(a.clip)
         norm = _unitwise_norm(x)
         tiny = torch.finfo(norm.dtype).tiny
         coef = torch.where(norm > max_norm, max_norm / norm.clamp(min=tiny), torch.ones_like(norm))

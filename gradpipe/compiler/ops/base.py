@@ -1,28 +1,46 @@
-"""What an op is: its signature, its state, and its eager (reference) math.
+"""What an op is: its signature, its state, its checks, and its eager (reference) math.
 
-An op module defines one subclass of :class:`Op` (or :class:`TensorOp` for
-math that is independent per parameter tensor) and registers it with
-:func:`register`. The compiler reads the signature (``params``) to resolve and
-type-check calls; the runtime calls :meth:`Op.apply` over all the tensors a
-route covers, so reductions with ``scope=global`` see every tensor at once.
+An op module defines one subclass of :class:`Op` (or :class:`TensorOp` for math
+that is independent per parameter tensor) and registers it with :func:`register`.
+Like an optax transform, an op is an ``init`` plus an ``update``:
+
+* its **state** is declared once, as :class:`Buffer` s (name, shape relative to the
+  op's input, dtype, initial value); the runtime creates it with :meth:`Op.init`
+  before the op first runs on a parameter, so ``update`` never creates state. A
+  value that depends on the data (a momentum buffer that starts as the first
+  input) is written by ``update`` on the node's first step, which the runtime
+  signals with ``fresh``;
+* its **signature** (``params``) is what the compiler binds and type-checks calls
+  against, and :meth:`Op.check` is where an op states the rules on its use that the
+  signature cannot (checked when the pipeline compiles, so ``gradpipe check``
+  reports them);
+* its **math** is :meth:`Op.apply` over all the tensors a route covers (so a
+  ``global`` reduction sees every tensor at once), or :meth:`TensorOp.update` per
+  tensor.
 
 Ops are functional on their inputs (they never write to an input tensor) and
-update their own state buffers in place.
+update their own state buffers in place. Optional capabilities are base classes
+(:class:`Denominator`), not attributes looked up by name.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal, Mapping, Sequence
 
 import torch
 
 from ..ranges import RangeMixin
 
-__all__ = ["Param", "Buffer", "Op", "TensorOp", "SeededOp", "MacroOp", "NodeCtx", "InnerNode", "find_inner", "REQUIRED", "register", "OPS",
-           "get_op", "route_norms", "adam_moments", "global_dot", "sqrt_s", "is_zero", "axpy_", "add_s", "addcmul_s"]
+if TYPE_CHECKING:
+    from ..ir import Node
+
+__all__ = ["Param", "Buffer", "Args", "Lane", "Op", "TensorOp", "SeededOp", "MacroOp", "Denominator", "NodeCtx",
+           "InnerNode", "CheckView", "Rewrite", "find_inner", "REQUIRED", "register", "OPS", "route_norms",
+           "adam_moments", "sqrt_s", "is_zero", "axpy_", "add_s", "addcmul_s", "on_first", "RuntimeFloat",
+           "Fresh"]
 
 REQUIRED: Any = object()
 
@@ -37,7 +55,8 @@ class Param(RangeMixin):
     ``int`` (a compile-time integer), ``bool``, ``choice`` (one word of
     ``choices``, written bare or quoted), ``signal`` (a stream: a source, a
     sub-pipeline, or an op applied to the receiving op's input), ``value``
-    (a signal or a scalar), ``any`` (``scale``'s argument: a scalar, a rule, or a signal),
+    (a signal or a scalar), ``any`` (a scalar, a rule, or a signal: the op's
+    :meth:`Op.rewrite` says what a rule or a signal means),
     ``signals`` (only first: every positional argument is a signal, e.g. the task
     gradients of a combiner ``pcgrad(grads.a, grads.b)``; the call is then a signal
     itself, not a stage), ``block`` (an inner sub-pipeline, written as a
@@ -56,12 +75,81 @@ class Param(RangeMixin):
     doc: str = ""
 
 
+#: ``Buffer.shape``: the buffer's shape for an op input of ``shape`` and these structural
+#: arguments, or None when a parameter of that shape keeps no such buffer
+ShapeRule = Callable[[tuple[int, ...], Mapping[str, Any]], "tuple[int, ...] | None"]
+
+
 @dataclass(frozen=True)
 class Buffer:
-    """A per-parameter state buffer with the parameter's shape (``numel`` elements)."""
+    """One piece of per-parameter state, declared once by its op.
+
+    ``shape``: None for the shape of the op's input (the parameter's, or the projected
+    shape inside a block), else a rule ``(input shape, args) -> shape or None``
+    (None: no such buffer for that shape, e.g. GaLore's projector for a vector).
+    ``dtype``: None for the compute dtype (fp32 for half-precision parameters),
+    else a ``torch.dtype``. ``init``: the value every element starts at.
+    """
 
     name: str
     doc: str = ""
+    shape: ShapeRule | None = None
+    dtype: torch.dtype | None = None
+    init: float = 0.0
+
+    def shape_for(self, shape: tuple[int, ...], args: Mapping[str, Any]) -> tuple[int, ...] | None:
+        return tuple(shape) if self.shape is None else self.shape(tuple(shape), args)
+
+
+class Args:
+    """A node's evaluated arguments for one parameter (or one flat bucket): ``a.beta``.
+
+    Compile-time constants are plain values; the others are numbers in the eager
+    backend and 0-d tensors in the compiled one (:func:`is_zero`, :func:`sqrt_s`...
+    work with both)."""
+
+    def __init__(self, values: Mapping[str, Any] | None = None, **kw: Any) -> None:
+        if values:
+            self.__dict__.update(values)
+        if kw:
+            self.__dict__.update(kw)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.__dict__.get(name, default)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        return "Args(" + ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items()) + ")"
+
+
+class RuntimeFloat(float):
+    """A number computed in this step from ``step`` or ``loss``. The eager backend hands such
+    arguments to ops as this type so that :func:`is_zero` never mistakes a value that is zero
+    at one step for a constant zero (the math must not change when it crosses zero)."""
+
+    __slots__ = ()
+
+
+#: ``fresh``: True on the first step a node runs on a parameter (its state was just created
+#: by the runtime), False after; in the compiled backend a 0-d bool tensor (one compiled
+#: function serves both cases) or, for a flat bucket of parameters at different points, a
+#: bool tensor of the bucket's size
+Fresh = Any
+
+
+@dataclass
+class Lane:
+    """What one parameter's call of :meth:`TensorOp.update` sees besides its input, state and
+    arguments: the step number (from 1), whether this is the node's first step on the
+    parameter (``fresh``), the node's other inputs by port, and the parameter itself
+    (read-only, in the compute dtype; None when the op does not read it)."""
+
+    step: Any
+    fresh: Fresh
+    inputs: Mapping[str, torch.Tensor]
+    param: torch.Tensor | None
 
 
 @dataclass
@@ -70,18 +158,20 @@ class NodeCtx:
 
     inputs: port name -> one tensor per parameter (``x`` is the stream input).
     args: per parameter, the evaluated arguments (numbers, bools, words).
-    states: per parameter, this node's buffers (``{"m": tensor, ...}``), empty on
-        the first step: the op creates them.
+    states: per parameter, this node's buffers (``{"m": tensor, ...}``), created by
+        the runtime from :meth:`Op.init` before the node's first step.
     steps: per parameter, the step number (starts at 1).
     params: the parameters themselves (read-only, in the compute dtype).
+    fresh: per parameter, whether the node's state was created for this step (see :data:`Fresh`).
     node_state: state shared by all parameters of the node (e.g. an RNG).
     """
 
     inputs: dict[str, list[torch.Tensor]]
-    args: list[SimpleNamespace]
+    args: list[Args]
     states: list[dict[str, torch.Tensor]]
-    steps: list[int]
+    steps: list[Any]
     params: list[torch.Tensor]
+    fresh: list[Fresh] = field(default_factory=list)
     node_state: dict[str, Any] = field(default_factory=dict)
     #: per parameter, True when every loss the pipeline reads reaches it (always True
     #: for a single loss); combiners merge only shared tensors and sum the rest
@@ -106,29 +196,55 @@ class NodeCtx:
     def is_shared(self, i: int) -> bool:
         return True if self.shared is None else self.shared[i]
 
+    def is_fresh(self, i: int) -> Fresh:
+        return self.fresh[i] if self.fresh else False
+
 
 @dataclass
 class InnerNode:
     """One op node inside a block: ``states[i]`` is its buffer dict for parameter ``i``
-    (created on the node's first run), ``args[i]`` its evaluated arguments."""
+    (created before the node's first run), ``args[i]`` its evaluated arguments."""
 
     name: str
     op: "Op"
-    args: list[SimpleNamespace]
+    args: list[Args]
     states: list[dict[str, torch.Tensor]]
 
     def buffer(self, i: int, name: str) -> torch.Tensor | None:
         return self.states[i].get(name)
 
 
-def find_inner(ctx: NodeCtx, buffer: str | None = None, method: str | None = None) -> InnerNode | None:
-    """The first inner op node that keeps ``buffer`` (or has ``method``), or None."""
+def find_inner(ctx: NodeCtx, buffer: str | None = None, kind: type | None = None) -> InnerNode | None:
+    """The first inner op node that declares ``buffer`` (or is an instance of ``kind``), or None."""
     for node in ctx.inner_nodes() if ctx.inner_nodes else []:
-        if buffer is not None and buffer in node.op.buffer_names({}):
+        if buffer is not None and node.op.declares(buffer):
             return node
-        if method is not None and hasattr(node.op, method):
+        if kind is not None and isinstance(node.op, kind):
             return node
     return None
+
+
+class CheckView(abc.ABC):
+    """What :meth:`Op.check` and :meth:`Op.infer_args` see of the compiled program."""
+
+    @abc.abstractmethod
+    def nodes(self) -> Iterable["Node"]:
+        """Every node of the program (all routes, blocks included)."""
+
+    @abc.abstractmethod
+    def input(self, node: "Node", port: str = "x") -> "Node | None":
+        """The node feeding ``node``'s ``port``."""
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """What :meth:`Op.rewrite` turns a call into. ``apply``: the call is the given argument
+    (an op or pipeline) applied to the call's input, under the call's name; ``arith``: the
+    call is ``input <op> argument`` (the argument a signal)."""
+
+    kind: Literal["apply", "arith"]
+    arg: str
+    op: str = "*"
 
 
 class Op:
@@ -136,6 +252,7 @@ class Op:
 
     name: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
+    #: the state the op keeps per parameter, declared once (see :meth:`buffers_for`)
     buffers: ClassVar[tuple[Buffer, ...]] = ()
     #: usable as ``scale(<op>)``, the way optax's ``scale_by_*`` rules are
     is_rule: ClassVar[bool] = False
@@ -153,9 +270,10 @@ class Op:
     #: elementwise math, or reductions over the whole route, with no shape dependence or
     #: randomness (a per-tensor reduction, ``reduction() == "tensor"``, opts out): the compiled
     #: backend may run it on the route's tensors concatenated into flat buffers. Such an op
-    #: must accept its non-constant arguments and the step as 0-d tensors (use ``sqrt_s``,
-    #: ``axpy_``, ``add_s``, ``addcmul_s`` and ``is_zero`` instead of ``math.sqrt``,
-    #: ``alpha=`` / ``value=`` and ``if a.x == 0``)
+    #: must accept its non-constant arguments, the step and ``fresh`` as 0-d tensors (use
+    #: ``sqrt_s``, ``axpy_``, ``add_s``, ``addcmul_s``, ``is_zero`` and ``on_first`` instead of
+    #: ``math.sqrt``, ``alpha=`` / ``value=``, ``if a.x == 0`` and ``if fresh``), and its buffers
+    #: must have the input's shape
     flat: ClassVar[bool] = False
     #: per-example gradients (the ``samples`` source, ``(B, *shape)`` per parameter): ``"map"``
     #: ops take and give them (dp_clip), ``"reduce"`` ops take them and give one tensor
@@ -165,45 +283,45 @@ class Op:
     #: inner pipeline may not read the parameters
     projects_block: ClassVar[bool] = False
 
-    def state_numel(self, shape: tuple[int, ...], const: dict[str, Any]) -> int:
-        """Elements of per-parameter state a node keeps for a parameter of ``shape``."""
-        return len(self.buffer_names(const)) * math.prod(shape)
+    # ------------------------------------------------------------------ state
+    def buffers_for(self, args: Mapping[str, Any]) -> tuple[Buffer, ...]:
+        """The buffers a node with these structural arguments keeps per parameter: the
+        compile-time constants and the param group's hyperparameters (never values that
+        change with the step). An argument missing from ``args`` is unknown: keep the
+        buffers it could need. ``momentum(0)`` keeps none, as torch's SGD."""
+        return self.buffers
 
-    def check_block(self, inner: list["Op"]) -> tuple[str, str] | None:
-        """Block ops: ``(message, hint)`` if the inner pipeline's ops (in order) cannot serve
-        this op (e.g. GWT needs an op with a denominator); checked when the pipeline compiles."""
-        return None
+    def declares(self, buffer: str) -> bool:
+        """Whether the op declares a buffer of this name (for some arguments)."""
+        return any(b.name == buffer for b in self.buffers)
 
-    def inner_shape(self, shape: tuple[int, ...], const: dict[str, Any]) -> tuple[int, ...]:
-        """Block ops: the shape the inner pipeline sees for a parameter of ``shape``."""
-        return shape
+    def init(self, shape: Sequence[int], args: Mapping[str, Any], dtype: torch.dtype,
+             device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The state of a node for one parameter whose op input has ``shape``, as declared."""
+        out = {}
+        for b in self.buffers_for(args):
+            s = b.shape_for(tuple(shape), args)
+            if s is not None:
+                out[b.name] = torch.full(s, b.init, dtype=b.dtype or dtype, device=device)
+        return out
 
-    def needs_param(self, args: dict[str, Any]) -> bool:
-        """Whether this step's arguments make the op read the parameters (``decay(0)`` does not)."""
-        return self.reads_param
+    def state_numel(self, shape: tuple[int, ...], const: Mapping[str, Any]) -> int:
+        """Elements of per-parameter state a node keeps for an input of ``shape`` (from the buffers)."""
+        total = 0
+        for b in self.buffers_for(const):
+            s = b.shape_for(tuple(shape), const)
+            if s is not None:
+                total += math.prod(s)
+        return total
 
-    def flat_ok(self, const_args: dict[str, Any]) -> bool:
-        """Whether a node with these compile-time arguments may run on flat buffers (see ``flat``):
-        a ``flat`` op, unless these arguments make it reduce within each tensor (``scope=tensor``)."""
-        return self.flat and self.reduction(const_args) != "tensor"
+    def buffer_names(self, const_args: Mapping[str, Any]) -> list[str]:
+        """The names of :meth:`buffers_for`."""
+        return [b.name for b in self.buffers_for(const_args)]
 
-    def reduction(self, args: dict[str, Any]) -> str | None:
-        """The reduction this node performs over its input, if any ("global"/"tensor")."""
-        return None
-
-    def identity(self, const_args: dict[str, Any]) -> bool:
-        """True when these constant arguments make the op the identity (it is removed)."""
-        return False
-
-    def buffer_names(self, const_args: dict[str, Any]) -> list[str]:
-        """The buffers a node with these (compile-time) arguments keeps per parameter."""
-        return [b.name for b in self.buffers]
-
-    def init_node_state(self, args: SimpleNamespace) -> dict[str, Any]:
+    def init_node_state(self, args: Args) -> dict[str, Any]:
+        """State shared by every parameter of the node (``has_node_state`` ops), from the
+        compile-time arguments."""
         return {}
-
-    def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
-        raise NotImplementedError
 
     # the node state (e.g. an RNG) goes into state_dict through these
     def node_state_dict(self, node_state: dict[str, Any]) -> dict[str, Any]:
@@ -212,20 +330,80 @@ class Op:
     def load_node_state_dict(self, node_state: dict[str, Any], saved: dict[str, Any]) -> None:
         pass
 
+    # ------------------------------------------------------------------ compile-time hooks
+    def check(self, node: "Node", view: CheckView) -> None:
+        """Rules on this op's use that the signature does not state; raise a positioned
+        ``GradError``. Called for every node of the op once the pipeline is built and
+        optimised, so ``gradpipe check`` reports what building the optimizer would."""
+
+    def infer_args(self, node: "Node", view: CheckView) -> Mapping[str, Any] | None:
+        """Arguments the op takes from its context (``dp_noise``'s sensitivity from the
+        ``dp_clip`` before it): the node's new arguments, or None to keep them."""
+        return None
+
+    def check_block(self, inner: list["Op"]) -> tuple[str, str] | None:
+        """Block ops: ``(message, hint)`` if the inner pipeline's ops (in order) cannot serve
+        this op (e.g. GWT needs an op with a denominator); checked when the pipeline compiles."""
+        return None
+
+    def rewrite(self, kinds: Mapping[str, str]) -> Rewrite | None:
+        """For ``any`` arguments: given what each argument is (``kinds[name]`` is ``"rule"``,
+        ``"signal"`` or ``"scalar"``), what the call becomes, or None for an ordinary node."""
+        return None
+
+    def inner_shape(self, shape: tuple[int, ...], const: Mapping[str, Any]) -> tuple[int, ...]:
+        """Block ops: the shape the inner pipeline sees for a parameter of ``shape``."""
+        return shape
+
+    def identity(self, const_args: Mapping[str, Any]) -> bool:
+        """True when these constant arguments make the op the identity (it is removed)."""
+        return False
+
+    # ------------------------------------------------------------------ run-time facts
+    def needs_param(self, args: Mapping[str, Any]) -> bool:
+        """Whether this step's arguments make the op read the parameters (``decay(0)`` does not)."""
+        return self.reads_param
+
+    def flat_ok(self, const_args: Mapping[str, Any]) -> bool:
+        """Whether a node with these compile-time arguments may run on flat buffers (see ``flat``):
+        a ``flat`` op, unless these arguments make it reduce within each tensor (``scope=tensor``)."""
+        return self.flat and self.reduction(const_args) != "tensor"
+
+    def reduction(self, args: Mapping[str, Any]) -> str | None:
+        """The reduction this node performs over its input, if any ("global"/"tensor")."""
+        return None
+
+    def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
+        raise NotImplementedError
+
 
 class TensorOp(Op):
     """An op whose math is independent per parameter tensor: implement ``update``."""
 
-    def update(self, x: torch.Tensor, state: dict[str, torch.Tensor], a: SimpleNamespace, step: int,
-               inputs: dict[str, torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    def update(self, x: torch.Tensor, state: dict[str, torch.Tensor], a: Args, lane: Lane) -> torch.Tensor:
         raise NotImplementedError
 
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         out = []
+        others = [k for k in ctx.inputs if k != "x"]
         for i, x in enumerate(ctx.x):
-            extra = {k: v[i] for k, v in ctx.inputs.items() if k != "x"}
-            out.append(self.update(x, ctx.states[i], ctx.args[i], ctx.steps[i], extra, ctx.params[i]))
+            lane = Lane(ctx.steps[i], ctx.is_fresh(i), {k: ctx.inputs[k][i] for k in others},
+                        ctx.params[i] if ctx.params else None)
+            out.append(self.update(x, ctx.states[i], ctx.args[i], lane))
         return out
+
+
+class Denominator(abc.ABC):
+    """A capability: the op's update is its input (or first moment) divided by a tensor it
+    can report, which wrappers that scale other coefficients the same way read (``wavelet``)."""
+
+    @abc.abstractmethod
+    def denominator(self, state: dict[str, torch.Tensor], args: Args, step: Any) -> torch.Tensor:
+        """The divisor of this step's update, read after the step's update."""
+
+    def step_factor(self, args: Args, step: Any) -> Any:
+        """A time-dependent factor of the update that wrappers watching its growth divide out (1: none)."""
+        return 1.0
 
 
 class SeededOp(Op):
@@ -262,20 +440,25 @@ class MacroOp(Op):
     definition: ClassVar[str] = ""
 
 
+#: the op library, by name: every module of this package registers its op on import
+#: (``gradpipe/compiler/ops/__init__.py`` imports them all), and plug-ins add theirs
+#: with :func:`gradpipe.register_op` or the ``gradpipe.ops`` entry point group
 OPS: dict[str, Op] = {}
 
 
 def register(cls: type[Op]) -> type[Op]:
     """Class decorator: add an op to the library under ``cls.name``."""
-    if cls.name in OPS:
-        raise ValueError(f"op {cls.name!r} is registered twice")
-    OPS[cls.name] = cls()
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"op class {cls.__name__} needs a name that is an identifier, got {name!r}")
+    if name in OPS:
+        if type(OPS[name]) is cls:
+            return cls  # the same class registered again (a module imported twice)
+        raise ValueError(f"op {name!r} is registered twice ({type(OPS[name]).__module__} and {cls.__module__})")
+    if cls.flat and any(b.shape is not None for b in cls.buffers):
+        raise ValueError(f"op {name!r} is flat, so its buffers must have the input's shape")
+    OPS[name] = cls()
     return cls
-
-
-def get_op(name: str) -> Op | None:
-    from . import _load_all  # noqa: F401  (registers the library on first use)
-    return OPS.get(name)
 
 
 def route_norms(xs: list[torch.Tensor], scope: str) -> list[torch.Tensor]:
@@ -288,13 +471,10 @@ def route_norms(xs: list[torch.Tensor], scope: str) -> list[torch.Tensor]:
     return norms
 
 
-def adam_moments(state: dict[str, torch.Tensor], x: torch.Tensor, b1: float, b2: float
+def adam_moments(state: dict[str, torch.Tensor], x: torch.Tensor, b1: Any, b2: Any
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Update Adam's moments in ``state`` (created at zero) with the authors' arithmetic,
+    """Update Adam's moments ``m`` and ``v`` in ``state`` with the authors' arithmetic,
     ``m = b1 m + (1-b1) x`` and ``v = b2 v + (1-b2) x^2``; return ``(m, v)``."""
-    if "m" not in state:
-        state["m"] = torch.zeros_like(x)
-        state["v"] = torch.zeros_like(x)
     m, v = state["m"], state["v"]
     axpy_(m.mul_(b1), x, 1 - b1)
     addcmul_s(v.mul_(b2), x, x, 1 - b2)
@@ -310,8 +490,10 @@ def sqrt_s(v: Any) -> Any:
 
 
 def is_zero(v: Any) -> bool:
-    """True for a Python number equal to 0 (a tensor argument is never treated as a constant)."""
-    return not isinstance(v, torch.Tensor) and v == 0
+    """True for an argument that is a constant zero: a compile-time 0 or a hyperparameter
+    that is 0 in this param group. Values computed from ``step`` or ``loss`` (tensors, or
+    :class:`RuntimeFloat`) are never constant, even when they are 0 at this step."""
+    return not isinstance(v, (torch.Tensor, RuntimeFloat)) and v == 0
 
 
 def axpy_(y: torch.Tensor, x: torch.Tensor, a: Any) -> torch.Tensor:
@@ -329,8 +511,13 @@ def addcmul_s(y: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, a: Any) -> to
     return y.add_(x1 * x2 * a) if isinstance(a, torch.Tensor) else y.addcmul_(x1, x2, value=a)
 
 
-def global_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """The inner product of two routes' worth of tensors, as if each list were one flat vector."""
-    if not a:
-        return torch.zeros(())
-    return torch.stack([torch.sum(x * y) for x, y in zip(a, b)]).sum()
+def on_first(fresh: Fresh, buf: torch.Tensor, first: torch.Tensor,
+             later: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Write ``buf`` in place: ``first`` on the node's first step, ``later(buf)`` (which updates
+    ``buf`` in place and returns it) after; return ``buf``. With a tensor ``fresh`` (the compiled
+    backend) both are computed and selected, so one compiled function serves every step."""
+    if fresh is True:
+        return buf.copy_(first)
+    if fresh is False:
+        return later(buf)
+    return buf.copy_(torch.where(fresh, first, later(buf.clone())))

@@ -33,7 +33,7 @@ class Centralize(TensorOp):
     def reduction(self, args):
         return "tensor"
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         if x.dim() <= 1:
             return x
         return x - x.mean(dim=tuple(range(1, x.dim())), keepdim=True)

@@ -65,9 +65,7 @@ class CLASSP(TensorOp):
         return "tensor" if args.get("threshold_mode", "elementwise") == "tensor" else None
 
 
-    def update(self, x, state, a, step, inputs, param):
-        if not state:
-            state["s"] = torch.zeros_like(x)
+    def update(self, x, state, a, lane):
         s = state["s"]
         if a.threshold_mode == "tensor":
             passed = float(bool((x ** 2).any())) > a.threshold

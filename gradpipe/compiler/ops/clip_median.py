@@ -55,8 +55,8 @@ class ClipMedian(Op):
     def reduction(self, args):
         return args.get("scope", "global") if args.get("geometry", "l2") == "l2" else None
 
-    def buffer_names(self, const_args):
-        return [] if const_args.get("reset") is True else ["m"]
+    def buffers_for(self, args):
+        return () if args.get("reset") is True else self.buffers
 
 
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
@@ -69,8 +69,6 @@ class ClipMedian(Op):
             if a.reset:
                 ms.append(torch.zeros_like(x))
             else:
-                if "m" not in st:
-                    st["m"] = torch.zeros_like(x)
                 ms.append(st["m"])
         rs = [x - m for x, m in zip(xs, ms)]
         if a0.geometry == "coord":

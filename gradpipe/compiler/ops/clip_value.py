@@ -19,5 +19,5 @@ class ClipValue(TensorOp):
     reference = "torch.nn.utils.clip_grad_value_"
     params = (Param("max", default=1.0, low=0.0, doc="largest allowed magnitude"),)
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         return torch.clamp(x, -a.max, a.max)

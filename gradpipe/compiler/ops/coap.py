@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from .base import REQUIRED, Buffer, InnerNode, NodeCtx, Op, Param, find_inner, register
-from .lowrank import as_matrix, from_low, low_shape, projector_numel, projects, right_side, to_low
+from .base import REQUIRED, Args, Buffer, InnerNode, NodeCtx, Op, Param, find_inner, register
+from .lowrank import as_matrix, from_low, low_shape, projector_shape, projects, right_side, to_low
 
 __all__ = ["Coap", "range_finder", "coap_projector", "refine_projector"]
 
@@ -82,6 +81,10 @@ def _bypass(x: torch.Tensor, rank: int) -> bool:
         return True
     g = as_matrix(x)
     return rank >= min(g.shape)
+
+
+def _projector_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int] | None:
+    return None if _shape_bypass(tuple(shape), rank) else projector_shape(shape, rank)
 
 
 def _shape_bypass(shape: tuple[int, ...], rank: int) -> bool:
@@ -166,12 +169,9 @@ class Coap(Op):
         Param("seed", kind="int", default=3407, low=0, doc="seed of the range finder's first test matrix"),
         Param("inner", kind="block", default=REQUIRED, doc="the pipeline run in the projected space"),
     )
-    buffers = (Buffer("P", "the projector: r×n (m >= n) or m×r (m < n), for projected matrices"),)
+    buffers = (Buffer("P", "the projector: r×n (m >= n) or m×r (m < n), for projected matrices",
+                      shape=lambda shape, a: _projector_shape(shape, int(a.get("rank", 128)))),)
     projects_block = True
-
-    def state_numel(self, shape: tuple[int, ...], const: dict) -> int:
-        rank = int(const.get("rank", 128))
-        return 0 if _shape_bypass(tuple(shape), rank) else projector_numel(shape, rank)
 
     def inner_shape(self, shape: tuple[int, ...], const: dict) -> tuple[int, ...]:
         rank = int(const.get("rank", 128))
@@ -188,12 +188,12 @@ class Coap(Op):
                 lows.append(x)
                 continue
             g = as_matrix(x)
-            if "P" not in st:
-                st["P"] = coap_projector(g, a.rank, a.seed)
+            if ctx.is_fresh(i):
+                st["P"].copy_(coap_projector(g, a.rank, a.seed))
             elif (t - 1) % a.interval == 0:
                 if node is None:
                     node = find_inner(ctx, buffer="m") or False
-                st["P"] = self._change(g, st["P"], node, i, t, a)
+                st["P"].copy_(self._change(g, st["P"], node, i, t, a))
             lows.append(to_low(g, st["P"]))
         news = ctx.inner(lows)
         out = []
@@ -207,7 +207,7 @@ class Coap(Op):
 
     @staticmethod
     def _change(g: torch.Tensor, p: torch.Tensor, node: InnerNode | bool, i: int, t: int,
-                a: SimpleNamespace) -> torch.Tensor:
+                a: Args) -> torch.Tensor:
         """The new projector at an update step, carrying the inner moments when ``restore``."""
         m, n = g.shape
         moment = second = None

@@ -29,7 +29,7 @@ class Decay(TensorOp):
     def needs_param(self, args):
         return not is_zero(args.get("wd", 0.0))
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         if is_zero(a.wd):
             return x
-        return add_s(x, param, a.wd)
+        return add_s(x, lane.param, a.wd)

@@ -48,12 +48,10 @@ class DiffGrad(TensorOp):
     buffers = (Buffer("m", "first moment"), Buffer("v", "second moment"),
                Buffer("prev", "copy of the previous input"))
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         m, v = adam_moments(state, x, a.b1, a.b2)
-        if "prev" not in state:
-            state["prev"] = torch.zeros_like(x)
         prev = state["prev"]
         friction = torch.sigmoid((prev - x).abs_())
         prev.copy_(x)
-        step_size = sqrt_s(1 - a.b2 ** step) / (1 - a.b1 ** step)
+        step_size = sqrt_s(1 - a.b2 ** lane.step) / (1 - a.b1 ** lane.step)
         return (m * friction).div_(v.sqrt().add_(a.eps)).mul_(step_size)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Mapping
+
 import torch
 
-from .base import NodeCtx, Op, Param, SeededOp, register
+from ...dsl.diagnostics import GradError
+from .. import scalars as S
+from .base import CheckView, NodeCtx, Op, Param, SeededOp, register
+
+if TYPE_CHECKING:
+    from ..ir import Node
 
 
 @register
@@ -77,6 +84,19 @@ class DPNoise(SeededOp):
               doc="L2 sensitivity Delta of one example; 0 = the clip norm of the dp_clip before it"),
         Param("seed", kind="int", default=0, low=0, doc="generator seed"),
     )
+
+    def infer_args(self, node: "Node", view: CheckView) -> Mapping[str, Any] | None:
+        """A sensitivity left at 0 (with noise to add) is the clip norm of the ``dp_clip`` feeding
+        this node; without one it must be given."""
+        sens, sigma = node.args.get("sensitivity"), node.args.get("sigma")
+        if not (isinstance(sens, S.Const) and sens.value == 0) or (isinstance(sigma, S.Const) and sigma.value == 0):
+            return None
+        src = view.input(node)
+        if src is not None and src.is_op and src.op == "dp_clip":
+            return {**node.args, "sensitivity": src.args["clip"]}
+        raise GradError("dp_noise needs the sensitivity of one example's gradient", node.span,
+                        "clip first (samples | dp_clip(1.0) | dp_noise(1.0)) or give the "
+                        "Lipschitz bound: dp_noise(1.0, sensitivity = ...)")
 
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         gen = ctx.node_state["generator"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .base import Buffer, Param, TensorOp, axpy_, register
 
 
@@ -32,11 +30,9 @@ class Ema(TensorOp):
     buffers = (Buffer("m", "the average"),)
     flat = True
 
-    def update(self, x, state, a, step, inputs, param):
-        if "m" not in state:
-            state["m"] = torch.zeros_like(x)
+    def update(self, x, state, a, lane):
         m = state["m"]
         axpy_(m.mul_(a.beta), x, 1 - a.beta)
         if a.debias:
-            return m / (1 - a.beta ** step)
+            return m / (1 - a.beta ** lane.step)
         return m

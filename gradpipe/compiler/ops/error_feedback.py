@@ -47,9 +47,6 @@ class ErrorFeedback(Op):
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         targets, bases = [], []
         for x, st, a in zip(ctx.x, ctx.states, ctx.args):
-            if "e" not in st:
-                st["e"] = torch.zeros_like(x)
-                st["h"] = torch.zeros_like(x)
             base = x - st["h"]
             bases.append(base)
             targets.append(base + a.eta * st["e"] if a.eta else base.clone())

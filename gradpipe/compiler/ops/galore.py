@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .base import REQUIRED, Buffer, NodeCtx, Op, Param, register
-from .lowrank import as_matrix, from_low, low_shape, projector_numel, projects, right_side, to_low
+from .lowrank import as_matrix, from_low, low_shape, projector_shape, projects, right_side, to_low
 
 
 def svd_projector(g: torch.Tensor, rank: int) -> torch.Tensor:
@@ -60,27 +60,25 @@ class Galore(Op):
         Param("scale", default=0.25, low=0.0, doc="alpha, multiplies the projected-back update"),
         Param("inner", kind="block", default=REQUIRED, doc="the pipeline run in the projected space"),
     )
-    buffers = (Buffer("P", "the projector: r×n (right) or m×r (left), for tensors with two or more dimensions"),)
+    buffers = (Buffer("P", "the projector: r×n (right) or m×r (left), for tensors with two or more dimensions",
+                      shape=lambda shape, a: projector_shape(shape, int(a.get("rank", 128)))),)
     projects_block = True
 
     def reduction(self, args):
         return "tensor"  # an SVD per matrix
-
-    def state_numel(self, shape: tuple[int, ...], const: dict) -> int:
-        return projector_numel(shape, int(const.get("rank", 128)))
 
     def inner_shape(self, shape: tuple[int, ...], const: dict) -> tuple[int, ...]:
         return low_shape(shape, int(const.get("rank", 128)))
 
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         lows = []
-        for x, st, a, t in zip(ctx.x, ctx.states, ctx.args, ctx.steps):
+        for i, (x, st, a, t) in enumerate(zip(ctx.x, ctx.states, ctx.args, ctx.steps)):
             if not projects(x):
                 lows.append(x)
                 continue
             g = as_matrix(x)
-            if "P" not in st or (t - 1) % a.gap == 0:
-                st["P"] = svd_projector(g, a.rank)
+            if ctx.is_fresh(i) or (t - 1) % a.gap == 0:
+                st["P"].copy_(svd_projector(g, a.rank))
             lows.append(to_low(g, st["P"]))
         news = ctx.inner(lows)
         out = []

@@ -150,8 +150,9 @@ class GCond(Op):
     def reduction(self, args):
         return "global"
 
-    def buffer_names(self, const_args):
-        return [f"prev{k}" for k in range(int(const_args.get("tasks", 2)))] + ["m"]
+    def buffers_for(self, args):
+        prev, m = self.buffers
+        return tuple(Buffer(f"prev{k}", prev.doc) for k in range(int(args.get("tasks", 2)))) + (m,)
 
     def init_node_state(self, args):
         k = int(getattr(args, "tasks", 2))
@@ -184,13 +185,6 @@ class GCond(Op):
 
         # one (K, *shape) copy per tensor: row k is task k's gradient (the inputs stay untouched)
         stacked = [torch.stack([tasks[k][i] for k in range(k_tasks)]) for i in range(n)]
-        for i, st in enumerate(ctx.states):
-            x = stacked[i][0]
-            for k in range(k_tasks):
-                if f"prev{k}" not in st:
-                    st[f"prev{k}"] = torch.zeros_like(x)
-            if "m" not in st:
-                st["m"] = torch.zeros_like(x)
         prevs = [[st[f"prev{k}"] for k in range(k_tasks)] for st in ctx.states]
 
         gram = _gram(stacked, k_tasks)

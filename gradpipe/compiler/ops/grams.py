@@ -50,7 +50,7 @@ class Grams(TensorOp):
     )
     buffers = (Buffer("m", "first moment"), Buffer("v", "second moment"))
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         m, v = adam_moments(state, x, a.b1, a.b2)
-        step_size = sqrt_s(1 - a.b2 ** step) / (1 - a.b1 ** step)
+        step_size = sqrt_s(1 - a.b2 ** lane.step) / (1 - a.b1 ** lane.step)
         return torch.sign(x).mul_(m.abs()).div_(v.sqrt().add_(a.eps)).mul_(step_size)

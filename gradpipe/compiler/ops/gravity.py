@@ -67,11 +67,10 @@ class Gravity(SeededOp):
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
         gen = ctx.node_state["generator"]
         out = []
-        for x, state, a, t in zip(ctx.x, ctx.states, ctx.args, ctx.steps):
-            if not state:
-                z = self.randn_like(x, gen)
-                state["v"] = z.mul_(a.alpha / a.lr)
+        for i, (x, state, a, t) in enumerate(zip(ctx.x, ctx.states, ctx.args, ctx.steps)):
             v = state["v"]
+            if ctx.is_fresh(i):  # V_0 ~ N(0, (alpha / lr)^2), drawn on the node's first step
+                v.copy_(self.randn_like(x, gen).mul_(a.alpha / a.lr))
             if x.numel():
                 top = x.abs().max()
                 zeta = x / (x * top).square_().add_(1)

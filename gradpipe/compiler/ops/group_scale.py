@@ -63,8 +63,12 @@ def _moment_node(ctx: NodeCtx) -> InnerNode:
     return node
 
 
+def _clusters(shape: tuple[int, ...], a) -> tuple[int, ...]:
+    return (int(a.get("k", 3)),)
+
+
 def _check_first_moment(inner: list[Op]) -> tuple[str, str] | None:
-    if any("m" in o.buffer_names({}) for o in inner):
+    if any(o.declares("m") for o in inner):
         return None
     names = ", ".join(o.name for o in inner) or "no op"
     return (f"'group_scale' clusters its inner pipeline's first moment 'm', but the inner pipeline ({names}) "
@@ -136,15 +140,9 @@ class GroupScale(Op):
         Param("high", default=10.0, low=0.0, doc="largest scale"),
         Param("inner", kind="block", default=REQUIRED, doc="the pipeline whose update is scaled (keeps m)"),
     )
-    buffers = (Buffer("labels", "cluster of each entry (int16, the parameter's size)"),
-               Buffer("means", "EMA of each cluster's mean |m| (k numbers)"),
-               Buffer("scales", "scale of each cluster (k numbers)"))
-
-    def state_numel(self, shape: tuple[int, ...], const: dict) -> int:
-        numel = 1
-        for d in shape:
-            numel *= d
-        return numel + 2 * int(const.get("k", 3))
+    buffers = (Buffer("labels", "cluster of each entry (int16, the parameter's size)", dtype=torch.int16),
+               Buffer("means", "EMA of each cluster's mean |m| (k numbers)", shape=_clusters, init=1.0),
+               Buffer("scales", "scale of each cluster (k numbers)", shape=_clusters, init=1.0))
 
     def check_block(self, inner):
         return _check_first_moment(inner)
@@ -156,10 +154,6 @@ class GroupScale(Op):
         out = []
         for i, (n, st, a, t) in enumerate(zip(news, ctx.states, ctx.args, ctx.steps)):
             k = int(a.k)
-            if "labels" not in st:
-                st["labels"] = torch.zeros(n.shape, dtype=torch.int16, device=n.device)
-                st["means"] = torch.ones(k, dtype=n.dtype, device=n.device)
-                st["scales"] = torch.ones(k, dtype=n.dtype, device=n.device)
             if t % int(a.interval) == 0 and n.numel() > 0:
                 m = node.buffer(i, "m")
                 if m is None or m.shape != n.shape:

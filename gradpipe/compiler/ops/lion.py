@@ -33,9 +33,7 @@ class Lion(TensorOp):
     )
     buffers = (Buffer("m", "momentum"),)
 
-    def update(self, x, state, a, step, inputs, param):
-        if "m" not in state:
-            state["m"] = torch.zeros_like(x)
+    def update(self, x, state, a, lane):
         m = state["m"]
         u = torch.sign(m * a.b1 + x * (1 - a.b1))
         axpy_(m.mul_(a.b2), x, 1 - a.b2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["as_matrix", "projects", "right_side", "to_low", "from_low", "low_shape"]
+__all__ = ["as_matrix", "projects", "right_side", "to_low", "from_low", "low_shape", "projector_shape"]
 
 
 def projects(x: torch.Tensor) -> bool:
@@ -47,12 +47,14 @@ def low_shape(shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
     return (m, r) if right_side(m, n) else (r, n)
 
 
-def projector_numel(shape: tuple[int, ...], rank: int) -> int:
+def projector_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int] | None:
+    """The projector's shape for a parameter of ``shape``: r×n (right) or m×r (left); None
+    for a tensor with fewer than two dimensions (it bypasses the projection)."""
     if len(shape) < 2:
-        return 0
+        return None
     m = shape[0]
     n = 1
     for d in shape[1:]:
         n *= d
     r = min(rank, m, n)
-    return r * n if right_side(m, n) else m * r
+    return (r, n) if right_side(m, n) else (m, r)

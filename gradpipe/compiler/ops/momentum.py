@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from .base import Buffer, Param, TensorOp, add_s, axpy_, is_zero, register
+from .base import Buffer, Param, TensorOp, add_s, axpy_, is_zero, on_first, register
 
 
 @register
@@ -16,9 +14,11 @@ class Momentum(TensorOp):
 
         u_t = x_t + \beta b_t \ \text{(nesterov)} \quad\text{else}\quad u_t = b_t
 
-    This is ``torch.optim.SGD``'s momentum exactly: the buffer starts as a copy
-    of the first input (not zero), and with ``beta = 0`` the op is the identity
-    and keeps no state.
+    This is ``torch.optim.SGD``'s momentum exactly: the buffer takes the first
+    input as it is (not decayed from zero, which differs when ``dampening > 0``),
+    and with ``beta = 0`` (a constant, or the param group's value) the op is the
+    identity and keeps no state. A ``beta`` computed from ``step`` that is 0 at
+    some step still keeps and updates its buffer.
 
     Reference: B. T. Polyak (1964); I. Sutskever et al., "On the importance of
     initialization and momentum in deep learning", ICML 2013; ``torch.optim.SGD``.
@@ -36,20 +36,17 @@ class Momentum(TensorOp):
     )
     buffers = (Buffer("buf", "momentum buffer"),)
 
-    def buffer_names(self, const_args):
-        return [] if const_args.get("beta") == 0 else ["buf"]
+    def buffers_for(self, args):
+        return () if args.get("beta") == 0 else self.buffers
 
     def identity(self, const_args):
         return const_args.get("beta") == 0
 
-    def update(self, x, state, a, step, inputs, param):
-        if is_zero(a.beta):
+    def update(self, x, state, a, lane):
+        if is_zero(a.beta):  # a group with momentum 0: no buffer, as torch's SGD
             return x
-        if "buf" not in state:
-            buf = state["buf"] = torch.clone(x).detach()
-        else:
-            buf = state["buf"]
-            axpy_(buf.mul_(a.beta), x, 1 - a.dampening)
+        # torch's first step copies the input; later ones decay and add (dampened)
+        buf = on_first(lane.fresh, state["buf"], x, lambda b: axpy_(b.mul_(a.beta), x, 1 - a.dampening))
         if a.nesterov:
             return add_s(x, buf, a.beta)
         return buf

@@ -3,26 +3,84 @@
 These are *policy* ops. On the stream they are the identity; what they state is a rule for
 the whole optimizer step, which the runtime applies before any op runs
 (``gradpipe/runtime/nonfinite.py``). A pipeline that names neither behaves as
-``skip_nonfinite(max_consecutive=10)``.
+``skip_nonfinite(max_consecutive=10)``. The compiler works the policy out when the file
+compiles (:func:`policy_of`, ``Program.nonfinite``), so ``gradpipe check`` reports a policy
+inside a block, a count that is not whole, or two routes that disagree.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
 
-from .base import NodeCtx, Op, Param, register
+from ...dsl.diagnostics import GradError
+from .base import CheckView, NodeCtx, Op, Param, register
+
+if TYPE_CHECKING:
+    from ..ir import Node
+
+__all__ = ["DEFAULT_MAX_CONSECUTIVE", "POLICY_OPS", "NonFinitePolicy", "policy_of", "SkipNonfinite",
+           "AllowNonfinite"]
 
 #: the policy of a pipeline that names neither op: skip, and stop after this many skips in a row
 DEFAULT_MAX_CONSECUTIVE = 10
 
-#: the names of the policy ops (the runtime looks for them in the graph)
+#: the names of the policy ops
 POLICY_OPS = ("skip_nonfinite", "allow_nonfinite")
+
+
+@dataclass(frozen=True)
+class NonFinitePolicy:
+    """What a step with a non-finite gradient does: with ``check`` false, nothing (as torch);
+    else it is skipped, and more than ``max_consecutive`` in a row raise. ``node`` is the graph
+    node that states it (None for the default)."""
+
+    check: bool = True
+    max_consecutive: float = DEFAULT_MAX_CONSECUTIVE
+    node: str | None = None
+
+
+def _policy(node: "Node") -> NonFinitePolicy:
+    """The policy one policy node states; a GradError at the node for a policy that cannot be."""
+    if node.block is not None:
+        raise GradError(f"'{node.op}' is a policy of the whole step; it cannot sit inside a {{ ... }} block",
+                        node.span, f"write it in the main chain: grad | {node.op} | ...")
+    if node.op == "allow_nonfinite":
+        return NonFinitePolicy(False, math.inf, node.name)
+    value = node.const.get("max_consecutive")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (math.isinf(value) or float(value).is_integer()):
+        raise GradError("max_consecutive of 'skip_nonfinite' must be a whole number or inf, known when the "
+                        "pipeline compiles", node.span, "write skip_nonfinite(max_consecutive=10)")
+    return NonFinitePolicy(True, float(value), node.name)
+
+
+def policy_of(nodes: Iterable["Node"]) -> NonFinitePolicy:
+    """The policy of a program with these nodes: from its ``skip_nonfinite`` / ``allow_nonfinite``
+    nodes (all of them must state the same policy), or the default
+    ``skip_nonfinite(max_consecutive=10)``. A GradError for a policy that cannot be."""
+    found = sorted((n for n in nodes if n.is_op and n.op in POLICY_OPS),
+                   key=lambda n: (n.span.line, n.span.column, n.name))
+    if not found:
+        return NonFinitePolicy()
+    first = _policy(found[0])
+    for node in found[1:]:
+        pol = _policy(node)
+        if (pol.check, pol.max_consecutive) != (first.check, first.max_consecutive):
+            raise GradError("two different non-finite policies: a policy op covers the whole step, so every "
+                            "route must state the same one", node.span,
+                            f"keep one policy, e.g. the one of {found[0].name}")
+    return first
 
 
 class _Policy(Op):
     """A pass-through stage: the stream is unchanged; the op only marks the pipeline's policy."""
 
     flat = True
+
+    def check(self, node: "Node", view: CheckView) -> None:
+        _policy(node)  # the compiler checks that every route states the same one (policy_of)
 
     def apply(self, ctx: NodeCtx) -> list:
         return list(ctx.x)

@@ -71,15 +71,25 @@ class ProjectOut(TensorOp):
     summary = "G - G M M^T for a stored input-space basis M (GPM / ROGO)"
     reference = "Saha et al. 2021 (GPM); Yang et al. 2023 (ROGO)"
     params = (Param("relax", kind="int", default=0, low=0, doc="trailing basis directions left free (ROGO)"),)
-    buffers = (Buffer("basis", "orthonormal input-space basis M (in × k), set with opt.set_basis"),)
+    buffers = (Buffer("basis", "orthonormal input-space basis M (in × k), set with opt.set_basis",
+                      shape=lambda shape, a: None),)  # the user's, never created by the runtime
 
-    def buffer_names(self, const_args):
-        return []  # the basis is the user's (opt.set_basis), not state the op creates
+    def buffers_for(self, args):
+        return ()  # the basis is the user's (opt.set_basis), not state the runtime creates
 
-    def state_numel(self, shape, const):
-        return 0
+    @staticmethod
+    def basis_for(param: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """``basis`` checked as a protected basis of ``param`` (``in × k`` for a weight
+        ``out × in``, a conv kernel viewed as ``out × (in·kh·kw)``), in ``param``'s compute
+        dtype, as :meth:`gradpipe.Optimizer.set_basis` stores it; ``ValueError`` otherwise."""
+        cols = param.reshape(param.shape[0], -1).shape[1] if param.dim() >= 2 else None
+        if basis.dim() != 2 or cols is None or basis.shape[0] != cols:
+            raise ValueError(f"a basis for a parameter of shape {tuple(param.shape)} has shape ({cols}, k), "
+                             f"got {tuple(basis.shape)}")
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        return basis.detach().to(dtype).clone()
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         basis = state.get("basis")
         if basis is None or x.dim() < 2 or basis.numel() == 0:
             return x.clone()

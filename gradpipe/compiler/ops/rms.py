@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import Buffer, Param, TensorOp, addcmul_s, register
+from .base import Buffer, Denominator, Param, TensorOp, addcmul_s, register
 
 
 @register
-class Rms(TensorOp):
+class Rms(TensorOp, Denominator):
     r"""Divide by a running root mean square of the input (Tieleman & Hinton, 2012).
 
     .. math::
@@ -35,19 +35,13 @@ class Rms(TensorOp):
     )
     buffers = (Buffer("v", "running average of x^2"), Buffer("g_avg", "running mean of x (centered only)"))
 
-    def buffer_names(self, const_args):
-        if const_args.get("centered") is False:
-            return ["v"]
-        return ["v", "g_avg"]
+    def buffers_for(self, args):
+        return self.buffers[:1] if args.get("centered") is False else self.buffers
 
-    def update(self, x, state, a, step, inputs, param):
-        if "v" not in state:
-            state["v"] = torch.zeros_like(x)
+    def update(self, x, state, a, lane):
         v = state["v"]
         addcmul_s(v.mul_(a.alpha), x, x, 1 - a.alpha)
         if a.centered:
-            if "g_avg" not in state:
-                state["g_avg"] = torch.zeros_like(x)
             g_avg = state["g_avg"]
             g_avg.lerp_(x, 1 - a.alpha)
             avg = v.addcmul(g_avg, g_avg, value=-1).sqrt_()

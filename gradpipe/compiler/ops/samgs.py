@@ -86,8 +86,9 @@ class SAMGS(Op):
     def reduction(self, args):
         return "global"
 
-    def buffer_names(self, const_args):
-        return [f"m{k}" for k in range(int(const_args.get("tasks", 2)))]
+    def buffers_for(self, args):
+        (m,) = self.buffers
+        return tuple(Buffer(f"m{k}", m.doc) for k in range(int(args.get("tasks", 2))))
 
     def init_node_state(self, args):
         return {"v": torch.zeros((), dtype=torch.float64), "t": 0}
@@ -105,10 +106,6 @@ class SAMGS(Op):
             return []
         a = ctx.args[0]
         k_tasks, n = len(tasks), len(tasks[0])
-        for i, st in enumerate(ctx.states):
-            for k in range(k_tasks):
-                if f"m{k}" not in st:
-                    st[f"m{k}"] = torch.zeros_like(tasks[0][i])
         out: list[torch.Tensor | None] = [None] * n
         shared = [i for i in range(n) if ctx.is_shared(i)]
         for i in range(n):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Param, TensorOp, register
+from .base import Param, Rewrite, TensorOp, register
 
 
 @register
@@ -13,7 +13,8 @@ class Scale(TensorOp):
     that rule to the stream, like optax's ``scale_by_*`` transforms; it is
     exactly ``| rule`` and shares its state names. ``scale(signal)`` with a
     stream (``scale(param)``, ``scale((grad | sign))``) multiplies elementwise.
-    The compiler rewrites the last two forms; this op is the scalar case.
+    The compiler turns the last two forms into the rule itself and into
+    arithmetic (the op's ``rewrite`` hook); a node of this op is the scalar case.
     ``scale(1)`` is removed by constant folding.
     """
 
@@ -23,8 +24,15 @@ class Scale(TensorOp):
     reference = "optax.scale / scale_by_*"
     params = (Param("x", kind="any", doc="a number, a rule (op), or a signal"),)
 
+    def rewrite(self, kinds):
+        if kinds.get("x") == "rule":
+            return Rewrite("apply", "x")  # scale(adam) is | adam, under the stage's name
+        if kinds.get("x") == "signal":
+            return Rewrite("arith", "x", "*")  # scale(param) multiplies elementwise
+        return None
+
     def identity(self, const_args):
         return const_args.get("x") == 1
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         return x * a.x

@@ -21,5 +21,5 @@ class Sign(TensorOp):
     reference = "Bernstein et al. 2018"
     is_rule = True
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         return torch.sign(x)

@@ -39,7 +39,7 @@ class TopK(TensorOp):
     def identity(self, const_args):
         return const_args.get("k") == 1
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         n = x.numel()
         if n == 0:
             return x.clone()

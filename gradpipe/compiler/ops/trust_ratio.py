@@ -47,8 +47,8 @@ class TrustRatio(TensorOp):
     def reduction(self, args):
         return "tensor"
 
-    def update(self, x, state, a, step, inputs, param):
-        pn = torch.linalg.vector_norm(param, 2)
+    def update(self, x, state, a, lane):
+        pn = torch.linalg.vector_norm(lane.param, 2)
         xn = torch.linalg.vector_norm(x, 2)
         ratio = torch.where((pn > 0) & (xn > 0), pn / (xn + a.eps), torch.ones_like(pn))
         return x * ratio

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .base import REQUIRED, Buffer, InnerNode, NodeCtx, Op, Param, find_inner, register
+from .base import REQUIRED, Args, Buffer, Denominator, InnerNode, NodeCtx, Op, Param, find_inner, register
 
 __all__ = ["haar_forward", "haar_inverse", "approx_length", "Wavelet"]
 
@@ -64,14 +63,14 @@ def _transforms(x: torch.Tensor) -> bool:
 
 
 def _denominator_node(ctx: NodeCtx) -> InnerNode:
-    node = find_inner(ctx, method="denominator")
+    node = find_inner(ctx, kind=Denominator)
     if node is None:  # pragma: no cover - check_block refuses such a pipeline when it compiles
         raise RuntimeError("wavelet: no inner op has a denominator")
     return node
 
 
 def _check_denominator(inner: list[Op]) -> tuple[str, str] | None:
-    if any(hasattr(o, "denominator") for o in inner):
+    if any(isinstance(o, Denominator) for o in inner):
         return None
     names = ", ".join(o.name for o in inner) or "no op"
     return (f"'wavelet' scales the detail coefficients by its inner pipeline's denominator, but the inner "
@@ -158,15 +157,12 @@ class Wavelet(Op):
         Param("limiter", default=1.01, low=0.0, doc="norm-growth limit gamma per step (0: off)"),
         Param("inner", kind="block", default=REQUIRED, doc="the pipeline run on the approximation coefficients"),
     )
-    buffers = (Buffer("s", "the limiter's previous norm (one number per matrix)"),)
+    buffers = (Buffer("s", "the limiter's previous norm (one number per matrix)",
+                      shape=lambda shape, a: () if len(shape) >= 2 and math.prod(shape) > 0 else None),)
     projects_block = True
 
-    def buffer_names(self, const_args: dict[str, Any]) -> list[str]:
-        return [] if const_args.get("limiter", 1.01) == 0 else ["s"]
-
-    def state_numel(self, shape: tuple[int, ...], const: dict[str, Any]) -> int:
-        transformed = len(shape) >= 2 and math.prod(shape) > 0
-        return 1 if transformed and self.buffer_names(const) else 0
+    def buffers_for(self, args: Mapping[str, Any]) -> tuple[Buffer, ...]:
+        return () if args.get("limiter", 1.01) == 0 else self.buffers
 
     def inner_shape(self, shape: tuple[int, ...], const: dict[str, Any]) -> tuple[int, ...]:
         if len(shape) < 2 or math.prod(shape) == 0:
@@ -196,7 +192,7 @@ class Wavelet(Op):
                 continue
             details, lengths = plan
             d = den.op.denominator(den.states[i], den.args[i], t)
-            lim = self._limit(n, st, a, den, i, t)
+            lim = self._limit(n, st, a, den, i, t, ctx.is_fresh(i))
             if lim is not None:
                 n = n / lim
                 d = d * lim
@@ -205,16 +201,16 @@ class Wavelet(Op):
         return out
 
     @staticmethod
-    def _limit(n: torch.Tensor, st: dict[str, torch.Tensor], a: SimpleNamespace, den: InnerNode, i: int,
-               t: int) -> torch.Tensor | None:
+    def _limit(n: torch.Tensor, st: dict[str, torch.Tensor], a: Args, den: InnerNode, i: int,
+               t: int, fresh: bool) -> torch.Tensor | None:
         """Fira's norm-growth limiter: the divisor lambda_t (None on the first step or when off)."""
         gamma = float(a.limiter)
         if gamma == 0:
             return None
-        factor = den.op.step_factor(den.args[i], t) if hasattr(den.op, "step_factor") else 1.0
+        factor = den.op.step_factor(den.args[i], t)
         norm = torch.linalg.vector_norm(n) / factor
-        if "s" not in st:
-            st["s"] = norm.clone()
+        if fresh:
+            st["s"].copy_(norm)
             return None
         lim = torch.clamp(norm / (st["s"] + _LIMITER_FLOOR), min=gamma) / gamma
         st["s"].copy_(norm / lim)

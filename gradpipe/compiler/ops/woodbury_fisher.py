@@ -83,20 +83,15 @@ class WoodburyFisher(TensorOp):
         Param("s", kind="int", default=20, low=1, doc="number of past inputs kept (the current one included)"),
         Param("lam", default=1e-3, low=0.0, low_closed=False, doc="damping lambda of the empirical Fisher"),
     )
-    buffers = (Buffer("history", "the last s inputs as rows (s × numel)"),
-               Buffer("count", "number of inputs seen (one element)"))
-
-    def state_numel(self, shape: tuple[int, ...], const: dict) -> int:
-        return int(const.get("s", 20)) * math.prod(shape) + 1
+    buffers = (Buffer("history", "the last s inputs as rows (s × numel)",
+                      shape=lambda shape, a: (int(a.get("s", 20)), math.prod(shape))),
+               Buffer("count", "number of inputs seen (one element)", shape=lambda shape, a: (), dtype=torch.int64))
 
     def reduction(self, args: dict) -> str:
         return "tensor"  # every entry of a tensor enters the Gram matrix of its history
 
-    def update(self, x, state, a, step, inputs, param):
+    def update(self, x, state, a, lane):
         v = x.reshape(1, -1)
-        if "history" not in state:
-            state["history"] = torch.zeros(a.s, v.shape[1], dtype=x.dtype, device=x.device)
-            state["count"] = torch.zeros((), dtype=torch.int64, device=x.device)
         history, count = state["history"], state["count"]
         index = torch.remainder(count, history.shape[0]).reshape(1)
         history.index_copy_(0, index.to(history.device), v)

@@ -1,0 +1,174 @@
+"""The typed IR that backends consume: frozen nodes, one list per route.
+
+The compiler builds and optimises the pipeline as a ``networkx`` graph
+(:attr:`Program.graph`, what ``gradpipe graph`` draws and the passes rewrite).
+When the passes are done, :func:`freeze` turns each route into a
+:class:`RouteIR`: its nodes in evaluation order as :class:`Node` values, each
+with a :class:`Kind`, its op, its bound arguments split into compile-time
+constants and per-step expressions, its inputs by port, its stable name and its
+source span. The eager interpreter, the compiled backend, ``explain`` and state
+migration read only this; no module outside the compiler reads the graph's
+attribute dicts.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+from ..dsl.diagnostics import Span
+from . import scalars as S
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+    from .ops.base import Op
+
+__all__ = ["Kind", "Node", "RouteIR", "freeze", "is_scalar", "SCALAR_TYPES", "STEP_SOURCES"]
+
+
+class Kind(str, enum.Enum):
+    """What a node is. The values are the ``kind`` attributes of :attr:`Program.graph`."""
+
+    #: a value handed to the route: ``grad``, ``param``, ``samples``, ``grads.<loss>``
+    SOURCE = "source"
+    #: an op of the library (``adam``, ``clip_norm``...): ``op`` names it in ``OPS``
+    OP = "op"
+    #: pointwise arithmetic on signals and scalars (``+ - * / **`` and ``neg``)
+    ARITH = "arith"
+    #: the input of a block op's ``{ ... }`` pipeline: the values the block op hands it
+    BLOCK_IN = "block_in"
+    #: the route's update ``u`` (the runtime applies ``p <- p - lr * u``)
+    OUTPUT = "output"
+
+
+#: the scalar expression types an argument may hold (evaluated per parameter group and step)
+SCALAR_TYPES = (S.Const, S.HP, S.Src, S.BinS, S.NegS)
+#: scalar sources whose value changes every step: arguments reading them are never constants
+STEP_SOURCES = frozenset({"step", "loss"})
+
+
+def is_scalar(v: Any) -> bool:
+    """Whether an argument is a scalar expression (as opposed to a word, a bool or a count)."""
+    return isinstance(v, SCALAR_TYPES)
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """One node of a route, immutable.
+
+    ``args`` holds the bound arguments as the compiler built them (``S.Const``,
+    ``S.HP``, arithmetic on them, words, bools); ``const`` the ones known when the
+    pipeline compiles, as plain values; ``dynamic`` the names of the others, whose
+    expressions are evaluated per parameter group and step; ``per_step`` those of
+    ``dynamic`` that read ``step`` or ``loss`` (never treated as constants, not even
+    when they evaluate to zero). ``inputs`` maps a port (``x`` is the stream input)
+    to the node feeding it. ``block`` is the block op whose inner pipeline holds the
+    node (None at the top level of a route).
+    """
+
+    name: str
+    kind: Kind
+    op: str
+    args: Mapping[str, Any]
+    inputs: Mapping[str, str]
+    span: Span
+    route: str
+    block: str | None = None
+    const: Mapping[str, Any] = field(default_factory=dict)
+    dynamic: tuple[str, ...] = ()
+    per_step: frozenset[str] = frozenset()
+
+    @property
+    def impl(self) -> "Op":
+        """The op's implementation (``OPS[op]``); only for :attr:`Kind.OP` nodes."""
+        from .ops import OPS
+        return OPS[self.op]
+
+    @property
+    def is_op(self) -> bool:
+        return self.kind is Kind.OP
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, {self.kind.value}, {self.op!r})"
+
+
+def _split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...], frozenset[str]]:
+    const: dict[str, Any] = {}
+    dynamic: list[str] = []
+    per_step: set[str] = set()
+    for k, v in args.items():
+        if isinstance(v, S.Const):
+            const[k] = v.value
+        elif is_scalar(v):
+            dynamic.append(k)
+            if any(isinstance(leaf, S.Src) and leaf.name in STEP_SOURCES for leaf in S.leaves(v)):
+                per_step.add(k)
+        else:
+            const[k] = v
+    return const, tuple(dynamic), frozenset(per_step)
+
+
+@dataclass(frozen=True)
+class RouteIR:
+    """One route as the backends run it.
+
+    ``nodes``: the route's top-level nodes in evaluation order, the output last;
+    ``blocks``: for each block op, the nodes of its ``{ ... }`` pipeline in
+    evaluation order (its ``block_in`` node first; nested blocks have their own
+    entry); ``update``: the node whose value is ``u``.
+    """
+
+    label: str
+    nodes: tuple[Node, ...]
+    blocks: Mapping[str, tuple[Node, ...]]
+    output: Node
+    update: str
+    by_name: Mapping[str, Node]
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def node(self, name: str) -> Node:
+        return self.by_name[name]
+
+    def all_nodes(self) -> Iterator[Node]:
+        """Every node of the route, blocks included, each once."""
+        yield from self.nodes
+        for inner in self.blocks.values():
+            yield from inner
+
+    def sources(self) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.kind is Kind.SOURCE)
+
+
+def freeze_node(g: "nx.MultiDiGraph", name: str) -> Node:
+    d = g.nodes[name]
+    inputs = {e["port"]: u for u, _, e in g.in_edges(name, data=True)}
+    const, dynamic, per_step = _split_args(d["args"])
+    return Node(name=name, kind=Kind(d["kind"]), op=d["op"], args=MappingProxyType(dict(d["args"])),
+                inputs=MappingProxyType(inputs), span=d["span"], route=d["route"], block=d.get("block"),
+                const=MappingProxyType(const), dynamic=dynamic, per_step=per_step)
+
+
+def freeze(g: "nx.MultiDiGraph", label: str, output: str, position: Mapping[str, int] | None = None) -> RouteIR:
+    """The route whose output node is ``output`` as a :class:`RouteIR`. ``position``: each
+    node's index in ``nx.lexicographical_topological_sort(g)`` (computed once for a program of
+    many routes; computed here when not given)."""
+    import networkx as nx
+    if position is None:
+        position = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(g))}
+    keep = nx.ancestors(g, output) | {output}
+    order = sorted(keep, key=position.__getitem__)
+    frozen = {n: freeze_node(g, n) for n in order}
+    top = tuple(frozen[n] for n in order if frozen[n].block is None)
+    blocks: dict[str, list[Node]] = {}
+    for n in order:
+        b = frozen[n].block
+        if b is not None:
+            blocks.setdefault(b, []).append(frozen[n])
+    out = frozen[output]
+    return RouteIR(label=label, nodes=top, blocks=MappingProxyType({k: tuple(v) for k, v in blocks.items()}),
+                   output=out, update=out.inputs["x"], by_name=MappingProxyType(frozen))

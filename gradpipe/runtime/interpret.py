@@ -1,0 +1,165 @@
+"""The one interpreter of a route's IR, shared by the eager and the compiled backend.
+
+A route runs over *lanes*: one tensor per lane for every node's value. In the eager
+backend a lane is a parameter; in a fused segment of the compiled backend a lane is a
+flat bucket of parameters (``torch.compile`` traces this same code). What differs
+between the two is only where a node's arguments, state and parameters come from,
+which a :class:`Lanes` object provides:
+
+* arguments: the eager backend evaluates them per parameter group in Python numbers
+  (:func:`eval_dynamic`), the compiled one hands them to its compiled function as 0-d
+  tensors (so a changed hyperparameter does not recompile);
+* state: created by the runtime from the op's declared buffers (``Op.init``) before the
+  node first runs on a lane, never by the op; ``fresh`` tells the op it is that first step;
+* parameters: each parameter, or the bucket's flat parameter buffer.
+
+:func:`eval_node` evaluates one node; :func:`apply_update` applies the route's update
+``p <- p - lr * u``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..compiler.ir import Kind, Node
+from ..compiler.ops import Args, InnerNode, NodeCtx
+from ..compiler.ops.base import RuntimeFloat
+from ..dsl.diagnostics import GradError
+
+__all__ = ["Lanes", "eval_node", "arith", "eval_dynamic", "structural_args", "apply_update", "compute_dtype",
+           "ARITH"]
+
+#: the arithmetic of ``arith`` nodes, on tensors and numbers alike
+ARITH: dict[str, Callable[[Any, Any], Any]] = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+    "/": lambda a, b: a / b, "**": lambda a, b: a ** b,
+}
+
+_COMPUTE_DTYPE: dict[torch.dtype, torch.dtype] = {}
+
+
+def compute_dtype(p: torch.Tensor) -> torch.dtype:
+    """State and math run in fp32 for half-precision parameters, else in the parameter's dtype."""
+    dt = _COMPUTE_DTYPE.get(p.dtype)
+    if dt is None:  # called per parameter per step: remember the answer per dtype
+        dt = _COMPUTE_DTYPE[p.dtype] = torch.promote_types(p.dtype, torch.float32)
+    return dt
+
+
+def _what(node: Node, k: str) -> str:
+    return f"argument '{k}' of '{node.op}'" if node.kind is Kind.OP else f"'{node.op}'"
+
+
+def eval_dynamic(node: Node, env: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of ``node``'s per-step arguments in one parameter group's environment
+    (hyperparameters, ``lr``, ``step``, ``loss``). Values computed from ``step`` or ``loss``
+    are :class:`RuntimeFloat`, so ops never take them for constants. An argument that cannot
+    be computed in this step (``1 / (step - 1)`` at step 1, a negative number to a fractional
+    power) is a GradError at the node."""
+    out: dict[str, Any] = {}
+    for k in node.dynamic:
+        try:
+            v = node.args[k].eval(env)
+        except (ZeroDivisionError, OverflowError, TypeError) as e:
+            raise GradError(f"{_what(node, k)} cannot be computed at step {env.get('step')}: {e}", node.span,
+                            "make the expression defined at every step") from None
+        if isinstance(v, complex):
+            raise GradError(f"{_what(node, k)} is not a real number at step {env.get('step')} ({v:.6g})", node.span,
+                            "make the expression real at every step: a fractional power of a number that can be "
+                            "negative is complex") from None
+        if k in node.per_step and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = RuntimeFloat(v)
+        out[k] = v
+    return out
+
+
+def structural_args(node: Node, dynamic: Mapping[str, Any]) -> dict[str, Any]:
+    """What an op's state may depend on (``Op.buffers_for``): the node's constants and the
+    group-level values among ``dynamic`` (never the ones that change with the step)."""
+    out = dict(node.const)
+    for k in node.dynamic:
+        if k not in node.per_step and k in dynamic:
+            out[k] = dynamic[k]
+    return out
+
+
+class Lanes(abc.ABC):
+    """Where one route's lanes take arguments, state and parameters from (see the module docstring)."""
+
+    #: per lane, the step number (from 1)
+    steps: Sequence[Any]
+    #: per lane, whether every loss the pipeline reads reaches it (None: a single loss)
+    shared: Sequence[bool] | None = None
+
+    @abc.abstractmethod
+    def args(self, node: Node) -> list[Args]:
+        """``node``'s evaluated arguments per lane."""
+
+    @abc.abstractmethod
+    def states(self, node: Node, xs: Sequence[torch.Tensor]) -> tuple[list[dict[str, torch.Tensor]], list[Any]]:
+        """``node``'s state per lane, created (for inputs ``xs``) where it does not exist yet, and
+        per lane whether it was created now (``fresh``)."""
+
+    @abc.abstractmethod
+    def params(self, node: Node) -> list[torch.Tensor | None]:
+        """The parameters per lane in the compute dtype (None where ``node`` does not read them)."""
+
+    def node_state(self, node: Node) -> dict[str, Any]:
+        """State the node shares over its lanes (an RNG)."""
+        return {}
+
+    def inner(self, node: Node, values: dict[str, list[torch.Tensor]]
+              ) -> tuple[Callable[[list[torch.Tensor]], list[torch.Tensor]] | None, Callable[[], list[InnerNode]] | None]:
+        """A block op's ``ctx.inner`` and ``ctx.inner_nodes`` (None for other nodes)."""
+        return None, None
+
+
+def arith(node: Node, values: Mapping[str, list[torch.Tensor]], args: Sequence[Args]) -> list[torch.Tensor]:
+    """An arithmetic node over every lane: ``lhs op rhs`` (or ``-lhs``), each side a signal
+    (an input) or a scalar argument."""
+    ins = node.inputs
+    fn = ARITH.get(node.op)
+    out = []
+    for i, a in enumerate(args):
+        lhs = values[ins["lhs"]][i] if "lhs" in ins else a.lhs
+        if node.op == "neg":
+            out.append(-lhs)
+            continue
+        rhs = values[ins["rhs"]][i] if "rhs" in ins else a.rhs
+        out.append(fn(lhs, rhs))
+    return out
+
+
+def eval_node(node: Node, values: dict[str, list[torch.Tensor]], lanes: Lanes) -> list[torch.Tensor]:
+    """One node's value over every lane, from the values of the nodes before it."""
+    if node.kind is Kind.ARITH:
+        return arith(node, values, lanes.args(node))
+    if node.kind is not Kind.OP:  # pragma: no cover - sources and block inputs are handed in
+        raise RuntimeError(f"cannot evaluate node {node.name!r} of kind {node.kind.value!r}")
+    op = node.impl
+    blocks = {p.name for p in op.params if p.kind == "block"}
+    inputs = {port: values[src] for port, src in node.inputs.items() if port not in blocks}
+    states, fresh = lanes.states(node, inputs["x"])
+    inner, inner_nodes = lanes.inner(node, values) if blocks else (None, None)
+    ctx = NodeCtx(inputs=inputs, args=lanes.args(node), states=states, steps=list(lanes.steps),
+                  params=lanes.params(node), fresh=fresh, node_state=lanes.node_state(node),
+                  shared=list(lanes.shared) if lanes.shared is not None else None, inner=inner,
+                  inner_nodes=inner_nodes)
+    return op.apply(ctx)
+
+
+def apply_update(p: torch.Tensor, u: torch.Tensor, lr: Any) -> None:
+    """``p <- p - lr * u`` in place (``p`` a parameter or a flat buffer of parameters; ``u`` in
+    the compute dtype, which for half-precision parameters is float32: the update is computed
+    in float32 and rounded once)."""
+    if p.dtype == u.dtype:
+        if isinstance(lr, torch.Tensor):
+            p.sub_(u * lr)
+        else:
+            p.add_(u, alpha=-lr)
+    else:
+        p.copy_(p.to(u.dtype) - u * lr if isinstance(lr, torch.Tensor) else p.to(u.dtype).add_(u, alpha=-lr))
+
