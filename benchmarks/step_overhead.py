@@ -50,7 +50,7 @@ def measure(pipeline: str, total: int, tensors: int, blocks: int = 15, per_block
     for q in ref:
         q.grad = torch.randn_like(q)
     fused = torch.optim.Adam(ref, lr=1e-3, fused=True)
-    for _ in range(5):  # the first step runs eagerly, the second compiles
+    for _ in range(5):  # the first step compiles; warm-up steps
         opt.step()
         fused.step()
     ours, theirs = [], []

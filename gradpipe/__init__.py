@@ -18,5 +18,12 @@ from .runtime.per_sample import per_sample_grads
 
 __version__ = "0.1.0"
 
+# Op plug-ins (the ``gradpipe.ops`` entry points) load last, once this package is whole: a
+# plug-in module runs ``import gradpipe`` and decorates its ops with ``@gradpipe.register_op``,
+# which a plug-in loaded while ``gradpipe`` was half-imported could not reach.
+from .compiler.ops import load_plugins as _load_plugins  # noqa: E402
+
+_load_plugins()
+
 __all__ = ["Optimizer", "Program", "GradError", "NonFiniteError", "compile", "load", "format_source", "builtin_names", "per_sample_grads", "gpm_basis",
            "register_op", "__version__"]

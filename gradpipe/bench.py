@@ -20,8 +20,11 @@ around the call) for every (size, layout, implementation) case and reports, per 
 * ``init_s``: building the optimizer (the compiled backend moves the parameters and
   gradients into flat buffers there).
 * ``step1_s``, ``step2_s``, ``first_two_s``: the first two steps. The compiled backend
-  runs a layout's first step eagerly (it creates the state) and compiles on the second,
-  so ``first_two_s`` is "first step including compilation".
+  runs every step compiled (the state, declared by the ops, is allocated before a
+  segment first runs), so ``step1_s`` includes the compilation and ``first_two_s`` is
+  "first step including compilation". Results written before the core redesign (issue
+  11; e.g. ``benchmarks/results/cpu-2026-11-23.json``) ran the first step eagerly and
+  compiled on the second, which is why the sum of two steps is reported.
 * ``state_bytes``: the bytes of every tensor the optimizer keeps in its state (each
   storage counted once: the compiled backend's per-parameter state are views of flat
   buffers). Exact.
@@ -33,7 +36,7 @@ around the call) for every (size, layout, implementation) case and reports, per 
 * ``traffic_bytes_per_param``: the least memory traffic of one step from the
   pipeline's math: read the gradient and the parameter, write the parameter, and read
   and write every state element, ``12 + 8 * state_elements / params`` bytes in fp32
-  (fused Adam: 28 B/param, the performance model of DESIGN.md section 5). A pipeline
+  (fused Adam: 28 B/param; the roofline model of ``docs/benchmarks.md``). A pipeline
   with a global reduction needs more than one pass, so for it this is a lower bound.
 * ``roofline_pct``: ``traffic_bytes_per_param * n_params / bandwidth / step_s``, where
   ``bandwidth`` (``bandwidth_gbs``) is the streaming bandwidth measured right before

@@ -27,7 +27,7 @@ from .compiler.ops.base import REQUIRED, SeededOp
 __all__ = ["render_ops_markdown", "op_markdown", "rst_to_markdown", "NOTES", "main"]
 
 #: Known disagreements between a paper, its reference code and gradpipe, by op.
-#: Sources: the op docstrings and ``reference/seed-ops.md``.
+#: Sources: the op docstrings and the papers and reference code they cite.
 NOTES: dict[str, list[str]] = {
     "adam": [
         "**Epsilon placement.** `adam`, `torch.optim.Adam` and Algorithm 1 of the paper all divide "
@@ -464,8 +464,7 @@ def op_markdown(op: Op) -> str:
     return "\n".join(lines)
 
 
-_INTRO = '''\
-# Op reference
+_INTRO = r'''# Op reference
 
 <!-- Generated from the op registry by `python -m gradpipe.docs_ops > docs/ops.md`.
      Do not edit by hand: tests/test_docs.py fails when this file and the code disagree. -->
@@ -478,7 +477,7 @@ Conventions:
 
 - $x_t$ is what the op receives at step $t$ (its stream input; the step counter
   starts at 1), $u_t$ is what it emits. The runtime applies the pipeline's
-  final $u$ as $\\theta \\leftarrow \\theta - \\mathrm{lr}\\cdot u$.
+  final $u$ as $\theta \leftarrow \theta - \mathrm{lr}\cdot u$.
 - Arguments are positional in the order shown, or by name. A *scalar* argument
   is a number, a hyperparameter, or arithmetic on them (`1 - b1`, `lr * 0.1`);
   a range is checked at compile time for constants, and when the optimizer is

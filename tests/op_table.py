@@ -2,7 +2,7 @@
 
 Each :class:`OpCase` is a pipeline snippet that uses one op of
 ``gradpipe.compiler.ops.OPS`` and a hand-written NumPy reference of the op's
-equations (from the op's docstring and ``reference/seed-ops.md``; never the
+equations (from the op's docstring and the paper it cites; never the
 op's own code). The reference is a *stepper*: called once per step with the
 step number, the gradients and the parameters before the step, it returns the
 update ``u`` the pipeline must emit, so the runtime's ``p <- p - lr * u`` with

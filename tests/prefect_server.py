@@ -8,8 +8,8 @@ guarded by an ``fcntl`` lock so only one worker builds it), copies it with the
 ``python -m prefect server start --no-ui`` on a free port of 127.0.0.1.
 
 Unlike the ephemeral server, this one runs the scheduler services, so flows
-served with a ``cron`` schedule get their runs (see
-``/work/shared/reference/orchestration.md`` section 1.3). Teardown fails when
+served with a ``cron`` schedule get their runs (``docs/orchestration.md``:
+the ephemeral server runs no scheduler). Teardown fails when
 the server log holds a ``Traceback``: scheduler crashes such as the
 SQLAlchemy 2.1 ``InvalidRequestError`` show up nowhere else.
 

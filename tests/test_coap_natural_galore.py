@@ -1,7 +1,7 @@
 """``coap`` (COAP) and ``woodbury_fisher`` (Natural GaLore): the research notes' test vectors,
 the NumPy references of ``tests/ref_lowrank_coap.py``, checkpoints, memory reports, training.
 
-Every number hard-coded here comes from the notes (``lowrank.md`` sections 2 and 4), produced
+Every number hard-coded here comes from the research notes of the session that added the ops, produced
 by a transcription of the reference code (bytedance/coap; the ``natural_galore`` package) in
 float64 with lr = 1, betas (0.9, 0.999) and Hugging Face's eps = 1e-6 (reproduced exactly by
 ``adam(eps = 1e-6 / (1 - 0.999 ** step) ** 0.5)``). Values are parameter changes

@@ -269,3 +269,79 @@ def test_grammar_summary_names_every_keyword():
 def test_language_md_links_the_op_reference():
     text = LANGUAGE.read_text(encoding="utf-8")
     assert "ops.md" in text
+
+
+# ------------------------------------------------------------ ops.md: the "Adding an op" example
+def _adamax_block() -> Block:
+    """The ```python block of docs/ops.md ("Adding an op") that defines ``class Adamax``."""
+    found = [b for b in fenced_blocks(OPS_MD) if b.lang == "python" and "class Adamax" in b.text]
+    assert len(found) == 1, "docs/ops.md should hold one python block defining class Adamax"
+    return found[0]
+
+
+@pytest.fixture
+def doc_adamax():
+    """Run the docs' Adamax example, which registers op ``my_adamax``; unregister it afterwards."""
+    import sys
+    import types
+    OPS.pop("my_adamax", None)
+    block = _adamax_block()
+    # a real module, as a user's own module would be: torch.compile looks the op's class up by module
+    module = types.ModuleType("gradpipe_docs_adamax_example")
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(block.text, block.id, "exec"), module.__dict__)
+        assert "my_adamax" in OPS, "the example should register the op my_adamax"
+        yield OPS["my_adamax"]
+    finally:
+        OPS.pop("my_adamax", None)
+        sys.modules.pop(module.__name__, None)
+
+
+_ADAMAX_HPARAMS = """\
+hparam lr = 0.001 in [0, inf)
+hparam b1 = 0.9 in [0, 1)
+hparam b2 = 0.999 in [0, 1)
+hparam eps = 1e-8 in [0, inf)
+
+grad | my_adamax(b1, b2, eps)
+"""
+
+
+@pytest.mark.filterwarnings("error::gradpipe.runtime.compiled.CompileFallbackWarning")
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@pytest.mark.parametrize("pipeline, hyper", [
+    ("grad | my_adamax", dict(lr=0.01, betas=(0.9, 0.999), eps=1e-8)),
+    # a large eps, so that where it is added (torch: max(b2 u, |g| + eps)) shows in the result
+    (_ADAMAX_HPARAMS, dict(lr=0.02, betas=(0.8, 0.99), eps=1e-2)),
+], ids=["defaults", "hparams"])
+def test_ops_md_adamax_example_matches_torch_adamax(doc_adamax, backend, pipeline, hyper):
+    torch = pytest.importorskip("torch")
+    assert doc_adamax.flat and doc_adamax.is_rule
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    ref = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    ref.load_state_dict(ours.state_dict())
+    b1, b2 = hyper["betas"]
+    kw = dict(lr=hyper["lr"]) if pipeline.startswith("grad") else dict(lr=hyper["lr"], b1=b1, b2=b2,
+                                                                       eps=hyper["eps"])
+    opt = gradpipe.Optimizer(ours.named_parameters(), pipeline, backend=backend, **kw)
+    ref_opt = torch.optim.Adamax(ref.parameters(), lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"],
+                                 foreach=False)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    y = torch.randn(16, 2, dtype=torch.float64)
+    for step in range(1, 6):
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            o.step()
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12,
+                                       msg=lambda m: f"step {step}, {name} ({backend}): {m}")
+    # the state is the example's declared buffers: m and u, each the parameter's shape
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        st, rs = opt.state[p], ref_opt.state[q]
+        (m,) = [v for k, v in st.items() if k.endswith(".m")]
+        (u,) = [v for k, v in st.items() if k.endswith(".u")]
+        torch.testing.assert_close(m, rs["exp_avg"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(u, rs["exp_inf"], rtol=1e-10, atol=1e-12)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 
 import pytest
 
@@ -12,7 +14,7 @@ from gradpipe.dsl.ast import (
     Let, Module, Name, Neg, Num, Regex, Route, SelAnd, SelNot, SelOr, ShapePred, Str, Tuple,
 )
 from gradpipe.dsl.diagnostics import GradError
-from gradpipe.dsl.parser import MAX_SOURCE_BYTES, parse, parse_file, read_source
+from gradpipe.dsl.parser import _TOKEN_WORDS, MAX_SOURCE_BYTES, _describe, _parser, parse, parse_file, read_source
 
 
 def N(*parts: str) -> Name:
@@ -401,3 +403,81 @@ class TestFiles:
         p = tmp_path / "bom.grad"
         p.write_bytes("\ufeffgrad | sign\n".encode())
         assert parse_file(p).stmts == (Body(Chain((N("grad"), N("sign")))),)
+
+
+# ------------------------------------------------------------------------ internals
+def _threaded_source(i: int) -> str:
+    """A file of its own for thread ``i``: comments, and chains broken over lines at other offsets."""
+    lines = [f"# optimizer {i}", f"hparam lr = 0.00{i + 1} in [0, 1)  # step size", ""]
+    for j in range(i % 4 + 2):
+        lines += [f"let s{j} = grad  # stage {j}",
+                  " " * (i % 3 + 1) + f"| ema({j}.5)",
+                  "  # between the stages",
+                  f"  | scale(2 ** {i + j})", ""]
+    lines += [f'route "layer{i}.*" or ndim >= {i % 3}:',
+              "  s0",
+              "  | clip(" + ", ".join(str(k) for k in range(i + 1)) + ",",
+              f"         x={i})  # clipped",
+              "route default: s1 | sign",
+              f"# the end of {i}"]
+    return "\n".join(lines) + "\n"
+
+
+def _snapshot(m: Module) -> tuple:
+    """All that a parse yields, including what AST equality leaves out (spans, comments)."""
+    return (m.stmts, tuple(s.comments for s in m.stmts), m.trailing_comments,
+            tuple((type(n).__name__, n.span) for s in m.stmts for n in ast.walk(s)))
+
+
+class TestParserInternals:
+    def test_every_terminal_is_named(self):
+        """The grammar names every terminal: none is left to Lark's made-up '__ANON_n' (or '__IGNORE_n')."""
+        names = [t.name for t in _parser().terminals]
+        assert "POW" in names
+        assert not [n for n in names if n.startswith("__")], names
+
+    def test_every_terminal_has_words(self):
+        """An expected-token hint never shows a terminal's name: a keyword shows its text, the rest _TOKEN_WORDS."""
+        for t in _parser().terminals:
+            if t.name in ("COMMENT", "WS"):
+                continue
+            assert _describe({t.name}) in (_TOKEN_WORDS.get(t.name), repr(t.pattern.value)), t.name
+        assert "'**'" in error("grad sign").hint
+
+    def test_threads_parse_at_once(self):
+        """Threads parsing different files at once get exactly what a lone parse gets.
+
+        The parser used to keep each parse's text and comments on the one
+        post-lexer that every parse shares (behind a lock); without the lock
+        this test failed: a thread decided where its statements end by reading
+        another file's text, and its comments went to whichever parse reset the
+        list last. A tiny switch interval makes the threads interleave inside
+        each parse.
+        """
+        sources = [_threaded_source(i) for i in range(8)]
+        expected = [_snapshot(parse(s)) for s in sources]
+        assert all(len(e[0]) > 4 and any(e[1]) and e[2] for e in expected)  # comments, chains, routes
+        results: list[list[object]] = [[] for _ in sources]
+        barrier = threading.Barrier(len(sources))
+
+        def work(i: int) -> None:
+            barrier.wait()
+            for _ in range(50):
+                try:
+                    results[i].append(_snapshot(parse(sources[i])))
+                except Exception as e:  # noqa: BLE001 - compared below, like a result
+                    results[i].append(e)
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(len(sources))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(interval)
+        wrong = [(i, got) for i, runs in enumerate(results) for got in runs if got != expected[i]]
+        assert [len(runs) for runs in results] == [50] * len(sources)
+        assert not wrong, f"{len(wrong)} of {50 * len(sources)} parses differ, e.g. thread {wrong[0][0]}: {wrong[0][1]!r:.300}"

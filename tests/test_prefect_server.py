@@ -1,6 +1,6 @@
 """The Prefect server fixture: an in-process flow run, and the scheduler regression test.
 
-The second test is the check from orchestration.md section 1.3: a flow served
+The second test is the scheduler check of ``docs/orchestration.md``: a flow served
 with a cron schedule must get ``auto_scheduled`` runs from the server's
 scheduler (with SQLAlchemy 2.1 none ever appear and the server log fills with
 ``InvalidRequestError`` tracebacks, which the fixture's teardown reports).

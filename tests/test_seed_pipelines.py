@@ -9,7 +9,7 @@ where it started and a validation accuracy far above chance.
 
 ``scalpel`` (the user's line) is the exception, and the test says so: projecting
 a single gradient stream against its own EMA removes the persistent descent
-direction (seed-ops section 2.3), so it does not train; README explains it.
+direction (the bloop op's docstring and ``docs/ops.md``), so it does not train; README explains it.
 """
 
 from __future__ import annotations

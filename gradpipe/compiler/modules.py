@@ -158,6 +158,9 @@ class ModuleEnv:
 
 
 RESERVED = {"grad", "param", "grads", "samples", "lr", "step", "loss", "inf", "true", "false"}
+#: keys torch.optim keeps in every param group besides the hyperparameters: a hyperparameter
+#: of these names would be overwritten by the group's parameters
+GROUP_KEYS = {"params", "param_names"}
 
 
 def _collect(env: ModuleEnv, errors: list[GradError]) -> None:
@@ -167,6 +170,10 @@ def _collect(env: ModuleEnv, errors: list[GradError]) -> None:
         if name in RESERVED and not (hparam and name == "lr"):
             errors.append(GradError(f"'{name}' is a built-in name and cannot be redefined", span,
                                     "choose another name"))
+            return False
+        if hparam and name in GROUP_KEYS:
+            errors.append(GradError(f"'{name}' is the key of a param group's parameters in torch.optim; "
+                                    "a hyperparameter cannot have that name", span, "choose another name"))
             return False
         if name in seen:
             errors.append(GradError(f"'{name}' is already defined on line {seen[name].line}", span,
@@ -185,6 +192,10 @@ def _collect(env: ModuleEnv, errors: list[GradError]) -> None:
                 high = const_value(s.high) if s.high is not None else math.inf
                 if isinstance(default, tuple) and not default:
                     raise GradError("a tuple hyperparameter needs at least one item", s.default.span)
+                if s.name == "lr" and not _is_number(default):  # every step computes p - lr * u
+                    what = "a tuple" if isinstance(default, tuple) else "a boolean"
+                    raise GradError(f"the learning rate 'lr' must be a number, not {what}", s.default.span,
+                                    "write e.g. 'hparam lr = 0.001 in [0, inf)'")
                 for b, node in ((low, s.low), (high, s.high)):
                     if node is not None and not _is_number(b):
                         raise GradError("a range bound must be a number", node.span)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import threading
 import pathlib
 from typing import Iterator
 
@@ -47,12 +46,26 @@ _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 _OPEN = {"LPAR", "LSQB", "LBRACE"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
 # A newline after one of these does not end the statement.
-_CONTINUE_AFTER = {"VBAR", "PLUS", "MINUS", "STAR", "SLASH", "__ANON_0", "EQUAL", "COMMA",
+_CONTINUE_AFTER = {"VBAR", "PLUS", "MINUS", "STAR", "SLASH", "POW", "EQUAL", "COMMA",
                    "COLON", "AND", "OR", "NOT", "IN"}
 
 
-class _Continuations(PostLex):
-    """Drops newline tokens that do not end a statement.
+class _AlwaysAccept(PostLex):
+    """The shared, stateless part of the post-lexer: lex newlines and comments in every parser state.
+
+    The per-parse work happens in :class:`_Continuations`, which reads the
+    token stream of one parse (see :func:`_parse_tree`).
+    """
+
+    always_accept = ("_NL", "COMMENT")
+
+    def process(self, stream: Iterator[Token]) -> Iterator[Token]:
+        return stream
+
+
+class _Continuations:
+    """One parse's post-lexer: drops newline tokens that do not end a statement,
+    and takes the COMMENT tokens out of the stream into :attr:`comments`.
 
     The decision never looks at a later token (the contextual lexer lexes each
     token in the parser state left by the previous one), only at the raw text:
@@ -60,11 +73,9 @@ class _Continuations(PostLex):
     the chain.
     """
 
-    always_accept = ("_NL",)
-
-    def __init__(self) -> None:
-        self.source = ""
-        self.comments: list[Token] = []  # COMMENT tokens, filled by the lexer callback
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.comments: list[Token] = []
 
     def _next_line_starts_with_bar(self, pos: int) -> bool:
         src, n = self.source, len(self.source)
@@ -83,6 +94,9 @@ class _Continuations(PostLex):
         depth = 0
         prev_type: str | None = None
         for tok in stream:
+            if tok.type == "COMMENT":
+                self.comments.append(tok)
+                continue
             if tok.type == "_NL":
                 if (depth > 0 or prev_type in _CONTINUE_AFTER or prev_type in (None, "_NL")
                         or self._next_line_starts_with_bar(tok.end_pos)):
@@ -95,22 +109,37 @@ class _Continuations(PostLex):
             yield tok
 
 
-_LOCK = threading.Lock()
-
-
 @functools.lru_cache(maxsize=None)
 def _parser() -> Lark:
+    """The LALR parser, built once; it holds no per-parse state, so threads share it.
+
+    (Lark builds each parser state's scanner on first use; with no lexer
+    callbacks that is idempotent, so two threads racing there only build it twice.)
+    """
     grammar = (pathlib.Path(__file__).parent / "grammar.lark").read_text()
-    postlex = _Continuations()
-    return Lark(grammar, parser="lalr", lexer="contextual", postlex=postlex,
-                propagate_positions=True, maybe_placeholders=True,
-                lexer_callbacks={"COMMENT": lambda tok: postlex.comments.append(tok)})
+    return Lark(grammar, parser="lalr", lexer="contextual", postlex=_AlwaysAccept(),
+                propagate_positions=True, maybe_placeholders=True)
+
+
+def _parse_tree(source: str) -> tuple[lark.Tree, list[Token]]:
+    """Parse ``source`` into a Lark tree and its COMMENT tokens (raises Lark's errors).
+
+    Lark's own parse loop would read the shared post-lexer; this one feeds the
+    parser through a :class:`_Continuations` made for this parse alone.
+    """
+    interactive = _parser().parse_interactive(source)
+    continuations = _Continuations(source)
+    feed = interactive.parser_state.feed_token
+    last: Token | None = None
+    for last in continuations.process(interactive.lexer_thread.lex(interactive.parser_state)):
+        feed(last)
+    return interactive.feed_eof(last), continuations.comments
 
 
 _TOKEN_WORDS = {
     "VBAR": "'|'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
     "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "EQUAL": "'='", "COLON": "':'",
-    "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "DOT": "'.'",
+    "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "POW": "'**'", "DOT": "'.'",
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
     "REGEX": "a /regex/", "CMP": "a comparison", "SHAPE_ATTR": "'ndim' or 'numel'",
     "_NL": "a new line", "$END": "the end of the file",
@@ -118,10 +147,11 @@ _TOKEN_WORDS = {
 
 
 def _describe(types: set[str]) -> str:
+    """The expected terminals in words; a keyword's terminal is named after it ('ROUTE' is 'route')."""
+    types = types - {"COMMENT"}  # a comment is always allowed, never needed
     if len(types) > 1:
         types = types - {"_NL"}
-    words = sorted({_TOKEN_WORDS.get(t, repr(t.lower()) if t.isupper() else t) for t in types
-                    if not t.startswith("__ANON")} | ({"'**'"} if any(t.startswith("__ANON") for t in types) else set()))
+    words = sorted({_TOKEN_WORDS.get(t, repr(t.lower()) if t.isupper() else t) for t in types})
     if len(words) > 8:
         words = words[:8] + ["..."]
     return ", ".join(words)
@@ -477,18 +507,8 @@ def parse(source: str, path: str = "<string>") -> ast.Module:
     if not isinstance(source, str):
         raise TypeError(f"parse() expects str, got {type(source).__name__}")
     _precheck(source, path)
-    parser = _parser()
     try:
-        with _LOCK:
-            parser.options.postlex.source = source
-            parser.options.postlex.comments = []
-            tree = parser.parse(source)
-            comment_toks = parser.options.postlex.comments
-            parser.options.postlex.comments = []
-    except lark.exceptions.VisitError as e:  # pragma: no cover - transformer errors below
-        if isinstance(e.orig_exc, GradError):
-            raise e.orig_exc from None
-        raise
+        tree, comment_toks = _parse_tree(source)
     except lark.exceptions.LarkError as e:
         raise _syntax_error(e, path, source) from None
     _check_depth(tree, path, source)

@@ -3,10 +3,10 @@
 ``gradpipe ui`` runs ``python -m mlflow ui`` (through ``sys.executable``, so it
 works from a virtual environment that is not on ``PATH``) on the same store
 that ``gradpipe train`` and ``gradpipe compare`` write to, bound to 127.0.0.1
-unless another host is asked for. It is the slim configuration measured in
-``/work/shared/reference/orchestration.md`` section 3.6: one worker and no job
-runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``), ready in about 10 s
-instead of 23 s on a 2-core machine.
+unless another host is asked for. It is a slim configuration: one worker and no
+job runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``), ready in about 10 s
+instead of 23 s on a 2-core machine (measured when it was chosen; see
+``docs/orchestration.md``, sections 4 and 10).
 
 A tracking URI that is already a server (``http://``, ``https://``,
 Databricks) has its own UI: :class:`UIError` says to open it instead.

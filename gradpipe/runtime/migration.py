@@ -7,8 +7,9 @@ dict saved by another version of the pipeline therefore works node by node:
 * a node that keeps state on both sides under the same name, op and buffer list
   is **carried**: its buffers (and its node state, such as ``noise``'s generator)
   are loaded as saved, after checking each buffer's shape against its parameter;
-* a node only this pipeline has is **new**: it has no state after loading and its
-  op creates it in the next step, exactly as in a fresh optimizer's first step;
+* a node only this pipeline has is **new**: it has no state after loading; the
+  runtime creates it from the op's declared buffers (``Op.init``) before the node's
+  next step, exactly as in a fresh optimizer's first step;
 * a node only the checkpoint has is **dropped** and reported;
 * a node on both sides whose op or buffer list changed (``rms(centered=true)``
   after ``rms(centered=false)``, ``gcond`` with another number of tasks) is

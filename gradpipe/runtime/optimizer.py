@@ -35,6 +35,8 @@ def as_program(pipeline: Program | str | pathlib.Path) -> Program:
         raise TypeError(f"pipeline must be a Program, a path, a built-in name or source text, "
                         f"not {type(pipeline).__name__}")
     text = pipeline.strip()
+    if text.endswith(".grad") and "\n" not in text and _is_file(text):
+        return load(text)  # a file, even in a folder whose name holds '(' or '=' ("runs (2)/adam.grad")
     if any(c in text for c in "|(=\n#"):
         return compile_source(pipeline)  # source text: no file or built-in name contains these
     if text in builtin_names() and not _is_file(text):

@@ -441,7 +441,8 @@ class MacroOp(Op):
 
 
 #: the op library, by name: every module of this package registers its op on import
-#: (``gradpipe/compiler/ops/__init__.py`` imports them all), and plug-ins add theirs
+#: (``plugins.load_builtin_ops``, called by ``gradpipe/compiler/ops/__init__.py``, imports
+#: them all), and plug-ins add theirs
 #: with :func:`gradpipe.register_op` or the ``gradpipe.ops`` entry point group
 OPS: dict[str, Op] = {}
 
