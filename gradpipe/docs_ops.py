@@ -554,9 +554,11 @@ A `flat` op takes its non-constant arguments, the step and `lane.fresh` as 0-d
 tensors in the compiled backend: use the helpers of `gradpipe/compiler/ops/base.py`
 (`axpy_`, `addcmul_s`, `sqrt_s`, `is_zero`, `on_first` for a buffer whose first value
 is the first input) instead of `alpha=`, `math.sqrt` and `if`. Rules on the op's use
-that the signature cannot state go in its `check` hook (called when the pipeline
-compiles, so `gradpipe check` reports them); capabilities other ops rely on are base
-classes (`Denominator`). `tests/test_docs.py` runs the example above on both
+that the signature cannot state go in its `check` hook, and rules across its scalar
+arguments (`low <= high`) in `validate` (with `validates` naming the arguments): both
+run when the pipeline compiles, so `gradpipe check` reports them, and `validate` runs
+again for every param group and, for arguments computed from `step` or `loss`, in every
+step. Capabilities other ops rely on are base classes (`Denominator`). `tests/test_docs.py` runs the example above on both
 backends against `torch.optim.Adamax`.
 
 **From another package.** A package adds ops without touching gradpipe: decorate the

@@ -162,6 +162,16 @@ CASES = [
          1, 36, "the { ... } pipeline of 'galore' cannot read 'grad'"),
     Case("parameter_reader_in_a_projecting_block", "grad | galore(rank=2) { decay(0.1) | adam }\n",
          1, 25, "'decay' reads the parameters, but the { ... } pipeline of 'galore'"),
+    # --- rules across arguments (Op.validate; program.rule_checks)
+    Case("group_scale_low_above_high", "grad | group_scale(low=5, high=1, interval=1) { adam }\n",
+         1, 8, "group_scale needs low <= high, got low=5 and high=1"),
+    Case("group_scale_low_above_high_from_a_default",
+         "hparam lo = 5\ngrad | group_scale(low=lo, high=1, interval=1) { adam }\n",
+         2, 8, "group_scale needs low <= high, got low=5 and high=1 (from the hyperparameters' defaults)"),
+    Case("gcond_t_crit_above_t_main", "gcond(grads.a, grads.b, t_crit=0.5) | adam\n",
+         1, 1, "gcond needs t_crit <= t_main <= t_weak"),
+    Case("gcond_zero_weights", "gcond(grads.a, grads.b, w_stability=0, w_strength=0) | adam\n",
+         1, 1, "gcond needs w_stability + w_strength > 0"),
     Case("wavelet_block_without_a_denominator", "grad | wavelet { sign }\n",
          1, 18, "'wavelet' scales the detail coefficients by its inner pipeline's denominator"),
     Case("group_scale_block_without_a_first_moment", "grad | group_scale(k=2) { sign }\n",
@@ -261,6 +271,17 @@ def test_call_time_hyperparameters_are_the_optimizers_alone(tmp_path, capsys):
     assert (info.value.line, info.value.column) == (2, 12)
     with pytest.raises(GradError, match="unknown hyperparameter 'c'"):
         build(path, c=1.0)
+
+
+def test_call_time_hyperparameters_meet_the_rules_across_arguments(tmp_path, capsys):
+    """A rule across arguments (``low <= high``) holds for every param group, not only the defaults."""
+    path = tmp_path / "rule.grad"
+    path.write_text("hparam lo = 0.5 in [0, inf)\ngrad | group_scale(low=lo, high=1, interval=1) { adam }\n")
+    assert check_cli(capsys, path)[0] == 0
+    with pytest.raises(GradError, match=r"group_scale needs low <= high, got low=3 and high=1 "
+                                        r"\(from param group 0\)") as info:
+        build(path, lo=3.0)
+    assert (info.value.line, info.value.column) == (2, 8)
 
 
 # ====================================================================== (b) mutants of the shipped pipelines
@@ -424,19 +445,9 @@ def _first_step(source: str, tmp_path: pathlib.Path) -> None:
         opt.step()
 
 
-_GAP = "the op's cross-argument rule is checked only when it runs (ValueError at the first step), not by check"
-
-
 @pytest.mark.parametrize("source", [
     "grad | group_scale(low=0.1, high=10, interval=1) { adam }\n",
     "gcond(grads.a, grads.b) | adam\n",
-    pytest.param("grad | group_scale(low=5, high=1, interval=1) { adam }\n",
-                 marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=_GAP)),
-    pytest.param("gcond(grads.a, grads.b, t_crit=0.5) | adam\n",
-                 marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=_GAP)),
-    pytest.param("gcond(grads.a, grads.b, w_stability=0, w_strength=0) | adam\n",
-                 marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=_GAP)),
-], ids=["group_scale", "gcond", "group_scale_low_above_high", "gcond_t_crit_above_t_main",
-        "gcond_zero_weights"])
+], ids=["group_scale", "gcond"])
 def test_what_check_accepts_takes_its_first_step(source, tmp_path):
     _first_step(source, tmp_path)

@@ -20,7 +20,7 @@ from .modules import HyperParam
 from .ops import Op, Param
 from .values import ScalarV, Value, Word, kind_name
 
-__all__ = ["bind", "bind_op", "BoundCall", "ArgChecker", "RangeCheck"]
+__all__ = ["bind", "bind_op", "BoundCall", "ArgChecker", "RangeCheck", "RuleCheck", "reads_step"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,24 @@ class RangeCheck:
     param: Param
     op: str
     span: Span
+
+
+@dataclass(frozen=True)
+class RuleCheck:
+    """An op's rule across several arguments (:meth:`Op.validate`) whose values depend on
+    hyperparameters, ``step`` or ``loss``: checked like a :class:`RangeCheck`."""
+
+    exprs: tuple[tuple[str, S.Scalar], ...]
+    op: str
+    span: Span
+
+    def values(self, env: Mapping[str, Any]) -> dict[str, float]:
+        return {k: e.eval(env) for k, e in self.exprs}
+
+
+def reads_step(expr: S.Scalar) -> bool:
+    """Whether a scalar expression reads ``step`` or ``loss`` (known only in a step)."""
+    return any(isinstance(leaf, S.Src) and leaf.name in ("step", "loss") for leaf in S.leaves(expr))
 
 
 def bind(what: str, names: Sequence[str], e: ast.Call) -> dict[str, ast.Expr]:

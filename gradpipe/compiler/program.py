@@ -8,14 +8,14 @@ import math
 import pathlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import networkx as nx
 
 from ..dsl import ast
 from ..dsl.diagnostics import GradError, Span, did_you_mean
 from . import scalars as S
-from .binder import RangeCheck
+from .binder import RangeCheck, RuleCheck, reads_step
 from .build import Builder, RouteInfo, selector_label
 from .ir import Kind, Node, RouteIR, freeze
 from .modules import HyperParam, ModuleEnv, all_hparams, load_module_tree
@@ -63,6 +63,7 @@ class Program:
     canonical: str
     hash: str
     range_checks: list[RangeCheck] = field(default_factory=list)
+    rule_checks: list[RuleCheck] = field(default_factory=list)
     folded: list[str] = field(default_factory=list)
     merged: list[tuple[str, str]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
@@ -99,10 +100,11 @@ class Program:
         return out
 
     def check_group(self, group: Mapping[str, Any], origin: str) -> None:
-        """Check a param group's values against every op's valid ranges."""
+        """Check a param group's values against every op's valid ranges and rules across
+        arguments (those reading ``step`` or ``loss`` are checked in each step instead)."""
         env = {k: group[k] for k in self.hyperparams if k in group}
         for rc in self.range_checks:
-            if any(isinstance(l, S.Src) and l.name in ("step", "loss") for l in S.leaves(rc.expr)):
+            if reads_step(rc.expr):
                 continue  # checked with the real values in every step (check_step_ranges)
             try:
                 val = rc.expr.eval(env)
@@ -113,11 +115,14 @@ class Program:
                 raise GradError(f"{rc.param.name}={val!r} (from {origin}) is outside the valid range "
                                 f"{rc.param.range_text()} of '{rc.op}'", rc.span,
                                 f"choose hyperparameters that give {rc.param.name} in {rc.param.range_text()}")
+        for rule in self.rule_checks:
+            if not any(reads_step(e) for _, e in rule.exprs):
+                _check_rule(rule, env, f"from {origin}")
 
     def check_step_ranges(self, env: Mapping[str, Any]) -> None:
-        """Check the valid ranges of arguments that depend on ``step`` or ``loss`` in this step."""
+        """Check the valid ranges and rules of arguments that depend on ``step`` or ``loss`` in this step."""
         for rc in self.range_checks:
-            if not any(isinstance(l, S.Src) and l.name in ("step", "loss") for l in S.leaves(rc.expr)):
+            if not reads_step(rc.expr):
                 continue
             try:
                 val = rc.expr.eval(env)
@@ -127,6 +132,9 @@ class Program:
                 raise GradError(f"{rc.param.name}={val!r} at step {env.get('step')} is outside the valid range "
                                 f"{rc.param.range_text()} of '{rc.op}'", rc.span,
                                 f"write the argument so that it stays in {rc.param.range_text()} at every step")
+        for rule in self.rule_checks:
+            if any(reads_step(e) for _, e in rule.exprs):
+                _check_rule(rule, env, f"at step {env.get('step')}")
 
     def file_span(self) -> Span:
         """A span at the start of the pipeline's file (for problems of the whole file)."""
@@ -444,13 +452,44 @@ def compile_env(env: ModuleEnv) -> Program:
     position = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(g))}
     ir = {r.label: freeze(g, r.label, r.output, position) for r in routes}
     nonfinite = policy_of(n for r in ir.values() for n in r.all_nodes())
+    rules = rule_checks(n for r in ir.values() for n in r.all_nodes())
     canonical, digest = _canonical_and_hash(env)
     prog = Program(graph=g, hyperparams=hparams, routes=routes, path=env.path, source=env.module.source,
-                   canonical=canonical, hash=digest, range_checks=b.range_checks, folded=[str(f) for f in b.folded],
+                   canonical=canonical, hash=digest, range_checks=b.range_checks, rule_checks=rules, folded=[str(f) for f in b.folded],
                    merged=merged, removed=removed, losses=frozenset(b.losses), reads=frozenset(b.reads),
                    ir=ir, nonfinite=nonfinite)
     prog.check_group(prog_defaults, "the hyperparameters' defaults")
     return prog
+
+
+def _check_rule(rule: RuleCheck, env: Mapping[str, Any], origin: str) -> None:
+    try:
+        values = rule.values(env)
+    except (ZeroDivisionError, OverflowError, ValueError):
+        raise GradError(f"the arguments of '{rule.op}' cannot be computed {origin}", rule.span) from None
+    broken = OPS[rule.op].validate(values)
+    if broken is not None:
+        msg, hint = broken
+        raise GradError(f"{msg} ({origin})", rule.span, hint)
+
+
+def rule_checks(nodes: Iterable[Node]) -> list[RuleCheck]:
+    """The rules across arguments (:meth:`Op.validate`) of these nodes: checked here when every
+    argument they read is a constant, returned to be checked per param group or step otherwise."""
+    out: list[RuleCheck] = []
+    seen: set[str] = set()
+    for n in nodes:
+        if n.kind is not Kind.OP or n.name in seen or not n.impl.validates:
+            continue
+        seen.add(n.name)
+        op = n.impl
+        if all(k in n.const for k in op.validates):
+            broken = op.validate({k: n.const[k] for k in op.validates})
+            if broken is not None:
+                raise GradError(broken[0], n.span, broken[1])
+        else:
+            out.append(RuleCheck(tuple((k, n.args[k]) for k in op.validates), op.name, n.span))
+    return out
 
 
 def _compile_guarded(source: str, path: str) -> Program:

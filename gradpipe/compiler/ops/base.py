@@ -331,6 +331,16 @@ class Op:
         pass
 
     # ------------------------------------------------------------------ compile-time hooks
+    #: the scalar arguments :meth:`validate` reads (empty: the op has no rule across arguments)
+    validates: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self, args: Mapping[str, float]) -> tuple[str, str] | None:
+        """A rule across the scalar arguments named in ``validates`` (``low <= high``):
+        ``(message, hint)`` when these values break it, else None. Checked when the pipeline
+        compiles (constants and the hyperparameters' defaults), for every param group, and in
+        every step for arguments computed from ``step`` or ``loss``; ``update`` can rely on it."""
+        return None
+
     def check(self, node: "Node", view: CheckView) -> None:
         """Rules on this op's use that the signature does not state; raise a positioned
         ``GradError``. Called for every node of the op once the pipeline is built and

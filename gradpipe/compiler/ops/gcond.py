@@ -162,6 +162,16 @@ class GCond(Op):
         return {"ema": [float(e) for e in node_state["ema"]], "history": [int(h) for h in node_state["history"]],
                 "t": int(node_state["t"])}
 
+    validates = ("t_crit", "t_main", "t_weak", "w_stability", "w_strength")
+
+    def validate(self, args):
+        if not args["t_crit"] <= args["t_main"] <= args["t_weak"]:
+            return (f"gcond needs t_crit <= t_main <= t_weak, got {args['t_crit']:g}, {args['t_main']:g}, "
+                    f"{args['t_weak']:g}", "the zones are nested: critical below main below weak")
+        if not args["w_stability"] + args["w_strength"] > 0:
+            return ("gcond needs w_stability + w_strength > 0", "give one of the two weights a positive value")
+        return None
+
     def load_node_state_dict(self, node_state, saved):
         node_state["ema"] = [float(e) for e in saved["ema"]]
         node_state["history"] = [int(h) for h in saved["history"]]
@@ -174,10 +184,6 @@ class GCond(Op):
         a = ctx.args[0]
         k_tasks, n = len(tasks), len(tasks[0])
         t_crit, t_main, t_weak = float(a.t_crit), float(a.t_main), float(a.t_weak)
-        if not t_crit <= t_main <= t_weak:
-            raise ValueError(f"gcond needs t_crit <= t_main <= t_weak, got {t_crit}, {t_main}, {t_weak}")
-        if not a.w_stability + a.w_strength > 0:
-            raise ValueError("gcond needs w_stability + w_strength > 0")
         eps, window = float(a.eps), int(a.dominance_window)
         ns = ctx.node_state
         ema: list[float] = ns["ema"]

@@ -164,11 +164,17 @@ class GroupScale(Op):
             out.append(n * st["scales"][st["labels"].long()])
         return out
 
+    validates = ("low", "high")
+
+    def validate(self, args):
+        if args["low"] > args["high"]:
+            return (f"group_scale needs low <= high, got low={args['low']:g} and high={args['high']:g}",
+                    "the scales are clipped to [low, high]")
+        return None
+
     @staticmethod
     def _recluster(x: torch.Tensor, st: dict[str, torch.Tensor], a, k: int) -> None:
         """k-means on ``x`` = |m|, then the EMA of the cluster means and the clipped scales."""
-        if a.low > a.high:
-            raise ValueError(f"group_scale needs low <= high, got low={a.low!r} and high={a.high!r}")
         flat = x.reshape(-1)
         xs = torch.sort(flat).values
         centres, edges = _sorted_kmeans(xs, k, KMEANS_ITERS)
