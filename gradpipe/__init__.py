@@ -2,14 +2,14 @@
 
     opt = gradpipe.Optimizer(model.named_parameters(), "pipelines/scalpel.grad", lr=1e-3)
 
-Public API: :func:`compile`, :func:`load`, :class:`Program`, :class:`Optimizer`,
+Public API: :func:`compile`, :func:`load`, :func:`check_file` (a pipeline or a :class:`Library`), :class:`Program`, :class:`Optimizer`,
 :class:`GradError`, :func:`format_source`, :class:`NonFiniteError`, :func:`register_op`
 (ops from other packages, also through the ``gradpipe.ops`` entry point group).
 """
 
 from .compiler.ops import register_op
 from .compiler.ops.project_out import gpm_basis
-from .compiler.program import Program, builtin_names, compile, load
+from .compiler.program import Library, Program, builtin_names, check_file, compile, load
 from .dsl.diagnostics import GradError
 from .dsl.formatter import format_source
 from .runtime.nonfinite import NonFiniteError
@@ -25,5 +25,5 @@ from .compiler.ops import load_plugins as _load_plugins  # noqa: E402
 
 _load_plugins()
 
-__all__ = ["Optimizer", "Program", "GradError", "NonFiniteError", "compile", "load", "format_source", "builtin_names", "per_sample_grads", "gpm_basis",
-           "register_op", "__version__"]
+__all__ = ["Optimizer", "Program", "Library", "GradError", "NonFiniteError", "compile", "load", "check_file",
+           "format_source", "builtin_names", "per_sample_grads", "gpm_basis", "register_op", "__version__"]

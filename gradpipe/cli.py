@@ -1,7 +1,7 @@
 """The ``gradpipe`` command line.
 
-    gradpipe check FILE|DIR...        report every problem, exit 1 if any
-    gradpipe fmt [--check] FILE|DIR...  rewrite files in canonical form
+    gradpipe check FILE|DIR...        report every problem (pipelines and libraries), exit 1 if any
+    gradpipe fmt [--check] [--diff] FILE|DIR...  rewrite files in canonical form (--diff: print, write nothing)
     gradpipe explain FILE|NAME        nodes, state bytes, reductions, optimisations
     gradpipe graph FILE|NAME -o out.svg|png|dot
     gradpipe diff A B                 structural difference of two pipelines; exit 1 if they differ
@@ -49,38 +49,54 @@ def _resolve(target: str):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import gradpipe
+    """Check pipeline files, library files (definitions only, imported by pipelines: every
+    definition is checked) and built-in names; exit 1 if any has an error."""
+    from .compiler.program import Library, check_file
+    from .dsl.diagnostics import GradError
     files, missing = _grad_files(args.paths)
-    bad = 0
-    for m in missing:
+    bad = libraries = 0
+    for target in [*missing, *files]:  # a missing path may be a built-in name, fine to check too
         try:
-            gradpipe.load(m)  # a built-in name is fine to check too
-        except gradpipe.GradError as e:
+            checked = check_file(target)
+        except GradError as e:
             print(e, file=sys.stderr)
             bad += 1
-    for f in files:
-        try:
-            gradpipe.load(f)
-        except gradpipe.GradError as e:
-            print(e, file=sys.stderr)
-            bad += 1
+        else:
+            libraries += isinstance(checked, Library)
     total = len(files) + len(missing)
     if bad:
         print(f"{bad} of {total} file(s) have errors", file=sys.stderr)
         return 1
-    print(f"ok: {total} file(s) checked")
+    print(f"ok: {total} file(s) checked" + (f" ({libraries} of them library file(s))" if libraries else ""))
     return 0
 
 
+def _unified_diff(text: str, new: str, name: str) -> str:
+    return "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True), name, f"{name} (formatted)"))
+
+
 def cmd_fmt(args: argparse.Namespace) -> int:
+    """Rewrite files in canonical form. ``--check``: write nothing, exit 1 if a file would
+    change. ``--diff``: write nothing, print the unified diff of each file that would change,
+    exit 1 if one would (0 if none would). Exit 1 on a file that cannot be formatted."""
     from .dsl.diagnostics import GradError
     from .dsl.formatter import format_source
     from .dsl.parser import read_source
     if args.paths == ["-"]:
+        text = sys.stdin.read()
         try:
-            sys.stdout.write(format_source(sys.stdin.read(), "<stdin>"))
+            new = format_source(text, "<stdin>")
         except GradError as e:
             print(e, file=sys.stderr)
+            return 1
+        if not (args.check or args.diff):
+            sys.stdout.write(new)
+            return 0
+        if new != text:
+            if args.diff:
+                sys.stdout.write(_unified_diff(text, new, "<stdin>"))
+            else:
+                print("would reformat <stdin>")
             return 1
         return 0
     files, missing = _grad_files(args.paths)
@@ -88,6 +104,8 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     for m in missing:
         print(f"{m}: no such file or directory", file=sys.stderr)
         status = 1
+    # --diff alone: stdout carries the diff and nothing else (it can go to `patch`)
+    note = sys.stderr if args.diff and not args.check else sys.stdout
     changed = 0
     for f in files:
         try:
@@ -100,18 +118,17 @@ def cmd_fmt(args: argparse.Namespace) -> int:
         if new == text:
             continue
         changed += 1
-        if args.check:
-            print(f"would reformat {f}")
+        if args.check or args.diff:
+            print(f"would reformat {f}", file=note)
             if args.diff:
-                sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
-                                                           str(f), f"{f} (formatted)"))
+                sys.stdout.write(_unified_diff(text, new, str(f)))
         else:
             f.write_text(new)
             print(f"reformatted {f}")
-    if args.check and changed:
+    if (args.check or args.diff) and changed:
         status = 1
     if not changed and status == 0:
-        print(f"{len(files)} file(s) already formatted")
+        print(f"{len(files)} file(s) already formatted", file=note)
     return status
 
 
@@ -150,9 +167,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_ops(args: argparse.Namespace) -> int:
     from .compiler.ops import OPS
     from .docs_ops import signature
+    from .compiler.prims import SUMMARIES
     for name in sorted(OPS):
         op = OPS[name]
         print(f"{signature(op)}\n    {op.summary}  [{op.reference}]")
+    print("\nmath functions and operators (docs/language.md, section 5.4):")
+    for form, summary in SUMMARIES.items():
+        print(f"  {form}\n      {summary}")
     return 0
 
 
@@ -213,14 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"gradpipe {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("check", help="report every problem in .grad files; exit 1 if any")
+    p = sub.add_parser("check", help="report every problem in .grad files; exit 1 if any",
+                       description="Check .grad files, folders (every *.grad below them) and built-in names. "
+                       "A pipeline file is compiled as Optimizer(...) would compile it; a library file (only "
+                       "import, hparam, let and def lines, meant to be imported) has every definition "
+                       "checked. Exit 1 if any file has an error (an empty file is one).")
     p.add_argument("paths", nargs="+", metavar="FILE|DIR")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("fmt", help="rewrite .grad files in canonical form")
     p.add_argument("paths", nargs="+", metavar="FILE|DIR", help="files or folders; '-' formats stdin to stdout")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
-    p.add_argument("--diff", action="store_true", help="with --check, print the changes")
+    p.add_argument("--diff", action="store_true",
+                   help="change nothing; print a unified diff of each file that would change (on stdout, "
+                   "nothing else there without --check); exit 1 if a file would change, 0 if none would, "
+                   "as with --check (black --diff exits 0 unless --check is given too)")
     p.set_defaults(func=cmd_fmt)
 
     p = sub.add_parser("explain", help="nodes, state bytes per parameter, reductions, optimisations")

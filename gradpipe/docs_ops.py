@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from .compiler.ops import BUILTIN_OPS, OPS, Op, Param
 from .compiler.ops.base import REQUIRED, SeededOp
+from .compiler.prims import SUMMARIES
 
 __all__ = ["render_ops_markdown", "op_markdown", "rst_to_markdown", "NOTES", "main"]
 
@@ -587,9 +588,23 @@ def render_ops_markdown() -> str:
         parts.append(f"| [`{name}`](#{name}) | `{_cell(signature(op))}` | {_cell(_state_short(op))} | "
                      f"{_cell(_scope_short(op))} | {_cell(op.summary)} |")
     parts.append("")
+    parts.extend(_primitives_markdown())
     for name in names:
         parts.append(op_markdown(OPS[name]))
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _primitives_markdown() -> list[str]:
+    """The "Primitives" section: the math functions and operators, from ``prims.SUMMARIES``."""
+    out = ["## Primitives", "",
+           "Built into the language rather than ops: elementwise on signals (fused by the compiled "
+           "backend), computed per step on scalars; see [the language reference](language.md#54-arithmetic).",
+           "Used as a stage, a function takes the stream as its first argument: `grad | abs`, "
+           "`x | clamp(-1, 1)`.", "",
+           "| primitive | value |", "| --- | --- |"]
+    out += [f"| `{_cell(form)}` | {_cell(text)} |" for form, text in SUMMARIES.items()]
+    out.append("")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

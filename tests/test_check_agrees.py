@@ -1,12 +1,14 @@
 """``gradpipe check`` rejects exactly what building the optimizer rejects.
 
-``gradpipe check FILE`` compiles the file (``gradpipe.load``); ``gradpipe.Optimizer(params,
-FILE)`` compiles it too and then does what only it can: set up param groups (torch's, with the
-hyperparameters' defaults), route the concrete parameters, take the call's hyperparameter
-values. So a file that check accepts must give an optimizer, and a file it rejects must fail
-to, with the same error at the same ``path:line:col`` -- except for what depends on the
-concrete model (parameters matching no route, several routes, or having no names) or on the
-call's arguments (``Optimizer(..., b=1.5)``), which no file check can know.
+``gradpipe check FILE`` compiles the file (``check_file``: ``gradpipe.load`` for a pipeline);
+``gradpipe.Optimizer(params, FILE)`` compiles it too and then does what only it can: set up
+param groups (torch's, with the hyperparameters' defaults), route the concrete parameters, take
+the call's hyperparameter values. So a file that check accepts must give an optimizer, and a
+file it rejects must fail to, with the same error at the same ``path:line:col`` -- except for
+what depends on the concrete model (parameters matching no route, several routes, or having no
+names) or on the call's arguments (``Optimizer(..., b=1.5)``), which no file check can know;
+and except for a library file (definitions, no pipeline), which check checks as a library and
+the optimizer refuses (tests/test_cli_library.py).
 
 * (a) one bad file per way ``Optimizer(...)`` can reject a file: every ``GradError`` of
   ``gradpipe/compiler/program.py``, ``modules.py``, ``binder.py``, ``build.py``, ``passes.py``
@@ -120,7 +122,6 @@ CASES = [
          files=(("lib.grad", "let rule = clip_norm(1.0) | adma\n"),), where="lib.grad"),
     # --- the file's shape (compiler/program.py, modules.py)
     Case("empty_file", "", 1, 1, "the file is empty"),
-    Case("no_pipeline", "hparam b = 0.9\n", 1, 1, "the file defines no pipeline"),
     Case("two_pipelines", "grad | adam\ngrad | sign\n", 2, 1, "a second pipeline; the first is on line 1"),
     Case("same_selector_twice",
          "route ndim >= 2: grad | adam\nroute ndim >= 2: grad | sign\nroute default: grad | sign\n",
@@ -243,7 +244,19 @@ def test_a_path_whose_folder_holds_brackets_is_a_path(tmp_path, capsys):
     assert err == f"{info.value}\n1 of 1 file(s) have errors\n"
 
 
-# ---------------------------------------------------------------------- the two exceptions
+# ---------------------------------------------------------------------- the three exceptions
+def test_a_library_file_is_checked_by_check_and_refused_by_the_optimizer(tmp_path, capsys):
+    path = tmp_path / "no_pipeline.grad"
+    path.write_text("hparam b = 0.9\n")
+    rc, out, err = check_cli(capsys, path)
+    assert (rc, err) == (0, ""), err
+    assert "library" in out
+    with pytest.raises(GradError, match="the file defines no pipeline") as info:
+        build(path)
+    assert (info.value.path, info.value.line, info.value.column) == (str(path), 1, 1)
+    assert "library" in str(info.value) and "import" in str(info.value)
+
+
 @pytest.mark.parametrize("source, params, message", [
     ("route ndim >= 2: grad | adam\n", "named", "1 parameter(s) match no route: net.0.bias"),
     ("route ndim >= 2: grad | adam\nroute /net/: grad | sign\n", "named",

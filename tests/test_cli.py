@@ -315,6 +315,17 @@ def test_ops_lists_every_op(capsys):
         assert OPS[name].summary in out
 
 
+def test_ops_lists_the_math_functions_after_the_ops(capsys):
+    from gradpipe.compiler.prims import FUNCTIONS, SUMMARIES
+    rc, out, _ = run_main(capsys, "ops")
+    assert rc == 0
+    ops_part, math_part = out.split("math functions and operators")
+    for name in FUNCTIONS:
+        assert f"  {name}(" in math_part
+    for summary in SUMMARIES.values():
+        assert summary in math_part
+
+
 def test_version(capsys):
     rc, out, _ = run_main(capsys, "--version")
     assert rc == 0

@@ -358,7 +358,8 @@ def _extend(children):
     return st.one_of(
         st.builds(Call, dotted, st.lists(children, max_size=2).map(tuple), _kwargs(children),
                   st.none() | children),
-        st.builds(BinOp, st.sampled_from(["+", "-", "*", "/", "**"]), children, children),
+        st.builds(BinOp, st.sampled_from(["+", "-", "*", "/", "%", "**", "<", "<=", ">", ">=", "==", "!="]),
+                  children, children),
         st.builds(Neg, children),
         st.lists(children, min_size=2, max_size=4).map(lambda xs: Chain(tuple(xs))),
         st.builds(Index, children, st.integers(min_value=0, max_value=12)),
@@ -514,7 +515,7 @@ class Noisy:
             t = out
         elif isinstance(e, BinOp):
             p = F._BINOP_PREC[e.op]
-            lp, rp = (F._POSTFIX, F._UNARY) if e.op == "**" else (p, p + 1)
+            lp, rp = (F._POSTFIX, F._UNARY) if e.op == "**" else (p + 1, p + 1) if p == F._CMP else (p, p + 1)
             t = (self.expr(e.left, inner_nl, lp) + self.brk(inner_nl) + e.op + self.brk(True)
                  + self.expr(e.right, inner_nl, rp))
         elif isinstance(e, Neg):
@@ -602,7 +603,8 @@ def test_noisy_text_parses_to_the_same_ast_and_formats_canonically(module, seed)
 
 TOKENS = ["grad", "x.y", "f", "1", "2.5", "1e-3", '"s"', "true", "|", "+", "-", "*", "/", "**",
           "(", ")", "[0]", ",", "k=", "{", "}", "\n", "  ", "# c\n", "\n  |", "route", "default", ":",
-          "let", "v", "=", "not", "and", "or", "ndim", ">=", "hparam", "in", "[", "]", "def", "import"]
+          "let", "v", "=", "not", "and", "or", "ndim", ">=", "hparam", "in", "[", "]", "def", "import",
+          "<", "==", "!=", "%", "max", "where"]
 
 
 @settings(max_examples=200, deadline=None)

@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 import gradpipe
 from gradpipe import GradError
 from gradpipe.compiler.ops import OPS
+from gradpipe.compiler.prims import FUNCTIONS as MATH_FUNCTIONS
 from gradpipe.dsl.diagnostics import printable
 from gradpipe.dsl.parser import parse
 
@@ -150,6 +151,7 @@ SCALAR_SOURCES = ["lr", "step", "loss"]
 NUMBERS = ["0", "1", "2", "0.9", "0.999", ".5", "1.", "1e-3", "1e-8", "3E+2", "128", "0.25",
            "1e308", "1e999", "99999999999999999999999", "007", "0.0", "inf"]
 OP_NAMES = sorted(OPS)
+COMPARISONS = [" < ", " <= ", " > ", " >= ", " == ", " != ", "=="]
 
 
 @st.composite
@@ -159,12 +161,21 @@ def scalars(draw, depth: int = 2):
                      st.sampled_from(["betas[0]", "betas[1]", "betas[2]", "b1[0]"]))
     if depth <= 0 or draw(st.integers(0, 3)) > 0:
         return draw(leaf)
-    kind = draw(st.sampled_from(["bin", "neg", "paren"]))
+    kind = draw(st.sampled_from(["bin", "neg", "paren", "fn", "where"]))
     if kind == "neg":
         return "-" + draw(scalars(depth - 1))
     if kind == "paren":
         return "(" + draw(scalars(depth - 1)) + ")"
-    op = draw(st.sampled_from(["+", "-", "*", "/", "**"]))
+    if kind == "fn":  # a math function of scalars (or a signal: then a misuse to refuse)
+        fn, arity = draw(st.sampled_from(sorted(MATH_FUNCTIONS.items())))
+        n = draw(st.sampled_from([arity, arity, arity - 1, arity + 1]))
+        return f"{fn}(" + ", ".join(draw(st.one_of(scalars(depth - 1), st.just("grad"))) for _ in range(n)) + ")"
+    if kind == "where":  # often with a comparison, sometimes with a number where a boolean goes
+        cond = draw(scalars(depth - 1)) + draw(st.sampled_from(COMPARISONS)) + draw(scalars(depth - 1))
+        if draw(st.integers(0, 4)) == 0:
+            cond = draw(scalars(depth - 1))
+        return f"where({cond}, {draw(scalars(depth - 1))}, {draw(scalars(depth - 1))})"
+    op = draw(st.sampled_from(["+", "-", "*", "/", "**", "%", "%"] + list(COMPARISONS)))
     return draw(scalars(depth - 1)) + f" {op} " + draw(scalars(depth - 1))
 
 
@@ -216,9 +227,24 @@ def calls(draw, depth: int = 2):
 
 
 @st.composite
+def math_stages(draw, depth: int = 2):
+    """A math function as a stage (``abs``, ``max(1e-3)``, ``clamp(-1, 1)``), a full call on
+    signals (``where(grad > 0, grad, 0)``: a signal, refused as a stage), or a comparison."""
+    fn, arity = draw(st.sampled_from(sorted(MATH_FUNCTIONS.items())))
+    kind = draw(st.sampled_from(["stage", "stage", "full", "cmp"]))
+    operand = st.one_of(scalars(max(depth - 1, 0)), st.sampled_from(SOURCES[:2] + ["(grad > 0)", "(step % 2 == 0)"]))
+    if kind == "cmp":
+        return draw(st.sampled_from(SOURCES[:2] + ["1"])) + draw(st.sampled_from(COMPARISONS)) + draw(scalars(0))
+    n = arity - 1 if kind == "stage" else arity
+    if n == 0 and draw(st.booleans()):
+        return fn
+    return f"{fn}(" + ", ".join(draw(operand) for _ in range(n)) + ")"
+
+
+@st.composite
 def chains(draw, depth: int = 2, start: bool = True):
     """``source | stage | ...`` (or, with ``start=False``, stages only)."""
-    stages = draw(st.lists(calls(depth), min_size=1, max_size=4))
+    stages = draw(st.lists(st.one_of(calls(depth), calls(depth), math_stages(depth)), min_size=1, max_size=4))
     if start:
         head = draw(st.sampled_from(SOURCES + ["(grad | sign)", "grads.main + grads.aux"]))
         stages = [head] + stages

@@ -195,6 +195,33 @@ class TestExpressions:
         assert expr("(a | b) | c") == Chain((Chain((a, b)), c))
         assert expr("a + 1 | b * 2") == Chain((BinOp("+", a, Num(1)), BinOp("*", b, Num(2))))
 
+    def test_comparisons_and_modulo(self):
+        a, b, c = N("a"), N("b"), N("c")
+        for op in ("<", "<=", ">", ">=", "==", "!="):
+            assert expr(f"a {op} b") == BinOp(op, a, b)
+        # below + -, above |; % binds like * and /
+        assert expr("a + 1 < b * 2") == BinOp("<", BinOp("+", a, Num(1)), BinOp("*", b, Num(2)))
+        assert expr("a | b > 0") == Chain((a, BinOp(">", b, Num(0))))
+        assert expr("step % 2 == 0") == BinOp("==", BinOp("%", N("step"), Num(2)), Num(0))
+        assert expr("a * b % c") == BinOp("%", BinOp("*", a, b), c)
+        assert expr("a % b ** c") == BinOp("%", a, BinOp("**", b, c))
+        assert expr("(a < b) == c") == BinOp("==", BinOp("<", a, b), c)
+        assert expr("a==b") == BinOp("==", a, b)
+        assert expr("f(k=a == b)") == Call(N("f"), (), (Kwarg("k", BinOp("==", a, b)),))
+        assert expr("a <\n b") == BinOp("<", a, b)  # a newline after an operator continues the line
+
+    @pytest.mark.parametrize("src", ["a < b < c", "a == b != c", "a < b <= c | d"])
+    def test_comparisons_do_not_chain(self, src):
+        with pytest.raises(GradError) as e:
+            parse(src)
+        assert "comparisons do not chain" in e.value.hint and e.value.line == 1
+
+    def test_route_selectors_keep_their_comparisons(self):
+        m = parse("route ndim >= 2 and numel<10: grad | where(grad >= 0, ndim, numel)\nroute default: grad")
+        assert m.stmts[0].selector == SelAnd(ShapePred("ndim", ">=", 2), ShapePred("numel", "<", 10))
+        assert m.stmts[0].body == Chain((N("grad"), Call(N("where"), (BinOp(">=", N("grad"), Num(0)),
+                                                                      N("ndim"), N("numel")))))
+
     def test_every_node_is_reached_by_walk(self):
         e = expr("f(a, k=-b[0]) { c | d }")
         kinds = {type(n).__name__ for n in ast.walk(e)}

@@ -161,6 +161,9 @@ class ArgChecker:
                 hint = "strings are only for words such as scope=\"global\"; write a number"
             raise GradError(f"argument '{p.name}' of '{op.name}' must be a number, got {kind_name(v)}", a.span, hint)
         expr = v.expr
+        if S.is_bool(expr):
+            raise GradError(f"argument '{p.name}' of '{op.name}' must be a number, got a boolean (a comparison)",
+                            a.span, "a boolean chooses between two values: where(cond, a, b)")
         for leaf in S.leaves(expr):
             if isinstance(leaf, S.HP):
                 hp = self.hparams[leaf.name]

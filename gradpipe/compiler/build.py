@@ -20,18 +20,28 @@ from typing import Any
 from ..dsl import ast
 from ..dsl.diagnostics import GradError, Span, did_you_mean
 from . import scalars as S
-from .binder import ArgChecker, BoundCall, RangeCheck, bind, bind_op
+from . import prims
+from .binder import ArgChecker, BoundCall, RangeCheck, bind, bind_op, reads_step
 from .emit import Emitter
 from .modules import HyperParam, ModuleEnv
-from .ops import OPS, MacroOp, Op
-from .symbols import (DefSym, HParamSym, InfSym, LetSym, Local, LossSym, OpSym, ScalarSym, Scope, SourceSym,
-                      callable_names, resolve, visible_names)
+from .ops import OPS, MacroOp, Op, Param
+from .symbols import (DefSym, HParamSym, InfSym, LetSym, Local, LossSym, MathSym, OpSym, ScalarSym, Scope,
+                      SourceSym, callable_names, resolve, visible_names)
 from .values import Fragment, ScalarV, Stream, Value, Word, kind_name
 
 __all__ = ["Builder", "RouteInfo", "RangeCheck", "MAX_EXPANDED_DEPTH", "NODE_BUDGET", "NODE_BUDGET_PER_AST_NODE",
            "node_budget", "selector_label"]
 
 _MAX_INLINE_DEPTH = 32
+#: primitives defined for some scalar values only: with a hyperparameter in them, checked per param group
+_DOMAIN_LIMITED = frozenset({"%", "sqrt", "log"})
+_DOMAIN_HINTS = {"%": "'%' is the remainder of whole numbers by a whole number other than 0, e.g. step % 10",
+                 "sqrt": "sqrt needs a number >= 0", "log": "log needs a number > 0",
+                 "exp": "exp(x) is larger than the largest float (about 1.8e308) for x > 709"}
+#: the argument names of the math functions, for messages
+_ARG_NAMES = {"abs": ("x",), "sign": ("x",), "sqrt": ("x",), "exp": ("x",), "log": ("x",),
+              "max": ("a", "b"), "min": ("a", "b"), "clamp": ("x", "lo", "hi"), "where": ("cond", "a", "b"),
+              "%": ("a", "b")}
 _MAX_APPLY_DEPTH = 100
 
 #: How deeply expressions may nest once the lets and defs they name are expanded into them
@@ -186,7 +196,7 @@ class Builder:
             y, ready = todo.pop()
             if id(y) in memo:
                 continue
-            kids = (y.left, y.right) if isinstance(y, S.BinS) else (y.operand,) if isinstance(y, S.NegS) else ()
+            kids = S.children(y)
             if not ready and any(id(k) not in memo for k in kids):
                 todo.append((y, True))
                 todo.extend((k, False) for k in kids)
@@ -205,6 +215,7 @@ class Builder:
         if not isinstance(v, Stream):
             raise GradError(f"a pipeline must produce a signal, but this is {kind_name(v)}", body.span,
                             "start it with 'grad', e.g. 'grad | adam'")
+        self._refuse_mask(v.node, body.span, "the update")
         return RouteInfo(label, selector, self.emit.output(label, v.node, span), span)
 
     def source(self, name: str, span: Span) -> Stream:
@@ -279,6 +290,9 @@ class Builder:
         if isinstance(v, Stream):
             raise GradError("a signal cannot be a pipeline stage", s.span,
                             f"to add it write 'add({_text(s)})'; to multiply by it, 'scale({_text(s)})'")
+        if isinstance(v, ScalarV) and S.is_bool(v.expr):
+            raise GradError("a boolean (a comparison) cannot be a pipeline stage", s.span,
+                            f"choose with it: where({_text(s)}, a, b)")
         if isinstance(v, ScalarV):
             raise GradError("a number cannot be a pipeline stage", s.span, f"to multiply write 'scale({_text(s)})'")
         raise GradError(f"{kind_name(v)} cannot be a pipeline stage", s.span)
@@ -297,40 +311,92 @@ class Builder:
                         "declare one: hparam betas = (0.9, 0.999), then write betas[0]")
 
     def arith(self, e: ast.BinOp | ast.Neg, sc: Scope, prefix: str) -> Value:
+        """``a op b`` (arithmetic, ``%`` or a comparison) or ``-a``."""
         op = "neg" if isinstance(e, ast.Neg) else e.op
         operands = [e.operand] if isinstance(e, ast.Neg) else [e.left, e.right]
+        return self._prim(op, e, operands, sc, prefix)
+
+    def _prim(self, op: str, e: ast.Expr, operands: list[ast.Expr], sc: Scope, prefix: str,
+              head: Value | None = None) -> Value:
+        """The primitive ``op`` (see :mod:`.prims`) on ``operands``, after ``head`` when given
+        (a math function used as a stage: the stream is its first argument). Every operand a
+        scalar: a scalar expression, folded when constant; else a signal (an arithmetic node),
+        or an open pipeline when an operand is one."""
         n_folded = len(self.folded)
-        vals: list[Value] = []
+        vals: list[Value] = [] if head is None else [head]
         for o in operands:  # a loop, not a comprehension: one Python frame fewer per level
             vals.append(self.expr(o, sc, prefix))
-        for o, v in zip(operands, vals):
-            if isinstance(v, Word):
-                raise GradError(f"arithmetic needs numbers or signals, but this is {kind_name(v)}", o.span)
-            if isinstance(v, ScalarV) and isinstance(v.expr, S.HP) and self.hparams[v.expr.name].kind == "tuple" \
-                    and v.expr.index is None:
-                raise GradError(f"'{v.expr.name}' is a tuple; pick an item", o.span, f"write {v.expr.name}[0]")
-            if isinstance(v, ScalarV) and isinstance(v.expr, S.HP) and self.hparams[v.expr.name].kind == "bool":
-                raise GradError(f"'{v.expr.name}' is a boolean; arithmetic needs numbers", o.span)
+        spans = ([] if head is None else [head.span]) + [o.span for o in operands]
+        ports = prims.PORTS[op]
+        vals = [self._operand(op, port, v, span) for port, v, span in zip(ports, vals, spans)]
         if all(isinstance(v, ScalarV) for v in vals):
-            return self._scalar_arith(e, op, operands, vals, n_folded)
+            return self._scalar_prim(e, op, operands, vals, n_folded)
         if op == "**" and not isinstance(vals[1], ScalarV):
-            raise GradError("the exponent must be a number", operands[1].span)
+            raise GradError("the exponent must be a number", spans[1],
+                            "raise a signal to a number (grad ** 2); for a signal exponent write exp(y * log(x))")
         if any(isinstance(v, Fragment) for v in vals):
             def apply(inp: str, pfx: str) -> str:
                 with self._nesting(e.span):
                     concrete = [Stream(v.apply(inp, pfx), v.span) if isinstance(v, Fragment) else v for v in vals]
-                    return self._arith_node(op, pfx, e.span, concrete)
+                    return self._arith_node(op, pfx, e.span, concrete, spans)
             return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
-        return Stream(self._arith_node(op, prefix, e.span, vals), e.span)
+        return Stream(self._arith_node(op, prefix, e.span, vals, spans), e.span)
 
-    def _scalar_arith(self, e: ast.BinOp | ast.Neg, op: str, operands: list[ast.Expr], vals: list[Value],
-                      n_folded: int) -> ScalarV:
+    def _operand(self, op: str, port: str, v: Value, span: Span) -> Value:
+        """Check a scalar or word operand of primitive ``op`` on ``port``: a number, or, for the
+        condition of ``where``, a boolean (``true`` becomes a constant). Signals are checked when
+        their node is built (:meth:`_arith_node`)."""
+        if isinstance(v, Word):
+            if port == "cond" and isinstance(v.value, bool):
+                return ScalarV(S.Const(v.value), v.span)
+            raise GradError(f"arithmetic needs numbers or signals, but this is {kind_name(v)}", span,
+                            "a boolean chooses between two values: where(cond, a, b)"
+                            if isinstance(v.value, bool) else None)
+        if not isinstance(v, ScalarV):
+            return v
+        if isinstance(v.expr, S.HP) and self.hparams[v.expr.name].kind == "tuple" and v.expr.index is None:
+            raise GradError(f"'{v.expr.name}' is a tuple; pick an item", span, f"write {v.expr.name}[0]")
+        is_bool = S.is_bool(v.expr) or (isinstance(v.expr, S.HP) and self.hparams[v.expr.name].kind == "bool")
+        if port == "cond" and not is_bool:
+            raise GradError("the condition of 'where' must be a comparison or a boolean, but this is a number",
+                            span, "compare it: where(x > 0, a, b)")
+        if port != "cond" and is_bool:
+            if isinstance(v.expr, S.HP):
+                raise GradError(f"'{v.expr.name}' is a boolean; arithmetic needs numbers", span,
+                                f"choose with it: where({v.expr.name}, a, b)")
+            raise GradError(f"{_op_text(op)} needs a number, but this is a boolean (a comparison)", span,
+                            f"choose with it: where({_text_at(span)}, a, b)")
+        return v
+
+    def _scalar_prim(self, e: ast.Expr, op: str, operands: list[ast.Expr], vals: list[Value],
+                     n_folded: int) -> ScalarV:
+        exprs = [v.expr for v in vals]  # type: ignore[union-attr]
+        if op == "%":  # a constant side must be whole (the divisor not 0) even when the other is not constant
+            for k, x in enumerate(exprs):
+                if isinstance(x, S.Const):
+                    try:
+                        S.int_mod(x.value, 1) if k == 0 else S.int_mod(0, x.value)
+                    except (ValueError, ZeroDivisionError) as err:
+                        raise GradError(str(err), vals[k].span, _DOMAIN_HINTS["%"]) from None
         try:
-            r = S.neg(vals[0].expr) if op == "neg" else S.binop(op, vals[0].expr, vals[1].expr)  # type: ignore[union-attr]
+            if op == "neg":
+                r = S.neg(exprs[0])
+            elif op in prims.COMPARISONS:
+                r = S.compare(op, exprs[0], exprs[1])
+            elif op in prims.BINARY:
+                r = S.binop(op, exprs[0], exprs[1])
+            else:
+                r = S.call(op, tuple(exprs))
         except ZeroDivisionError:
+            if op == "%":
+                raise GradError("'%' by zero", e.span, _DOMAIN_HINTS["%"]) from None
             raise GradError("division by zero", e.span) from None
-        except (OverflowError, ValueError):
+        except ValueError as err:
+            if op in _DOMAIN_HINTS:
+                raise GradError(str(err), e.span, _DOMAIN_HINTS[op]) from None
             raise GradError("the result is not a finite real number", e.span) from None
+        except OverflowError:
+            raise GradError("the result is not a finite real number", e.span, _DOMAIN_HINTS.get(op)) from None
         if isinstance(r, S.Const) and not (op == "neg" and isinstance(e.operand, ast.Num)):  # type: ignore[union-attr]
             # the folds of the operands themselves are part of this one: log only the largest
             operand_ids = {id(o) for o in operands}
@@ -347,18 +413,65 @@ class Builder:
                 raise GradError(f"the expression expands to more than {self.budget:,} terms", e.span,
                                 "every use of a let is a copy, so lets that use the one before twice double "
                                 "at every line; the budget is gradpipe.compiler.build.NODE_BUDGET")
+            if op in _DOMAIN_LIMITED:
+                self._check_domain(op, exprs, e.span)
         return ScalarV(r, e.span)
 
-    def _arith_node(self, op: str, prefix: str, span: Span, vals: list[Value]) -> str:
-        """The arithmetic node of ``vals`` (signals as input edges, scalars as arguments)."""
+    def _check_domain(self, op: str, exprs: list[S.Scalar], span: Span) -> None:
+        """``%``, ``sqrt`` and ``log`` of operands known once hyperparameters are: whole numbers
+        (a divisor not 0) for ``%``, ``x >= 0`` for ``sqrt``, ``x > 0`` for ``log``. Checked here
+        at the hyperparameters' defaults, and for every param group (a range check); an operand
+        that reads ``step`` or ``loss`` is checked in every step (``interpret.eval_dynamic``)."""
+        names = _ARG_NAMES[op]
+        for k, x in enumerate(exprs if op == "%" else exprs[:1]):
+            if isinstance(x, S.Const) or reads_step(x) or not any(isinstance(v, S.HP) for v in S.leaves(x)):
+                continue
+            if op == "%":  # one side alone: a % 1 checks a, 0 % b checks b
+                probe: S.Scalar = S.BinS("%", x, S.Const(1)) if k == 0 else S.BinS("%", S.Const(0), x)
+            else:
+                probe = S.FnS(op, (x,))
+            try:
+                probe.eval({name: hp.default for name, hp in self.hparams.items()})
+            except (ValueError, ZeroDivisionError, OverflowError) as err:
+                raise GradError(f"{err} with the hyperparameters' defaults", span, _DOMAIN_HINTS[op]) from None
+            self.check.range_checks.append(RangeCheck(probe, Param(names[k]), op, span))
+
+    def _arith_node(self, op: str, prefix: str, span: Span, vals: list[Value],
+                    spans: list[Span] | None = None) -> str:
+        """The arithmetic node of primitive ``op`` on ``vals`` (signals as input edges, scalars
+        as arguments, on the ports of ``prims.PORTS``). A mask (a comparison of signals) is
+        accepted only as the condition of ``where``; a signal there must be one. ``spans``:
+        where each operand was written (for messages)."""
         args: dict[str, Any] = {}
         inputs: list[tuple[str, str]] = []
-        for port, v in zip(("lhs", "rhs"), vals):
+        spans = spans or [v.span for v in vals]
+        for port, v, where in zip(prims.PORTS[op], vals, spans):
             if isinstance(v, Stream):
+                mask = self._is_mask(v.node)
+                if port == "cond" and not mask:
+                    raise GradError("the condition of 'where' must be a comparison (a mask), but this is a signal "
+                                    "of numbers", where, "compare it: where(grad > 0, a, b)")
+                if port != "cond" and mask:
+                    self._refuse_mask(v.node, where, _op_text(op))
                 inputs.append((v.node, port))
             else:
                 args[port] = v.expr  # type: ignore[union-attr]
+        if op == "where" and any(p == "cond" for _, p in inputs) and "lhs" in args and "rhs" in args:
+            # a mask choosing between two numbers: the result takes the dtype of the mask's signal
+            cond = next(src for src, p in inputs if p == "cond")
+            inputs.append((next(u for u, _ in self.graph.in_edges(cond)), "like"))
         return self.emit.arith(op, prefix, span, args, inputs)
+
+    def _is_mask(self, node: str) -> bool:
+        """Whether a node's value is a mask (true or false per element): a comparison."""
+        d = self.graph.nodes[node]
+        return d["kind"] == "arith" and prims.is_mask_op(d["op"])
+
+    def _refuse_mask(self, node: str, span: Span, what: str) -> None:
+        """A GradError if ``node`` is a mask: ``what`` (e.g. "'adam'") needs numbers."""
+        if self._is_mask(node):
+            raise GradError(f"{what} needs numbers, but this is a mask (a comparison: true or false per element)",
+                            span, f"choose with it: where({_text_at(self.graph.nodes[node]['span'])}, a, b)")
 
     # ------------------------------------------------------------------ names
     def _lookup_hparam(self, name: str, sc: Scope) -> HyperParam | None:
@@ -390,6 +503,8 @@ class Builder:
             return ScalarV(S.Src(sym.name), e.span)
         if isinstance(sym, InfSym):
             return ScalarV(S.Const(math.inf), e.span)
+        if isinstance(sym, MathSym):
+            return self._math_call(sym.name, ast.Call(e, span=e.span), sc, prefix)
         if isinstance(sym, OpSym):
             op = sym.op
             if isinstance(op, MacroOp) or (op.params and op.params[0].kind == "signals"):
@@ -398,7 +513,9 @@ class Builder:
         parts = e.parts
         while len(parts) > 1 and parts[0] in sc.env.aliases and parts[0] not in sc.locals:  # lib.name
             sc, parts = Scope(sc.env.aliases[parts[0]], {}, sc.depth, sc.defs), parts[1:]
-        raise GradError(f"unknown name '{parts[0]}'", e.span, did_you_mean(parts[0], visible_names(sc, self.hparams)))
+        raise GradError(f"unknown name '{parts[0]}'", e.span, did_you_mean(parts[0], visible_names(sc, self.hparams))
+                        or f"'{parts[0]}' is not an op, a math function, a source (grad, param), a scalar (lr, step, "
+                        "loss), a hyperparameter or a let/def; 'gradpipe ops' lists the ops")
 
     def _let(self, env: ModuleEnv, let: ast.Let, prefix: str) -> Value:
         self.used.add(id(let))
@@ -428,6 +545,13 @@ class Builder:
         sym = resolve(parts, sc, self.hparams, e.func.span, calls=True)
         if isinstance(sym, DefSym):
             return self._def_call(sym.env, sym.definition, e, sc)
+        if isinstance(sym, MathSym):
+            return self._math_call(sym.name, e, sc, prefix)
+        if isinstance(sym, OpSym) and sym.op.name in prims.FUNCTIONS and len(e.args) == 1 \
+                and not e.kwargs and e.block is None:
+            signal = self._signal_arg(e.args[0], sc, prefix)
+            if signal is not None:  # sign(grad): the function; sign(1) goes on to the op (and its message)
+                return self._prim(sym.op.name, e, [], sc, prefix, head=signal)
         if isinstance(sym, OpSym):
             return self._op_call(sym.op, e, sc, prefix)
         fname = parts[-1]
@@ -440,6 +564,41 @@ class Builder:
             env = env.aliases[p]
         raise GradError(f"unknown op '{fname}'", e.func.span, did_you_mean(fname, callable_names(env))
                         or "run 'gradpipe ops' for the list of ops")
+
+    def _signal_arg(self, a: ast.Expr, sc: Scope, prefix: str) -> Stream | None:
+        """``a`` compiled, when it is a signal; else None, and nothing of it kept (it is
+        compiled again where it belongs; only a signal adds nodes as it is compiled)."""
+        n_folded = len(self.folded)
+        v = self.expr(a, sc, prefix)
+        if isinstance(v, Stream):
+            return v
+        del self.folded[n_folded:]
+        return None
+
+    def _math_call(self, fn: str, e: ast.Call, sc: Scope, prefix: str) -> Value:
+        """A math function: ``max(a, b)`` with all its arguments, or, one short, a stage whose
+        input is the first argument (``x | max(b)`` is ``max(x, b)``; a bare ``abs`` is ``abs(x)``)."""
+        arity = prims.FUNCTIONS[fn]
+        signature = f"{fn}({', '.join(_ARG_NAMES[fn])})"
+        if e.block is not None:
+            raise GradError(f"'{fn}' takes no {{ ... }} block", e.block.span, f"it is a math function: {signature}")
+        if e.kwargs:
+            raise GradError(f"'{fn}' takes its arguments by position", e.kwargs[0].span, f"write {signature}")
+        if len(e.args) not in (arity, arity - 1):
+            raise GradError(f"'{fn}' takes {arity} argument{'s' if arity > 1 else ''}, got {len(e.args)}", e.span,
+                            f"write {signature}" + (f", or as a stage x | {fn}({', '.join(_ARG_NAMES[fn][1:])})"
+                                                    if arity > 1 else f", or as a stage x | {fn}"))
+        self.emit.spend(e.span)
+        if len(e.args) == arity:
+            return self._prim(fn, e, list(e.args), sc, prefix)
+
+        def apply(inp: str, pfx: str) -> str:
+            with self._nesting(e.span):
+                out = self._prim(fn, e, list(e.args), sc, pfx, head=Stream(inp, e.span))
+                if isinstance(out, Fragment):
+                    return out.apply(inp, pfx)
+                return out.node  # type: ignore[union-attr]
+        return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
 
     def _op_call(self, op: Op, e: ast.Call, sc: Scope, prefix: str) -> Value:
         if isinstance(op, MacroOp):
@@ -505,6 +664,7 @@ class Builder:
         """The node of op call ``b`` on input ``inp``: arguments checked, signal arguments applied
         to the same input, ``{ ... }`` blocks built; or what :meth:`Op.rewrite` makes of it."""
         op, e = b.op, b.call
+        self._refuse_mask(inp, e.span, f"'{op.name}'")
         self.emit.spend(e.span)
         node = self.emit.fresh(f"{pfx}/{op.name}")
         args: dict[str, Any] = {}
@@ -533,6 +693,7 @@ class Builder:
                 if not isinstance(v, Stream):
                     raise GradError(f"argument '{p.name}' of '{op.name}' must be a signal, got {kind_name(v)}",
                                     a.span, "pass a source (param, grads.main), an op (ema) or a pipeline (grad | sign)")
+                self._refuse_mask(v.node, a.span, f"argument '{p.name}' of '{op.name}'")
                 inputs.append((v.node, p.name))
             else:
                 args[p.name] = self.check.value(op, p, v, a)
@@ -623,6 +784,7 @@ class Builder:
                 raise GradError(f"argument {k + 1} of '{op.name}' must be a signal, got {kind_name(v)}",
                                 a.span, "pass the task gradients: grads.<loss name>, or a parenthesised "
                                 "pipeline such as (grads.aux | clip_norm(1))")
+            self._refuse_mask(v.node, a.span, f"argument {k + 1} of '{op.name}'")
             inputs.append((v.node, "x" if k == 0 else f"x{k}"))
         args: dict[str, Any] = {}
         for p in op.params[1:]:
@@ -675,6 +837,19 @@ def _macro_env(op: MacroOp) -> ModuleEnv:
         from .modules import load_module_tree
         env = _MACRO_ENVS[op.name] = load_module_tree(op.definition, f"<gradpipe:{op.name}>")
     return env
+
+
+def _op_text(op: str) -> str:
+    """How messages name a primitive: ``'+'``, ``'-'`` for negation, ``'max'``."""
+    return "'-'" if op == "neg" else f"'{op}'"
+
+
+def _text_at(span: Span) -> str:
+    """The source text under a one-line span (for a hint), or ``cond``."""
+    line = span.source_line()
+    if line is None or span.end_line != span.line or span.end_column <= span.column:
+        return "cond"
+    return line[span.column - 1:span.end_column - 1]
 
 
 def _text(e: ast.Expr) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..dsl.diagnostics import printable
+from . import prims
 
 if TYPE_CHECKING:
     from .program import Program
@@ -245,10 +246,7 @@ def _node_text(d: Mapping[str, Any]) -> str:
         return f"input of the {{ ... }} block of {d.get('block')}"
     if kind == "arith":
         args = d.get("args", {})
-        lhs = ins.get("lhs") or args.get("lhs")
-        if d["op"] == "neg":
-            return f"-{lhs}"
-        return f"{lhs} {d['op']} {ins.get('rhs') or args.get('rhs')}"
+        return prims.text(d["op"], [str(ins.get(p) or args.get(p)) for p in prims.PORTS[d["op"]]])
     args = ", ".join(f"{k}={v}" for k, v in d.get("args", {}).items())
     text = f"{d['op']}({args})"
     if "x" in ins:

@@ -16,11 +16,12 @@ import networkx as nx
 
 from ..dsl.diagnostics import GradError, Span
 from .ir import Kind
+from .prims import NODE_NAMES
 
 __all__ = ["Emitter", "ARITH_NAMES"]
 
-#: the node name of each arithmetic operator (``main/mul``)
-ARITH_NAMES = {"+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow", "neg": "neg"}
+#: the node name of each primitive (``main/mul``, ``main/lt``, ``main/max``)
+ARITH_NAMES = NODE_NAMES
 
 
 class Emitter:
@@ -95,8 +96,8 @@ class Emitter:
 
     def arith(self, op: str, prefix: str, span: Span, args: dict[str, Any],
               inputs: Iterable[tuple[str, str]]) -> str:
-        """An arithmetic node ``lhs op rhs`` (ports ``lhs``/``rhs``: a signal as an input edge,
-        a scalar in ``args``)."""
+        """An arithmetic node: the primitive ``op`` on its operands (ports from
+        ``gradpipe.compiler.prims.PORTS``: a signal as an input edge, a scalar in ``args``)."""
         self.spend(span)
         return self._add(self.fresh(f"{prefix}/{ARITH_NAMES[op]}"), Kind.ARITH, op, args, span, inputs)
 

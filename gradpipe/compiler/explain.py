@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from . import prims
 from .ir import Kind
 from .lowering import route_cost
 
@@ -33,11 +34,7 @@ def describe_node(prog: "Program", node: str) -> str:
     if n.kind is Kind.OUTPUT:
         return f"update u = {ins.get('x')}   (p <- p - lr * u)"
     if n.kind is Kind.ARITH:
-        lhs = ins.get("lhs") or _arg_text(n.args.get("lhs"))
-        if n.op == "neg":
-            return f"-{lhs}"
-        rhs = ins.get("rhs") or _arg_text(n.args.get("rhs"))
-        return f"{lhs} {n.op} {rhs}"
+        return prims.text(n.op, [ins.get(p) or _arg_text(n.args.get(p)) for p in prims.PORTS[n.op]])
     args = ", ".join(f"{k}={_arg_text(v)}" for k, v in n.args.items())
     signals = ", ".join(f"{p}<-{src}" for p, src in ins.items() if p != "x")
     text = f"{n.op}({args})  <- {ins.get('x')}"

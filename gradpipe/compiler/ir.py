@@ -36,7 +36,8 @@ class Kind(str, enum.Enum):
     SOURCE = "source"
     #: an op of the library (``adam``, ``clip_norm``...): ``op`` names it in ``OPS``
     OP = "op"
-    #: pointwise arithmetic on signals and scalars (``+ - * / **`` and ``neg``)
+    #: an elementwise primitive on signals and scalars (``+ - * / % **``, ``neg``, comparisons,
+    #: math functions: ``gradpipe.compiler.prims``)
     ARITH = "arith"
     #: the input of a block op's ``{ ... }`` pipeline: the values the block op hands it
     BLOCK_IN = "block_in"
@@ -45,7 +46,7 @@ class Kind(str, enum.Enum):
 
 
 #: the scalar expression types an argument may hold (evaluated per parameter group and step)
-SCALAR_TYPES = (S.Const, S.HP, S.Src, S.BinS, S.NegS)
+SCALAR_TYPES = (S.Const, S.HP, S.Src, S.BinS, S.NegS, S.CmpS, S.FnS)
 #: scalar sources whose value changes every step: arguments reading them are never constants
 STEP_SOURCES = frozenset({"step", "loss"})
 

@@ -119,6 +119,9 @@ def const_value(e: ast.Expr) -> Any:
         if isinstance(v, (bool, tuple)):
             raise GradError("'-' needs a number", e.span)
         return -v
+    if isinstance(e, ast.BinOp) and e.op in ("<", "<=", ">", ">=", "==", "!="):
+        raise GradError("a hyperparameter's default and range cannot be a comparison", e.span,
+                        "write true or false, or compare in the pipeline: where(x > 0, a, b)")
     if isinstance(e, ast.BinOp):
         a, b = const_value(e.left), const_value(e.right)
         if not (_is_number(a) and _is_number(b)):
@@ -126,8 +129,10 @@ def const_value(e: ast.Expr) -> Any:
         try:
             return fold(e.op, a, b)
         except ZeroDivisionError:
-            raise GradError("division by zero", e.span) from None
+            raise GradError("'%' by zero" if e.op == "%" else "division by zero", e.span) from None
         except (OverflowError, ValueError) as err:
+            if e.op == "%":
+                raise GradError(str(err), e.span, "'%' is the remainder of whole numbers, e.g. 7 % 3") from None
             raise GradError(f"{err}: a hyperparameter is a finite real number", e.span) from None
     if isinstance(e, ast.Tuple):
         items = tuple(const_value(i) for i in e.items)

@@ -24,7 +24,8 @@ from .ops.nonfinite import NonFinitePolicy, policy_of
 from .passes import check_ops, check_per_sample, cse, eliminate_dead
 from .symbols import Scope
 
-__all__ = ["Program", "compile", "load", "builtin_dir", "builtin_names"]
+__all__ = ["Program", "Library", "compile", "load", "check_file", "check_env", "check_library_env", "builtin_dir",
+           "builtin_names"]
 
 _LR = HyperParam("lr", 1e-3, 0.0, math.inf, True, False, Span(), declared=False)
 
@@ -110,7 +111,9 @@ class Program:
                 val = rc.expr.eval(env)
             except (ZeroDivisionError, OverflowError, ValueError):
                 raise GradError(f"argument '{rc.param.name}' of '{rc.op}' cannot be computed from {origin}",
-                                rc.span) from None
+                                rc.span, "a division or '%' by zero, a log or square root of a number out of "
+                                "its domain, or an overflow: choose hyperparameters that keep it a finite number"
+                                ) from None
             if not rc.param.in_range(val):
                 raise GradError(f"{rc.param.name}={val!r} (from {origin}) is outside the valid range "
                                 f"{rc.param.range_text()} of '{rc.op}'", rc.span,
@@ -305,6 +308,30 @@ class Program:
         return draw(self, path)
 
 
+@dataclass
+class Library:
+    """A checked library file: definitions (``hparam``, ``let``, ``def``, ``import``) and no
+    pipeline, meant to be imported by pipeline files. :func:`check_file` gives one;
+    :func:`load` refuses such a file, since there is no optimizer to build from it.
+
+    Attributes:
+        hyperparams: the hyperparameters it declares or imports, by name (``lr`` only if declared).
+        lets, defs: the names of its own ``let`` and ``def`` definitions, in source order.
+        imports: the paths its ``import`` lines name, as written.
+    """
+
+    path: str
+    source: str
+    hyperparams: dict[str, HyperParam]
+    lets: list[str]
+    defs: list[str]
+    imports: list[str]
+
+    @property
+    def name(self) -> str:
+        return pathlib.Path(self.path).stem if not self.path.startswith("<") else self.path
+
+
 def _listing(names: Sequence[str], limit: int = 10) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -408,17 +435,30 @@ def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set
     return errors
 
 
-def compile_env(env: ModuleEnv) -> Program:
+def _program_hparams(env: ModuleEnv) -> dict[str, HyperParam]:
+    """The hyperparameters a program of this file has: its own and its imports', plus ``lr``."""
     hparams = dict(all_hparams(env))
     if "lr" not in hparams:
         import dataclasses
         hparams = {"lr": dataclasses.replace(_LR, span=Span(1, 1, 1, 2, env.path, env.module.source)), **hparams}
+    return hparams
+
+
+def _is_library(env: ModuleEnv) -> bool:
+    """A file with statements (definitions, imports) but neither a pipeline nor routes."""
+    return env.body is None and not env.routes and bool(env.module.stmts)
+
+
+def compile_env(env: ModuleEnv) -> Program:
+    hparams = _program_hparams(env)
     if env.body is None and not env.routes:
         if not env.module.stmts:
             raise GradError("the file is empty", Span(1, 1, 1, 2, env.path, env.module.source),
                             "write a pipeline, e.g. 'grad | adam'")
         raise GradError("the file defines no pipeline", Span(1, 1, 1, 2, env.path, env.module.source),
-                        "add a line such as 'grad | adam' (or 'route ...' lines)")
+                        "add a line such as 'grad | adam' (or 'route ...' lines); a file of only "
+                        "definitions is a library, meant for 'import' from a pipeline file "
+                        "('gradpipe check' checks it as one)")
     b = Builder(env, hparams)
     routes: list[RouteInfo] = []
     errors: list[GradError] = []
@@ -462,6 +502,29 @@ def compile_env(env: ModuleEnv) -> Program:
     return prog
 
 
+def check_library_env(env: ModuleEnv) -> Library:
+    """Check a library file (see :class:`Library`): every ``let``, and every ``def`` whose
+    parameters all have defaults, is compiled as far as it can be without a pipeline around it
+    (what :func:`compile_env` does for the definitions a pipeline does not use). Raise one
+    GradError with every problem."""
+    if not _is_library(env):
+        raise ValueError(f"{env.path} is not a library file")
+    hparams = _program_hparams(env)
+    errors = _check_definitions(env, hparams, set())
+    if errors:
+        raise GradError.combine(errors)
+    return Library(path=env.path, source=env.module.source,
+                   hyperparams={n: hp for n, hp in hparams.items() if hp.declared},
+                   lets=list(env.lets), defs=list(env.defs),
+                   imports=[st.path for st in env.module.stmts if isinstance(st, ast.Import)])
+
+
+def check_env(env: ModuleEnv) -> Program | Library:
+    """:func:`compile_env`, except that a library file (definitions, no pipeline) is checked
+    as one (:func:`check_library_env`) instead of refused."""
+    return check_library_env(env) if _is_library(env) else compile_env(env)
+
+
 def _check_rule(rule: RuleCheck, env: Mapping[str, Any], origin: str) -> None:
     try:
         values = rule.values(env)
@@ -492,14 +555,16 @@ def rule_checks(nodes: Iterable[Node]) -> list[RuleCheck]:
     return out
 
 
-def _compile_guarded(source: str, path: str) -> Program:
-    """Compile, turning a RecursionError into a GradError at 1:1.
+def _compile_guarded(source: str, path: str, library_ok: bool = False) -> Any:
+    """Compile (with ``library_ok``, check a library file as one: :func:`check_env`), turning a
+    RecursionError into a GradError at 1:1.
 
     The compiler bounds every recursion it knows of (the parser's depth and nesting limits,
     ``MAX_EXPANDED_DEPTH`` and the let/def/apply limits in ``build.py``); this is the last line
     of defence, so that no input ever ends in anything but a positioned GradError."""
     try:
-        return compile_env(load_module_tree(source, path))
+        env = load_module_tree(source, path)
+        return check_env(env) if library_ok else compile_env(env)
     except RecursionError:
         raise GradError("the pipeline is nested too deeply to compile (it reached Python's recursion limit)",
                         Span(1, 1, 1, 2, path, source),
@@ -512,8 +577,8 @@ def compile(source: str, path: str = "<string>") -> Program:  # noqa: A001 - pub
     return _compile_guarded(source, path)
 
 
-def load(path_or_name: str | pathlib.Path) -> Program:
-    """Load a `.grad` file, or a built-in pipeline by name (``"adam"``)."""
+def _read(path_or_name: str | pathlib.Path) -> tuple[str, str]:
+    """``(source, path)`` of a `.grad` file, or of a built-in pipeline by name."""
     from ..dsl.parser import read_source
     name = str(path_or_name)
     p = pathlib.Path(path_or_name)
@@ -524,8 +589,24 @@ def load(path_or_name: str | pathlib.Path) -> Program:
     looks_like_path = p.suffix == ".grad" or "/" in name or "\\" in name
     builtin = builtin_dir() / f"{name}.grad"
     if not is_file and not looks_like_path and builtin.exists():
-        return _compile_guarded(read_source(builtin), str(builtin))
+        return read_source(builtin), str(builtin)
     if is_file or looks_like_path or p.exists():
-        return _compile_guarded(read_source(p), name)
+        return read_source(p), name
     raise GradError(f"no pipeline file or built-in pipeline named '{name}'", Span(1, 1, 1, 2, name, None),
                     did_you_mean(name, builtin_names()) or f"built-in pipelines: {', '.join(builtin_names())}")
+
+
+def load(path_or_name: str | pathlib.Path) -> Program:
+    """Load a `.grad` file, or a built-in pipeline by name (``"adam"``).
+
+    A library file (definitions, no pipeline) is refused: import it from a pipeline file,
+    or check it with :func:`check_file`."""
+    return _compile_guarded(*_read(path_or_name))
+
+
+def check_file(path_or_name: str | pathlib.Path) -> Program | Library:
+    """Check a `.grad` file, or a built-in pipeline by name, as ``gradpipe check`` does: a
+    pipeline file is compiled (:func:`load`); a library file (``hparam``, ``let``, ``def`` and
+    ``import`` lines, no pipeline) has every definition checked and gives a :class:`Library`.
+    An empty file is an error. Every problem is raised as one GradError."""
+    return _compile_guarded(*_read(path_or_name), library_ok=True)

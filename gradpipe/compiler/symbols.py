@@ -10,7 +10,11 @@ A name in a `.grad` file means, in this order (the first that applies wins):
 6. a built-in signal (``grad``, ``param``, ``samples``), scalar (``lr``, ``step``,
    ``loss``) or ``inf``;
 7. a hyperparameter declared in an imported file;
-8. an op of the library.
+8. a math function (``abs``, ``max``, ``where``...; :data:`gradpipe.compiler.prims.FUNCTIONS`)
+   or an op of the library (``sign`` is both: the op, and the function when called with a
+   signal, ``sign(grad)``).
+
+Math functions are named like ops: a ``let`` or ``def`` of the same name shadows them.
 
 A call (``name(...)``) goes through the same chain but stops only at what can be
 called, a ``def`` or an op (``calls=True``): a hyperparameter named like an op, as
@@ -27,11 +31,12 @@ from ..dsl import ast
 from ..dsl.diagnostics import GradError, Span, did_you_mean
 from .modules import RESERVED, HyperParam, ModuleEnv
 from .ops import OPS, Op
+from .prims import FUNCTIONS
 from .scalars import SCALAR_SOURCES
 from .values import Value
 
 __all__ = ["Scope", "Local", "LetSym", "DefSym", "HParamSym", "SourceSym", "ScalarSym", "InfSym", "OpSym",
-           "LossSym", "Symbol", "resolve", "visible_names", "callable_names", "STREAM_SOURCES"]
+           "MathSym", "LossSym", "Symbol", "resolve", "visible_names", "callable_names", "STREAM_SOURCES"]
 
 #: the signals every pipeline can start from
 STREAM_SOURCES = ("grad", "param", "samples")
@@ -96,7 +101,12 @@ class OpSym:
     op: Op
 
 
-Symbol = Union[Local, LetSym, DefSym, HParamSym, SourceSym, LossSym, ScalarSym, InfSym, OpSym]
+@dataclass(frozen=True)
+class MathSym:
+    name: str  # abs, max, where... (gradpipe.compiler.prims.FUNCTIONS)
+
+
+Symbol = Union[Local, LetSym, DefSym, HParamSym, SourceSym, LossSym, ScalarSym, InfSym, OpSym, MathSym]
 
 
 def resolve(parts: tuple[str, ...], sc: Scope, hparams: dict[str, HyperParam], span: Span,
@@ -130,7 +140,7 @@ def _resolve(parts: tuple[str, ...], sc: Scope, hparams: dict[str, HyperParam], 
             return DefSym(env, env.defs[first])
         if first in env.imported and first in env.imported[first].defs:
             return DefSym(env.imported[first], env.imported[first].defs[first])
-        return OpSym(OPS[first]) if first in OPS else None
+        return _builtin(first)
     if first in sc.locals:
         return Local(first, sc.locals[first])
     if first in env.lets:
@@ -151,8 +161,15 @@ def _resolve(parts: tuple[str, ...], sc: Scope, hparams: dict[str, HyperParam], 
         return InfSym()
     if first in hparams:  # declared in an imported file: usable by name everywhere
         return HParamSym(hparams[first])
-    if first in OPS:
-        return OpSym(OPS[first])
+    return _builtin(first)
+
+
+def _builtin(name: str) -> OpSym | MathSym | None:
+    """The op or math function ``name`` (the op for ``sign``, which is both), or None."""
+    if name in OPS:
+        return OpSym(OPS[name])
+    if name in FUNCTIONS:
+        return MathSym(name)
     return None
 
 
@@ -160,10 +177,10 @@ def visible_names(sc: Scope, hparams: dict[str, HyperParam]) -> list[str]:
     """Every name a bare name could have meant here (for a did-you-mean)."""
     env = sc.env
     names = list(sc.locals) + list(env.lets) + list(env.defs) + list(env.imported) + list(env.hparams)
-    names += list(hparams) + list(OPS) + list(RESERVED) + [f"{a}." for a in env.aliases]
+    names += list(hparams) + list(OPS) + list(FUNCTIONS) + list(RESERVED) + [f"{a}." for a in env.aliases]
     return names
 
 
 def callable_names(env: ModuleEnv) -> list[str]:
     """Every name a call could have meant here: ops and pipelines (defs)."""
-    return list(OPS) + list(env.defs) + [n for n, m in env.imported.items() if n in m.defs]
+    return list(OPS) + list(FUNCTIONS) + list(env.defs) + [n for n, m in env.imported.items() if n in m.defs]

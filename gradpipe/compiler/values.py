@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 from ..dsl.diagnostics import Span
-from .scalars import Scalar
+from .scalars import Scalar, is_bool
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ Value = Union[ScalarV, Word, Stream, Fragment]
 
 def kind_name(v: Value) -> str:
     if isinstance(v, ScalarV):
-        return "a number"
+        return "a boolean (a comparison)" if is_bool(v.expr) else "a number"
     if isinstance(v, Word):
         return "a boolean" if isinstance(v.value, bool) else f"the word '{v.value}'"
     if isinstance(v, Stream):

@@ -79,7 +79,9 @@ class Call:
 
 @dataclass(frozen=True)
 class BinOp:
-    op: str  # one of + - * / **
+    """``left op right``: arithmetic (``+ - * / % **``) or a comparison (``< <= > >= == !=``)."""
+
+    op: str
     left: "Expr"
     right: "Expr"
     span: Span = _span()

@@ -11,7 +11,6 @@ reported as a :class:`GradError` whose text is::
 
 from __future__ import annotations
 
-import difflib
 import functools
 import re
 from dataclasses import dataclass
@@ -139,24 +138,63 @@ def _by_initial_and_length(candidates: tuple[str, ...]) -> dict[tuple[str, int],
     return {k: tuple(v) for k, v in groups.items()}
 
 
-def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
-    """A "did you mean" hint for a misspelt name, or None.
+#: Names longer than this get no suggestion (a typo is in a name someone types).
+MAX_SUGGESTION_LENGTH = 64
 
-    A match needs difflib's similarity ratio 2M/(a+b) >= 0.6 (M matching characters,
-    M <= min(a, b)), which only names whose lengths are within a factor 7/3 of each
-    other can reach; the others are never compared. The candidates are grouped once per
-    list (cached), so thousands of typos against thousands of names stay cheap."""
+
+def max_edits(length: int) -> int:
+    """How many edits a suggestion may be away from a name of ``length`` characters:
+    1 up to 4 characters, 2 up to 8, 3 beyond. (So ``max`` is never answered ``ema``,
+    two edits away, and a name unlike every candidate gets no suggestion.)"""
+    return 1 if length <= 4 else 2 if length <= 8 else 3
+
+
+def edit_distance(a: str, b: str, limit: int) -> int:
+    """The optimal-string-alignment distance between ``a`` and ``b`` (insertions, deletions,
+    substitutions and swaps of two adjacent characters, each 1), or ``limit + 1`` when it
+    exceeds ``limit``. Only a band of width ``2 * limit + 1`` is computed: O(len(a) * limit)."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    big = limit + 1
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [big] * (len(b) + 1)
+        cur[0] = i
+        for j in range(max(1, i - limit), min(len(b), i + limit) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            v = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                v = min(v, prev2[j - 2] + 1)
+            cur[j] = min(v, big)
+        if min(cur) > limit:
+            return big
+        prev2, prev = prev, cur
+    return min(prev[len(b)], big)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    """A "did you mean" hint for a misspelt name, or None when no candidate is close.
+
+    A candidate is close when it is at most :func:`max_edits` edits away, ignoring case
+    (:func:`edit_distance`); the closest come first, at most three. Only candidates whose
+    length is within that many characters are compared. The candidates are grouped once
+    per list (cached), so thousands of typos against thousands of names stay cheap."""
     n = len(name)
+    if n == 0 or n > MAX_SUGGESTION_LENGTH:
+        return None
+    limit = max_edits(n)
     groups = _by_initial_and_length(tuple(candidates))
-    near = [(initial, names) for (initial, length), names in groups.items()
-            if 3 * n <= 7 * length and 3 * length <= 7 * n]
+    near = [(initial, names) for (initial, length), names in groups.items() if abs(length - n) <= limit]
     pool = [c for _, names in near for c in names]
     if len(pool) > MAX_SUGGESTION_CANDIDATES:
         first = name[:1].lower()
         pool = [c for initial, names in near if initial == first for c in names]
         if len(pool) > MAX_SUGGESTION_CANDIDATES:
             return None
-    matches = difflib.get_close_matches(name, sorted(pool), n=3, cutoff=0.6)
+    lowered = name.lower()
+    scored = sorted((edit_distance(lowered, c.lower(), limit), c) for c in pool if c != name)
+    matches = [c for d, c in scored if d <= limit][:3]
     if not matches:
         return None
     if len(matches) == 1:

@@ -17,9 +17,10 @@ Layout rules:
 * single spaces around binary operators, ``|``, ``=`` in statements, after
   commas and ``:``; none in ``k=v`` keyword arguments or ``p=1`` defaults, none
   after a unary ``-``;
-* parentheses only where precedence needs them (low to high: ``|``, ``+ -``,
-  ``* /``, unary ``-``, ``**`` (right-associative), ``x[i]``, atoms; for
-  selectors: ``or``, ``and``, ``not``, atoms);
+* parentheses only where precedence needs them (low to high: ``|``, comparisons
+  ``< <= > >= == !=`` (non-associative: an operand that is itself a comparison is
+  parenthesised), ``+ -``, ``* / %``, unary ``-``, ``**`` (right-associative),
+  ``x[i]``, atoms; for selectors: ``or``, ``and``, ``not``, atoms);
 * a statement whose one-line form is longer than :data:`MAX_WIDTH` columns and
   whose pipeline is a chain is split before each ``|``::
 
@@ -41,11 +42,12 @@ __all__ = ["format_module", "format_source", "format_expr", "format_selector", "
 MAX_WIDTH = 88
 
 # expression precedence, low to high
-_CHAIN, _SUM, _PRODUCT, _UNARY, _POWER, _POSTFIX, _ATOM = range(7)
+_CHAIN, _CMP, _SUM, _PRODUCT, _UNARY, _POWER, _POSTFIX, _ATOM = range(8)
 # selector precedence, low to high
 _S_OR, _S_AND, _S_NOT, _S_ATOM = range(4)
 
-_BINOP_PREC = {"+": _SUM, "-": _SUM, "*": _PRODUCT, "/": _PRODUCT, "**": _POWER}
+_BINOP_PREC = {"+": _SUM, "-": _SUM, "*": _PRODUCT, "/": _PRODUCT, "%": _PRODUCT, "**": _POWER,
+               **{op: _CMP for op in ("<", "<=", ">", ">=", "==", "!=")}}
 
 
 # ------------------------------------------------------------------------- leaves
@@ -103,12 +105,14 @@ def _expr(expr: object, min_prec: int) -> str:
     elif isinstance(expr, ast.Call):
         text = _call(expr)
     elif isinstance(expr, ast.Chain):
-        # a stage is a 'sum' in the grammar: a nested chain keeps its parentheses
-        text = " | ".join([_expr(stage, _SUM) for stage in expr.stages])
+        # a stage is a comparison in the grammar: a nested chain keeps its parentheses
+        text = " | ".join([_expr(stage, _CMP) for stage in expr.stages])
     elif isinstance(expr, ast.BinOp):
         prec = _BINOP_PREC[expr.op]
         if expr.op == "**":  # right-associative: postfix ** unary
             left, right = _expr(expr.left, _POSTFIX), _expr(expr.right, _UNARY)
+        elif prec == _CMP:  # non-associative: sum op sum
+            left, right = _expr(expr.left, _SUM), _expr(expr.right, _SUM)
         else:  # left-associative
             left, right = _expr(expr.left, prec), _expr(expr.right, prec + 1)
         text = f"{left} {expr.op} {right}"
@@ -177,7 +181,7 @@ def _pipeline_lines(prefix: str, expr: ast.Expr) -> list[str]:
     if len(line) <= MAX_WIDTH or not isinstance(expr, ast.Chain):
         return [line]
     first, *rest = expr.stages
-    return [prefix + _expr(first, _SUM)] + ["  | " + _expr(stage, _SUM) for stage in rest]
+    return [prefix + _expr(first, _CMP)] + ["  | " + _expr(stage, _CMP) for stage in rest]
 
 
 def _stmt_lines(stmt: object) -> list[str]:

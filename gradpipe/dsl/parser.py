@@ -46,7 +46,7 @@ _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 _OPEN = {"LPAR", "LSQB", "LBRACE"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
 # A newline after one of these does not end the statement.
-_CONTINUE_AFTER = {"VBAR", "PLUS", "MINUS", "STAR", "SLASH", "POW", "EQUAL", "COMMA",
+_CONTINUE_AFTER = {"VBAR", "PLUS", "MINUS", "STAR", "SLASH", "PERCENT", "POW", "CMP", "EQUAL", "COMMA",
                    "COLON", "AND", "OR", "NOT", "IN"}
 
 
@@ -139,7 +139,7 @@ def _parse_tree(source: str) -> tuple[lark.Tree, list[Token]]:
 _TOKEN_WORDS = {
     "VBAR": "'|'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
     "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "EQUAL": "'='", "COLON": "':'",
-    "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "POW": "'**'", "DOT": "'.'",
+    "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "PERCENT": "'%'", "POW": "'**'", "DOT": "'.'",
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
     "REGEX": "a /regex/", "CMP": "a comparison", "SHAPE_ATTR": "'ndim' or 'numel'",
     "_NL": "a new line", "$END": "the end of the file",
@@ -292,7 +292,12 @@ class _ToAst(Transformer):
     sub = _bin("-")
     mul = _bin("*")
     div = _bin("/")
+    mod = _bin("%")
     pow = _bin("**")
+
+    @v_args(meta=True)
+    def compare(self, meta, items):
+        return ast.BinOp(str(items[1]), items[0], items[2], span=self._sp(meta))
 
     @v_args(meta=True)
     def neg(self, meta, items):
@@ -493,6 +498,9 @@ def _syntax_error(e: lark.exceptions.LarkError, path: str, source: str) -> GradE
             span = Span(line, col, tok.end_line or line, tok.end_column or col + 1, path, source)
             what = repr(str(tok))
         hint = f"expected {_describe(set(e.expected))}"
+        if tok.type == "CMP" and "CMP" not in e.expected and "PLUS" in e.expected:  # after 'a < b
+            hint = ("comparisons do not chain ('a < b < c' means nothing): compare two values, and put "
+                    "parentheses around a comparison used as an operand; " + hint)
         opener = _unclosed_before(source, tok.start_pos if tok.start_pos is not None else 0)
         if opener is not None and opener[1] < line:
             hint = f"the '{opener[0]}' on line {opener[1]}, column {opener[2]} is not closed; " + hint

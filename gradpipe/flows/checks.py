@@ -12,8 +12,12 @@ __all__ = ["grad_files", "fitting_task", "check_serve"]
 
 
 def grad_files(directory: str | pathlib.Path) -> list[str]:
-    """The ``.grad`` files under ``directory`` (recursively, sorted)."""
-    return [str(p) for p in sorted(pathlib.Path(directory).rglob("*.grad")) if p.is_file()]
+    """The pipeline files under ``directory`` (``*.grad``, recursively, sorted). Library files
+    (definitions that pipelines import, no pipeline of their own) are checked but not listed:
+    there is nothing to train with them. A file that does not compile raises its GradError."""
+    import gradpipe
+    files = (p for p in sorted(pathlib.Path(directory).rglob("*.grad")) if p.is_file())
+    return [str(p) for p in files if not isinstance(gradpipe.check_file(p), gradpipe.Library)]
 
 
 def fitting_task(files: Sequence[str], task: str) -> tuple[list[str], list[str]]:

@@ -27,15 +27,78 @@ import torch
 from ..compiler.ir import Kind, Node
 from ..compiler.ops import Args, InnerNode, NodeCtx
 from ..compiler.ops.base import RuntimeFloat
+from ..compiler.prims import PORTS
 from ..dsl.diagnostics import GradError
 
 __all__ = ["Lanes", "eval_node", "arith", "eval_dynamic", "structural_args", "apply_update", "compute_dtype",
            "ARITH"]
 
-#: the arithmetic of ``arith`` nodes, on tensors and numbers alike
-ARITH: dict[str, Callable[[Any, Any], Any]] = {
+
+def _signal(*xs: Any) -> torch.Tensor | None:
+    """The first signal among ``xs``: a tensor with dimensions (a parameter's values, or a flat
+    bucket), else any tensor (a 0-d parameter in the eager backend, where scalars are numbers)."""
+    tensors = [x for x in xs if isinstance(x, torch.Tensor)]
+    return next((x for x in tensors if x.dim() > 0), tensors[0] if tensors else None)
+
+
+def _tensors(*xs: Any) -> list[Any]:
+    """The operands as tensors: a number (or a 0-d tensor on another device) becomes a 0-d
+    tensor like the first signal among them, so ``torch.maximum`` and friends accept it."""
+    like = _signal(*xs)
+    assert like is not None, "an arithmetic node has a signal operand"
+    out = []
+    for x in xs:
+        if not isinstance(x, torch.Tensor):
+            x = torch.tensor(x, dtype=like.dtype, device=like.device)
+        elif x is not like and x.dim() == 0 and (x.device != like.device or x.dtype != like.dtype):
+            x = x.to(device=like.device, dtype=like.dtype)
+        out.append(x)
+    return out
+
+
+def _maximum(a: Any, b: Any) -> torch.Tensor:
+    """max(a, b) elementwise (NaN if either is NaN)."""
+    return torch.maximum(*_tensors(a, b))
+
+
+def _minimum(a: Any, b: Any) -> torch.Tensor:
+    """min(a, b) elementwise (NaN if either is NaN)."""
+    return torch.minimum(*_tensors(a, b))
+
+
+def _clamp(x: Any, lo: Any, hi: Any) -> torch.Tensor:
+    """clamp(x, lo, hi) = min(max(x, lo), hi) elementwise."""
+    x, lo, hi = _tensors(x, lo, hi)
+    return torch.minimum(torch.maximum(x, lo), hi)
+
+
+def _where(cond: Any, a: Any, b: Any, like: Any = None) -> Any:
+    """``a`` where ``cond`` holds, else ``b``. ``cond`` is a mask (a bool tensor, or a 0/1 float
+    tensor where a fused segment stored it), a per-step boolean as a 0-d tensor (compiled
+    backend), or a Python boolean or number. ``like``: when both branches are scalars, the
+    signal the mask was computed from, whose dtype and device the result takes."""
+    ref = _signal(a, b, like)
+    if not isinstance(cond, torch.Tensor):
+        out = a if cond else b
+        if ref is None or out is ref or (isinstance(out, torch.Tensor) and out.dim() > 0):
+            return out
+        return torch.zeros_like(ref) + _tensors(out, ref)[0]  # a scalar branch, as a signal
+    if cond.dtype != torch.bool:
+        cond = cond != 0
+    a, b, _ = _tensors(a, b, ref)  # a mask choosing between two numbers carries ``like``: ref is a tensor
+    return torch.where(cond, a, b)
+
+
+#: the primitives of ``arith`` nodes (see ``gradpipe.compiler.prims``), on tensors, with
+#: numbers or 0-d tensors for the scalar operands
+ARITH: dict[str, Callable[..., Any]] = {
     "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-    "/": lambda a, b: a / b, "**": lambda a, b: a ** b,
+    "/": lambda a, b: a / b, "**": lambda a, b: a ** b, "%": lambda a, b: torch.remainder(*_tensors(a, b)),
+    "neg": lambda a: -a,
+    "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
+    "abs": torch.abs, "sign": torch.sign, "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log,
+    "max": _maximum, "min": _minimum, "clamp": _clamp, "where": _where,
 }
 
 _COMPUTE_DTYPE: dict[torch.dtype, torch.dtype] = {}
@@ -63,15 +126,15 @@ def eval_dynamic(node: Node, env: Mapping[str, Any]) -> dict[str, Any]:
     for k in node.dynamic:
         try:
             v = node.args[k].eval(env)
-        except (ZeroDivisionError, OverflowError, TypeError) as e:
+        except (ZeroDivisionError, OverflowError, TypeError, ValueError) as e:
             raise GradError(f"{_what(node, k)} cannot be computed at step {env.get('step')}: {e}", node.span,
                             "make the expression defined at every step") from None
         if isinstance(v, complex):
             raise GradError(f"{_what(node, k)} is not a real number at step {env.get('step')} ({v:.6g})", node.span,
                             "make the expression real at every step: a fractional power of a number that can be "
                             "negative is complex") from None
-        if k in node.per_step and isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = RuntimeFloat(v)
+        if k in node.per_step and isinstance(v, (int, float)):
+            v = RuntimeFloat(v)  # a boolean computed per step is 1.0 or 0.0: one compiled graph for both
         out[k] = v
     return out
 
@@ -118,18 +181,16 @@ class Lanes(abc.ABC):
 
 
 def arith(node: Node, values: Mapping[str, list[torch.Tensor]], args: Sequence[Args]) -> list[torch.Tensor]:
-    """An arithmetic node over every lane: ``lhs op rhs`` (or ``-lhs``), each side a signal
-    (an input) or a scalar argument."""
+    """An arithmetic node over every lane: its primitive (``lhs op rhs``, ``-lhs``, ``abs(lhs)``,
+    ``clamp(lhs, lo, hi)``, ``where(cond, lhs, rhs)``...) applied to its operands, each a signal
+    (an input on the operand's port) or a scalar argument of that name."""
     ins = node.inputs
-    fn = ARITH.get(node.op)
+    fn = ARITH[node.op]
+    ports = PORTS[node.op]
     out = []
     for i, a in enumerate(args):
-        lhs = values[ins["lhs"]][i] if "lhs" in ins else a.lhs
-        if node.op == "neg":
-            out.append(-lhs)
-            continue
-        rhs = values[ins["rhs"]][i] if "rhs" in ins else a.rhs
-        out.append(fn(lhs, rhs))
+        operands = [values[ins[p]][i] if p in ins else getattr(a, p, None) for p in ports]
+        out.append(fn(*operands))
     return out
 
 
