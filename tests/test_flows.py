@@ -6,6 +6,7 @@ Every test here runs against a real Prefect server on 127.0.0.1 (the
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,83 @@ from prefect_server import api_request, prefect_env
 pytestmark = pytest.mark.slow
 
 GRADPIPE = [sys.executable, "-m", "gradpipe"]
+
+#: Last-resort guards, never what a test checks: a child on a loaded 2-core machine may take
+#: minutes to import torch, Prefect and MLflow and to train; the tests wait on its marker files.
+REACH_S = 300
+EXIT_S = 300
+RUN_S = 900
+
+#: ``gradpipe ARGS...`` (``python -c PROBE MARKERS ARGS...``) with two probes, through RunLogger's
+#: public methods, that write marker files the test waits on instead of polling the store the
+#: child is writing:
+#:
+#: * ``MARKERS/flushed`` (JSON: run_id, steps) after every flush that wrote train/loss values,
+#:   ``steps`` counting the distinct steps written so far;
+#: * with ``GRADPIPE_TEST_PAUSE_AT=N``: on logging step N, ``MARKERS/paused`` (JSON: run_id, step),
+#:   then the child sleeps there until it is killed (at most 10 minutes, then it exits 3), so a
+#:   kill lands at a known step of the run.
+#:
+#: Markers are written to a temporary name and renamed: a marker the test sees is complete.
+PROBE = r"""
+import json, os, pathlib, sys, time
+from gradpipe.flows import tracking
+
+markers = pathlib.Path(sys.argv[1])
+pause_at = int(os.environ.get("GRADPIPE_TEST_PAUSE_AT", "0"))
+pending, flushed = set(), set()
+
+
+def mark(name, **data):
+    tmp = markers / (name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, markers / name)
+
+
+real_metrics, real_flush = tracking.RunLogger.metrics, tracking.RunLogger.flush
+
+
+def metrics(self, values, step):
+    if "train/loss" in values:
+        pending.add(int(step))
+    real_metrics(self, values, step)
+    if pause_at and step == pause_at:
+        mark("paused", run_id=self.run_id, step=int(step))
+        time.sleep(600)
+        os._exit(3)
+
+
+def flush(self):
+    real_flush(self)
+    if pending:
+        flushed.update(pending)
+        pending.clear()
+        mark("flushed", run_id=self.run_id, steps=len(flushed))
+
+
+tracking.RunLogger.metrics, tracking.RunLogger.flush = metrics, flush
+sys.argv = ["gradpipe", *sys.argv[2:]]
+from gradpipe.cli import main
+sys.exit(main())
+"""
+
+
+def _probed(markers, *argv):
+    """The argv of ``gradpipe *argv`` under :data:`PROBE`, writing its markers to ``markers``."""
+    markers.mkdir(exist_ok=True)
+    return [sys.executable, "-c", PROBE, str(markers), *argv]
+
+
+def _wait_for_marker(path, proc, log, timeout=REACH_S):
+    """The JSON of the marker file ``path`` once the child ``proc`` has written it. Fails at once
+    if the child exits first (with the tail of its ``log``); ``timeout`` is only a guard."""
+    deadline = time.monotonic() + timeout
+    tail = lambda: log.read_text(errors="replace")[-3000:]  # noqa: E731
+    while not path.exists():
+        assert proc.poll() is None, f"the child exited ({proc.returncode}) before writing {path.name}:\n{tail()}"
+        assert time.monotonic() < deadline, f"no {path.name} after {timeout} s:\n{tail()}"
+        time.sleep(0.1)  # a file check: no load on the store the child writes
+    return json.loads(path.read_text())
 
 
 def _client(uri):
@@ -226,73 +304,71 @@ def test_prefect_retries_a_transient_failure_into_the_same_run(prefect_server, t
 
 
 def test_sigterm_ends_the_run_as_killed_and_keeps_its_metrics(prefect_server, tmp_path):
+    """SIGTERM mid-training (after a flush of metrics): the run ends KILLED, not RUNNING, and
+    keeps every metric it had flushed."""
     import signal
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    proc = subprocess.Popen([*GRADPIPE, "train", "sgd", "--task", "charlm", "--steps", "100000",
-                             "--tracking-uri", uri, "--experiment", "term"],
-                            env=prefect_env(prefect_server), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=tmp_path)
+    log_path, markers = tmp_path / "train.log", tmp_path / "markers"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(_probed(markers, "train", "sgd", "--task", "charlm", "--steps", "100000",
+                                        "--tracking-uri", uri, "--experiment", "term"),
+                                env=prefect_env(prefect_server), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        logged = []
-        while time.monotonic() < deadline and not logged:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            time.sleep(1)
-            try:
-                (run,) = _runs(uri, "term")[0]
-                logged = _curve(uri, run.info.run_id)
-            except (ValueError, AttributeError):
-                pass
-        assert logged, "no metrics were flushed"
+        flushed = _wait_for_marker(markers / "flushed", proc, log_path)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        proc.wait(EXIT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
+            proc.wait()
+    assert proc.returncode != 0, log_path.read_text(errors="replace")[-3000:]
     (run,) = _runs(uri, "term")[0]
-    assert run.info.status == "KILLED"
-    assert len(_curve(uri, run.info.run_id)) >= len(logged)
+    assert run.info.run_id == flushed["run_id"]
+    assert run.info.status == "KILLED", log_path.read_text(errors="replace")[-3000:]
+    assert flushed["steps"] > 0 and len(_curve(uri, run.info.run_id)) >= flushed["steps"]
+
+
+#: checkpoints every 100 steps; the SIGKILL lands at step 350, half-way between two
+KILL_EVERY, KILL_AT = 100, 350
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_final_parameters(prefect_server, tmp_path):
     """`gradpipe train` killed with SIGKILL mid-run, then `gradpipe train --resume RUN_ID`: the final
-    parameters are bitwise those of an uninterrupted run."""
+    parameters are bitwise those of an uninterrupted run. The kill lands at step 350 (the child
+    waits there for it), so steps 301-350 are lost and trained again from the checkpoint of step 300."""
     import signal
     import torch
     from gradpipe.flows.train import load_checkpoint
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     env = prefect_env(prefect_server)
-    argv = [*GRADPIPE, "train", "adam", "--task", "charlm", "--steps", "1500", "--checkpoint-every", "100",
+    args = ["train", "adam", "--task", "charlm", "--steps", "1500", "--checkpoint-every", str(KILL_EVERY),
             "--set", "lr=3e-3", "--tracking-uri", uri, "--experiment", "kill"]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    argv = [*GRADPIPE, *args]
+    log_path, markers = tmp_path / "train.log", tmp_path / "markers"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(_probed(markers, *args), env={**env, "GRADPIPE_TEST_PAUSE_AT": str(KILL_AT)},
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path)
     try:
-        run_id, deadline = None, time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            time.sleep(0.3)
-            try:
-                parents = _runs(uri, "kill")[0]
-            except AttributeError:  # the experiment does not exist yet
-                continue
-            if parents and int(parents[0].data.tags.get("gradpipe.checkpoint_step", "0")) >= 300:
-                run_id = parents[0].info.run_id
-                break
-        assert run_id, "no checkpoint was logged"
+        paused = _wait_for_marker(markers / "paused", proc, log_path)
+        assert proc.poll() is None
         proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        proc.wait(EXIT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    run_id = paused["run_id"]
     assert _client(uri).get_run(run_id).info.status == "RUNNING"  # SIGKILL: nothing could end it
     killed_at = load_checkpoint(uri, run_id).step
-    assert killed_at < 1500
+    assert killed_at == KILL_AT // KILL_EVERY * KILL_EVERY  # the last checkpoint before the kill
 
     out = subprocess.run([*GRADPIPE, "train", "--resume", run_id, "--tracking-uri", uri], env=env,
-                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=RUN_S)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"from step {killed_at}" in out.stdout
-    straight = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    straight = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=RUN_S)
     assert straight.returncode == 0, straight.stderr[-3000:]
     runs = {r.info.run_id: r for r in _runs(uri, "kill")[0]}
     assert len(runs) == 2 and {r.info.status for r in runs.values()} == {"FINISHED"}

@@ -375,28 +375,58 @@ def test_band_curves_render() -> None:
 
 
 _OPEN_STORE = """
-import sys, time
+import sys
+from pathlib import Path
+import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (slow imports first: only the opening races)
 from gradpipe.flows.tracking import ensure_experiment
-start = float(sys.argv[2])
-while time.time() < start:
-    pass
+Path(sys.argv[2]).write_text("")  # ready
+sys.stdin.read()                  # blocks until the test closes stdin: the four start together
 print(ensure_experiment(sys.argv[1], "together"))
 """
+
+#: Last-resort guards, not what the test checks (four interpreters importing MLflow on a loaded
+#: 2-core machine can take minutes)
+READY_S = 300
+DONE_S = 300
 
 
 def test_processes_opening_a_new_sqlite_store_at_once_do_not_race(tmp_path: Path) -> None:
     """Four processes open one fresh ``mlruns.db`` at the same instant (two ``gradpipe train``
     started together, or a test polling a store a subprocess is creating). Unlocked, MLflow's
-    schema creation fails with ``table ... already exists`` in all but one of them."""
+    schema creation fails with ``table ... already exists`` in all but one of them.
+
+    Each child imports MLflow, writes a ready marker and blocks reading its stdin; once all four
+    are ready the test closes their stdins at once. No clock decides when they start."""
     import subprocess
     import sys
     import time
 
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
-    start = str(time.time() + 8.0)  # after every interpreter has imported mlflow
-    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_STORE, uri, start], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outs]
-    assert len({out.strip() for out, _ in outs}) == 1  # one experiment, seen by all
-    assert set(os.listdir(tmp_path)) <= {"mlartifacts", "mlruns.db"}  # no lock file left behind
+    store, sync = tmp_path / "store", tmp_path / "sync"
+    store.mkdir()
+    sync.mkdir()
+    uri = f"sqlite:///{store}/mlruns.db"
+    errors = lambda: [(sync / f"err{i}").read_text(errors="replace")[-2000:] for i in range(4)]  # noqa: E731
+    procs: list[subprocess.Popen] = []
+    try:
+        for i in range(4):
+            with open(sync / f"out{i}", "wb") as out, open(sync / f"err{i}", "wb") as err:
+                procs.append(subprocess.Popen([sys.executable, "-c", _OPEN_STORE, uri, str(sync / f"ready{i}")],
+                                              stdin=subprocess.PIPE, stdout=out, stderr=err))
+        deadline = time.monotonic() + READY_S
+        while not all((sync / f"ready{i}").exists() for i in range(4)):
+            assert all(p.poll() is None for p in procs), errors()
+            assert time.monotonic() < deadline, f"not all ready after {READY_S} s: {errors()}"
+            time.sleep(0.05)  # a file check
+        for p in procs:  # go
+            p.stdin.close()
+        for p in procs:
+            p.wait(DONE_S)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0] * 4, errors()
+    ids = {(sync / f"out{i}").read_text().strip() for i in range(4)}
+    assert len(ids) == 1 and ids != {""}  # one experiment, seen by all
+    assert set(os.listdir(store)) <= {"mlartifacts", "mlruns.db"}  # no lock file left behind

@@ -186,12 +186,12 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     limit = max_edits(n)
     groups = _by_initial_and_length(tuple(candidates))
     near = [(initial, names) for (initial, length), names in groups.items() if abs(length - n) <= limit]
-    pool = [c for _, names in near for c in names]
-    if len(pool) > MAX_SUGGESTION_CANDIDATES:
+    if sum(len(names) for _, names in near) > MAX_SUGGESTION_CANDIDATES:  # counted before any list is built
         first = name[:1].lower()
-        pool = [c for initial, names in near if initial == first for c in names]
-        if len(pool) > MAX_SUGGESTION_CANDIDATES:
+        near = [(initial, names) for initial, names in near if initial == first]
+        if sum(len(names) for _, names in near) > MAX_SUGGESTION_CANDIDATES:
             return None
+    pool = [c for _, names in near for c in names]
     lowered = name.lower()
     scored = sorted((edit_distance(lowered, c.lower(), limit), c) for c in pool if c != name)
     matches = [c for d, c in scored if d <= limit][:3]
