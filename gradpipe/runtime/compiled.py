@@ -241,6 +241,9 @@ class _Store:
     grad_views: list[torch.Tensor]
     #: ids of the parameters autograd reached since the last ``zero_grad``
     reached: set[int] = field(default_factory=set)
+    #: ids of the parameters autograd handed a sparse gradient (``nn.Embedding(sparse=True)``):
+    #: it is summed into the dense gradient view, so the step could not see it otherwise
+    sparse: set[int] = field(default_factory=set)
     handles: list[Any] = field(default_factory=list)
     #: each parameter's address inside ``flat_p``, and its index, computed once
     ptrs: list[int] = field(default_factory=list)
@@ -271,6 +274,13 @@ def _mark_reached(store_ref: "weakref.ref[_Store]", p: torch.Tensor) -> None:
         st.reached.add(id(p))
 
 
+def _mark_sparse(store_ref: "weakref.ref[_Store]", pid: int, grad: torch.Tensor) -> None:
+    if grad.is_sparse:
+        st = store_ref()
+        if st is not None:
+            st.sparse.add(pid)
+
+
 class CompiledRoutes:
     """Runs a program's routes with fused, compiled segments (one instance per optimizer)."""
 
@@ -298,8 +308,9 @@ class CompiledRoutes:
         for group in groups:
             sets: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if p in self._store_of or not p.requires_grad or p.is_sparse or p.grad is not None and p.grad.is_sparse:
-                    continue
+                if p in self._store_of or not p.requires_grad or p.is_sparse or p.is_complex() or \
+                        p.grad is not None and p.grad.is_sparse:
+                    continue  # a complex parameter is stepped through its real view, gathered
                 sets.setdefault((route_of[p], p.dtype, p.device), []).append(p)
             for (_, dtype, device), ps in sets.items():
                 if len({id(p) for p in ps}) != len(ps):
@@ -327,9 +338,17 @@ class CompiledRoutes:
         for p in ps:
             # the hook holds the store weakly: a deleted optimizer's buffers are freed
             store.handles.append(p.register_post_accumulate_grad_hook(partial(_mark_reached, weakref.ref(store))))
+            if p.dim() == 2:  # torch's sparse gradients come from nn.Embedding(Bag): 2-D weights (a hook
+                # costs ~1.5 us per parameter per backward, so only those are watched)
+                store.handles.append(p.register_hook(partial(_mark_sparse, weakref.ref(store), id(p))))
             self._store_of[p] = store
         store.ptrs = [p.data_ptr() for p in ps]
         store.index = {id(p): i for i, p in enumerate(ps)}
+
+    def got_sparse(self, p: torch.Tensor) -> bool:
+        """Whether autograd gave the adopted parameter ``p`` a sparse gradient since ``zero_grad``."""
+        st = self._store_of.get(p)
+        return st is not None and id(p) in st.sparse
 
     def grads_present(self, params: Sequence[torch.Tensor]) -> list[bool]:
         """Whether each parameter has a gradient this step (an adopted parameter always holds a
@@ -359,6 +378,7 @@ class CompiledRoutes:
             seen.add(id(st))
             st.flat_g.zero_()
             st.reached.clear()
+            st.sparse.clear()
             for q, v in zip(st.params, st.grad_views):
                 if q.grad is not v and q.data_ptr() != 0:
                     q.grad = v

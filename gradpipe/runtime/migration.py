@@ -208,9 +208,15 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
                         "load it into an Optimizer built from the same .grad pipeline, or from an edit of it "
                         "that keeps one of its stateful nodes (`gradpipe diff` shows what changed)")
     sd = {k: v for k, v in state_dict.items() if k != "gradpipe"}
+    from .optimizer import check_torch_options
     for i, group in enumerate(sd.get("param_groups", [])):
         extra = {k: v for k, v in group.items() if k in prog.hyperparams}
         prog.check_hyperparams(extra, f"the loaded param group {i}")
+        # torch's options (maximize, foreach, ...) at values this pipeline does not implement are
+        # refused; any other key is the user's metadata and is loaded as saved, as torch does
+        saved_hps = set(meta.get("hyperparams") or ())  # the saved pipeline's own hyperparameter of that name
+        check_torch_options(prog, {k: v for k, v in group.items() if k not in saved_hps},
+                            f"the loaded param group {i}")
     saved_groups = sd.get("param_groups", [])
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError("loaded state dict has a different number of parameter groups")
@@ -260,11 +266,15 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
                 continue
             parts = _split(k)
             if parts is not None and isinstance(v, torch.Tensor) and prog.find_node(parts[0]) is not None:
-                want = expected_shape(prog, parts[0], tuple(p.shape), parts[1])
+                # a complex parameter's state is in its real layout (torch.view_as_real: a last dim of 2)
+                shape = tuple(p.shape) + ((2,) if p.is_complex() else ())
+                want = expected_shape(prog, parts[0], shape, parts[1])
                 if want is not None and tuple(v.shape) != want:
                     raise GradError(f"the state dict's buffer '{k}' of parameter {_param_label(names, i)} has shape "
                                     f"{tuple(v.shape)}, but this optimizer needs {want} "
-                                    f"(the parameter's shape is {tuple(p.shape)})", prog.node(parts[0]).span,
+                                    f"(the parameter's shape is {tuple(p.shape)}"
+                                    f"{', complex, stepped as real ' + str(shape) if p.is_complex() else ''})",
+                                    prog.node(parts[0]).span,
                                     "load the state dict into an optimizer over the same model; if you changed "
                                     "this op's arguments (such as a rank), its state cannot be carried over")
                 carried_keys.add(k)

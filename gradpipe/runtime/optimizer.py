@@ -4,25 +4,89 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from functools import partial
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from ..compiler.ops import Args
 from ..compiler.program import Program, builtin_names, compile as compile_source, load
+from ..dsl.diagnostics import did_you_mean
 from .compiled import CompiledRoutes
 from .eager import RouteBatch, run_route
 from .interpret import apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
 
-__all__ = ["Optimizer", "as_program", "BACKENDS"]
+__all__ = ["Optimizer", "as_program", "BACKENDS", "TORCH_OPTIONS"]
 
 #: ``eager``: the reference interpreter, op by op; ``compiled``: elementwise ops fused by
 #: ``torch.compile`` over flat buffers (``gradpipe/runtime/compiled.py``)
 BACKENDS = ("eager", "compiled")
 
 _STATE_FORMAT = 1
+
+#: torch.optim's constructor options (Adam, AdamW, SGD, RMSprop in torch 2.13) that change
+#: nothing at these values. gradpipe accepts them at these values (as keyword arguments and in
+#: param groups) and refuses any other value, unless the pipeline declares a hyperparameter of
+#: that name (then it is that hyperparameter). ``foreach``/``fused`` also accept ``False``.
+TORCH_OPTIONS: dict[str, Any] = {
+    "foreach": None, "fused": None, "capturable": False, "differentiable": False, "maximize": False,
+    "amsgrad": False, "decoupled_weight_decay": False, "nesterov": False, "centered": False,
+}
+#: the options every torch optimizer of those keeps in its param groups: gradpipe keeps them
+#: too (at their defaults), so code that reads ``group["maximize"]`` works
+GROUP_OPTIONS = ("maximize", "foreach", "capturable", "differentiable", "fused")
+
+_OPTION_HINTS = {
+    "maximize": "write it in the pipeline (negate the gradient first, e.g. `grad | scale(-1) | ...`), "
+                "or declare `hparam maximize` and use it",
+    "amsgrad": "write it in the pipeline (keep the running maximum of the second moment), "
+               "or declare `hparam amsgrad` and use it",
+    "decoupled_weight_decay": "use the 'adamw' pipeline, or write the decay in the pipeline",
+    "nesterov": "write it in the pipeline, or declare `hparam nesterov` and use it",
+    "centered": "write it in the pipeline (rms(centered=true)), or declare `hparam centered` and use it",
+    "capturable": "gradpipe steps are not CUDA-graph capturable: leave capturable=False",
+    "differentiable": "gradpipe steps are not differentiable: leave differentiable=False",
+    "foreach": "gradpipe picks its own kernels: backend='compiled' fuses the step",
+    "fused": "gradpipe picks its own kernels: backend='compiled' fuses the step",
+}
+
+
+def _is_noop_option(name: str, value: Any) -> bool:
+    default = TORCH_OPTIONS[name]
+    if default is None:
+        return value is None or value is False
+    return value is False or (type(value) in (int, float) and value == 0)
+
+
+def check_torch_options(prog: Program, values: Mapping[str, Any], origin: str) -> None:
+    """Refuse a torch.optim option (``maximize=True``, ``capturable=True``, ...) at a value that
+    would change what torch does, where the pipeline declares no hyperparameter of its name."""
+    for k, v in values.items():
+        if k in TORCH_OPTIONS and k not in prog.hyperparams and not _is_noop_option(k, v):
+            raise ValueError(f"{k}={v!r} (in {origin}): '{prog.name}' does not implement torch.optim's "
+                             f"'{k}' option; gradpipe accepts it only at torch's default "
+                             f"({TORCH_OPTIONS[k]!r}), where it changes nothing. To get it, "
+                             f"{_OPTION_HINTS[k]}")
+
+
+#: compiled Programs by (source, path): a copied or unpickled Optimizer rebuilds its Program
+_PROGRAMS: dict[tuple[str, str], Program] = {}
+
+
+def _program_from_source(source: str, path: str, want_hash: str) -> Program:
+    key = (source, path)
+    prog = _PROGRAMS.get(key)
+    if prog is None:
+        prog = compile_source(source, path)
+        if len(_PROGRAMS) >= 32:
+            _PROGRAMS.clear()
+        _PROGRAMS[key] = prog
+    if prog.hash != want_hash:
+        raise ValueError(f"the pipeline '{prog.name}' compiles to hash {prog.hash} here, but the copied "
+                         f"optimizer ran hash {want_hash} (another gradpipe version, or changed imports)")
+    return prog
 
 
 def as_program(pipeline: Program | str | pathlib.Path) -> Program:
@@ -44,6 +108,14 @@ def as_program(pipeline: Program | str | pathlib.Path) -> Program:
     if text.endswith(".grad") or _is_file(text):
         return load(text)
     return compile_source(pipeline)
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as a real view with a last dimension of 2 (``torch.view_as_real``, no
+    copy: the update written into it is written into the parameter); others as they are."""
+    if not t.is_complex():
+        return t
+    return torch.view_as_real(t.resolve_conj() if t.is_conj() else t)
 
 
 def _is_file(text: str) -> bool:
@@ -69,7 +141,16 @@ class Optimizer(torch.optim.Optimizer):
             ``GRADPIPE_BACKEND`` environment variable (default ``compiled``).
         **hyperparams: values for the pipeline's declared hyperparameters
             (``lr``, ``betas``, ...); they become the param groups' defaults, so
-            LR schedulers and per-group overrides work as in torch.
+            LR schedulers and per-group overrides work as in torch. torch's options
+            (``foreach``, ``fused``, ``capturable``, ``differentiable``, ``maximize``,
+            ``amsgrad``, ...) are accepted at the values where they change nothing
+            (:data:`TORCH_OPTIONS`), unless the pipeline declares a hyperparameter of that name.
+
+    A param group may hold keys of its own (``"name": "encoder"``): any key that is not
+    ``lr``, a declared hyperparameter or one of torch's options is kept as metadata, unless
+    it looks like a misspelt hyperparameter (a did-you-mean ``GradError``). ``copy.deepcopy``
+    and ``pickle`` work (the pipeline is compiled again from its source); complex parameters
+    are stepped as their real and imaginary parts, as in torch.
 
     Each step applies ``p <- p - lr * u`` with ``u`` the pipeline's output for
     ``p``. State lives in ``self.state[p]`` under ``"<node>.<buffer>"`` names
@@ -99,8 +180,12 @@ class Optimizer(torch.optim.Optimizer):
         self._compiled = CompiledRoutes(self.program) if backend == "compiled" else None
         self._nonfinite = NonFiniteGuard(self.program.nonfinite)  # skip_nonfinite / allow_nonfinite
         prog = self.program
-        values = prog.check_hyperparams(hyperparams, "Optimizer(...)")
-        defaults = {**prog.defaults(), **values}
+        check_torch_options(prog, hyperparams, "Optimizer(...)")
+        values = prog.check_hyperparams({k: v for k, v in hyperparams.items()
+                                         if k not in TORCH_OPTIONS or k in prog.hyperparams}, "Optimizer(...)")
+        # torch's options that its optimizers keep in every param group, at their defaults
+        defaults = {**{k: TORCH_OPTIONS[k] for k in GROUP_OPTIONS if k not in prog.hyperparams},
+                    **prog.defaults(), **values}
         self._node_state: dict[str, dict[str, Any]] = {}
         self._routes: dict[torch.Tensor, str] = {}
         #: ids of the parameters of one route's step -> (flat counters, their 0-d views)
@@ -114,13 +199,24 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ groups and routes
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         prog = self.program
-        extra = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
         index = len(self.param_groups)
-        checked = prog.check_hyperparams(extra, f"param group {index}")
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        # keys the pipeline declares (and lr) are hyperparameters; torch's option names are
+        # checked (no-op values only); any other key is the user's metadata ("name": "encoder"),
+        # kept as it is, unless it looks like a misspelt hyperparameter
+        extra = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
+        check_torch_options(prog, extra, f"param group {index}")
+        for k in extra:
+            if k not in prog.hyperparams and k not in TORCH_OPTIONS and did_you_mean(k, prog.hyperparams):
+                prog.check_hyperparams({k: extra[k]}, f"param group {index}")  # the did-you-mean GradError
+        checked = prog.check_hyperparams({k: v for k, v in extra.items() if k in prog.hyperparams},
+                                         f"param group {index}")
         param_group.update(checked)
         super().add_param_group(param_group)
         try:
-            prog.check_group(self.param_groups[-1], f"param group {index}")
+            group = self.param_groups[-1]
+            prog.check_group(group, f"param group {index}")
             if hasattr(self, "_orders"):  # added after construction
                 self._assign_routes()
                 if self._compiled is not None:
@@ -141,6 +237,19 @@ class Optimizer(torch.optim.Optimizer):
         named = self._named()
         labels = self.program.assign_routes(named)
         self._routes = {p: label for (_, p), label in zip(named, labels)}
+        #: whether some parameter is listed twice (torch warns; both step it twice, see step())
+        self._duplicates = len({id(p) for _, p in named}) != len(named)
+        #: whether some parameter is complex (stepped as its real view, see _real)
+        self._complex = any(p.is_complex() for _, p in named)
+
+    def _param_label(self, p: torch.Tensor) -> str:
+        """How an error names ``p``: its name from ``named_parameters``, else its position."""
+        for gi, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    return f"parameter '{names[i]}'" if names else f"parameter number {i} of param group {gi}"
+        return "a parameter"
 
     def route_of(self, p: torch.Tensor) -> str:
         """The label of the route that updates ``p``."""
@@ -205,7 +314,10 @@ class Optimizer(torch.optim.Optimizer):
             loss_value = float(loss)
         else:
             loss_value = None  # float(loss) would synchronise with the device for nothing
-        by_route: dict[str, list[tuple[torch.Tensor, dict[str, Any]]]] = defaultdict(list)
+        # A parameter listed twice (torch warns when the group is added) is stepped twice, as
+        # torch.optim does: each repeat goes into a later pass, which sees the state the earlier left.
+        passes: list[dict[str, list[tuple[torch.Tensor, dict[str, Any]]]]] = [defaultdict(list)]
+        seen: dict[torch.Tensor, int] = {}
         for group in self.param_groups:
             prog.check_group(group, "a param group")
             present = self._grads_present(group["params"]) if named_grads is None and by_sample is None else None
@@ -218,49 +330,70 @@ class Optimizer(torch.optim.Optimizer):
                         continue
                 elif not present[j]:
                     continue
-                elif p.grad.is_sparse:
-                    raise RuntimeError("gradpipe does not support sparse gradients")
-                by_route[self._routes[p]].append((p, group))
+                elif p.grad.is_sparse or self._compiled is not None and self._compiled.got_sparse(p):
+                    raise RuntimeError(f"{self._param_label(p)} has a sparse gradient (nn.Embedding(sparse=True) "
+                                       "or nn.EmbeddingBag(sparse=True)?), and gradpipe does not support sparse "
+                                       "gradients: build that module with sparse=False, or give that parameter "
+                                       "to torch.optim.SparseAdam")
+                if not self._duplicates:
+                    passes[0][self._routes[p]].append((p, group))
+                    continue
+                k = seen[p] = seen.get(p, -1) + 1
+                if k == len(passes):
+                    passes.append(defaultdict(list))
+                passes[k][self._routes[p]].append((p, group))
+        by_route = passes[0]
         # A gradient with NaN or Inf skips the whole step before anything runs (the pipeline's
         # skip_nonfinite policy, the default; runtime/nonfinite.py), or raises past its limit.
-        if self._nonfinite.skip(self, [p for items in by_route.values() for p, _ in items], named_grads,
+        checked = named_grads
+        if self._complex:  # the check reads complex gradients as their real views (aminmax has no complex)
+            if by_sample is not None:
+                raise ValueError("step(samples=...) does not support complex parameters")
+            plain = named_grads or {"grad": {p: p.grad for items in by_route.values() for p, _ in items}}
+            checked = {k: {p: _real(g) for p, g in v.items()} for k, v in plain.items()}
+        if self._nonfinite.skip(self, [p for items in by_route.values() for p, _ in items], checked,
                                 by_sample, loss_value):
             return loss
-        # Build every environment and check it before any state changes: a step that
-        # fails leaves parameters, state and step counters as they were.
-        plans = []
-        for label, items in by_route.items():
-            envs, shared = [], {}
-            for (p, group), done in zip(items, self._steps_done([p for p, _ in items])):
-                step = done + 1
-                env = shared.get((id(group), step))
-                if env is None:
-                    env = {k: group[k] for k in prog.hyperparams}
-                    env.update(lr=group["lr"], step=step, loss=loss_value)
-                    prog.check_step_ranges(env)
-                    shared[(id(group), step)] = env
-                envs.append(env)
-            plans.append((label, items, envs))
-        for label, items, envs in plans:
-            params = [p for p, _ in items]
-            states = [self.state[p] for p in params]
-            if named_grads is not None:
-                grads = {k: [v[p] for p in params] for k, v in named_grads.items()}
-            elif by_sample is not None:
-                grads = {"samples": [by_sample[p] for p in params],
-                         "grad": [p.grad if self._has_grad(p) else by_sample[p].mean(0) for p in params]}
-            else:
-                grads = {"grad": [p.grad for p in params]}
-            shared = [shared_of[p] for p in params] if shared_of is not None else None
-            run = self._compiled.run_route if self._compiled is not None else partial(run_route, prog)
-            updates = run(label, RouteBatch(params, grads, envs, states, shared), self._node_state,
-                          self._orders[label])
-            self._count_step(params, states)  # the ops read the step from the environment
-            for p, u, (_, group) in zip(params, updates, items):
-                if u is None:  # updated in place by the compiled backend
-                    continue
-                lr = group["lr"]
-                apply_update(p, u, lr.item() if isinstance(lr, torch.Tensor) else lr)
+        for by_route in passes:
+            # Build every environment and check it before any state changes: a step that
+            # fails leaves parameters, state and step counters as they were.
+            plans = []
+            for label, items in by_route.items():
+                envs, shared = [], {}
+                for (p, group), done in zip(items, self._steps_done([p for p, _ in items])):
+                    step = done + 1
+                    env = shared.get((id(group), step))
+                    if env is None:
+                        env = {k: group[k] for k in prog.hyperparams}
+                        env.update(lr=group["lr"], step=step, loss=loss_value)
+                        prog.check_step_ranges(env)
+                        shared[(id(group), step)] = env
+                    envs.append(env)
+                plans.append((label, items, envs))
+            for label, items, envs in plans:
+                params = [p for p, _ in items]
+                states = [self.state[p] for p in params]
+                if named_grads is not None:
+                    grads = {k: [v[p] for p in params] for k, v in named_grads.items()}
+                elif by_sample is not None:
+                    grads = {"samples": [by_sample[p] for p in params],
+                             "grad": [p.grad if self._has_grad(p) else by_sample[p].mean(0) for p in params]}
+                else:
+                    grads = {"grad": [p.grad for p in params]}
+                shared = [shared_of[p] for p in params] if shared_of is not None else None
+                stepped = params
+                if self._complex:  # complex parameters run as their real and imaginary parts, as in torch
+                    stepped = [_real(p) for p in params]
+                    grads = {k: [_real(g) for g in v] for k, v in grads.items()}
+                run = self._compiled.run_route if self._compiled is not None else partial(run_route, prog)
+                updates = run(label, RouteBatch(stepped, grads, envs, states, shared), self._node_state,
+                              self._orders[label])
+                self._count_step(params, states)  # the ops read the step from the environment
+                for p, u, (_, group) in zip(stepped, updates, items):  # p: the real view of a complex one
+                    if u is None:  # updated in place by the compiled backend
+                        continue
+                    lr = group["lr"]
+                    apply_update(p, u, lr.item() if isinstance(lr, torch.Tensor) else lr)
         return loss
 
     def set_basis(self, param: torch.Tensor | str, basis: torch.Tensor) -> None:
@@ -411,8 +544,7 @@ class Optimizer(torch.optim.Optimizer):
         return out, shared_of
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+    def _saved_node_state(self) -> dict[str, Any]:
         node_state = {}
         for node, st in self._node_state.items():
             n = self.program.find_node(node)
@@ -420,9 +552,26 @@ class Optimizer(torch.optim.Optimizer):
                 saved = n.impl.node_state_dict(st)
                 if saved:
                     node_state[node] = saved
+        return node_state
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's, plus a ``"gradpipe"`` entry (the pipeline's identity, node state and the
+        non-finite counters). ``register_state_dict_pre_hook`` hooks run first, as in torch;
+        ``register_state_dict_post_hook`` hooks see the whole state dict, ``"gradpipe"`` included,
+        and may return a replacement."""
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()  # runs the pre-hooks
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         from .migration import state_meta
-        sd["gradpipe"] = {"format": _STATE_FORMAT, **state_meta(self.program), "node_state": node_state}
+        sd["gradpipe"] = {"format": _STATE_FORMAT, **state_meta(self.program), "node_state": self._saved_node_state()}
         sd["gradpipe"]["nonfinite"] = self._nonfinite.state_dict()
+        for hook in list(post_hooks.values()):
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     #: what the last ``load_state_dict`` did (a :class:`~gradpipe.runtime.migration.StateMigration`)
@@ -438,7 +587,68 @@ class Optimizer(torch.optim.Optimizer):
         holds the report. A state dict of an unrelated pipeline (no node keeps state in
         both) is a ``GradError``. See ``gradpipe/runtime/migration.py``."""
         from .migration import load_state
+        # as torch: the pre-hooks see (a shallow copy of) the state dict and may replace it, the
+        # post-hooks run once everything is loaded (state, node state and counters included)
+        state_dict = dict(state_dict)
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         # torch casts floating state to the parameter's dtype, which would round fp32 state of
         # bf16 parameters; load_state loads the groups through torch and the state itself, keeping dtypes.
-        self.last_migration = load_state(self, state_dict, super().load_state_dict)
-        self._nonfinite.load_state_dict(state_dict["gradpipe"].get("nonfinite"))  # counters of skipped steps
+        self.last_migration = load_state(self, state_dict, self._load_groups)
+        meta = state_dict.get("gradpipe") or {}
+        self._nonfinite.load_state_dict(meta.get("nonfinite"))  # counters of skipped steps
+        for group in self.param_groups:  # a state dict saved before gradpipe kept torch's option keys
+            for k in GROUP_OPTIONS:
+                if k not in self.program.hyperparams:
+                    group.setdefault(k, TORCH_OPTIONS[k])
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)
+
+    def _load_groups(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict`` for the param groups, without the hooks (run around the whole load)."""
+        hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
+
+    # ------------------------------------------------------------------ copy and pickle
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` keep: torch's part (defaults, state, param groups;
+        hooks are not kept, as in torch) and the pipeline by its source, since the compiled
+        Program (networkx graph, frozen IR), the compiled functions and the flat buffers' hooks
+        do not pickle; :meth:`__setstate__` rebuilds them."""
+        prog = self.program
+        return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups,
+                "_gradpipe": {"source": prog.source, "path": prog.path, "hash": prog.hash, "backend": self.backend,
+                              "use_compile": self._compiled.use_compile if self._compiled is not None else None,
+                              "node_state": self._saved_node_state(), "nonfinite": self._nonfinite.state_dict()}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        gp = state.pop("_gradpipe", None)
+        super().__setstate__(state)  # also what torch's load_state_dict calls, with state and groups only
+        if gp is None:
+            return
+        prog = self.program = _program_from_source(gp["source"], gp["path"], gp["hash"])
+        self.backend = gp["backend"]
+        self._compiled = CompiledRoutes(prog) if self.backend == "compiled" else None
+        if self._compiled is not None and gp.get("use_compile") is False:
+            self._compiled.use_compile = False
+        self._nonfinite = NonFiniteGuard(prog.nonfinite)
+        self._nonfinite.load_state_dict(gp["nonfinite"])
+        self._node_state = {}
+        for node, saved in gp["node_state"].items():
+            n = prog.node(node)
+            ns = self._node_state[node] = n.impl.init_node_state(Args(n.const))
+            n.impl.load_node_state_dict(ns, saved)
+        self._counters = {}
+        self._warned_capturable_if_run_uncaptured = True
+        self._assign_routes()
+        self._orders = {r.label: prog.route_nodes(r.label) for r in prog.routes}
+        if self._compiled is not None:
+            self._compiled.adopt(self.param_groups, self._routes)
