@@ -72,7 +72,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _unified_diff(text: str, new: str, name: str) -> str:
-    return "".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True), name, f"{name} (formatted)"))
+    """The unified diff from ``text`` to ``new``, as ``patch`` reads it (a last line without a
+    newline is marked so)."""
+    lines = difflib.unified_diff(text.splitlines(True), new.splitlines(True), name, f"{name} (formatted)")
+    return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
 
 
 def cmd_fmt(args: argparse.Namespace) -> int:

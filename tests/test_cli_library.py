@@ -323,3 +323,32 @@ def test_a_broken_library_in_a_folder_stops_the_comparison(project):
     (project / "base.grad").write_text(BASE.replace("adam", "adma", 1) if "adam" in BASE else BASE + "let bad = adma\n")
     with pytest.raises(GradError, match="base.grad"):
         grad_files(project)
+
+
+def test_fmt_diff_of_a_file_without_a_final_newline_is_a_patch_that_applies(capsys, tmp_path):
+    import shutil
+    f = tmp_path / "nonl.grad"
+    f.write_text("grad|adam")
+    rc, out, _ = run_main(capsys, "fmt", "--diff", str(f))
+    assert rc == 1 and "\\ No newline at end of file\n" in out
+    if shutil.which("patch"):
+        patched = subprocess.run(["patch", "-o", "-", str(f)], input=out, capture_output=True, text=True)
+        assert patched.returncode == 0, patched.stderr
+        assert patched.stdout == "grad | adam\n"
+    assert f.read_text() == "grad|adam"
+
+
+# ====================================================================== rules across arguments in definitions
+@pytest.mark.parametrize("source, line, column", [
+    ("let bad = grad | group_scale(low=2, high=1) { adam }\n", 1, 18),
+    ("def f(x=1) = grad | group_scale(low=x, high=0.5) { adam }\n", 1, 21),
+    ("hparam lo = 2\nlet bad = grad | group_scale(low=lo, high=1) { adam }\n", 2, 18),
+    ("let bad = grad | group_scale(low=2, high=1) { adam }\ngrad | adam\n", 1, 18),
+], ids=["library_let", "library_def", "library_hparam_default", "unused_let_of_a_pipeline"])
+def test_a_rule_across_arguments_is_checked_in_a_definition_no_pipeline_uses(capsys, tmp_path, source, line,
+                                                                            column):
+    f = tmp_path / "defs.grad"
+    f.write_text(source)
+    rc, _, err = run_main(capsys, "check", str(f))
+    assert rc == 1
+    assert f"{f}:{line}:{column}: error: group_scale needs low <= high" in err

@@ -106,6 +106,11 @@ SIGNALS: list[tuple[str, Ref]] = [
     ("where(step > 2, grad, 0)", lambda g, p, s: g if s > 2 else 0 * g),
     ("where(step > 2, 1, grad)", lambda g, p, s: 1 + 0 * g if s > 2 else g),
     ("hparam f = false\nwhere(f, 1, grad)", lambda g, p, s: g),
+    # a scalar condition computes only the scalar branch it picks (1 / 0 at step 2, log(0) at step 1)
+    ("where(step > 2, 1 / (step - 2), grad)", lambda g, p, s: 1 / (s - 2) + 0 * g if s > 2 else g),
+    ("where(step > 1, log(step - 1), grad)", lambda g, p, s: np.log(s - 1) + 0 * g if s > 1 else g),
+    ("where(step <= 1, param, 1 / (step - 1))", lambda g, p, s: p if s <= 1 else 1 / (s - 1) + 0 * g),
+    ("hparam k = 2\nwhere(k > 3, sqrt(k - 3), grad)", lambda g, p, s: g),
     ("grad % 0.3", lambda g, p, s: np.mod(g, 0.3)),
     ("grad % param", lambda g, p, s: np.mod(g, p)),
     ("grad * where(step % 2 == 0, 1, 0)", lambda g, p, s: g * (1.0 if s % 2 == 0 else 0.0)),
@@ -215,7 +220,8 @@ def test_user_definitions_shadow_math_names():
 #: pipelines that use every primitive, each fused into one segment
 COMPILED = [
     "where(grad > 0, grad, 0.1 * grad) + max(grad, param) - min(grad, 0.1) + clamp(grad, -0.5, 0.5)"
-    " + where(step > 2, grad, 0) + where(step % 2 == 1, 3, param)",
+    " + where(step > 2, grad, 0) + where(step % 2 == 1, 3, param)"
+    " + where(step > 2, 1 / (step - 2), grad) + where(step > 1, log(step - 1), param)",
     "grad * where(step % 2 == 0, 1, 0) * sqrt(1 - 0.999 ** step) + abs(grad) + sign(grad) - exp(-abs(grad))"
     " + log(1 + abs(param)) + grad % 0.3 + where(grad <= param, 1, -1) + where(grad != 0, grad, 1)"
     " * where(step >= 2, 1, 2) + where(grad == 0, 1, 0) + where(grad < 0, 0, 1) + where(grad >= 0, 0, 1)",
@@ -317,6 +323,12 @@ ERRORS = [
     ("grad | mxa(1)", 1, 8, "unknown op 'mxa'", "did you mean 'max'?"),
     ("grad | emaa", 1, 8, "unknown name 'emaa'", "did you mean 'ema'?"),
     ("a < b < c", 1, 7, "unexpected '<'", "comparisons do not chain"),
+    ("grad % 0", 1, 8, "'%' by zero", "divisor other than 0"),
+    ("grad * 2 % (1 - 1)", 1, 13, "'%' by zero", "divisor other than 0"),
+    ("hparam k = 0\ngrad % k", 2, 8, "'%' by zero with the hyperparameters' defaults", "divisor other than 0"),
+    ("hparam k = 1000\ngrad * exp(k)", 2, 8, "exp overflows", "exp(x) is larger than the largest float"),
+    ("hparam k = 2\ngrad * where(k > 1, sqrt(k - 3), 0)", 2, 21, "sqrt of a negative number (-1) with", "sqrt"),
+    ("hparam k = 2\nwhere(k > 3, grad * sqrt(k - 3), grad)", 2, 21, "sqrt of a negative number", "sqrt"),
     ("grad | clip_norm(max=1) == 2", 1, 1, "mask", "where(clip_norm(max=1) == 2, a, b)"),
 ]
 
@@ -370,6 +382,53 @@ def test_param_group_values_are_checked_for_modulo_and_log():
         gradpipe.Optimizer(_params(), "hparam k = 2\ngrad * where(step % k == 0, 1, 0)", k=2.5)
     with pytest.raises(GradError, match="cannot be computed from param group 0"):
         gradpipe.Optimizer(_params(), "hparam c = 1\ngrad * log(c)", c=0.0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_param_group_values_are_checked_for_signal_modulo_and_exp(backend):
+    """The divisor of a signal's ``%`` must not be 0 (it would make the parameters NaN), and
+    ``exp`` of a hyperparameter must not overflow: both refused per param group, at the call."""
+    with pytest.raises(GradError, match="argument 'b' of '%' cannot be computed from param group 0") as info:
+        gradpipe.Optimizer(_params(), "hparam k = 1\ngrad % k", backend=backend, k=0)
+    assert (info.value.line, info.value.column) == (2, 8)
+    with pytest.raises(GradError, match="argument 'x' of 'exp' cannot be computed from param group 0") as info:
+        gradpipe.Optimizer(_params(), "hparam k = 4\ngrad * exp(k)", backend=backend, k=1000)
+    assert (info.value.line, info.value.column) == (2, 8)
+
+
+def test_where_guards_the_domain_checks_of_its_scalar_branches():
+    """A hyperparameter's domain (sqrt, log, %, exp) is checked only where a ``where`` with a
+    scalar condition picks the branch: at the defaults and per param group."""
+    for src in ["hparam k = 2\ngrad * where(k > 3, sqrt(k - 3), 0)",
+                "hparam k = 0\ngrad * where(k <= 0, 1, log(k))",
+                "hparam k = 0.5\ngrad * where(k >= 1, step % k, 0)",
+                "hparam k = 1000\ngrad * where(k < 700, exp(k), 0)",
+                "hparam k = 2\nhparam f = false\ngrad * where(f, where(k > 1, 1, sqrt(k - 3)), sqrt(k - 3) * 0)"]:
+        if "f = false" in src:
+            with pytest.raises(GradError, match="sqrt of a negative number"):  # the branch picked
+                gradpipe.compile(src)
+        else:
+            gradpipe.compile(src)
+    src = "hparam k = 4\ngrad * where(k > 3, sqrt(k - 3), 0)"
+    got = _run(src, k=2)  # the group's k = 2 picks 0: nothing to compute a square root of
+    for x, y in zip(got, _reference(lambda g, p, s: 0 * g)):
+        np.testing.assert_allclose(x.numpy(), y, rtol=1e-12)
+    got = _run(src, k=7)
+    for x, y in zip(got, _reference(lambda g, p, s: 2 * g)):
+        np.testing.assert_allclose(x.numpy(), y, rtol=1e-12)
+    with pytest.raises(GradError, match="argument 'x' of 'sqrt' cannot be computed from param group 0"):
+        gradpipe.Optimizer(_params(), "hparam k = 4\ngrad * where(k > 1, sqrt(k - 3), 0)", k=2)
+    # a signal branch runs in every step: its checks are not guarded
+    with pytest.raises(GradError, match="argument 'x' of 'sqrt' cannot be computed from param group 0"):
+        gradpipe.Optimizer(_params(), "hparam k = 4\nwhere(k > 3, grad * sqrt(k - 3), grad)", k=2)
+
+
+def test_sign_of_a_pipeline_is_the_math_function():
+    """``sign(adam)`` as a stage is ``adam | sign``, as ``abs(adam)`` is ``adam | abs``."""
+    for x, y in zip(_run("grad | sign(adam)"), _run("grad | adam | sign")):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    for x, y in zip(_run("grad | abs(adam)"), _run("grad | adam | abs")):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- formatter

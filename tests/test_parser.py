@@ -508,3 +508,15 @@ class TestParserInternals:
         wrong = [(i, got) for i, runs in enumerate(results) for got in runs if got != expected[i]]
         assert [len(runs) for runs in results] == [50] * len(sources)
         assert not wrong, f"{len(wrong)} of {50 * len(sources)} parses differ, e.g. thread {wrong[0][0]}: {wrong[0][1]!r:.300}"
+
+
+@pytest.mark.parametrize("source, says_unclosed", [
+    ("grad | where(grad >\n  , 1, 0)\n", False),   # the '(' is closed later: the mistake is inside
+    ("grad | adam(b1=\n)\n", False),
+    ("grad | adam(b1=0.9,\n | sign\n", True),        # never closed
+    ("grad | adam(\n\nlet x = 1\n", True),
+])
+def test_an_unclosed_bracket_is_named_only_when_the_file_never_closes_it(source, says_unclosed):
+    with pytest.raises(GradError) as e:
+        parse(source)
+    assert ("is not closed" in (e.value.hint or "")) is says_unclosed

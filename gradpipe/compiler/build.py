@@ -34,10 +34,12 @@ __all__ = ["Builder", "RouteInfo", "RangeCheck", "MAX_EXPANDED_DEPTH", "NODE_BUD
 
 _MAX_INLINE_DEPTH = 32
 #: primitives defined for some scalar values only: with a hyperparameter in them, checked per param group
-_DOMAIN_LIMITED = frozenset({"%", "sqrt", "log"})
+_DOMAIN_LIMITED = frozenset({"%", "sqrt", "log", "exp"})
 _DOMAIN_HINTS = {"%": "'%' is the remainder of whole numbers by a whole number other than 0, e.g. step % 10",
                  "sqrt": "sqrt needs a number >= 0", "log": "log needs a number > 0",
                  "exp": "exp(x) is larger than the largest float (about 1.8e308) for x > 709"}
+#: the hint for the divisor of a signal's remainder (torch.remainder: any number but 0)
+_SIGNAL_MOD_HINT = "the remainder of a signal needs a divisor other than 0, e.g. grad % 0.5"
 #: the argument names of the math functions, for messages
 _ARG_NAMES = {"abs": ("x",), "sign": ("x",), "sqrt": ("x",), "exp": ("x",), "log": ("x",),
               "max": ("a", "b"), "min": ("a", "b"), "clamp": ("x", "lo", "hi"), "where": ("cond", "a", "b"),
@@ -147,6 +149,10 @@ class Builder:
         self._block_op: str | None = None
         #: ids of the let and def statements the pipeline reached
         self.used: set[int] = set()
+        #: while a branch of a ``where`` with a scalar condition is built: the domain checks it
+        #: asks for, (op, [(argument name, probe)], span, hint, guards), held until it is known
+        #: whether the branch is a scalar (evaluated only when the condition picks it) or not
+        self._pending: list[tuple[str, list[tuple[str, S.Scalar]], Span, str, tuple]] | None = None
 
     # ------------------------------------------------------------------ what the build produced
     @property
@@ -325,12 +331,18 @@ class Builder:
         n_folded = len(self.folded)
         vals: list[Value] = [] if head is None else [head]
         for o in operands:  # a loop, not a comprehension: one Python frame fewer per level
-            vals.append(self.expr(o, sc, prefix))
+            cond = self._scalar_cond(vals[0]) if op == "where" and len(vals) in (1, 2) else None
+            if cond is not None:  # a branch of a scalar choice: computed only when the choice picks it
+                vals.append(self._guarded(o, sc, prefix, cond, len(vals) == 1))
+            else:
+                vals.append(self.expr(o, sc, prefix))
         spans = ([] if head is None else [head.span]) + [o.span for o in operands]
         ports = prims.PORTS[op]
         vals = [self._operand(op, port, v, span) for port, v, span in zip(ports, vals, spans)]
         if all(isinstance(v, ScalarV) for v in vals):
             return self._scalar_prim(e, op, operands, vals, n_folded)
+        if op == "%" and isinstance(vals[1], ScalarV):
+            self._check_signal_divisor(vals[1].expr, spans[1])
         if op == "**" and not isinstance(vals[1], ScalarV):
             raise GradError("the exponent must be a number", spans[1],
                             "raise a signal to a number (grad ** 2); for a signal exponent write exp(y * log(x))")
@@ -417,24 +429,94 @@ class Builder:
                 self._check_domain(op, exprs, e.span)
         return ScalarV(r, e.span)
 
+    @staticmethod
+    def _hp_only(x: S.Scalar) -> bool:
+        """Whether ``x`` is known once the hyperparameters are (not a constant, not per step)."""
+        return not isinstance(x, S.Const) and not reads_step(x) and any(isinstance(v, S.HP) for v in S.leaves(x))
+
     def _check_domain(self, op: str, exprs: list[S.Scalar], span: Span) -> None:
-        """``%``, ``sqrt`` and ``log`` of operands known once hyperparameters are: whole numbers
-        (a divisor not 0) for ``%``, ``x >= 0`` for ``sqrt``, ``x > 0`` for ``log``. Checked here
-        at the hyperparameters' defaults, and for every param group (a range check); an operand
-        that reads ``step`` or ``loss`` is checked in every step (``interpret.eval_dynamic``)."""
+        """``%``, ``sqrt``, ``log`` and ``exp`` of operands known once hyperparameters are: whole
+        numbers (a divisor not 0) for ``%``, ``x >= 0`` for ``sqrt``, ``x > 0`` for ``log``, a
+        finite result for ``exp``. Checked at the hyperparameters' defaults, and for every param
+        group (a range check); an operand that reads ``step`` or ``loss`` is checked in every
+        step (``interpret.eval_dynamic``). See :meth:`_check_probes` for ``where`` guards."""
         names = _ARG_NAMES[op]
+        probes: list[tuple[str, S.Scalar]] = []
         for k, x in enumerate(exprs if op == "%" else exprs[:1]):
-            if isinstance(x, S.Const) or reads_step(x) or not any(isinstance(v, S.HP) for v in S.leaves(x)):
+            if not self._hp_only(x):
                 continue
             if op == "%":  # one side alone: a % 1 checks a, 0 % b checks b
-                probe: S.Scalar = S.BinS("%", x, S.Const(1)) if k == 0 else S.BinS("%", S.Const(0), x)
+                probes.append((names[k], S.BinS("%", x, S.Const(1)) if k == 0 else S.BinS("%", S.Const(0), x)))
             else:
-                probe = S.FnS(op, (x,))
-            try:
-                probe.eval({name: hp.default for name, hp in self.hparams.items()})
-            except (ValueError, ZeroDivisionError, OverflowError) as err:
-                raise GradError(f"{err} with the hyperparameters' defaults", span, _DOMAIN_HINTS[op]) from None
-            self.check.range_checks.append(RangeCheck(probe, Param(names[k]), op, span))
+                probes.append((names[k], S.FnS(op, (x,))))
+        if probes:
+            self._check_probes(op, probes, span, _DOMAIN_HINTS[op], ())
+
+    def _check_signal_divisor(self, x: S.Scalar, span: Span) -> None:
+        """The scalar divisor of a signal's remainder (``grad % k``): not 0. A constant is
+        checked here, a hyperparameter at its default and for every param group."""
+        if isinstance(x, S.Const):
+            if x.value == 0:
+                raise GradError("'%' by zero", span, _SIGNAL_MOD_HINT)
+        elif self._hp_only(x):
+            self._check_probes("%", [("b", S.BinS("/", S.Const(1), x))], span, _SIGNAL_MOD_HINT, ())
+
+    def _check_probes(self, op: str, probes: list[tuple[str, S.Scalar]], span: Span, hint: str,
+                      guards: tuple[tuple[S.Scalar, bool], ...]) -> None:
+        """Check each ``(argument name, probe)`` at the hyperparameters' defaults (the probe
+        raises where the argument is out of the domain) and record it as a range check for every
+        param group. ``guards``: the conditions of the ``where`` s (and which branch) that the
+        checked value sits in, as a scalar: it is computed only where they hold, so the probe is
+        checked only there. A guard that reads ``step`` or ``loss`` leaves the check to the step
+        in which it holds (``interpret.eval_dynamic``). While a ``where`` branch is being built
+        (``self._pending``), the check waits for it."""
+        if self._pending is not None:
+            self._pending.append((op, probes, span, hint, guards))
+            return
+        if any(reads_step(c) for c, _ in guards):
+            return
+        defaults = {name: hp.default for name, hp in self.hparams.items()}
+        try:
+            active = all(bool(c.eval(defaults)) == taken for c, taken in guards)
+        except (ValueError, ZeroDivisionError, OverflowError, TypeError):
+            active = False  # the condition itself fails: that is reported where it is computed
+        for name, probe in probes:
+            if active:
+                try:
+                    probe.eval(defaults)
+                except (ValueError, ZeroDivisionError, OverflowError) as err:
+                    what = ("'%' by zero" if op == "%" and isinstance(err, ZeroDivisionError) else
+                            "exp overflows (the result is larger than the largest float)"
+                            if op == "exp" and isinstance(err, OverflowError) else str(err))
+                    raise GradError(f"{what} with the hyperparameters' defaults", span, hint) from None
+            expr = probe
+            for c, taken in reversed(guards):  # where the guards fail, a value in every domain
+                expr = S.FnS("where", (c, expr, S.Const(0)) if taken else (c, S.Const(0), expr))
+            self.check.range_checks.append(RangeCheck(expr, Param(name), op, span))
+
+    def _scalar_cond(self, v: Value) -> S.Scalar | None:
+        """``v`` as the condition of a scalar choice (a comparison or boolean of scalars), else None."""
+        if isinstance(v, Word) and isinstance(v.value, bool):
+            return S.Const(v.value)
+        if isinstance(v, ScalarV) and (S.is_bool(v.expr) or (
+                isinstance(v.expr, S.HP) and v.expr.index is None and v.expr.name in self.hparams
+                and self.hparams[v.expr.name].kind == "bool")):
+            return v.expr
+        return None
+
+    def _guarded(self, o: ast.Expr, sc: Scope, prefix: str, cond: S.Scalar, taken: bool) -> Value:
+        """A branch of ``where`` whose condition ``cond`` is a scalar (``taken``: the branch picked
+        when it holds). A scalar branch is computed only when picked, so the domain checks asked
+        for while building it are guarded by ``cond``; a signal's are not (its nodes run in
+        every step)."""
+        outer, self._pending = self._pending, []
+        try:
+            v = self.expr(o, sc, prefix)
+        finally:
+            pending, self._pending = self._pending, outer
+        for op, probes, span, hint, guards in pending:
+            self._check_probes(op, probes, span, hint, ((cond, taken),) + guards if isinstance(v, ScalarV) else guards)
+        return v
 
     def _arith_node(self, op: str, prefix: str, span: Span, vals: list[Value],
                     spans: list[Span] | None = None) -> str:
@@ -456,6 +538,13 @@ class Builder:
                 inputs.append((v.node, port))
             else:
                 args[port] = v.expr  # type: ignore[union-attr]
+        if op == "where" and "cond" in args:
+            # a scalar condition: a scalar branch is computed only in the steps that pick it
+            cond = args["cond"]
+            for port in ("lhs", "rhs"):
+                if port in args and not isinstance(args[port], S.Const):
+                    pick = (cond, args[port], S.Const(0)) if port == "lhs" else (cond, S.Const(0), args[port])
+                    args[port] = S.call("where", pick)
         if op == "where" and any(p == "cond" for _, p in inputs) and "lhs" in args and "rhs" in args:
             # a mask choosing between two numbers: the result takes the dtype of the mask's signal
             cond = next(src for src, p in inputs if p == "cond")
@@ -550,7 +639,7 @@ class Builder:
         if isinstance(sym, OpSym) and sym.op.name in prims.FUNCTIONS and len(e.args) == 1 \
                 and not e.kwargs and e.block is None:
             signal = self._signal_arg(e.args[0], sc, prefix)
-            if signal is not None:  # sign(grad): the function; sign(1) goes on to the op (and its message)
+            if signal is not None:  # sign(grad), sign(adam): the function; sign(1) goes on to the op
                 return self._prim(sym.op.name, e, [], sc, prefix, head=signal)
         if isinstance(sym, OpSym):
             return self._op_call(sym.op, e, sc, prefix)
@@ -565,12 +654,13 @@ class Builder:
         raise GradError(f"unknown op '{fname}'", e.func.span, did_you_mean(fname, callable_names(env))
                         or "run 'gradpipe ops' for the list of ops")
 
-    def _signal_arg(self, a: ast.Expr, sc: Scope, prefix: str) -> Stream | None:
-        """``a`` compiled, when it is a signal; else None, and nothing of it kept (it is
-        compiled again where it belongs; only a signal adds nodes as it is compiled)."""
+    def _signal_arg(self, a: ast.Expr, sc: Scope, prefix: str) -> Stream | Fragment | None:
+        """``a`` compiled, when it is a signal or an open pipeline (a stage such as ``adam``);
+        else None, and nothing of it kept (it is compiled again where it belongs; only a
+        signal adds nodes as it is compiled)."""
         n_folded = len(self.folded)
         v = self.expr(a, sc, prefix)
-        if isinstance(v, Stream):
+        if isinstance(v, (Stream, Fragment)):
             return v
         del self.folded[n_folded:]
         return None

@@ -98,7 +98,8 @@ def explain(prog: "Program") -> str:
     if not (prog.merged or prog.folded or prog.removed):
         lines.append("  none applied")
     for removed, kept in prog.merged:
-        lines.append(f"  CSE: {removed} merged into {kept} (one state buffer instead of two)")
+        stateful = bool(prog.node_buffers(kept))
+        lines.append(f"  CSE: {removed} merged into {kept}" + (" (one state buffer instead of two)" if stateful else ""))
     for f in prog.folded:
         lines.append(f"  folded: {f}")
     for n in prog.removed:

@@ -17,7 +17,7 @@ from ..dsl.diagnostics import GradError, Span, did_you_mean
 from . import scalars as S
 from .binder import RangeCheck, RuleCheck, reads_step
 from .build import Builder, RouteInfo, selector_label
-from .ir import Kind, Node, RouteIR, freeze
+from .ir import Kind, Node, RouteIR, freeze, freeze_node
 from .modules import HyperParam, ModuleEnv, all_hparams, load_module_tree
 from .ops import OPS
 from .ops.nonfinite import NonFinitePolicy, policy_of
@@ -417,6 +417,8 @@ def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set
     #: checked again with its defaults, which a use may not have tried)
     same_everywhere = {id(let) for let in env.lets.values()} | {id(d) for d in env.defs.values() if not d.params}
     todo.sort(key=lambda t: (t[0].span.line, t[0].span.column), reverse=True)
+    defaults = {k: hp.default for k, hp in hparams.items()}
+    seen: set[str] = set()
     for stmt, expr in todo:
         if id(stmt) in checked:
             continue
@@ -425,6 +427,12 @@ def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set
             v = scratch.expr(expr, Scope(env), f"check/{stmt.name}" if isinstance(stmt, ast.Let) else "check")
             if isinstance(v, Fragment):
                 v.apply(scratch.source("grad", stmt.span).node, "check")
+            # the rules across arguments, as compile_env checks those of the pipeline
+            g = scratch.graph
+            new = [n for n in g.nodes if n not in seen and g.nodes[n]["kind"] == Kind.OP.value]
+            seen.update(g.nodes)
+            for rule in rule_checks(freeze_node(g, n) for n in new):
+                _check_rule(rule, defaults, "from the hyperparameters' defaults")
         except GradError as e:
             errors.append(e)
             checked.add(id(stmt))

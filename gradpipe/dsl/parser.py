@@ -443,15 +443,25 @@ def _brackets(source: str) -> Iterator[tuple[str, int, int]]:
             yield ch, line, col
 
 
-def _unclosed_before(source: str, pos: int) -> tuple[str, int, int] | None:
-    """The innermost bracket still open at ``pos``: (bracket, line, column), or None."""
+def _open_brackets(source: str) -> list[tuple[str, int, int]]:
+    """The brackets still open at the end of ``source``, outermost first: (bracket, line, column)."""
     stack: list[tuple[str, int, int]] = []
-    for ch, line, col in _brackets(source[:pos]):
+    for ch, line, col in _brackets(source):
         if ch in "([{":
             stack.append((ch, line, col))
         elif stack:
             stack.pop()
-    return stack[-1] if stack else None
+    return stack
+
+
+def _unclosed_before(source: str, pos: int) -> tuple[str, int, int] | None:
+    """The innermost bracket still open at ``pos`` that the rest of the file never closes:
+    (bracket, line, column), or None. (A bracket closed later, as in a call split over lines
+    with a mistake inside, is not the problem.)"""
+    before = _open_brackets(source[:pos])
+    if not before or before[-1] not in _open_brackets(source):
+        return None
+    return before[-1]
 
 
 def _end_span(path: str, source: str) -> Span:
