@@ -559,8 +559,13 @@ def test_state_dict_not_from_gradpipe():
     m = _model()
     sgd = gradpipe.Optimizer(m.named_parameters(), "sgd")
     with pytest.raises(GradError) as info:
-        sgd.load_state_dict(torch.optim.SGD(m.parameters(), lr=0.1).state_dict())
+        sgd.load_state_dict({"step": 3})  # neither gradpipe's nor torch.optim's
     assert "not saved by a gradpipe Optimizer" in info.value.message
+    # a torch.optim dict of the same algorithm loads (tests/test_torch_state.py); of another, it is
+    # refused with what it looks like
+    with pytest.raises(GradError) as info:
+        sgd.load_state_dict(torch.optim.Adagrad(m.parameters(), lr=0.1).state_dict())
+    assert "(like Adagrad)" in info.value.message
 
 
 # ------------------------------------------------------------------------ pathological files

@@ -305,11 +305,18 @@ def test_nested_and_parenthesised_stages_when_split():
     assert parse(out) == parse(src)
 
 
-def test_long_lines_that_are_not_chains_stay_on_one_line():
+def test_long_lines_that_are_not_chains_are_broken_after_commas_and_operators():
+    # (these stayed on one line before the formatter learnt to break them)
     long_call = "f(" + ", ".join(f"argument_{i}" for i in range(12)) + ")"
-    assert format_source(long_call) == long_call + "\n"
+    assert format_source(long_call) == (
+        "f(argument_0, argument_1, argument_2, argument_3, argument_4, argument_5, argument_6,\n"
+        "    argument_7, argument_8, argument_9, argument_10, argument_11)\n")
     long_hparam = "hparam x = " + " + ".join(["1000000"] * 12) + " in [0, 1]"
-    assert format_source(long_hparam) == long_hparam + "\n"
+    assert format_source(long_hparam) == (
+        "hparam x = 1000000 + 1000000 + 1000000 + 1000000 + 1000000 + 1000000 + 1000000 +\n"
+        "    1000000 + 1000000 + 1000000 + 1000000 + 1000000 in [0, 1]\n")
+    for src in (long_call, long_hparam):
+        assert parse(format_source(src)) == parse(src)
 
 
 def test_format_source_reports_errors_and_path():
@@ -363,7 +370,19 @@ def _extend(children):
         st.builds(Neg, children),
         st.lists(children, min_size=2, max_size=4).map(lambda xs: Chain(tuple(xs))),
         st.builds(Index, children, st.integers(min_value=0, max_value=12)),
+        # long ones, which the formatter breaks over lines: many terms, many arguments
+        st.builds(_fold, children, st.lists(st.tuples(st.sampled_from(["+", "-", "*", "/", "%"]), children),
+                                            min_size=2, max_size=6)),
+        st.builds(Call, dotted, st.lists(children, min_size=3, max_size=6).map(tuple), _kwargs(children),
+                  st.none()),
     )
+
+
+def _fold(first, rest):
+    """``first op1 x1 op2 x2 ...`` as the left-associative tree the parser makes of it."""
+    for op, operand in rest:
+        first = BinOp(op, first, operand)
+    return first
 
 
 exprs = st.recursive(leaves, _extend, max_leaves=12)
@@ -619,3 +638,138 @@ def test_token_soup_parses_or_fails_cleanly(text):
     assert strict(parse(formatted)) == strict(module), (text, formatted)
     assert format_source(formatted) == formatted
 
+
+
+# ------------------------------------------------- breaking long non-chain statements
+import gradpipe  # noqa: E402
+
+HPARAMS = ("hparam lr = 0.001\nhparam weight_decay = 0.01\nhparam momentum_coefficient = 0.9\n"
+           "hparam gradient_noise_scale = 0.1\n")
+
+
+def assert_broken_well(src: str) -> str:
+    """Formats ``src``: every line fits (or is one token), idempotent, same AST, same hash."""
+    out = format_source(src)
+    for line in out.splitlines():
+        assert len(line) <= MAX_WIDTH or " " not in line.strip(), out
+    assert format_source(out) == out
+    assert parse(out) == parse(src)
+    assert gradpipe.compile(out).hash == gradpipe.compile(src).hash
+    return out
+
+
+def test_long_arithmetic_let_is_broken_after_its_lowest_operators():
+    terms = ["lr * grad * momentum_coefficient", "weight_decay * param * momentum_coefficient",
+             "gradient_noise_scale * grad * grad", "lr * weight_decay * param",
+             "momentum_coefficient * grad"]
+    let = "let update = " + " + ".join(terms)
+    assert len(let) > 170
+    out = assert_broken_well(HPARAMS + let + "\ngrad | scale(lr)\n")
+    assert out == HPARAMS + (
+        "let update = lr * grad * momentum_coefficient +\n"
+        "    weight_decay * param * momentum_coefficient + gradient_noise_scale * grad * grad +\n"
+        "    lr * weight_decay * param + momentum_coefficient * grad\n"
+        "grad | scale(lr)\n")
+
+
+def test_long_comparison_inside_where_is_broken():
+    src = HPARAMS + (
+        "let safe = where(grad * momentum_coefficient * weight_decay > momentum_coefficient * weight_decay"
+        " * gradient_noise_scale * lr * param, grad * lr, lr * weight_decay * grad)\n"
+        "grad | scale(lr)\n")
+    out = assert_broken_well(src)
+    assert out == HPARAMS + (
+        "let safe = where(grad * momentum_coefficient * weight_decay >\n"
+        "        momentum_coefficient * weight_decay * gradient_noise_scale * lr * param,\n"
+        "    grad * lr,\n"
+        "    lr * weight_decay * grad)\n"
+        "grad | scale(lr)\n")
+    # a comparison at the top level breaks after its operator
+    cmp = "let c = " + " + ".join(f"term_number_{i}" for i in range(5)) + " < " + \
+        " * ".join(f"factor_number_{i}" for i in range(4))
+    assert format_source(cmp) == (
+        "let c = term_number_0 + term_number_1 + term_number_2 + term_number_3 + term_number_4 <\n"
+        "    factor_number_0 * factor_number_1 * factor_number_2 * factor_number_3\n")
+
+
+def test_long_call_argument_lists_are_broken_after_commas():
+    src = HPARAMS + ("grad | clip_norm(1, scope=tensor) | scale(clamp(lr * momentum_coefficient * weight_decay, "
+                     "gradient_noise_scale * weight_decay, momentum_coefficient + gradient_noise_scale))\n")
+    out = format_source(src)
+    # a chain statement is split before each '|' and its stages stay whole
+    assert out.splitlines()[-1].startswith("  | scale(clamp(")
+    let = HPARAMS + ("let s = clamp(lr * momentum_coefficient * weight_decay, gradient_noise_scale * weight_decay, "
+                     "momentum_coefficient + gradient_noise_scale)\ngrad | scale(s)\n")
+    out = assert_broken_well(let)
+    assert out == HPARAMS + (
+        "let s = clamp(lr * momentum_coefficient * weight_decay,\n"
+        "    gradient_noise_scale * weight_decay, momentum_coefficient + gradient_noise_scale)\n"
+        "grad | scale(s)\n")
+
+
+def test_nested_pieces_break_recursively_and_keep_brackets_and_chains():
+    y = "let y = (" + " + ".join(f"very_long_name_{i}" for i in range(8)) + ") * (" + \
+        " - ".join(f"other_long_name_{i}" for i in range(8)) + ")"
+    assert format_source(y) == (
+        "let y = (very_long_name_0 + very_long_name_1 + very_long_name_2 + very_long_name_3 +\n"
+        "        very_long_name_4 + very_long_name_5 + very_long_name_6 + very_long_name_7) *\n"
+        "    (other_long_name_0 - other_long_name_1 - other_long_name_2 - other_long_name_3 -\n"
+        "        other_long_name_4 - other_long_name_5 - other_long_name_6 - other_long_name_7)\n")
+    z = "let z = f(k=(aaaaaaaaaaaaaaaaaaaaa | bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb | cccccccccccccccccccccccccc), j=1)"
+    assert format_source(z) == (
+        "let z = f(k=aaaaaaaaaaaaaaaaaaaaa\n"
+        "      | bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\n"
+        "      | cccccccccccccccccccccccccc,\n"
+        "    j=1)\n")
+    block = "route default: f(a, b) { " + " + ".join(f"xxxxxxxxxxx{i}" for i in range(10)) + " }"
+    assert format_source(block) == (
+        "route default: f(a, b) { xxxxxxxxxxx0 + xxxxxxxxxxx1 + xxxxxxxxxxx2 + xxxxxxxxxxx3 +\n"
+        "    xxxxxxxxxxx4 + xxxxxxxxxxx5 + xxxxxxxxxxx6 + xxxxxxxxxxx7 + xxxxxxxxxxx8 +\n"
+        "    xxxxxxxxxxx9 }\n")
+    power = "let p = " + " ** ".join(f"exponent_tower_{i}" for i in range(6))
+    assert format_source(power) == (
+        "let p = exponent_tower_0 ** exponent_tower_1 ** exponent_tower_2 ** exponent_tower_3 **\n"
+        "    exponent_tower_4 ** exponent_tower_5\n")
+    for src in (y, z, block, power):
+        assert parse(format_source(src)) == parse(src)
+        assert format_source(format_source(src)) == format_source(src)
+
+
+def test_a_token_longer_than_the_limit_stays_whole_and_comments_stay_above():
+    name = "n" * 100
+    out = format_source(f"# note\nlet x = {name} + {name} - 2\n")
+    assert out == f"# note\nlet x = {name} +\n    {name} -\n    2\n"
+    assert format_source(out) == out
+    # a comment between broken lines moves above the statement, like any other
+    assert format_source("let x = aaaa +  # why\n    bbbb\n") == "# why\nlet x = aaaa + bbbb\n"
+
+
+# every atom here is at most 31 columns: every line must fit
+_short_atoms = st.one_of(
+    st.from_regex(r"[a-z_][a-z0-9_]{0,30}", fullmatch=True).filter(lambda s: s not in KEYWORDS)
+    .map(lambda s: Name((s,))),
+    st.integers(0, 10**9).map(Num),
+)
+wide_exprs = st.recursive(
+    _short_atoms,
+    lambda c: st.one_of(
+        st.builds(_fold, c, st.lists(st.tuples(st.sampled_from(["+", "-", "*", "/", "%"]), c),
+                                     min_size=1, max_size=8)),
+        st.builds(BinOp, st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), c, c),
+        st.builds(Call, st.sampled_from([N("where"), N("clamp"), N("lib", "f")]),
+                  st.lists(c, min_size=1, max_size=6).map(tuple)),
+        st.builds(Neg, c),
+        st.builds(Index, c, st.integers(0, 3)),
+    ),
+    max_leaves=24,
+)
+
+
+@FAST
+@given(wide_exprs, st.sampled_from(["let x = ", "", "def f(a, b=1) = ", "route ndim >= 2: "]))
+def test_random_long_expressions_are_broken_to_fit(e, prefix):
+    stmt = parse(prefix + "0").stmts[0]
+    field = {Let: "value", Body: "expr", Def: "body", Route: "body"}[type(stmt)]
+    module = Module((dataclasses.replace(stmt, **{field: e}),))
+    text = assert_round_trip(module)
+    assert max(len(line) for line in text.splitlines()) <= MAX_WIDTH, text

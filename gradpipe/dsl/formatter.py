@@ -22,11 +22,26 @@ Layout rules:
   parenthesised), ``+ -``, ``* / %``, unary ``-``, ``**`` (right-associative),
   ``x[i]``, atoms; for selectors: ``or``, ``and``, ``not``, atoms);
 * a statement whose one-line form is longer than :data:`MAX_WIDTH` columns and
-  whose pipeline is a chain is split before each ``|``::
+  whose pipeline is a chain is split before each ``|`` (the stages themselves
+  stay whole)::
 
       route ndim >= 2: grad
         | project_orthogonal(ema)
         | clip_median
+
+* any other statement longer than :data:`MAX_WIDTH` is broken after the binary
+  operators of its lowest-precedence level (``a * b +`` / ``c * d``), filling
+  each line as far as it goes; continuation lines are indented 4 columns more
+  than the line the broken expression starts on. A piece that still does not
+  fit is broken the same way, one level down: a call or tuple after the commas
+  inside its parentheses, a block inside its braces, a parenthesised
+  expression inside its parentheses, a chain inside brackets before each
+  ``|``. A single token longer than the limit stays whole. Every break is one
+  the parser reads as a continuation (after an operator or a comma, inside
+  brackets, before a ``|``), so the text parses back to the same module::
+
+      let update = lr * grad_scale * momentum_coefficient + weight_decay * param +
+          noise_multiplier * sigma * gaussian_noise
 """
 
 from __future__ import annotations
@@ -38,7 +53,7 @@ from .parser import parse
 
 __all__ = ["format_module", "format_source", "format_expr", "format_selector", "MAX_WIDTH"]
 
-#: Lines longer than this are split before each '|' of a top-level chain.
+#: Lines longer than this are split (see the module docstring for where).
 MAX_WIDTH = 88
 
 # expression precedence, low to high
@@ -174,12 +189,138 @@ def format_selector(sel: ast.Selector) -> str:
     return _sel(sel, _S_OR)
 
 
+# ------------------------------------------------------------------ line breaking
+_INDENT = "    "
+
+
+def _fits(text: str) -> bool:
+    return len(text) <= MAX_WIDTH
+
+
+def _broken(expr: object, min_prec: int, head: str, base: str, tail: str) -> list[str]:
+    """``head + expr + tail`` as lines no longer than MAX_WIDTH where the expression allows.
+
+    ``head`` is the text before the expression on its first line, ``tail`` the
+    text after it on its last line; ``base`` is the indentation of the line the
+    expression starts on (its continuation lines get 4 more columns). Every
+    break is a legal continuation: after a binary operator or a comma, inside
+    brackets, or before a '|'.
+    """
+    flat = head + _expr(expr, min_prec) + tail
+    if _fits(flat):
+        return [flat]
+    if _prec(expr) < min_prec:  # break inside the parentheses
+        return _broken(expr, _CHAIN, head + "(", base, ")" + tail)
+    if isinstance(expr, ast.BinOp):
+        return _fill(head, _operands(expr), base + _INDENT, tail)
+    if isinstance(expr, ast.Call):
+        return _call_lines(expr, head, base, tail)
+    if isinstance(expr, ast.Tuple):
+        items = [("", item, _CHAIN, ",") for item in expr.items]
+        items[-1] = ("", expr.items[-1], _CHAIN, ",)" if len(items) == 1 else ")")
+        return _fill(head + "(", items, base + _INDENT, tail)
+    if isinstance(expr, ast.Neg):
+        return _broken(expr.operand, _UNARY, head + "-", base, tail)
+    if isinstance(expr, ast.Index):
+        return _broken(expr.base, _POSTFIX, head, base, f"[{expr.index}]" + tail)
+    if isinstance(expr, ast.Chain):  # one stage a line, the next lines starting with '|'
+        stage_base = base + _INDENT
+        stages = expr.stages
+        lines = _broken(stages[0], _CMP, head, stage_base, "")
+        for i, stage in enumerate(stages[1:], 1):
+            lines += _broken(stage, _CMP, base + "  | ", stage_base, tail if i == len(stages) - 1 else "")
+        return lines
+    return [flat]  # an atom: nothing to break
+
+
+def _operands(expr: ast.BinOp) -> list[tuple[str, object, int, str]]:
+    """The operands of ``expr``'s precedence level as :func:`_fill` items: (lead, operand,
+    min_prec, trail), the trail being the operator that follows the operand."""
+    prec = _BINOP_PREC[expr.op]
+    if expr.op == "**":  # right-associative: postfix ** postfix ** ... ** unary
+        items: list[tuple[str, object, int, str]] = []
+        node: object = expr
+        while isinstance(node, ast.BinOp) and node.op == "**":
+            items.append(("", node.left, _POSTFIX, " **"))
+            node = node.right
+        return items + [("", node, _UNARY, "")]
+    if prec == _CMP:  # non-associative: sum op sum
+        return [("", expr.left, _SUM, " " + expr.op), ("", expr.right, _SUM, "")]
+    rights: list[tuple[str, object]] = []  # left-associative: walk down the left spine
+    node = expr
+    while isinstance(node, ast.BinOp) and _BINOP_PREC[node.op] == prec:
+        rights.append((node.op, node.right))
+        node = node.left
+    rights.reverse()
+    items = [("", node, prec, " " + rights[0][0])]
+    for i, (_, right) in enumerate(rights):
+        items.append(("", right, prec + 1, " " + rights[i + 1][0] if i + 1 < len(rights) else ""))
+    return items
+
+
+def _fill(head: str, items: list[tuple[str, object, int, str]], cont: str, tail: str) -> list[str]:
+    """Items (lead, expr, min_prec, trail) one after another, as many on a line as fit,
+    ``tail`` after the last one.
+
+    The first item goes on the ``head`` line; a new line starts with ``cont``.
+    An item that does not fit even on a line of its own is broken itself, and
+    the item after it starts a new line.
+    """
+    lines: list[str] = []
+    cur = head
+    after_broken = False
+    for i, (lead, expr, min_prec, trail) in enumerate(items):
+        if i == len(items) - 1:
+            trail += tail
+        text = lead + _expr(expr, min_prec) + trail
+        if i == 0:
+            if _fits(cur + text):
+                cur += text
+                continue
+        elif not after_broken and _fits(cur + " " + text):
+            cur += " " + text
+            continue
+        else:
+            lines.append(cur)
+            cur = cont
+            if _fits(cur + text):
+                cur += text
+                continue
+        *done, cur = _broken(expr, min_prec, cur + lead, cont, trail)
+        lines += done
+        after_broken = bool(done)
+    lines.append(cur)
+    return lines
+
+
+def _call_lines(call: ast.Call, head: str, base: str, tail: str) -> list[str]:
+    """A call that does not fit: its arguments broken after commas, then its block inside the braces."""
+    items = [("", a, _CHAIN, ",") for a in call.args]
+    items += [(f"{k.name}=", k.value, _CHAIN, ",") for k in call.kwargs]
+    if not items:
+        if call.block is None:  # f(): nothing to break
+            return [head + _expr(call, _ATOM) + tail]
+        return _broken(call.block, _CHAIN, head + call.func.dotted + " { ", base, " }" + tail)
+    lead, expr, min_prec, _ = items[-1]
+    items[-1] = (lead, expr, min_prec, ")")
+    if call.block is None:
+        return _fill(head + call.func.dotted + "(", items, base + _INDENT, tail)
+    *lines, last = _fill(head + call.func.dotted + "(", items, base + _INDENT, "")
+    block = " { " + _expr(call.block, _CHAIN) + " }"
+    if _fits(last + block + tail):
+        return lines + [last + block + tail]
+    return lines + _broken(call.block, _CHAIN, last + " { ", base, " }" + tail)
+
+
 # --------------------------------------------------------------------- statements
 def _pipeline_lines(prefix: str, expr: ast.Expr) -> list[str]:
-    """``prefix + expr`` on one line, or split before each '|' when too long."""
+    """``prefix + expr`` on one line, or split when too long: a chain before each '|',
+    anything else after operators and commas (see :func:`_broken`)."""
     line = prefix + _expr(expr, _CHAIN)
-    if len(line) <= MAX_WIDTH or not isinstance(expr, ast.Chain):
+    if _fits(line):
         return [line]
+    if not isinstance(expr, ast.Chain):
+        return _broken(expr, _CHAIN, prefix, "", "")
     first, *rest = expr.stages
     return [prefix + _expr(first, _CMP)] + ["  | " + _expr(stage, _CMP) for stage in rest]
 
@@ -191,14 +332,14 @@ def _stmt_lines(stmt: object) -> list[str]:
             text += f" as {stmt.alias}"
         return [text]
     if isinstance(stmt, ast.HParam):
-        text = f"hparam {stmt.name} = {_expr(stmt.default, _CHAIN)}"
+        head, rng = f"hparam {stmt.name} = ", ""
         if stmt.low is not None or stmt.high is not None:
             if stmt.low is None or stmt.high is None:
                 raise ValueError(f"hparam {stmt.name}: a range needs both bounds")
             lo = "[" if stmt.low_closed else "("
             hi = "]" if stmt.high_closed else ")"
-            text += f" in {lo}{_expr(stmt.low, _CHAIN)}, {_expr(stmt.high, _CHAIN)}{hi}"
-        return [text]
+            rng = f" in {lo}{_expr(stmt.low, _CHAIN)}, {_expr(stmt.high, _CHAIN)}{hi}"
+        return _broken(stmt.default, _CHAIN, head, "", rng)
     if isinstance(stmt, ast.Let):
         return _pipeline_lines(f"let {stmt.name} = ", stmt.value)
     if isinstance(stmt, ast.Def):

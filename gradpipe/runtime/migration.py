@@ -23,6 +23,10 @@ saved pipeline declared.
 Two pipelines with no stateful node in common (and not both stateless) are
 *unrelated* (:func:`gradpipe.compiler.diff.related_state`): loading would carry
 nothing over, so it is refused with a :class:`GradError`.
+
+A ``torch.optim`` state dict (Adam, AdamW, SGD, RMSprop) is first converted by
+:mod:`gradpipe.runtime.torch_state` into the pipeline's own form; one of another
+algorithm is refused with a :class:`GradError` that says what the dict holds.
 """
 
 from __future__ import annotations
@@ -191,6 +195,10 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
     optimizer as it was."""
     prog = opt.program
     meta = state_dict.get("gradpipe")
+    from .torch_state import from_torch_state_dict, is_torch_state_dict
+    if meta is None and is_torch_state_dict(state_dict):  # torch.optim's, of the same algorithm
+        state_dict = from_torch_state_dict(prog, state_dict)
+        meta = state_dict["gradpipe"]
     if meta is None:
         raise GradError("this state dict was not saved by a gradpipe Optimizer", prog.file_span(),
                         "load a state dict saved from gradpipe.Optimizer.state_dict()")

@@ -585,7 +585,8 @@ class Optimizer(torch.optim.Optimizer):
         the next step; buffers of nodes the edit removed are dropped. Anything other
         than a plain load raises a ``StateMigrationWarning``, and ``self.last_migration``
         holds the report. A state dict of an unrelated pipeline (no node keeps state in
-        both) is a ``GradError``. See ``gradpipe/runtime/migration.py``."""
+        both) is a ``GradError``. A ``torch.optim`` state dict of the same algorithm (Adam,
+        AdamW, SGD, RMSprop) loads too. See ``gradpipe/runtime/migration.py``."""
         from .migration import load_state
         # as torch: the pre-hooks see (a shallow copy of) the state dict and may replace it, the
         # post-hooks run once everything is loaded (state, node state and counters included)
@@ -605,6 +606,13 @@ class Optimizer(torch.optim.Optimizer):
                     group.setdefault(k, TORCH_OPTIONS[k])
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
+
+    def to_torch_state_dict(self) -> dict[str, Any]:
+        """This optimizer's state dict as the ``torch.optim`` optimizer of the same algorithm
+        (Adam, AdamW, SGD, RMSprop) saves it, for its ``load_state_dict``; a ``GradError`` for a
+        pipeline with no torch.optim equivalent. See ``gradpipe/runtime/torch_state.py``."""
+        from .torch_state import to_torch_state_dict
+        return to_torch_state_dict(self)
 
     def _load_groups(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` for the param groups, without the hooks (run around the whole load)."""
