@@ -447,3 +447,13 @@ def test_sign_of_a_pipeline_is_the_math_function():
 def test_formatter_writes_the_new_syntax(text, canonical):
     assert gradpipe.format_source(text) == canonical + "\n"
     assert gradpipe.format_source(canonical) == canonical + "\n"
+
+
+def test_a_signal_for_an_op_coefficient_is_refused_with_the_per_element_way():
+    """Op coefficients are numbers (one per step for the whole tensor); per-element ones are arithmetic."""
+    with pytest.raises(GradError) as e:
+        gradpipe.compile("grad | ema(beta=param)")
+    assert (e.value.line, e.value.column) == (1, 17)
+    assert "must be a number, got a signal" in e.value.message
+    assert "where(param > 0, 0.9, 0.99) * grad" in e.value.hint
+    gradpipe.compile("where(param > 0, 0.9, 0.99) * grad | adam")  # the way the hint shows compiles

@@ -18,7 +18,7 @@ from ..dsl.diagnostics import GradError, Span, did_you_mean
 from . import scalars as S
 from .modules import HyperParam
 from .ops import Op, Param
-from .values import ScalarV, Value, Word, kind_name
+from .values import ScalarV, Stream, Value, Word, kind_name
 
 __all__ = ["bind", "bind_op", "BoundCall", "ArgChecker", "RangeCheck", "RuleCheck", "reads_step"]
 
@@ -159,6 +159,10 @@ class ArgChecker:
             hint = None
             if isinstance(v, Word) and isinstance(v.value, str):
                 hint = "strings are only for words such as scope=\"global\"; write a number"
+            elif isinstance(v, Stream):
+                hint = ("an op's coefficients are numbers, the same for every element; write a "
+                        "per-element coefficient as arithmetic on signals, e.g. "
+                        "where(param > 0, 0.9, 0.99) * grad")
             raise GradError(f"argument '{p.name}' of '{op.name}' must be a number, got {kind_name(v)}", a.span, hint)
         expr = v.expr
         if S.is_bool(expr):
