@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from . import prims
+from . import scalars as S
 from .ir import Kind
 from .lowering import route_cost
 
@@ -34,7 +35,13 @@ def describe_node(prog: "Program", node: str) -> str:
     if n.kind is Kind.OUTPUT:
         return f"update u = {ins.get('x')}   (p <- p - lr * u)"
     if n.kind is Kind.ARITH:
-        return prims.text(n.op, [ins.get(p) or _arg_text(n.args.get(p)) for p in prims.PORTS[n.op]])
+        args = dict(n.args)
+        cond = args.get("cond") if n.op == "where" else None
+        for port in ("lhs", "rhs"):  # a scalar branch wrapped to be computed only when picked
+            inner = args[port].guarded(cond) if cond is not None and isinstance(args.get(port), S.FnS) else None
+            if inner is not None:
+                args[port] = inner
+        return prims.text(n.op, [ins.get(p) or _arg_text(args.get(p)) for p in prims.PORTS[n.op]])
     args = ", ".join(f"{k}={_arg_text(v)}" for k, v in n.args.items())
     signals = ", ".join(f"{p}<-{src}" for p, src in ins.items() if p != "x")
     text = f"{n.op}({args})  <- {ins.get('x')}"

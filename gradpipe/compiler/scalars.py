@@ -192,6 +192,17 @@ class FnS:
     def __str__(self) -> str:
         return f"{self.fn}({', '.join(str(a) for a in self.args)})"
 
+    def guarded(self, cond: "Scalar") -> "Scalar | None":
+        """For a branch the compiler wrapped so it is computed only when ``cond`` picks it
+        (``where(cond, x, 0)`` or ``where(cond, 0, x)``): ``x``; else None."""
+        if self.fn == "where" and self.args[0] == cond:
+            _, a, b = self.args
+            if b == Const(0):
+                return a
+            if a == Const(0):
+                return b
+        return None
+
 
 Scalar = Union[Const, HP, Src, BinS, NegS, CmpS, FnS]
 
