@@ -111,8 +111,7 @@ def test_torch_keyword_arguments_at_their_defaults() -> None:
 @pytest.mark.parametrize("kw, hint", [({"maximize": True}, "write it in the pipeline"),
                                       ({"capturable": True}, "capturable=False"),
                                       ({"amsgrad": True}, "pipeline"),
-                                      ({"differentiable": True}, "not differentiable"),
-                                      ({"foreach": True}, "backend='compiled'")])
+                                      ({"differentiable": True}, "not differentiable")])
 def test_torch_keyword_arguments_at_other_values_are_refused(kw: dict, hint: str) -> None:
     (name, _), = kw.items()
     with pytest.raises(ValueError, match=name) as info:
@@ -120,6 +119,38 @@ def test_torch_keyword_arguments_at_other_values_are_refused(kw: dict, hint: str
     assert hint in str(info.value)
     with pytest.raises(ValueError, match=name):  # in a param group too
         gradpipe.Optimizer([{"params": _model().parameters(), **kw}], "adam", backend="eager")
+
+
+def test_kernel_options_are_accepted_at_any_value_and_kept_as_given() -> None:
+    """foreach and fused choose torch's kernels, never the math: gradpipe picks its own."""
+    opt = gradpipe.Optimizer(_model().parameters(), "adamw", foreach=True, fused=False, backend="eager")
+    assert (opt.param_groups[0]["foreach"], opt.param_groups[0]["fused"]) == (True, False)
+    gradpipe.Optimizer([{"params": _model().parameters(), "fused": True}], "adamw", backend="eager")
+
+
+def test_a_torch_dict_saved_with_kernel_or_gpu_options_loads() -> None:
+    m = _model()
+    ref = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True)
+    for p in m.parameters():
+        p.grad = torch.ones_like(p)
+    ref.step()
+    sd = ref.state_dict()
+    sd["param_groups"][0]["capturable"] = True  # as saved on a GPU
+    opt = gradpipe.Optimizer(m.parameters(), "adamw", lr=1e-3, backend="eager")
+    opt.load_state_dict(sd)
+    assert torch.equal(opt.state[m.weight]["main/adam.m"], ref.state[m.weight]["exp_avg"])
+
+
+@pytest.mark.parametrize("key, value", [("weight_decay", 0.5), ("momentum", 0.9), ("betas", (0.9, 0.95))])
+def test_a_torch_hyperparameter_the_pipeline_does_not_declare_is_refused_in_a_group(key, value) -> None:
+    """Kept as metadata it would change nothing, silently (a decay / no-decay split on a
+    pipeline without weight_decay): it is an unknown hyperparameter, as a keyword argument is."""
+    with pytest.raises(gradpipe.GradError, match=f"unknown hyperparameter '{key}'"):
+        gradpipe.Optimizer([{"params": _model().parameters(), key: value}], "noisy_sgd", lr=0.1,
+                           backend="eager")
+    # at the value where torch's optimizers do nothing with it, it is the user's metadata
+    if key in ("weight_decay", "momentum"):
+        gradpipe.Optimizer([{"params": _model().parameters(), key: 0}], "noisy_sgd", lr=0.1, backend="eager")
 
 
 def test_a_declared_hyperparameter_of_a_torch_option_name_is_that_hyperparameter() -> None:

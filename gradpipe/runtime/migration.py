@@ -224,7 +224,7 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
         # refused; any other key is the user's metadata and is loaded as saved, as torch does
         saved_hps = set(meta.get("hyperparams") or ())  # the saved pipeline's own hyperparameter of that name
         check_torch_options(prog, {k: v for k, v in group.items() if k not in saved_hps},
-                            f"the loaded param group {i}")
+                            f"the loaded param group {i}", loading=True)
     saved_groups = sd.get("param_groups", [])
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError("loaded state dict has a different number of parameter groups")

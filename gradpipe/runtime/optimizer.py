@@ -48,27 +48,51 @@ _OPTION_HINTS = {
     "centered": "write it in the pipeline (rms(centered=true)), or declare `hparam centered` and use it",
     "capturable": "gradpipe steps are not CUDA-graph capturable: leave capturable=False",
     "differentiable": "gradpipe steps are not differentiable: leave differentiable=False",
-    "foreach": "gradpipe picks its own kernels: backend='compiled' fuses the step",
-    "fused": "gradpipe picks its own kernels: backend='compiled' fuses the step",
 }
 
 
-def _is_noop_option(name: str, value: Any) -> bool:
+#: options that choose torch's kernels, never the math: any value is accepted (gradpipe picks its own)
+KERNEL_OPTIONS = ("foreach", "fused")
+#: options a state dict saved on a GPU may hold that change nothing once loaded here (torch too
+#: loads a capturable=True dict into an optimizer that is not)
+LOADABLE_OPTIONS = ("capturable", "differentiable")
+
+#: torch.optim's hyperparameter names (torch 2.13's optimizers) and, for some, the value at which
+#: torch's optimizers do nothing with them. In a param group of a pipeline that does not declare
+#: one, another value is refused as an unknown hyperparameter: kept as metadata it would change
+#: nothing, silently (a "decay / no_decay" group split on a pipeline without weight_decay)
+TORCH_HYPERPARAMS: dict[str, Any] = {
+    "weight_decay": 0, "momentum": 0, "dampening": 0, "lr_decay": 0, "initial_accumulator_value": 0,
+    "betas": None, "eps": None, "alpha": None, "rho": None, "lambd": None, "momentum_decay": None,
+    "etas": None, "step_sizes": None, "t0": None,
+}
+
+
+def _is_noop_option(name: str, value: Any, loading: bool = False) -> bool:
+    if name in KERNEL_OPTIONS or loading and name in LOADABLE_OPTIONS:
+        return value is None or isinstance(value, bool)
     default = TORCH_OPTIONS[name]
     if default is None:
         return value is None or value is False
     return value is False or (type(value) in (int, float) and value == 0)
 
 
-def check_torch_options(prog: Program, values: Mapping[str, Any], origin: str) -> None:
+def check_torch_options(prog: Program, values: Mapping[str, Any], origin: str, loading: bool = False) -> None:
     """Refuse a torch.optim option (``maximize=True``, ``capturable=True``, ...) at a value that
-    would change what torch does, where the pipeline declares no hyperparameter of its name."""
+    would change what torch does, and a torch.optim hyperparameter (``weight_decay=0.1``) at a
+    value that would do something, where the pipeline declares no hyperparameter of that name.
+    ``loading``: the values come from a saved state dict (``capturable=True`` is then harmless)."""
     for k, v in values.items():
-        if k in TORCH_OPTIONS and k not in prog.hyperparams and not _is_noop_option(k, v):
+        if k in prog.hyperparams:
+            continue
+        if k in TORCH_OPTIONS and not _is_noop_option(k, v, loading):
             raise ValueError(f"{k}={v!r} (in {origin}): '{prog.name}' does not implement torch.optim's "
                              f"'{k}' option; gradpipe accepts it only at torch's default "
                              f"({TORCH_OPTIONS[k]!r}), where it changes nothing. To get it, "
                              f"{_OPTION_HINTS[k]}")
+        if k in TORCH_HYPERPARAMS and not (TORCH_HYPERPARAMS[k] is not None and type(v) in (int, float)
+                                           and v == TORCH_HYPERPARAMS[k]):
+            prog.check_hyperparams({k: v}, origin)  # the "unknown hyperparameter" GradError, with its hint
 
 
 #: compiled Programs by (source, path): a copied or unpickled Optimizer rebuilds its Program
@@ -185,6 +209,7 @@ class Optimizer(torch.optim.Optimizer):
                                          if k not in TORCH_OPTIONS or k in prog.hyperparams}, "Optimizer(...)")
         # torch's options that its optimizers keep in every param group, at their defaults
         defaults = {**{k: TORCH_OPTIONS[k] for k in GROUP_OPTIONS if k not in prog.hyperparams},
+                    **{k: v for k, v in hyperparams.items() if k in TORCH_OPTIONS and k not in prog.hyperparams},
                     **prog.defaults(), **values}
         self._node_state: dict[str, dict[str, Any]] = {}
         self._routes: dict[torch.Tensor, str] = {}
