@@ -117,14 +117,6 @@ _PARAMS += [pytest.param(algo, cls, desc, kw, cuda, "compiled", id=f"{algo}-{des
             for algo, cls, desc, kw, cuda in CONFIGS if (algo, desc) in COMPILED and not _refusals(kw)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_every_algorithm_has_configurations():
     algos = {c[0] for c in CONFIGS}
     assert algos == set(ALGORITHMS), algos

@@ -294,6 +294,8 @@ class CompiledRoutes:
         self._flat: dict[tuple, dict[str, torch.Tensor]] = {}
         #: parameter -> the flat store holding it (see :meth:`adopt`)
         self._store_of: dict[torch.Tensor, _Store] = {}
+        #: every store, once (stores are made by :meth:`adopt` and kept for the optimizer's life)
+        self._stores: list[_Store] = []
         #: (purpose, bucket key) -> a flat tensor reused every step (gathered inputs, outputs)
         self._bufs: dict[tuple, torch.Tensor] = {}
         #: (bucket state key, buffer) -> (its flat tensor, the per-parameter views handed out)
@@ -322,6 +324,7 @@ class CompiledRoutes:
         flat_p = torch.empty(total, dtype=dtype, device=device)
         flat_g = torch.zeros(total, dtype=dtype, device=device)
         store = _Store(ps, flat_p, flat_g, [])
+        self._stores.append(store)
         off = 0
         with torch.no_grad():
             for p in ps:
@@ -344,6 +347,11 @@ class CompiledRoutes:
             self._store_of[p] = store
         store.ptrs = [p.data_ptr() for p in ps]
         store.index = {id(p): i for i, p in enumerate(ps)}
+
+    def any_sparse(self) -> bool:
+        """Whether autograd gave any adopted parameter a sparse gradient since ``zero_grad``: one
+        look per store, so a step asks :meth:`got_sparse` per parameter only when this is True."""
+        return any(st.sparse for st in self._stores)
 
     def got_sparse(self, p: torch.Tensor) -> bool:
         """Whether autograd gave the adopted parameter ``p`` a sparse gradient since ``zero_grad``."""

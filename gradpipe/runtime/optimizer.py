@@ -343,6 +343,7 @@ class Optimizer(torch.optim.Optimizer):
         # torch.optim does: each repeat goes into a later pass, which sees the state the earlier left.
         passes: list[dict[str, list[tuple[torch.Tensor, dict[str, Any]]]]] = [defaultdict(list)]
         seen: dict[torch.Tensor, int] = {}
+        sparse_seen = self._compiled is not None and self._compiled.any_sparse()
         for group in self.param_groups:
             prog.check_group(group, "a param group")
             present = self._grads_present(group["params"]) if named_grads is None and by_sample is None else None
@@ -355,7 +356,7 @@ class Optimizer(torch.optim.Optimizer):
                         continue
                 elif not present[j]:
                     continue
-                elif p.grad.is_sparse or self._compiled is not None and self._compiled.got_sparse(p):
+                elif p.grad.is_sparse or sparse_seen and self._compiled.got_sparse(p):
                     raise RuntimeError(f"{self._param_label(p)} has a sparse gradient (nn.Embedding(sparse=True) "
                                        "or nn.EmbeddingBag(sparse=True)?), and gradpipe does not support sparse "
                                        "gradients: build that module with sparse=False, or give that parameter "
