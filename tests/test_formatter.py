@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gradpipe.dsl.ast import (
     BinOp, Body, Bool, Call, Chain, Def, DefParam, Default, Glob, HParam, Import, Index, Kwarg,
-    Let, Module, Name, Neg, Num, Regex, Route, SelAnd, SelNot, SelOr, ShapePred, Str, Tuple,
+    Let, State, Module, Name, Neg, Num, Regex, Route, SelAnd, SelNot, SelOr, ShapePred, Str, Tuple,
 )
 from gradpipe.dsl.diagnostics import GradError
 from gradpipe.dsl.formatter import MAX_WIDTH, format_expr, format_module, format_selector, format_source
@@ -326,7 +326,7 @@ def test_format_source_reports_errors_and_path():
 
 
 # ------------------------------------------------------------ random-AST strategies
-KEYWORDS = {"import", "hparam", "let", "def", "route", "in", "as", "and", "or", "not", "default",
+KEYWORDS = {"import", "hparam", "let", "state", "then", "def", "route", "in", "as", "and", "or", "not", "default",
             "true", "false", "ndim", "numel"}
 
 names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True).filter(
@@ -417,6 +417,7 @@ statements = st.one_of(
     st.builds(Import, texts, st.none() | names, comments=comments),
     hparams(),
     st.builds(Let, names, exprs, comments=comments),
+    st.builds(State, names, exprs, exprs, comments=comments),
     st.builds(Def, long_names,
               st.lists(st.builds(DefParam, names, st.none() | exprs), max_size=3).map(tuple),
               exprs, comments=comments),
@@ -585,6 +586,9 @@ class Noisy:
                 t += brk(True) + ("]" if s.high_closed else ")")
         elif isinstance(s, Let):
             t = "let" + sp(True) + s.name + sp() + "=" + brk(True) + self.expr(s.value, False)
+        elif isinstance(s, State):
+            t = ("state" + sp(True) + s.name + sp() + "=" + brk(True) + self.expr(s.init, False) + sp(True) + "then"
+                 + brk(True) + self.expr(s.update, False))
         elif isinstance(s, Def):
             params = [brk(True) + p.name + ("" if p.default is None else
                                             sp() + "=" + brk(True) + self.expr(p.default, True)) + brk(True)
@@ -766,10 +770,10 @@ wide_exprs = st.recursive(
 
 
 @FAST
-@given(wide_exprs, st.sampled_from(["let x = ", "", "def f(a, b=1) = ", "route ndim >= 2: "]))
+@given(wide_exprs, st.sampled_from(["let x = ", "", "def f(a, b=1) = ", "route ndim >= 2: ", "state s = 0 then "]))
 def test_random_long_expressions_are_broken_to_fit(e, prefix):
     stmt = parse(prefix + "0").stmts[0]
-    field = {Let: "value", Body: "expr", Def: "body", Route: "body"}[type(stmt)]
+    field = {Let: "value", Body: "expr", Def: "body", Route: "body", State: "update"}[type(stmt)]
     module = Module((dataclasses.replace(stmt, **{field: e}),))
     text = assert_round_trip(module)
     assert max(len(line) for line in text.splitlines()) <= MAX_WIDTH, text

@@ -275,7 +275,7 @@ def selectors(draw, depth: int = 2):
 
 @st.composite
 def statements(draw):
-    kind = draw(st.sampled_from(["hparam", "hparam", "let", "def", "import", "comment", "blank"]))
+    kind = draw(st.sampled_from(["hparam", "hparam", "let", "state", "def", "import", "comment", "blank"]))
     if kind == "hparam":
         name = draw(st.sampled_from(HPARAMS + ["lr", "grad"]))
         if name == "betas":
@@ -292,6 +292,11 @@ def statements(draw):
     if kind == "let":
         value = draw(st.one_of(calls(1), chains(1), chains(1, start=False), scalars(1)))
         return f"let {draw(st.sampled_from(LETS))} = {value}"
+    if kind == "state":
+        init = draw(st.one_of(scalars(1), st.sampled_from(["grad", "param", "ema", "grad > 0"])))
+        update = draw(st.one_of(calls(1), chains(1), scalars(1), st.sampled_from(
+            ["s + grad", "max(s, grad * grad)", "where(step % 2 == 0, 0, s + grad)", "previous(s)", "s | ema"])))
+        return f"state {draw(st.sampled_from(['s', 'acc'] + LETS))} = {init} then {update}"
     if kind == "def":
         params = draw(st.lists(st.sampled_from(["x", "beta=0.9", "tau=1.0", "rule=adam", "s=param"]),
                                max_size=3, unique=True))

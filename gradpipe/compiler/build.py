@@ -26,7 +26,7 @@ from .emit import Emitter
 from .modules import HyperParam, ModuleEnv
 from .ops import OPS, MacroOp, Op, Param
 from .symbols import (DefSym, HParamSym, InfSym, LetSym, Local, LossSym, MathSym, OpSym, ScalarSym, Scope,
-                      SourceSym, callable_names, resolve, visible_names)
+                      SourceSym, StateSym, callable_names, resolve, visible_names)
 from .values import Fragment, ScalarV, Stream, Value, Word, kind_name
 
 __all__ = ["Builder", "RouteInfo", "RangeCheck", "MAX_EXPANDED_DEPTH", "NODE_BUDGET", "NODE_BUDGET_PER_AST_NODE",
@@ -129,6 +129,16 @@ class RouteInfo:
     span: Span
 
 
+@dataclass
+class _Cell:
+    """A state cell of the route being built: its node (whose value is the cell before the
+    step), the node of its new value once built, and whether its update is being built."""
+
+    read: str
+    new: str | None = None
+    busy: bool = True
+
+
 class Builder:
     """Compiles the expressions of one program into the graph of its :class:`Emitter`."""
 
@@ -140,6 +150,19 @@ class Builder:
         #: the folding log; entries format themselves when read (``str(entry)``)
         self.folded: list[_Folded] = []
         self._let_memo: dict[tuple[int, str], Value] = {}
+        #: (id of the state statement, route) -> its cell in that route
+        self._cells: dict[tuple[int, str], _Cell] = {}
+        #: route -> (cell node, node of its new value) for every cell of the route
+        self.commits: dict[str, list[tuple[str, str]]] = {}
+        #: the conditions of the ``where`` branches being built (a scalar condition, and
+        #: whether the branch is the one it picks), innermost last
+        self._guards: list[tuple[S.Scalar, bool]] = []
+        #: the cell whose update is being built (uses of other cells there are its dependencies)
+        self._cell_ctx: str | None = None
+        #: cell -> when it is read: a set of conjunctions of guards (the empty one: always)
+        self._cell_uses: dict[str, set[tuple[tuple[S.Scalar, bool], ...]]] = {}
+        #: cell -> (a cell its update or initial value reads, under which guards there)
+        self._cell_deps: dict[str, set[tuple[str, tuple[tuple[S.Scalar, bool], ...]]]] = {}
         self._let_busy: set[int] = set()
         self._depth = 0
         self._expr_depth = 0
@@ -222,7 +245,7 @@ class Builder:
             raise GradError(f"a pipeline must produce a signal, but this is {kind_name(v)}", body.span,
                             "start it with 'grad', e.g. 'grad | adam'")
         self._refuse_mask(v.node, body.span, "the update")
-        return RouteInfo(label, selector, self.emit.output(label, v.node, span), span)
+        return RouteInfo(label, selector, self.emit.output(label, v.node, span, self.commits.get(label, ())), span)
 
     def source(self, name: str, span: Span) -> Stream:
         """A source as a signal of the route being built (``grad``, ``param``, ``grads.main``)."""
@@ -510,10 +533,12 @@ class Builder:
         for while building it are guarded by ``cond``; a signal's are not (its nodes run in
         every step)."""
         outer, self._pending = self._pending, []
+        self._guards.append((cond, taken))
         try:
             v = self.expr(o, sc, prefix)
         finally:
             pending, self._pending = self._pending, outer
+            self._guards.pop()
         for op, probes, span, hint, guards in pending:
             self._check_probes(op, probes, span, hint, ((cond, taken),) + guards if isinstance(v, ScalarV) else guards)
         return v
@@ -579,6 +604,13 @@ class Builder:
             return sym.value
         if isinstance(sym, LetSym):
             return self._let(sym.env, sym.let, prefix)
+        if isinstance(sym, StateSym):
+            cell = self._cell(sym.env, sym.state, e.span)
+            if cell.busy:
+                raise GradError(f"the new value of state '{sym.state.name}' depends on itself", e.span,
+                                f"in its update ('then ...'), '{sym.state.name}' is its value before the step; "
+                                f"elsewhere write previous({sym.state.name}) for that value")
+            return Stream(cell.new, e.span)  # type: ignore[arg-type]
         if isinstance(sym, DefSym):
             return self._def_call(sym.env, sym.definition, ast.Call(e, span=e.span), sc)
         if isinstance(sym, HParamSym):
@@ -593,6 +625,8 @@ class Builder:
         if isinstance(sym, InfSym):
             return ScalarV(S.Const(math.inf), e.span)
         if isinstance(sym, MathSym):
+            if sym.name == "previous":
+                return self._previous_call(ast.Call(e, span=e.span), sc, prefix)
             return self._math_call(sym.name, ast.Call(e, span=e.span), sc, prefix)
         if isinstance(sym, OpSym):
             op = sym.op
@@ -625,6 +659,143 @@ class Builder:
         self._let_memo[key] = v
         return v
 
+    # ------------------------------------------------------------------ state cells
+    def _cell(self, env: ModuleEnv, st: ast.State, span: Span) -> _Cell:
+        """The route's cell of ``state`` statement ``st``, built on first use: its node (the
+        value before the step) first, then its update, in which the cell's name is that node."""
+        self.used.add(id(st))
+        key = (id(st), self.emit.route)
+        cell = self._cells.get(key)
+        if cell is not None:
+            self._use_cell(cell.read)
+            return cell
+        prefix = f"{self.emit.route}/{st.name}"
+        init = self.expr(st.init, Scope(env), prefix)
+        read = self._cell_node(prefix, init, st.init, st.span, f"state '{st.name}'")
+        self._use_cell(read)
+        cell = self._cells[key] = _Cell(read)
+        outer = self._cell_ctx, self._guards
+        self._cell_ctx, self._guards = read, []
+        try:
+            upd = self.expr(st.update, Scope(env, {st.name: Stream(read, st.span)}), prefix)
+            cell.new = self._commit(read, upd, st.update, f"state '{st.name}'")
+        except GradError:
+            del self._cells[key]
+            raise
+        finally:
+            self._cell_ctx, self._guards = outer
+        cell.busy = False
+        return cell
+
+    def _use_cell(self, read: str) -> None:
+        """Record that ``read`` is read here: under the ``where`` branches being built, or, in
+        another cell's update, whenever that cell is kept (see :meth:`cell_keeps`)."""
+        terms = tuple(g for g in self._guards if not reads_step(g[0]))  # a per-step choice keeps it
+        if self._cell_ctx is not None and self._cell_ctx != read:
+            self._cell_deps.setdefault(self._cell_ctx, set()).add((read, terms))
+        elif self._cell_ctx is None:
+            self._cell_uses.setdefault(read, set()).add(terms)
+
+    def cell_keeps(self) -> None:
+        """Give each cell its ``keep`` argument: when some reader needs it. A cell read only in
+        the branch of ``where(amsgrad, ..., ...)`` that a false ``amsgrad`` does not pick keeps no
+        buffer in the param groups where it is false (the compiled backend specialises on it,
+        as on ``momentum(0)``); a cell read by another cell's update is kept with that cell."""
+        uses = {c: set(t) for c, t in self._cell_uses.items()}
+        changed = True
+        while changed:
+            changed = False
+            for a, deps in self._cell_deps.items():
+                for b, local in deps:
+                    new = {t + local for t in uses.get(a, ())} - uses.setdefault(b, set())
+                    if new:
+                        uses[b] |= new
+                        changed = True
+        g = self.emit.graph
+        for cell, terms in uses.items():
+            if cell in g:
+                g.nodes[cell]["args"]["keep"] = _any_of(terms)
+
+    def _cell_node(self, prefix: str, init: Value, init_e: ast.Expr, span: Span, what: str) -> str:
+        """A cell's node: its value before the step, ``init`` (a number or a signal) at first."""
+        if self._block_op is not None:
+            raise GradError(f"{what} cannot be kept inside the {{ ... }} pipeline of '{self._block_op}'", span,
+                            "declare the cell outside the block, at the top of the file")
+        if isinstance(init, Stream):
+            self._refuse_mask(init.node, init_e.span, f"the initial value of {what}")
+            args: dict[str, Any] = {"init": None}
+            x = init.node
+        elif isinstance(init, ScalarV) and not S.is_bool(init.expr):
+            args = {"init": init.expr}
+            x = self.source("grad", span).node  # only for its shape (the parameter's), read anyway
+        else:
+            raise GradError(f"the initial value of {what} must be a number or a signal, not {kind_name(init)}",
+                            init_e.span, "write e.g. 0, a hyperparameter, or a signal such as param or grad")
+        self.emit.spend(span)
+        return self.emit.op(self.emit.fresh(prefix), "state", args, span, [(x, "x")])
+
+    def _commit(self, read: str, upd: Value, upd_e: ast.Expr, what: str) -> str:
+        """Register ``upd`` as the new value of the cell ``read``; return the node holding it."""
+        if isinstance(upd, ScalarV) and not S.is_bool(upd.expr):  # a number: as a signal of the cell's shape
+            node = self._arith_node("where", f"{read}", upd_e.span,
+                                    [ScalarV(S.Const(True), upd_e.span), upd, Stream(read, upd_e.span)])
+        elif isinstance(upd, Stream):
+            self._refuse_mask(upd.node, upd_e.span, f"the new value of {what}")
+            node = upd.node
+        else:
+            hint = (f"apply it to a signal: (grad | {upd.label})" if isinstance(upd, Fragment)
+                    else "write a number or a signal, e.g. max(vmax, v)")
+            raise GradError(f"the new value of {what} must be a number or a signal, not {kind_name(upd)}",
+                            upd_e.span, hint)
+        self.commits.setdefault(self.emit.route, []).append((read, node))
+        return node
+
+    def _previous_call(self, e: ast.Call, sc: Scope, prefix: str) -> Value:
+        """``previous(x)``, ``previous(x, init)``: the value ``x`` had in the previous step (``init``,
+        0 by default, in the first); ``previous(c)`` of a state cell ``c``: its value before the
+        step. As a stage, ``x | previous`` is ``previous(x)``."""
+        if e.block is not None:
+            raise GradError("'previous' takes no { ... } block", e.block.span, "write previous(x) or previous(x, init)")
+        init_e: ast.Expr | None = None
+        for kw in e.kwargs:
+            if kw.name != "init" or init_e is not None or len(e.args) > 1:
+                raise GradError(f"'previous' has no argument '{kw.name}'" if kw.name != "init"
+                                else "'init' is given twice", kw.span, "write previous(x) or previous(x, init)")
+            init_e = kw.value
+        args = list(e.args)
+        if len(args) == 2:
+            init_e = args.pop()
+        if len(args) > 1:
+            raise GradError(f"'previous' takes 1 or 2 arguments, got {len(e.args)}", e.span,
+                            "write previous(x) or previous(x, init)")
+        self.emit.spend(e.span)
+        if not args:
+            def apply(inp: str, pfx: str) -> str:
+                with self._nesting(e.span):
+                    return self._previous(Stream(inp, e.span), e, init_e, sc, pfx).node
+            return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
+        x_e = args[0]
+        if isinstance(x_e, ast.Name) and len(x_e.parts) == 1:
+            sym = self._resolve(x_e, sc)
+            if isinstance(sym, StateSym):
+                if init_e is not None:
+                    raise GradError(f"state '{sym.state.name}' starts at its own initial value", init_e.span,
+                                    f"write previous({sym.state.name})")
+                return Stream(self._cell(sym.env, sym.state, x_e.span).read, e.span)
+        x = self.expr(x_e, sc, prefix)
+        if isinstance(x, Fragment):
+            raise GradError(f"'previous' needs a signal, but this is {kind_name(x)}", x_e.span,
+                            f"apply it to one: previous((grad | {x.label}))")
+        return self._previous(x, e, init_e, sc, prefix)
+
+    def _previous(self, x: Value, e: ast.Call, init_e: ast.Expr | None, sc: Scope, prefix: str) -> Stream:
+        init = self.expr(init_e, sc, prefix) if init_e is not None else ScalarV(S.Const(0), e.span)
+        read = self._cell_node(f"{prefix}/previous", init, init_e if init_e is not None else e, e.span,
+                               "'previous'")
+        self._use_cell(read)
+        self._commit(read, x, e.args[0] if e.args else e, "'previous'")
+        return Stream(read, e.span)
+
     # ------------------------------------------------------------------ calls
     def call(self, e: ast.Call, sc: Scope, prefix: str) -> Value:
         parts = e.func.parts
@@ -635,6 +806,8 @@ class Builder:
         if isinstance(sym, DefSym):
             return self._def_call(sym.env, sym.definition, e, sc)
         if isinstance(sym, MathSym):
+            if sym.name == "previous":
+                return self._previous_call(e, sc, prefix)
             return self._math_call(sym.name, e, sc, prefix)
         if isinstance(sym, OpSym) and sym.op.name in prims.FUNCTIONS and len(e.args) == 1 \
                 and not e.kwargs and e.block is None:
@@ -644,10 +817,12 @@ class Builder:
         if isinstance(sym, OpSym):
             return self._op_call(sym.op, e, sc, prefix)
         fname = parts[-1]
-        what = {HParamSym: "a hyperparameter", LetSym: "a let binding", SourceSym: "a built-in signal",
+        what = {HParamSym: "a hyperparameter", LetSym: "a let binding", StateSym: "a state cell", SourceSym: "a built-in signal",
                 LossSym: "a built-in signal", ScalarSym: "a built-in signal", InfSym: "a built-in signal"}
         if sym is not None:
-            raise GradError(f"'{fname}' is {what[type(sym)]}, not an op; it cannot be called", e.func.span)
+            raise GradError(f"'{fname}' is {what[type(sym)]}, not an op; it cannot be called", e.func.span,
+                            f"only ops, math functions and defs are called; use '{fname}' as a value, "
+                            f"e.g. grad * {fname}")
         env = sc.env
         for p in parts[:-1]:  # the module the name would be in
             env = env.aliases[p]
@@ -927,6 +1102,21 @@ def _macro_env(op: MacroOp) -> ModuleEnv:
         from .modules import load_module_tree
         env = _MACRO_ENVS[op.name] = load_module_tree(op.definition, f"<gradpipe:{op.name}>")
     return env
+
+
+def _any_of(terms: set[tuple[tuple[S.Scalar, bool], ...]]) -> S.Scalar:
+    """``t1 or t2 or ...`` for conjunctions ``t`` of ``(condition, holds)`` pairs, as a scalar
+    boolean (``true`` when a conjunction is empty)."""
+    if not terms or () in terms:
+        return S.Const(True)
+    out: S.Scalar = S.Const(False)
+    for term in sorted(terms, key=repr):
+        conj: S.Scalar = S.Const(True)
+        for cond, holds in term:
+            c = cond if holds else S.call("where", (cond, S.Const(False), S.Const(True)))
+            conj = S.call("where", (c, conj, S.Const(False)))
+        out = S.call("where", (conj, S.Const(True), out))
+    return out
 
 
 def _op_text(op: str) -> str:

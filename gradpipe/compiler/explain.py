@@ -25,6 +25,22 @@ def _arg_text(v) -> str:
     return str(v)
 
 
+def _bool_text(x) -> str:
+    """A boolean built of ``where`` (as the compiler writes and/or/not) in words."""
+    if isinstance(x, S.FnS) and x.fn == "where":
+        c, a, b = x.args
+        t, f = S.Const(True), S.Const(False)
+        if a == t and b == f:
+            return _bool_text(c)
+        if a == f and b == t:
+            return f"not {_bool_text(c)}"
+        if b == f:
+            return _bool_text(c) if a == t else f"({_bool_text(c)} and {_bool_text(a)})"
+        if a == t:
+            return f"({_bool_text(c)} or {_bool_text(b)})"
+    return "true" if x == S.Const(True) else "false" if x == S.Const(False) else str(x)
+
+
 def describe_node(prog: "Program", node: str) -> str:
     n = prog.node(node)
     ins = n.inputs
@@ -42,6 +58,12 @@ def describe_node(prog: "Program", node: str) -> str:
             if inner is not None:
                 args[port] = inner
         return prims.text(n.op, [ins.get(p) or _arg_text(args.get(p)) for p in prims.PORTS[n.op]])
+    if n.op == "state":  # a state cell: its first value, then where its new value comes from
+        new = dict(prog.ir[n.route].commits).get(node, "?") if n.route in prog.ir else "?"
+        first = ins.get("x") if n.args.get("init") is None else _arg_text(n.args["init"])
+        keep = n.args.get("keep", True)
+        when = "" if keep is True else f"  (kept where {_bool_text(keep)})"
+        return f"state cell: {first} at first, then {new}{when}"
     args = ", ".join(f"{k}={_arg_text(v)}" for k, v in n.args.items())
     signals = ", ".join(f"{p}<-{src}" for p, src in ins.items() if p != "x")
     text = f"{n.op}({args})  <- {ins.get('x')}"

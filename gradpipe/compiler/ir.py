@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from .ops.base import Op
 
-__all__ = ["Kind", "Node", "RouteIR", "freeze", "is_scalar", "SCALAR_TYPES", "STEP_SOURCES"]
+__all__ = ["Kind", "Node", "RouteIR", "freeze", "COMMIT_PORT", "is_scalar", "SCALAR_TYPES", "STEP_SOURCES"]
 
 
 class Kind(str, enum.Enum):
@@ -44,6 +44,9 @@ class Kind(str, enum.Enum):
     #: the route's update ``u`` (the runtime applies ``p <- p - lr * u``)
     OUTPUT = "output"
 
+
+#: the prefix of an output's ports that carry the new value of a state cell: ``cell:<cell node>``
+COMMIT_PORT = "cell:"
 
 #: the scalar expression types an argument may hold (evaluated per parameter group and step)
 SCALAR_TYPES = (S.Const, S.HP, S.Src, S.BinS, S.NegS, S.CmpS, S.FnS)
@@ -84,9 +87,10 @@ class Node:
 
     @property
     def impl(self) -> "Op":
-        """The op's implementation (``OPS[op]``); only for :attr:`Kind.OP` nodes."""
-        from .ops import OPS
-        return OPS[self.op]
+        """The op's implementation (``OPS[op]``, or an internal op such as a state cell); only
+        for :attr:`Kind.OP` nodes."""
+        from .ops import op_impl
+        return op_impl(self.op)
 
     @property
     def is_op(self) -> bool:
@@ -119,7 +123,9 @@ class RouteIR:
     ``nodes``: the route's top-level nodes in evaluation order, the output last;
     ``blocks``: for each block op, the nodes of its ``{ ... }`` pipeline in
     evaluation order (its ``block_in`` node first; nested blocks have their own
-    entry); ``update``: the node whose value is ``u``.
+    entry); ``update``: the node whose value is ``u``; ``commits``: for each state cell
+    (a node of op ``state``), the node whose value becomes the cell's once the route has
+    been evaluated, as ``(cell, new value)`` pairs.
     """
 
     label: str
@@ -128,6 +134,7 @@ class RouteIR:
     output: Node
     update: str
     by_name: Mapping[str, Node]
+    commits: tuple[tuple[str, str], ...] = ()
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes)
@@ -171,5 +178,6 @@ def freeze(g: "nx.MultiDiGraph", label: str, output: str, position: Mapping[str,
         if b is not None:
             blocks.setdefault(b, []).append(frozen[n])
     out = frozen[output]
+    commits = tuple((port[len(COMMIT_PORT):], src) for port, src in out.inputs.items() if port.startswith(COMMIT_PORT))
     return RouteIR(label=label, nodes=top, blocks=MappingProxyType({k: tuple(v) for k, v in blocks.items()}),
-                   output=out, update=out.inputs["x"], by_name=MappingProxyType(frozen))
+                   output=out, update=out.inputs["x"], by_name=MappingProxyType(frozen), commits=commits)

@@ -10,7 +10,7 @@ reports the plan and its memory traffic per parameter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .ir import Kind, Node
@@ -37,6 +37,9 @@ class Segment:
     reads_param: bool = False
     #: the node whose value is the route's update ``u``, when this segment computes it
     final: str | None = None
+    #: state cells of the segment that take their new value at its end: ``(cell, new value)``,
+    #: the new value a member or an input of the segment
+    commits: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def dynamic(self) -> list[tuple[str, ...]]:
@@ -69,6 +72,8 @@ def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str |
             users.setdefault(src, set()).add(n.name)
     items: list[tuple[str, Any]] = []
     run: list[Node] = []
+    position = {n.name: i for i, n in enumerate(ir.nodes)}
+    new_value = dict(ir.commits)
 
     def close() -> None:
         if not run:
@@ -79,9 +84,19 @@ def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str |
             for src in n.inputs.values():
                 if src not in members and src not in inputs:
                     inputs.append(src)
-        outputs = [n.name for n in run if users.get(n.name, set()) - members]
+        # a cell commits at the segment's end when its new value is known there: computed in
+        # it or before it (else after the route, see ``RouteIR.commits``)
+        commits = [(n.name, new_value[n.name]) for n in run if n.name in new_value and
+                   (new_value[n.name] in members or position[new_value[n.name]] < position[run[0].name])]
+        for _, new in commits:
+            if new not in members and new not in inputs:
+                inputs.append(new)
+        outputs = [n.name for n in run if (users.get(n.name, set()) - members) - {ir.output.name}
+                   or n.name == ir.update or n.name in new_value.values() and
+                   not any(new == n.name for _, new in commits)]
         reads = any(n.is_op and n.impl.reads_param for n in run)
-        items.append(("segment", Segment([n.name for n in run], tuple(run), inputs, outputs, reads)))
+        items.append(("segment", Segment([n.name for n in run], tuple(run), inputs, outputs, reads,
+                                         commits=commits)))
         run.clear()
 
     for n in ir.nodes:

@@ -149,6 +149,8 @@ class ModuleEnv:
     path: str
     hparams: dict[str, HyperParam] = field(default_factory=dict)
     lets: dict[str, ast.Let] = field(default_factory=dict)
+    #: ``state`` cells, by name (a name space shared with lets and defs)
+    states: dict[str, ast.State] = field(default_factory=dict)
     defs: dict[str, ast.Def] = field(default_factory=dict)
     aliases: dict[str, "ModuleEnv"] = field(default_factory=dict)
     #: names brought in unqualified by ``import "x.grad"`` -> the env defining them
@@ -220,6 +222,9 @@ def _collect(env: ModuleEnv, errors: list[GradError]) -> None:
             elif isinstance(s, ast.Let):
                 if claim(s.name, s.span):
                     env.lets[s.name] = s
+            elif isinstance(s, ast.State):
+                if claim(s.name, s.span):
+                    env.states[s.name] = s
             elif isinstance(s, ast.Def):
                 if claim(s.name, s.span):
                     names = [p.name for p in s.params]
@@ -389,13 +394,15 @@ def _load(module: ast.Module, path: str, stack: tuple[str, ...], cache: dict[str
             errors.append(e)
             continue
         if s.alias:
-            if s.alias in env.aliases or s.alias in env.lets or s.alias in env.defs or s.alias in env.hparams:
+            if s.alias in env.aliases or s.alias in env.lets or s.alias in env.defs or s.alias in env.hparams \
+                    or s.alias in env.states:
                 errors.append(GradError(f"'{s.alias}' is already defined", s.span, "choose another alias"))
                 continue
             env.aliases[s.alias] = sub
         else:
-            for name in list(sub.lets) + list(sub.defs):
-                if name in env.lets or name in env.defs or name in env.hparams or name in env.imported:
+            for name in list(sub.lets) + list(sub.states) + list(sub.defs):
+                if name in env.lets or name in env.defs or name in env.hparams or name in env.imported \
+                        or name in env.states:
                     errors.append(GradError(f"import brings in '{name}', which is already defined", s.span,
                                             f'import it under a name: import "{s.path}" as lib'))
                 else:

@@ -14,8 +14,8 @@ from typing import Any, Iterator
 
 import networkx as nx
 
-from .ir import Node, freeze_node
-from .ops import OPS, CheckView
+from .ir import COMMIT_PORT, Node, freeze_node
+from .ops import CheckView, op_impl
 
 __all__ = ["cse", "eliminate_dead", "inputs_of", "check_per_sample", "check_ops"]
 
@@ -32,7 +32,17 @@ def _freeze(v: Any) -> Any:
 
 
 def cse(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
-    """Merge identical nodes in place; return (removed, kept) pairs."""
+    """Merge identical nodes in place, state cells that are the same cell included (then the
+    nodes that read them, again); return (removed, kept) pairs."""
+    merged = _cse_once(g)
+    while True:
+        cells = _merge_cells(g)
+        if not cells:
+            return merged
+        merged += cells + _cse_once(g)
+
+
+def _cse_once(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
     merged: list[tuple[str, str]] = []
     seen: dict[tuple, str] = {}
     for node in list(nx.topological_sort(g)):
@@ -42,7 +52,7 @@ def cse(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
         kind = attrs["kind"]
         if kind in ("output", "source", "block_in"):
             continue
-        if kind == "op" and not OPS[attrs["op"]].mergeable:
+        if kind == "op" and not op_impl(attrs["op"]).mergeable:
             continue
         key = (kind, attrs["op"], _freeze(attrs["args"]), tuple(sorted(inputs_of(g, node).items())))
         keep = seen.get(key)
@@ -56,13 +66,58 @@ def cse(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
     return merged
 
 
+def _merge_cells(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
+    """Merge state cells that are the same cell: the same initial value and the same new value
+    (``previous(grad)`` written twice). A cell whose new value reads the cell itself (a
+    recurrence) is never the same node as another's, so it stays."""
+    merged: list[tuple[str, str]] = []
+    seen: dict[tuple, str] = {}
+    for out, d in list(g.nodes(data=True)):
+        if d["kind"] != "output":
+            continue
+        for new, _, key, e in list(g.in_edges(out, keys=True, data=True)):
+            cell = e["port"][len(COMMIT_PORT):] if e["port"].startswith(COMMIT_PORT) else None
+            if cell is None or cell not in g:
+                continue
+            ident = (out, _freeze(g.nodes[cell]["args"]), tuple(sorted(inputs_of(g, cell).items())), new)
+            keep = seen.get(ident)
+            if keep is None:
+                seen[ident] = cell
+                continue
+            g.remove_edge(new, out, key)
+            for _, dst, d2 in list(g.out_edges(cell, data=True)):
+                g.add_edge(keep, dst, **d2)
+            g.remove_node(cell)
+            merged.append((cell, keep))
+    return merged
+
+
 def eliminate_dead(g: nx.MultiDiGraph) -> list[str]:
-    """Remove nodes no output depends on; return their names."""
+    """Remove nodes no output depends on; return their names. A state cell's new value (an
+    output's ``cell:<cell>`` port) is live only while the cell is: a cell nothing reads is
+    dropped with its update."""
     live: set[str] = set()
+    commits: list[tuple[str, str, str]] = []  # (output, cell, its new value)
     for n, d in g.nodes(data=True):
         if d["kind"] == "output":
             live.add(n)
-            live |= nx.ancestors(g, n)
+            for src, _, e in g.in_edges(n, data=True):
+                if e["port"] == "x":
+                    live |= {src} | nx.ancestors(g, src)
+                elif e["port"].startswith(COMMIT_PORT):
+                    commits.append((n, e["port"][len(COMMIT_PORT):], src))
+    changed = True
+    while changed:
+        changed = False
+        for _, cell, new in commits:
+            if cell in live and new not in live:
+                live |= {new} | nx.ancestors(g, new)
+                changed = True
+    for out, cell, new in commits:
+        if cell not in live and new in live:
+            for key, e in list(g.get_edge_data(new, out).items()):
+                if e["port"] == COMMIT_PORT + cell:
+                    g.remove_edge(new, out, key)
     dead = [n for n in g.nodes if n not in live]
     g.remove_nodes_from(dead)
     return dead
@@ -80,7 +135,7 @@ def check_per_sample(g: nx.MultiDiGraph) -> None:
         if kind == "source":
             batched[node] = d["op"] == "samples"
             continue
-        mode = OPS[d["op"]].per_sample if kind == "op" else None
+        mode = op_impl(d["op"]).per_sample if kind == "op" else None
         if mode is not None:
             if not fed.get("x"):
                 raise GradError(f"'{d['op']}' works on per-example gradients", d["span"],
@@ -127,11 +182,11 @@ def check_ops(g: nx.MultiDiGraph) -> None:
     for name in order:
         d = g.nodes[name]
         if d["kind"] == "op":
-            new = OPS[d["op"]].infer_args(view.node(name), view)
+            new = op_impl(d["op"]).infer_args(view.node(name), view)
             if new is not None:
                 d["args"] = dict(new)
                 view.forget(name)
     for name in order:
         d = g.nodes[name]
         if d["kind"] == "op":
-            OPS[d["op"]].check(view.node(name), view)
+            op_impl(d["op"]).check(view.node(name), view)

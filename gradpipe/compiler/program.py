@@ -397,7 +397,7 @@ def _canonical_and_hash(env: ModuleEnv) -> tuple[str, str]:
 
 
 def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set[int]) -> list[GradError]:
-    """Type-check the lets, and the defs whose parameters all have defaults, that the
+    """Type-check the lets, state cells, and the defs whose parameters all have defaults, that the
     pipeline does not reach, so ``gradpipe check`` reports mistakes in them too.
 
     Each is expanded at most once in a successful check: the definitions are visited last
@@ -410,12 +410,14 @@ def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set
     scratch = Builder(env, hparams)
     scratch.emit.route = "check"
     checked = set(used)
-    todo: list[tuple[ast.Let | ast.Def, ast.Expr]] = [(let, let.value) for let in env.lets.values()]
+    todo: list[tuple[ast.Let | ast.State | ast.Def, ast.Expr]] = [(let, let.value) for let in env.lets.values()]
+    todo += [(st, ast.Name((st.name,), span=st.span)) for st in env.states.values()]
     todo += [(d, ast.Call(ast.Name((d.name,), span=d.span), span=d.span)) for d in env.defs.values()
              if not any(p.default is None for p in d.params)]
     #: what a use checks completely: a let, or a def without parameters (a def with some is
     #: checked again with its defaults, which a use may not have tried)
     same_everywhere = {id(let) for let in env.lets.values()} | {id(d) for d in env.defs.values() if not d.params}
+    same_everywhere |= {id(st) for st in env.states.values()}
     todo.sort(key=lambda t: (t[0].span.line, t[0].span.column), reverse=True)
     defaults = {k: hp.default for k, hp in hparams.items()}
     seen: set[str] = set()
@@ -424,7 +426,7 @@ def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set
             continue
         scratch.used.clear()
         try:
-            v = scratch.expr(expr, Scope(env), f"check/{stmt.name}" if isinstance(stmt, ast.Let) else "check")
+            v = scratch.expr(expr, Scope(env), "check" if isinstance(stmt, ast.Def) else f"check/{stmt.name}")
             if isinstance(v, Fragment):
                 v.apply(scratch.source("grad", stmt.span).node, "check")
             # the rules across arguments, as compile_env checks those of the pipeline
@@ -492,6 +494,7 @@ def compile_env(env: ModuleEnv) -> Program:
     if errors:
         raise GradError.combine(errors)
     prog_defaults = {n: hp.default for n, hp in hparams.items()}
+    b.cell_keeps()
     g = b.graph
     merged = cse(g)
     removed = eliminate_dead(g)

@@ -5,7 +5,7 @@ A name in a `.grad` file means, in this order (the first that applies wins):
 1. ``grads.<loss>``: the gradient of a named loss;
 2. ``alias.name``: a name of the file imported ``as alias``;
 3. a parameter of the ``def`` being expanded;
-4. a ``let`` or ``def`` of the file, then one brought in by ``import "x.grad"``;
+4. a ``let``, ``state`` or ``def`` of the file, then one brought in by ``import "x.grad"``;
 5. a hyperparameter declared in the file (``lr`` also when only implied);
 6. a built-in signal (``grad``, ``param``, ``samples``), scalar (``lr``, ``step``,
    ``loss``) or ``inf``;
@@ -35,8 +35,11 @@ from .prims import FUNCTIONS
 from .scalars import SCALAR_SOURCES
 from .values import Value
 
-__all__ = ["Scope", "Local", "LetSym", "DefSym", "HParamSym", "SourceSym", "ScalarSym", "InfSym", "OpSym",
-           "MathSym", "LossSym", "Symbol", "resolve", "visible_names", "callable_names", "STREAM_SOURCES"]
+__all__ = ["Scope", "Local", "LetSym", "StateSym", "DefSym", "HParamSym", "SourceSym", "ScalarSym", "InfSym", "OpSym",
+           "MathSym", "LossSym", "Symbol", "CELL_FUNCTIONS", "resolve", "visible_names", "callable_names", "STREAM_SOURCES"]
+
+#: built-in functions that keep state: ``previous(x)`` (a state cell, see ``Builder._previous_call``)
+CELL_FUNCTIONS = ("previous",)
 
 #: the signals every pipeline can start from
 STREAM_SOURCES = ("grad", "param", "samples")
@@ -63,6 +66,12 @@ class Local:
 class LetSym:
     env: ModuleEnv
     let: ast.Let
+
+
+@dataclass(frozen=True)
+class StateSym:
+    env: ModuleEnv
+    state: ast.State
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,7 @@ class MathSym:
     name: str  # abs, max, where... (gradpipe.compiler.prims.FUNCTIONS)
 
 
-Symbol = Union[Local, LetSym, DefSym, HParamSym, SourceSym, LossSym, ScalarSym, InfSym, OpSym, MathSym]
+Symbol = Union[Local, LetSym, StateSym, DefSym, HParamSym, SourceSym, LossSym, ScalarSym, InfSym, OpSym, MathSym]
 
 
 def resolve(parts: tuple[str, ...], sc: Scope, hparams: dict[str, HyperParam], span: Span,
@@ -145,6 +154,8 @@ def _resolve(parts: tuple[str, ...], sc: Scope, hparams: dict[str, HyperParam], 
         return Local(first, sc.locals[first])
     if first in env.lets:
         return LetSym(env, env.lets[first])
+    if first in env.states:
+        return StateSym(env, env.states[first])
     if first in env.defs:
         return DefSym(env, env.defs[first])
     if first in env.imported:
@@ -168,7 +179,7 @@ def _builtin(name: str) -> OpSym | MathSym | None:
     """The op or math function ``name`` (the op for ``sign``, which is both), or None."""
     if name in OPS:
         return OpSym(OPS[name])
-    if name in FUNCTIONS:
+    if name in FUNCTIONS or name in CELL_FUNCTIONS:
         return MathSym(name)
     return None
 
@@ -176,11 +187,11 @@ def _builtin(name: str) -> OpSym | MathSym | None:
 def visible_names(sc: Scope, hparams: dict[str, HyperParam]) -> list[str]:
     """Every name a bare name could have meant here (for a did-you-mean)."""
     env = sc.env
-    names = list(sc.locals) + list(env.lets) + list(env.defs) + list(env.imported) + list(env.hparams)
-    names += list(hparams) + list(OPS) + list(FUNCTIONS) + list(RESERVED) + [f"{a}." for a in env.aliases]
+    names = list(sc.locals) + list(env.lets) + list(env.states) + list(env.defs) + list(env.imported) + list(env.hparams)
+    names += list(hparams) + list(OPS) + list(FUNCTIONS) + list(CELL_FUNCTIONS) + list(RESERVED) + [f"{a}." for a in env.aliases]
     return names
 
 
 def callable_names(env: ModuleEnv) -> list[str]:
     """Every name a call could have meant here: ops and pipelines (defs)."""
-    return list(OPS) + list(FUNCTIONS) + list(env.defs) + [n for n, m in env.imported.items() if n in m.defs]
+    return list(OPS) + list(FUNCTIONS) + list(CELL_FUNCTIONS) + list(env.defs) + [n for n, m in env.imported.items() if n in m.defs]

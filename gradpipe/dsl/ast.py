@@ -212,6 +212,21 @@ class Let:
 
 
 @dataclass(frozen=True)
+class State:
+    """``state vmax = 0 then max(vmax, v)``: a state cell, kept per parameter across steps.
+
+    ``init`` is its value before the first step (a number, or a signal evaluated in the
+    first step); ``update`` its value after each step, in which the cell's name means its
+    value before the step."""
+
+    name: str
+    init: Expr
+    update: Expr
+    span: Span = _span()
+    comments: tuple[str, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
 class DefParam:
     name: str
     default: Expr | None = None
@@ -248,7 +263,7 @@ class Body:
     comments: tuple[str, ...] = field(default=(), compare=False)
 
 
-Stmt = Union[Import, HParam, Let, Def, Route, Body]
+Stmt = Union[Import, HParam, Let, State, Def, Route, Body]
 
 
 @dataclass(frozen=True)

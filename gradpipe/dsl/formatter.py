@@ -342,6 +342,8 @@ def _stmt_lines(stmt: object) -> list[str]:
         return _broken(stmt.default, _CHAIN, head, "", rng)
     if isinstance(stmt, ast.Let):
         return _pipeline_lines(f"let {stmt.name} = ", stmt.value)
+    if isinstance(stmt, ast.State):
+        return _pipeline_lines(f"state {stmt.name} = {_expr(stmt.init, _CHAIN)} then ", stmt.update)
     if isinstance(stmt, ast.Def):
         params = []
         for p in stmt.params:

@@ -47,7 +47,7 @@ _OPEN = {"LPAR", "LSQB", "LBRACE"}
 _CLOSE = {"RPAR", "RSQB", "RBRACE"}
 # A newline after one of these does not end the statement.
 _CONTINUE_AFTER = {"VBAR", "PLUS", "MINUS", "STAR", "SLASH", "PERCENT", "POW", "CMP", "EQUAL", "COMMA",
-                   "COLON", "AND", "OR", "NOT", "IN"}
+                   "COLON", "AND", "OR", "NOT", "IN", "THEN"}
 
 
 class _AlwaysAccept(PostLex):
@@ -229,6 +229,10 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def let_stmt(self, meta, items):
         return ast.Let(str(items[0]), items[1], span=self._sp(meta))
+
+    @v_args(meta=True)
+    def state_stmt(self, meta, items):
+        return ast.State(str(items[0]), items[1], items[2], span=self._sp(meta))
 
     @v_args(meta=True)
     def def_stmt(self, meta, items):

@@ -60,7 +60,7 @@ from ..compiler.lowering import Segment as _Segment, plan_route
 from ..compiler.ops import Args
 from ..compiler.program import Program
 from .eager import ParamLanes, RouteBatch, compute_dtype
-from .interpret import Lanes, apply_update, eval_dynamic, eval_node, structural_args
+from .interpret import Lanes, apply_update, commit_cells, eval_dynamic, eval_node, structural_args
 
 __all__ = ["CompiledRoutes", "CompileFallbackWarning", "plan_route"]
 
@@ -124,6 +124,12 @@ def _segment_fn(seg: _Segment) -> Callable[..., None]:
                     apply_update(flat_p, value, lr)
                 else:
                     buf.copy_(value)
+        # state cells take their new value last, once every reader of the old one has run
+        for cell, new in seg.commits:
+            for st, value in zip(states[index[cell]], vals[new]):
+                if "value" in st:  # (a cell no reader needs in this param group keeps no buffer)
+                    st["value"].copy_(value)
+    index = {n.name: j for j, n in enumerate(seg.members)}
     return run
 
 
@@ -448,6 +454,10 @@ class CompiledRoutes:
                 vals.split[item] = eval_node(node, vals.split, vals.lanes)
             else:
                 applied |= self._run_segment(label, si, item, batch, stores, vals)
+        late = [(cell, new) for cell, new in ir.commits if not any(
+            kind == "segment" and (cell, new) in item.commits for kind, item in plan)]
+        if late:  # cells whose new value is computed after their segment: written now
+            commit_cells(late, {new: self._to_split(new, vals) for _, new in late}, batch.states)
         if applied:  # the parameters of these buckets were updated inside the compiled segment
             return self._partial_updates(ir.update, vals, applied)
         return self._to_split(ir.update, vals)

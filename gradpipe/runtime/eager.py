@@ -16,7 +16,7 @@ import torch
 from ..compiler.ir import Kind, Node, RouteIR
 from ..compiler.ops import Args, InnerNode
 from ..compiler.program import Program
-from .interpret import Lanes, compute_dtype, eval_dynamic, eval_node, structural_args
+from .interpret import Lanes, commit_cells, compute_dtype, eval_dynamic, eval_node, structural_args
 
 __all__ = ["RouteBatch", "ParamLanes", "run_route", "compute_dtype", "NodeStateView", "init_node_states"]
 
@@ -176,5 +176,7 @@ def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[st
         if node.kind is Kind.OUTPUT:
             break
         values[node.name] = lanes.source(node) if node.kind is Kind.SOURCE else eval_node(node, values, lanes)
+    if ir.commits:  # state cells take their new values
+        return commit_cells(ir.commits, values, batch.states, keep=ir.update)  # type: ignore[return-value]
     return values[ir.update]
 

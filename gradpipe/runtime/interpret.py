@@ -31,7 +31,7 @@ from ..compiler.prims import PORTS
 from ..dsl.diagnostics import GradError
 
 __all__ = ["Lanes", "eval_node", "arith", "eval_dynamic", "structural_args", "apply_update", "compute_dtype",
-           "ARITH"]
+           "ARITH", "commit_cells"]
 
 
 def _signal(*xs: Any) -> torch.Tensor | None:
@@ -210,6 +210,28 @@ def eval_node(node: Node, values: dict[str, list[torch.Tensor]], lanes: Lanes) -
                   shared=list(lanes.shared) if lanes.shared is not None else None, inner=inner,
                   inner_nodes=inner_nodes)
     return op.apply(ctx)
+
+
+def commit_cells(commits: Sequence[tuple[str, str]], values: Mapping[str, list[torch.Tensor]],
+                 states: Sequence[dict[str, Any]], keep: str | None = None) -> list[torch.Tensor] | None:
+    """Write each state cell's new value (``RouteIR.commits``: ``(cell, new value)`` pairs) into
+    the cell's buffer in every lane's state dict, once the route has been evaluated. A cell's
+    value in the step may be its buffer itself (the eager backend hands it out uncopied): a
+    new value, or ``keep`` (the update), that is another cell's value is copied before any
+    buffer is written. Returns ``keep``'s values, copied if they had to be (None without
+    ``keep``)."""
+    cells = {cell for cell, _ in commits}
+    snap = {new: [v.clone() for v in values[new]] for _, new in commits if new in cells}
+    kept = None
+    if keep is not None:
+        kept = [v.clone() for v in values[keep]] if keep in cells else values[keep]
+    for cell, new in commits:
+        key = cell + ".value"
+        for st, v in zip(states, snap.get(new) or values[new]):
+            buf = st.get(key)
+            if buf is not None:
+                buf.copy_(v)
+    return kept
 
 
 def apply_update(p: torch.Tensor, u: torch.Tensor, lr: Any) -> None:

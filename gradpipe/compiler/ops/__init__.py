@@ -10,14 +10,14 @@ module can ``import gradpipe`` and decorate its ops with ``@gradpipe.register_op
 
 from __future__ import annotations
 
-from .base import (OPS, Args, Buffer, CheckView, Denominator, InnerNode, Lane, MacroOp, NodeCtx, Op, Param,
-                   Rewrite, SeededOp, TensorOp, register)
+from .base import (INTERNAL_OPS, OPS, Args, Buffer, CheckView, Denominator, InnerNode, Lane, MacroOp, NodeCtx, Op, Param,
+                   Rewrite, SeededOp, TensorOp, op_impl, register)
 from .plugins import PLUGIN_GROUP, PluginError, load_builtin_ops, load_plugins, register_op
 
 load_builtin_ops()
 #: the names of the ops that ship with gradpipe (plug-ins come after)
 BUILTIN_OPS: frozenset[str] = frozenset(OPS)
 
-__all__ = ["OPS", "BUILTIN_OPS", "Op", "TensorOp", "SeededOp", "MacroOp", "Param", "Buffer", "Args", "Lane",
+__all__ = ["OPS", "INTERNAL_OPS", "op_impl", "BUILTIN_OPS", "Op", "TensorOp", "SeededOp", "MacroOp", "Param", "Buffer", "Args", "Lane",
            "NodeCtx", "InnerNode", "Denominator", "CheckView", "Rewrite", "register", "register_op",
            "load_plugins", "load_builtin_ops", "PLUGIN_GROUP", "PluginError"]

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["Param", "Buffer", "Args", "Lane", "Op", "TensorOp", "SeededOp", "MacroOp", "Denominator", "NodeCtx",
            "InnerNode", "CheckView", "Rewrite", "find_inner", "REQUIRED", "register", "OPS", "route_norms",
            "adam_moments", "sqrt_s", "is_zero", "axpy_", "add_s", "addcmul_s", "on_first", "RuntimeFloat",
-           "Fresh"]
+           "Fresh", "INTERNAL_OPS", "internal", "op_impl"]
 
 REQUIRED: Any = object()
 
@@ -455,6 +455,23 @@ class MacroOp(Op):
 #: them all), and plug-ins add theirs
 #: with :func:`gradpipe.register_op` or the ``gradpipe.ops`` entry point group
 OPS: dict[str, Op] = {}
+
+
+#: ops the compiler makes for constructs of the language (a ``state`` cell), never called by
+#: name from a `.grad` file: not in :data:`OPS`, so not listed, documented or tested as ops
+INTERNAL_OPS: dict[str, Op] = {}
+
+
+def internal(cls: type[Op]) -> type[Op]:
+    """Class decorator: an op the compiler makes itself (see :data:`INTERNAL_OPS`)."""
+    INTERNAL_OPS[cls.name] = cls()
+    return cls
+
+
+def op_impl(name: str) -> Op:
+    """The implementation of the op a node names: one of the library or an internal one."""
+    op = OPS.get(name)
+    return op if op is not None else INTERNAL_OPS[name]
 
 
 def register(cls: type[Op]) -> type[Op]:
