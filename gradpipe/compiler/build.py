@@ -660,8 +660,10 @@ class Builder:
             return self._op_call(sym.op, e, sc, prefix)
         fname = parts[-1]
         what = {HParamSym: "a hyperparameter", LetSym: "a let binding", SourceSym: "a built-in signal",
-                LossSym: "a built-in signal", ScalarSym: "a built-in signal", InfSym: "a built-in signal",
-                ShapeSym: "a shape value"}
+                LossSym: "a built-in signal", ScalarSym: "a built-in signal", InfSym: "a built-in signal"}
+        if isinstance(sym, ShapeSym):
+            raise GradError(f"'{fname}' is a shape value, not an op; it cannot be called", e.func.span,
+                            f"it is one number per parameter tensor: use it in arithmetic, e.g. grad / {fname}")
         if sym is not None:
             raise GradError(f"'{fname}' is {what[type(sym)]}, not an op; it cannot be called", e.func.span)
         env = sc.env
