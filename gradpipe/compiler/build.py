@@ -778,6 +778,7 @@ class Builder:
 
     def _reduce_node(self, fn: str, scope: str, span: Span, vals: list[Stream], spans: list[Span],
                      prefix: str) -> str:
+        self._no_per_tensor_in_block(f"the reduction '{fn}'", span)
         inputs = []
         for port, v, where in zip(("lhs", "rhs"), vals, spans):
             if self._is_mask(v.node):
@@ -789,14 +790,13 @@ class Builder:
                                 ", 1, 0)")
             # a per-tensor operand counts once per element it stands for (as if expanded), in every scope
             inputs.append((self._full(v.node, where, prefix), port))
-        self._no_source_in_block(f"{fn}(..., over={scope})", span)
         node = self.emit.arith(prims.REDUCE_IDS[fn], prefix, span, {"over": scope}, inputs)
         self._reduced.add(node)
         return node
 
     def _shape_value(self, name: str, span: Span) -> Stream:
         """A shape value (``numel``, ``rows``, ``cols``, ``ndim``): one number per parameter tensor."""
-        self._no_source_in_block(name, span)
+        self._no_per_tensor_in_block(f"the shape value '{name}'", span)
         node = self.emit.arith(name, f"{self.emit.route}", span, {}, [])
         self._reduced.add(node)
         return Stream(node, span)
@@ -926,6 +926,12 @@ class Builder:
         for pname, out in built:
             self.emit.connect(out, node, pname)
         return node
+
+    def _no_per_tensor_in_block(self, what: str, span: Span) -> None:
+        if self._block_op is not None:
+            raise GradError(f"{what} cannot be used in the {{ ... }} pipeline of '{self._block_op}'", span,
+                            f"'{self._block_op}' runs its inner pipeline on values it computes itself, of another "
+                            "shape than the parameter; use reductions and shape values outside the block")
 
     def _no_source_in_block(self, name: str, span: Span) -> None:
         if self._block_op is not None:
