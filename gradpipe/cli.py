@@ -174,7 +174,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
     for name in sorted(OPS):
         op = OPS[name]
         print(f"{signature(op)}\n    {op.summary}  [{op.reference}]")
-    print("\nmath functions and operators (docs/language.md, section 5.4):")
+    print("\nmath functions and operators, reductions and shape values (docs/language.md, sections 5.4 "
+          "and 5.13):")
     for form, summary in SUMMARIES.items():
         print(f"  {form}\n      {summary}")
     return 0

@@ -600,7 +600,11 @@ def _primitives_markdown() -> list[str]:
            "Built into the language rather than ops: elementwise on signals (fused by the compiled "
            "backend), computed per step on scalars; see [the language reference](language.md#54-arithmetic).",
            "Used as a stage, a function takes the stream as its first argument: `grad | abs`, "
-           "`x | clamp(-1, 1)`.", "",
+           "`x | clamp(-1, 1)`.",
+           "The reductions (`sum`, `mean`, `norm`, `rms`, `max`, `min`, `dot`, each with a required `over=`) "
+           "and the shape values (`numel`, `rows`, `cols`, `ndim`) are one number per tensor, row, column or "
+           "route, which broadcasts against signals; see [reductions and shape values]"
+           "(language.md#513-reductions-and-shape-values).", "",
            "| primitive | value |", "| --- | --- |"]
     out += [f"| `{_cell(form)}` | {_cell(text)} |" for form, text in SUMMARIES.items()]
     out.append("")

@@ -353,7 +353,9 @@ floats = st.floats(min_value=0.0, allow_nan=False, allow_infinity=False).map(abs
 numbers = st.one_of(ints, floats).map(Num)
 dotted = st.lists(long_names, min_size=1, max_size=3).map(lambda ps: Name(tuple(ps)))
 
-leaves = st.one_of(numbers, st.booleans().map(Bool), texts.map(Str), dotted)
+# the shape values: ``numel`` and ``ndim`` are also route-selector words (SHAPE_ATTR), names in expressions
+shape_values = st.sampled_from(["numel", "rows", "cols", "ndim"]).map(lambda n: Name((n,)))
+leaves = st.one_of(numbers, st.booleans().map(Bool), texts.map(Str), dotted, shape_values)
 
 
 def _kwargs(children):
@@ -375,6 +377,10 @@ def _extend(children):
                                             min_size=2, max_size=6)),
         st.builds(Call, dotted, st.lists(children, min_size=3, max_size=6).map(tuple), _kwargs(children),
                   st.none()),
+        # reductions: one or two operands (none: a stage) and a scope, ``mean(x, over=tensor)``
+        st.builds(lambda f, xs, scope: Call(Name((f,)), tuple(xs), (Kwarg("over", Name((scope,))),)),
+                  st.sampled_from(["sum", "mean", "norm", "rms", "max", "min", "dot"]),
+                  st.lists(children, max_size=2), st.sampled_from(["tensor", "global", "rows", "cols"])),
     )
 
 

@@ -333,8 +333,9 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("src,line,col,msg,hint", ERRORS, ids=[e[0] for e in ERRORS])
-def test_misuse_is_a_positioned_error(src, line, col, msg, hint):
+def assert_positioned_error(src: str, line: int, col: int, msg: str, hint: str | None) -> None:
+    """Compiling ``src`` is a GradError at ``line:col`` whose message has ``msg`` and which has a
+    hint (with ``hint`` in it, when given)."""
     with pytest.raises(GradError) as info:
         gradpipe.compile(src)
     e = info.value
@@ -343,6 +344,11 @@ def test_misuse_is_a_positioned_error(src, line, col, msg, hint):
     assert e.hint, str(e)
     if hint is not None:
         assert hint in e.hint, str(e)
+
+
+@pytest.mark.parametrize("src,line,col,msg,hint", ERRORS, ids=[e[0] for e in ERRORS])
+def test_misuse_is_a_positioned_error(src, line, col, msg, hint):
+    assert_positioned_error(src, line, col, msg, hint)
 
 
 def test_did_you_mean_needs_real_similarity():

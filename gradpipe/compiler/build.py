@@ -26,7 +26,7 @@ from .emit import Emitter
 from .modules import HyperParam, ModuleEnv
 from .ops import OPS, MacroOp, Op, Param
 from .symbols import (DefSym, HParamSym, InfSym, LetSym, Local, LossSym, MathSym, OpSym, ScalarSym, Scope,
-                      SourceSym, StateSym, callable_names, resolve, visible_names)
+                      ShapeSym, SourceSym, StateSym, callable_names, resolve, visible_names)
 from .values import Fragment, ScalarV, Stream, Value, Word, kind_name
 
 __all__ = ["Builder", "RouteInfo", "RangeCheck", "MAX_EXPANDED_DEPTH", "NODE_BUDGET", "NODE_BUDGET_PER_AST_NODE",
@@ -172,6 +172,9 @@ class Builder:
         self._block_op: str | None = None
         #: ids of the let and def statements the pipeline reached
         self.used: set[int] = set()
+        #: nodes whose value is one number per tensor, row or column (reductions, shape values, arithmetic
+        #: on them): ops and the update take them expanded to the parameter's shape (a ``broadcast`` node)
+        self._reduced: set[str] = set()
         #: while a branch of a ``where`` with a scalar condition is built: the domain checks it
         #: asks for, (op, [(argument name, probe)], span, hint, guards), held until it is known
         #: whether the branch is a scalar (evaluated only when the condition picks it) or not
@@ -245,7 +248,8 @@ class Builder:
             raise GradError(f"a pipeline must produce a signal, but this is {kind_name(v)}", body.span,
                             "start it with 'grad', e.g. 'grad | adam'")
         self._refuse_mask(v.node, body.span, "the update")
-        return RouteInfo(label, selector, self.emit.output(label, v.node, span, self.commits.get(label, ())), span)
+        out = self._full(v.node, body.span, label)
+        return RouteInfo(label, selector, self.emit.output(label, out, span, self.commits.get(label, ())), span)
 
     def source(self, name: str, span: Span) -> Stream:
         """A source as a signal of the route being built (``grad``, ``param``, ``grads.main``)."""
@@ -556,6 +560,10 @@ class Builder:
             if isinstance(v, Stream):
                 mask = self._is_mask(v.node)
                 if port == "cond" and not mask:
+                    if v.node in self._reduced:  # a reduction or shape value used as a boolean
+                        raise GradError("the condition of 'where' must be a comparison (a mask), but this is a "
+                                        "number per tensor (a reduction or a shape value)", where,
+                                        f"compare it: where({_text_at(where, 'x')} > 0, a, b)")
                     raise GradError("the condition of 'where' must be a comparison (a mask), but this is a signal "
                                     "of numbers", where, "compare it: where(grad > 0, a, b)")
                 if port != "cond" and mask:
@@ -574,7 +582,10 @@ class Builder:
             # a mask choosing between two numbers: the result takes the dtype of the mask's signal
             cond = next(src for src, p in inputs if p == "cond")
             inputs.append((next(u for u, _ in self.graph.in_edges(cond)), "like"))
-        return self.emit.arith(op, prefix, span, args, inputs)
+        node = self.emit.arith(op, prefix, span, args, inputs)
+        if all(src in self._reduced for src, _ in inputs):
+            self._reduced.add(node)  # arithmetic on per-tensor values only: a per-tensor value
+        return node
 
     def _is_mask(self, node: str) -> bool:
         """Whether a node's value is a mask (true or false per element): a comparison."""
@@ -628,6 +639,8 @@ class Builder:
             if sym.name == "previous":
                 return self._previous_call(ast.Call(e, span=e.span), sc, prefix)
             return self._math_call(sym.name, ast.Call(e, span=e.span), sc, prefix)
+        if isinstance(sym, ShapeSym):
+            return self._shape_value(sym.name, e.span)
         if isinstance(sym, OpSym):
             op = sym.op
             if isinstance(op, MacroOp) or (op.params and op.params[0].kind == "signals"):
@@ -724,7 +737,7 @@ class Builder:
         if isinstance(init, Stream):
             self._refuse_mask(init.node, init_e.span, f"the initial value of {what}")
             args: dict[str, Any] = {"init": None}
-            x = init.node
+            x = self._full(init.node, init_e.span, prefix)  # a per-tensor value fills the parameter's shape
         elif isinstance(init, ScalarV) and not S.is_bool(init.expr):
             args = {"init": init.expr}
             x = self.source("grad", span).node  # only for its shape (the parameter's), read anyway
@@ -809,6 +822,8 @@ class Builder:
             if sym.name == "previous":
                 return self._previous_call(e, sc, prefix)
             return self._math_call(sym.name, e, sc, prefix)
+        if isinstance(sym, OpSym) and sym.op.name in prims.REDUCTIONS and _has_over(e):
+            return self._reduce_call(sym.op.name, e, sc, prefix)  # rms(x, over=tensor): the reduction, not the op
         if isinstance(sym, OpSym) and sym.op.name in prims.FUNCTIONS and len(e.args) == 1 \
                 and not e.kwargs and e.block is None:
             signal = self._signal_arg(e.args[0], sc, prefix)
@@ -819,6 +834,9 @@ class Builder:
         fname = parts[-1]
         what = {HParamSym: "a hyperparameter", LetSym: "a let binding", StateSym: "a state cell", SourceSym: "a built-in signal",
                 LossSym: "a built-in signal", ScalarSym: "a built-in signal", InfSym: "a built-in signal"}
+        if isinstance(sym, ShapeSym):
+            raise GradError(f"'{fname}' is a shape value, not an op; it cannot be called", e.func.span,
+                            f"it is one number per parameter tensor: use it in arithmetic, e.g. grad / {fname}")
         if sym is not None:
             raise GradError(f"'{fname}' is {what[type(sym)]}, not an op; it cannot be called", e.func.span,
                             f"only ops, math functions and defs are called; use '{fname}' as a value, "
@@ -842,7 +860,10 @@ class Builder:
 
     def _math_call(self, fn: str, e: ast.Call, sc: Scope, prefix: str) -> Value:
         """A math function: ``max(a, b)`` with all its arguments, or, one short, a stage whose
-        input is the first argument (``x | max(b)`` is ``max(x, b)``; a bare ``abs`` is ``abs(x)``)."""
+        input is the first argument (``x | max(b)`` is ``max(x, b)``; a bare ``abs`` is ``abs(x)``).
+        A reduction (``mean``; ``max`` and ``min`` with ``over=``) goes to :meth:`_reduce_call`."""
+        if fn in prims.REDUCTIONS and (fn not in prims.FUNCTIONS or _has_over(e)):
+            return self._reduce_call(fn, e, sc, prefix)
         arity = prims.FUNCTIONS[fn]
         signature = f"{fn}({', '.join(_ARG_NAMES[fn])})"
         if e.block is not None:
@@ -864,6 +885,103 @@ class Builder:
                     return out.apply(inp, pfx)
                 return out.node  # type: ignore[union-attr]
         return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ reductions and shape values
+    def _reduce_call(self, fn: str, e: ast.Call, sc: Scope, prefix: str) -> Value:
+        """A reduction ``fn(x, over=S)`` (``dot(a, b, over=S)``), or, one operand short, a stage
+        whose input is the first operand (``x | mean(over=tensor)``). The value is one number per
+        tensor, row or column, or over the route (``global``): see :mod:`.prims`."""
+        arity = prims.REDUCTIONS[fn]
+        operands = "a, b" if arity == 2 else "x"
+        signature = f"{fn}({operands}, over=tensor)"
+        if e.block is not None:
+            raise GradError(f"'{fn}' takes no {{ ... }} block", e.block.span, f"it is a reduction: {signature}")
+        over_kw = next((k for k in e.kwargs if k.name == "over"), None)
+        for k in e.kwargs:
+            if k.name != "over":
+                raise GradError(f"'{fn}' takes no argument '{k.name}'", k.span,
+                                f"a reduction takes its operand{'s' if arity > 1 else ''} and a scope: {signature}")
+        args_text = ", ".join(_text(a) for a in e.args) if len(e.args) == arity else operands
+        if over_kw is None:
+            raise GradError(f"'{fn}' needs a scope: over=tensor, global, rows or cols", e.span,
+                            f"write {fn}({args_text}, over=tensor) (one value per parameter tensor), or over=global "
+                            "(one over every tensor of the route)")
+        over = over_kw.value
+        scope = over.parts[0] if isinstance(over, ast.Name) and len(over.parts) == 1 else \
+            over.value if isinstance(over, ast.Str) else None
+        if scope not in prims.SCOPES:
+            shown = _text(over)
+            raise GradError(f"unknown scope {shown if isinstance(over, ast.Str) else repr(shown)} for '{fn}'",
+                            over.span, (did_you_mean(str(scope), prims.SCOPES) if scope else None)
+                            or "over= is one of tensor (per parameter tensor), global (over the route), rows (per "
+                            "row), cols (per column)")
+        if len(e.args) not in ((arity, arity - 1) if arity == 1 else (arity,)):
+            raise GradError(f"'{fn}' takes {arity} operand{'s' if arity > 1 else ''}, got {len(e.args)}", e.span,
+                            f"write {fn}({operands}, over={scope})" + (
+                                f", or as a stage: x | {fn}(over={scope})" if arity == 1 else
+                                f": the sum of a * b; for the sum of squares write norm(a, over={scope}) ** 2"))
+        self.emit.spend(e.span)
+        if len(e.args) == arity:
+            return self._reduce(fn, scope, e, [self.expr(a, sc, prefix) for a in e.args],
+                                [a.span for a in e.args], prefix)
+
+        def apply(inp: str, pfx: str) -> str:
+            with self._nesting(e.span):
+                out = self._reduce(fn, scope, e, [Stream(inp, e.span)], [e.span], pfx)
+                return out.apply(inp, pfx) if isinstance(out, Fragment) else out.node  # type: ignore[union-attr]
+        return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
+
+    def _reduce(self, fn: str, scope: str, e: ast.Expr, vals: list[Value], spans: list[Span], prefix: str) -> Value:
+        """The reduction node of ``fn`` over ``scope`` on its operands (signals; an open pipeline is
+        applied to the stage input, as in arithmetic)."""
+        for v, where in zip(vals, spans):
+            if isinstance(v, ScalarV) or (isinstance(v, Word) and isinstance(v.value, bool)):
+                what = "a boolean" if not isinstance(v, ScalarV) or S.is_bool(v.expr) else "a number"
+                raise GradError(f"'{fn}' has nothing to reduce: this is {what}, not a signal", where,
+                                f"reduce a signal, e.g. {fn}(grad{', param' if fn == 'dot' else ''}, over={scope}); "
+                                "a number is the same for every element")
+            if not isinstance(v, (Stream, Fragment)):
+                raise GradError(f"'{fn}' reduces a signal, but this is {kind_name(v)}", where,
+                                f"e.g. {fn}(grad{', param' if fn == 'dot' else ''}, over={scope})")
+        if any(isinstance(v, Fragment) for v in vals):
+            def apply(inp: str, pfx: str) -> str:
+                with self._nesting(e.span):
+                    concrete = [Stream(v.apply(inp, pfx), v.span) if isinstance(v, Fragment) else v for v in vals]
+                    return self._reduce_node(fn, scope, e.span, concrete, spans, pfx)  # type: ignore[arg-type]
+            return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
+        return Stream(self._reduce_node(fn, scope, e.span, vals, spans, prefix), e.span)  # type: ignore[arg-type]
+
+    def _reduce_node(self, fn: str, scope: str, span: Span, vals: list[Stream], spans: list[Span],
+                     prefix: str) -> str:
+        self._no_per_tensor_in_block(f"the reduction '{fn}'", span)
+        inputs = []
+        for port, v, where in zip(("lhs", "rhs"), vals, spans):
+            if self._is_mask(v.node):
+                raise GradError(f"'{fn}' needs numbers, but this is a mask (a comparison: true or false per "
+                                "element)", where, f"reduce numbers chosen with it: {fn}(where("
+                                f"{_text_at(self.graph.nodes[v.node]['span'])}, 1, 0), over={scope}) counts where it "
+                                "holds" if fn == "sum" else
+                                f"reduce numbers chosen with it: where({_text_at(self.graph.nodes[v.node]['span'])}"
+                                ", 1, 0)")
+            # a per-tensor operand counts once per element it stands for (as if expanded), in every scope
+            inputs.append((self._full(v.node, where, prefix), port))
+        node = self.emit.arith(prims.REDUCE_IDS[fn], prefix, span, {"over": scope}, inputs)
+        self._reduced.add(node)
+        return node
+
+    def _shape_value(self, name: str, span: Span) -> Stream:
+        """A shape value (``numel``, ``rows``, ``cols``, ``ndim``): one number per parameter tensor."""
+        self._no_per_tensor_in_block(f"the shape value '{name}'", span)
+        node = self.emit.arith(name, f"{self.emit.route}", span, {}, [])
+        self._reduced.add(node)
+        return Stream(node, span)
+
+    def _full(self, node: str, span: Span, prefix: str) -> str:
+        """``node`` as a signal of the parameter's shape: a per-tensor value (a reduction's, a shape
+        value, arithmetic on them) is expanded by a ``broadcast`` node; any other signal is itself."""
+        if node not in self._reduced:
+            return node
+        return self.emit.arith("broadcast", prefix, span, {}, [(node, "lhs")])
 
     def _op_call(self, op: Op, e: ast.Call, sc: Scope, prefix: str) -> Value:
         if isinstance(op, MacroOp):
@@ -930,6 +1048,7 @@ class Builder:
         to the same input, ``{ ... }`` blocks built; or what :meth:`Op.rewrite` makes of it."""
         op, e = b.op, b.call
         self._refuse_mask(inp, e.span, f"'{op.name}'")
+        inp = self._full(inp, e.span, pfx)
         self.emit.spend(e.span)
         node = self.emit.fresh(f"{pfx}/{op.name}")
         args: dict[str, Any] = {}
@@ -959,7 +1078,7 @@ class Builder:
                     raise GradError(f"argument '{p.name}' of '{op.name}' must be a signal, got {kind_name(v)}",
                                     a.span, "pass a source (param, grads.main), an op (ema) or a pipeline (grad | sign)")
                 self._refuse_mask(v.node, a.span, f"argument '{p.name}' of '{op.name}'")
-                inputs.append((v.node, p.name))
+                inputs.append((self._full(v.node, a.span, node), p.name))
             else:
                 args[p.name] = self.check.value(op, p, v, a)
         if given:
@@ -982,6 +1101,12 @@ class Builder:
         for pname, out in built:
             self.emit.connect(out, node, pname)
         return node
+
+    def _no_per_tensor_in_block(self, what: str, span: Span) -> None:
+        if self._block_op is not None:
+            raise GradError(f"{what} cannot be used in the {{ ... }} pipeline of '{self._block_op}'", span,
+                            f"'{self._block_op}' runs its inner pipeline on values it computes itself, of another "
+                            "shape than the parameter; use reductions and shape values outside the block")
 
     def _no_source_in_block(self, name: str, span: Span) -> None:
         if self._block_op is not None:
@@ -1050,7 +1175,7 @@ class Builder:
                                 a.span, "pass the task gradients: grads.<loss name>, or a parenthesised "
                                 "pipeline such as (grads.aux | clip_norm(1))")
             self._refuse_mask(v.node, a.span, f"argument {k + 1} of '{op.name}'")
-            inputs.append((v.node, "x" if k == 0 else f"x{k}"))
+            inputs.append((self._full(v.node, a.span, node), "x" if k == 0 else f"x{k}"))
         args: dict[str, Any] = {}
         for p in op.params[1:]:
             if p.name not in b.args:
@@ -1124,11 +1249,16 @@ def _op_text(op: str) -> str:
     return "'-'" if op == "neg" else f"'{op}'"
 
 
-def _text_at(span: Span) -> str:
-    """The source text under a one-line span (for a hint), or ``cond``."""
+def _has_over(e: ast.Call) -> bool:
+    """Whether a call names a reduction's scope (``mean(x, over=tensor)``)."""
+    return any(k.name == "over" for k in e.kwargs)
+
+
+def _text_at(span: Span, default: str = "cond") -> str:
+    """The source text under a one-line span (for a hint), or ``default``."""
     line = span.source_line()
     if line is None or span.end_line != span.line or span.end_column <= span.column:
-        return "cond"
+        return default
     return line[span.column - 1:span.end_column - 1]
 
 

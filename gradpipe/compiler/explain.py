@@ -120,8 +120,13 @@ def explain(prog: "Program") -> str:
     red = prog.reductions()
     lines.append("reductions:" + ("" if red else " none (every op is elementwise per tensor)"))
     for n, scope in red:
-        what = "over every tensor of its route" if scope == "global" else "within each tensor"
-        lines.append(f"  {n}: {prog.node(n).op} reduces {what} (scope={scope})")
+        what = {"global": "over every tensor of its route", "rows": "along each row (the last dim) of each tensor",
+                "cols": "along each column (dim -2) of each tensor"}.get(scope, "within each tensor")
+        node = prog.node(n)
+        if node.kind is Kind.ARITH:
+            lines.append(f"  {n}: {describe_node(prog, n)} reduces {what}")
+        else:
+            lines.append(f"  {n}: {node.op} reduces {what} (scope={scope})")
     lines.append("")
     lines.append("optimisations:")
     if not (prog.merged or prog.folded or prog.removed):

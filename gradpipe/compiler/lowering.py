@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
+from . import prims
 from .ir import Kind, Node
 
 if TYPE_CHECKING:
@@ -47,10 +48,27 @@ class Segment:
         return [n.dynamic for n in self.members]
 
 
-def is_flat(prog: "Program", node: Node) -> bool:
-    """Whether ``node`` can run on flat buffers (see ``Op.flat``)."""
+def per_tensor_values(nodes: Sequence[Node]) -> set[str]:
+    """The nodes (of ``nodes``, in evaluation order) whose value is one number per tensor, row or
+    column rather than one per element: shape values, reductions over ``tensor``, ``rows`` or
+    ``cols``, and arithmetic on only such values. They run tensor by tensor (on a few numbers per
+    tensor); a fused segment that reads one expands it to its parameter's shape."""
+    out: set[str] = set()
+    for n in nodes:
+        if n.kind is not Kind.ARITH or n.op == "broadcast":
+            continue
+        if prims.per_tensor(n.op, n.const.get("over")) or (
+                not prims.is_reduction(n.op) and n.inputs and all(src in out for src in n.inputs.values())):
+            out.add(n.name)
+    return out
+
+
+def is_flat(prog: "Program", node: Node, per_tensor: set[str] | frozenset[str] = frozenset()) -> bool:
+    """Whether ``node`` can run on flat buffers (see ``Op.flat``). ``per_tensor``: the route's
+    :func:`per_tensor_values`, which are not flat, and neither is a ``broadcast``."""
     if node.kind is Kind.ARITH:
-        return True
+        return node.name not in per_tensor and node.op != "broadcast" and not prims.per_tensor(
+            node.op, node.const.get("over"))
     if node.kind is not Kind.OP:
         return False
     op = node.impl
@@ -74,6 +92,7 @@ def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str |
     run: list[Node] = []
     position = {n.name: i for i, n in enumerate(ir.nodes)}
     new_value = dict(ir.commits)
+    per_tensor = per_tensor_values(ir.nodes)
 
     def close() -> None:
         if not run:
@@ -102,7 +121,7 @@ def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str |
     for n in ir.nodes:
         if n.kind in (Kind.SOURCE, Kind.OUTPUT):
             continue  # sources are values handed in, not work
-        if is_flat(prog, n):
+        if is_flat(prog, n, per_tensor):
             run.append(n)
         else:
             close()
@@ -133,6 +152,7 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
     writes its result, and feeding a segment costs a gather (a copy). Every global
     reduction adds a pass (a kernel) over its input."""
     plan = plan_route(prog, label=label)
+    per_tensor = per_tensor_values(prog.ir[label].nodes)
     total = kernels = segments = 0
     eager: list[str] = []
     produced_eager: set[str] = set()
@@ -141,11 +161,14 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
         if kind == "eager":
             n = prog.node(item)
             eager.append(item)
+            kernels += 1
+            produced_eager.add(item)
+            if item in per_tensor:  # a few numbers per tensor: a reduction reads its operands, nothing else counts
+                total += sum(src not in per_tensor for src in n.inputs.values()) if prims.is_reduction(n.op) else 0
+                continue
             total += len(n.inputs) + 1 + 2 * len(prog.node_buffers(item))
             if n.is_op and n.impl.needs_param(prog.const_args(item)):
                 total += 1
-            produced_eager.add(item)
-            kernels += 1
             continue
         segments += 1
         kernels += 1
@@ -158,6 +181,8 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
                 reads_param |= n.impl.needs_param(prog.const_args(n.name))
                 if n.impl.reduction(n.args) == "global":
                     kernels += 1
+            elif prims.is_reduction(n.op):  # a reduction in a fused segment is over the route
+                kernels += 1
         outs = [n for n in item.outputs if n != item.final]
         total += len(outs)
         if item.final is not None:

@@ -54,7 +54,9 @@ def _cse_once(g: nx.MultiDiGraph) -> list[tuple[str, str]]:
             continue
         if kind == "op" and not op_impl(attrs["op"]).mergeable:
             continue
-        key = (kind, attrs["op"], _freeze(attrs["args"]), tuple(sorted(inputs_of(g, node).items())))
+        ins = tuple(sorted(inputs_of(g, node).items()))
+        # a node with no inputs (a shape value such as ``numel``) is per route: never merged across routes
+        key = (kind, attrs["op"], _freeze(attrs["args"]), ins, None if ins else attrs.get("route"))
         keep = seen.get(key)
         if keep is None:
             seen[key] = node

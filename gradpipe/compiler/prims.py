@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["BINARY", "COMPARISONS", "FUNCTIONS", "PORTS", "NODE_NAMES", "SUMMARIES", "is_mask_op", "text"]
+__all__ = ["BINARY", "COMPARISONS", "FUNCTIONS", "REDUCTIONS", "REDUCE_IDS", "SCOPES", "SHAPES", "PORTS", "NODE_NAMES",
+           "SUMMARIES", "is_mask_op", "is_reduction", "is_shape", "per_tensor", "text"]
 
 #: infix operators on numbers, lowest precedence group last: ``+ - * / % **``
 BINARY = ("+", "-", "*", "/", "%", "**")
@@ -26,6 +27,16 @@ FUNCTIONS: dict[str, int] = {
     "max": 2, "min": 2, "clamp": 3, "where": 3,
 }
 
+#: the reductions, by the name a user writes, and how many operands each takes (``mean(x, over=tensor)``);
+#: ``max``, ``min`` and ``rms`` are also a math function or an op: with ``over=`` they are the reduction
+REDUCTIONS: dict[str, int] = {"sum": 1, "mean": 1, "norm": 1, "rms": 1, "max": 1, "min": 1, "dot": 2}
+#: the primitive (``Kind.ARITH`` op) of each reduction: ``max`` and ``min`` are taken by the elementwise functions
+REDUCE_IDS: dict[str, str] = {**{r: r for r in REDUCTIONS}, "max": "amax", "min": "amin"}
+#: the scopes of ``over=``: one value per tensor, over the route, per row, per column
+SCOPES = ("tensor", "global", "rows", "cols")
+#: the shape values, one number per parameter tensor: ``numel``, ``rows`` (size of dim -2), ``cols`` (dim -1), ``ndim``
+SHAPES = ("numel", "rows", "cols", "ndim")
+
 #: the ports of each primitive's operands, in argument order
 PORTS: dict[str, tuple[str, ...]] = {
     **{op: ("lhs", "rhs") for op in BINARY + COMPARISONS},
@@ -35,6 +46,11 @@ PORTS: dict[str, tuple[str, ...]] = {
     "clamp": ("lhs", "lo", "hi"),
     # ``like`` (optional): for a mask choosing between two scalars, a signal to take the dtype from
     "where": ("cond", "lhs", "rhs", "like"),
+    # a reduction's scope is a word on the ``over`` port (an argument, never a signal)
+    **{REDUCE_IDS[r]: ("lhs", "rhs", "over") if n == 2 else ("lhs", "over") for r, n in REDUCTIONS.items()},
+    **{s: () for s in SHAPES},
+    # a per-tensor value (a reduction's, a shape value) expanded to the parameter's shape, where an op needs one
+    "broadcast": ("lhs",),
 }
 
 #: the node name of each primitive (``main/mul``, ``main/lt``, ``main/where``)
@@ -42,7 +58,9 @@ NODE_NAMES: dict[str, str] = {
     "+": "add", "-": "sub", "*": "mul", "/": "div", "%": "mod", "**": "pow", "neg": "neg",
     "<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne",
     **{f: f for f in FUNCTIONS},
+    **{i: r for r, i in REDUCE_IDS.items()}, **{s: s for s in SHAPES}, "broadcast": "broadcast",
 }
+_REDUCTION_OF = {i: r for r, i in REDUCE_IDS.items()}
 
 #: one line per math function and operator, for ``docs/ops.md``
 SUMMARIES: dict[str, str] = {
@@ -56,6 +74,18 @@ SUMMARIES: dict[str, str] = {
     "clamp(x, lo, hi)": "min(max(x, lo), hi)",
     "where(cond, a, b)": "a where cond holds, else b; cond is a mask or a boolean (a comparison)",
     "a < b, <=, >, >=, ==, !=": "a mask (per element) if a side is a signal, a boolean if both are scalars",
+    "sum(x, over=S)": "the sum of x; S (required) is tensor (one value per parameter tensor), global (over every "
+                      "tensor of the route, as one flat vector), rows (per row: the last dim) or cols (per column: "
+                      "dim -2)",
+    "mean(x, over=S)": "the mean of x over scope S (see sum)",
+    "norm(x, over=S)": "the L2 norm sqrt(sum(x^2)) over scope S",
+    "rms(x, over=S)": "sqrt(mean(x^2)) over scope S; without over= it is the op rms (RMSprop)",
+    "max(x, over=S)": "the largest element over scope S; max(a, b) is elementwise",
+    "min(x, over=S)": "the smallest element over scope S; min(a, b) is elementwise",
+    "dot(a, b, over=S)": "sum(a * b, over=S)",
+    "numel, ndim": "the parameter's number of elements, its number of dimensions (per tensor)",
+    "rows, cols": "the parameter's size in dim -2 and dim -1 (per tensor; a parameter of fewer than 2 dims is an "
+                  "error)",
     "a % b": "remainder with the sign of b (Python's %): on scalars, whole numbers only; on signals, "
              "torch.remainder",
 }
@@ -66,8 +96,29 @@ def is_mask_op(op: str) -> bool:
     return op in COMPARISONS
 
 
+def is_reduction(op: str) -> bool:
+    """Whether the primitive is a reduction (``sum``, ``mean``, ``amax``...: ``REDUCE_IDS``'s values)."""
+    return op in _REDUCTION_OF
+
+
+def is_shape(op: str) -> bool:
+    """Whether the primitive is a shape value (``numel``, ``rows``, ``cols``, ``ndim``)."""
+    return op in SHAPES
+
+
+def per_tensor(op: str, over: object = None) -> bool:
+    """Whether a primitive computes one value per parameter tensor, row or column (a shape value, or a
+    reduction over ``tensor``, ``rows`` or ``cols``, given as ``over``), so it runs tensor by tensor."""
+    return op in SHAPES or (op in _REDUCTION_OF and over != "global")
+
+
 def text(op: str, operands: Sequence[str]) -> str:
-    """How a primitive applied to ``operands`` reads: ``a * b``, ``-a``, ``clamp(x, lo, hi)``."""
+    """How a primitive applied to ``operands`` reads: ``a * b``, ``-a``, ``clamp(x, lo, hi)``,
+    ``mean(x, over=tensor)``, ``numel``."""
+    if op in _REDUCTION_OF:
+        return f"{_REDUCTION_OF[op]}({', '.join(operands[:-1])}, over={operands[-1]})"
+    if op in SHAPES:
+        return op
     if op == "where":
         operands = operands[:3]
     if op == "neg":

@@ -14,6 +14,7 @@ import networkx as nx
 
 from ..dsl import ast
 from ..dsl.diagnostics import GradError, Span, did_you_mean
+from . import prims
 from . import scalars as S
 from .binder import RangeCheck, RuleCheck, reads_step
 from .build import Builder, RouteInfo, selector_label
@@ -257,6 +258,8 @@ class Program:
                 r = n.impl.reduction(n.args)
                 if r:
                     out.append((name, r))
+            elif n.kind is Kind.ARITH and prims.is_reduction(n.op):
+                out.append((name, n.const["over"]))
         return out
 
     # ------------------------------------------------------------------ routing

@@ -10,9 +10,11 @@ A name in a `.grad` file means, in this order (the first that applies wins):
 6. a built-in signal (``grad``, ``param``, ``samples``), scalar (``lr``, ``step``,
    ``loss``) or ``inf``;
 7. a hyperparameter declared in an imported file;
-8. a math function (``abs``, ``max``, ``where``...; :data:`gradpipe.compiler.prims.FUNCTIONS`)
-   or an op of the library (``sign`` is both: the op, and the function when called with a
-   signal, ``sign(grad)``).
+8. a shape value (``numel``, ``rows``, ``cols``, ``ndim``: :data:`gradpipe.compiler.prims.SHAPES`);
+9. a math function (``abs``, ``max``, ``where``...; :data:`gradpipe.compiler.prims.FUNCTIONS`),
+   a reduction (``sum``, ``mean``...; :data:`gradpipe.compiler.prims.REDUCTIONS`) or an op of
+   the library (``sign`` is both: the op, and the function when called with a signal,
+   ``sign(grad)``; ``rms`` is the op, and the reduction when called with ``over=``).
 
 Math functions are named like ops: a ``let`` or ``def`` of the same name shadows them.
 
@@ -31,12 +33,13 @@ from ..dsl import ast
 from ..dsl.diagnostics import GradError, Span, did_you_mean
 from .modules import RESERVED, HyperParam, ModuleEnv
 from .ops import OPS, Op
-from .prims import FUNCTIONS
+from .prims import FUNCTIONS, REDUCTIONS, SHAPES
 from .scalars import SCALAR_SOURCES
 from .values import Value
 
-__all__ = ["Scope", "Local", "LetSym", "StateSym", "DefSym", "HParamSym", "SourceSym", "ScalarSym", "InfSym", "OpSym",
-           "MathSym", "LossSym", "Symbol", "CELL_FUNCTIONS", "resolve", "visible_names", "callable_names", "STREAM_SOURCES"]
+__all__ = ["Scope", "Local", "LetSym", "StateSym", "DefSym", "HParamSym", "SourceSym", "ScalarSym", "InfSym",
+           "OpSym", "MathSym", "ShapeSym", "LossSym", "Symbol", "CELL_FUNCTIONS", "resolve", "visible_names",
+           "callable_names", "STREAM_SOURCES"]
 
 #: built-in functions that keep state: ``previous(x)`` (a state cell, see ``Builder._previous_call``)
 CELL_FUNCTIONS = ("previous",)
@@ -115,7 +118,13 @@ class MathSym:
     name: str  # abs, max, where... (gradpipe.compiler.prims.FUNCTIONS)
 
 
-Symbol = Union[Local, LetSym, StateSym, DefSym, HParamSym, SourceSym, LossSym, ScalarSym, InfSym, OpSym, MathSym]
+@dataclass(frozen=True)
+class ShapeSym:
+    name: str  # numel, rows, cols, ndim (gradpipe.compiler.prims.SHAPES)
+
+
+Symbol = Union[Local, LetSym, StateSym, DefSym, HParamSym, SourceSym, LossSym, ScalarSym, InfSym, OpSym, MathSym,
+               ShapeSym]
 
 
 def resolve(parts: tuple[str, ...], sc: Scope, hparams: dict[str, HyperParam], span: Span,
@@ -172,14 +181,17 @@ def _resolve(parts: tuple[str, ...], sc: Scope, hparams: dict[str, HyperParam], 
         return InfSym()
     if first in hparams:  # declared in an imported file: usable by name everywhere
         return HParamSym(hparams[first])
+    if first in SHAPES:
+        return ShapeSym(first)
     return _builtin(first)
 
 
 def _builtin(name: str) -> OpSym | MathSym | None:
-    """The op or math function ``name`` (the op for ``sign``, which is both), or None."""
+    """The op, math function or reduction ``name`` (the op for ``sign`` and ``rms``, which are
+    both), or None."""
     if name in OPS:
         return OpSym(OPS[name])
-    if name in FUNCTIONS or name in CELL_FUNCTIONS:
+    if name in FUNCTIONS or name in REDUCTIONS or name in CELL_FUNCTIONS:
         return MathSym(name)
     return None
 
@@ -187,11 +199,13 @@ def _builtin(name: str) -> OpSym | MathSym | None:
 def visible_names(sc: Scope, hparams: dict[str, HyperParam]) -> list[str]:
     """Every name a bare name could have meant here (for a did-you-mean)."""
     env = sc.env
-    names = list(sc.locals) + list(env.lets) + list(env.states) + list(env.defs) + list(env.imported) + list(env.hparams)
-    names += list(hparams) + list(OPS) + list(FUNCTIONS) + list(CELL_FUNCTIONS) + list(RESERVED) + [f"{a}." for a in env.aliases]
+    names = list(sc.locals) + list(env.lets) + list(env.states) + list(env.defs) + list(env.imported)
+    names += list(env.hparams) + list(hparams) + list(OPS) + list(FUNCTIONS) + list(REDUCTIONS) + list(SHAPES)
+    names += list(CELL_FUNCTIONS) + list(RESERVED) + [f"{a}." for a in env.aliases]
     return names
 
 
 def callable_names(env: ModuleEnv) -> list[str]:
     """Every name a call could have meant here: ops and pipelines (defs)."""
-    return list(OPS) + list(FUNCTIONS) + list(CELL_FUNCTIONS) + list(env.defs) + [n for n, m in env.imported.items() if n in m.defs]
+    return list(OPS) + list(FUNCTIONS) + list(REDUCTIONS) + list(CELL_FUNCTIONS) + list(env.defs) + \
+        [n for n, m in env.imported.items() if n in m.defs]

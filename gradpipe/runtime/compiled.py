@@ -262,6 +262,12 @@ class _Store:
             all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
 
 
+def _expanded(per: list[torch.Tensor], b: _Bucket) -> list[torch.Tensor]:
+    """The bucket's tensors of a per-parameter value, each in its parameter's shape: a per-tensor
+    value (a reduction's 0-d, ``(..., R, 1)`` or ``(..., 1, C)`` result, a shape value) is expanded."""
+    return [per[i] if per[i].shape == shape else per[i].expand(shape) for i, shape in zip(b.idxs, b.shapes)]
+
+
 @dataclass
 class _Values:
     """One route's node values in one step: per parameter (``split``, what eager nodes read)
@@ -505,7 +511,7 @@ class CompiledRoutes:
                 out.append(whole)
             if any(t is None for t in out):
                 per = self._to_split(node, vals)
-                out = [t if t is not None else self._gather(("in", node), b, [per[i] for i in b.idxs])
+                out = [t if t is not None else self._gather(("in", node), b, _expanded(per, b))
                        for t, b in zip(out, vals.buckets)]
             flat[node] = out
         return flat[node]

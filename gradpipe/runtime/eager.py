@@ -131,6 +131,9 @@ class ParamLanes(Lanes):
     def params(self, node: Node) -> list[torch.Tensor | None]:
         return self.cparams if node.is_op and node.impl.reads_param else [None] * len(self.batch.params)
 
+    def layout(self) -> list[torch.Tensor]:
+        return self.batch.params
+
     def node_state(self, node: Node) -> dict[str, Any]:
         ns = self.node_states.get(node.name)
         if ns is None:

@@ -27,7 +27,7 @@ import torch
 from ..compiler.ir import Kind, Node
 from ..compiler.ops import Args, InnerNode, NodeCtx
 from ..compiler.ops.base import RuntimeFloat
-from ..compiler.prims import PORTS
+from ..compiler.prims import PORTS, is_reduction, is_shape
 from ..dsl.diagnostics import GradError
 
 __all__ = ["Lanes", "eval_node", "arith", "eval_dynamic", "structural_args", "apply_update", "compute_dtype",
@@ -170,6 +170,11 @@ class Lanes(abc.ABC):
     def params(self, node: Node) -> list[torch.Tensor | None]:
         """The parameters per lane in the compute dtype (None where ``node`` does not read them)."""
 
+    def layout(self) -> list[torch.Tensor]:
+        """Per lane, its parameter, of which shape values and ``broadcast`` read only the shape, dtype
+        and device (lanes of one parameter each: shape values never run on flat buckets)."""
+        raise NotImplementedError("shape values run per parameter")
+
     def node_state(self, node: Node) -> dict[str, Any]:
         """State the node shares over its lanes (an RNG)."""
         return {}
@@ -178,6 +183,96 @@ class Lanes(abc.ABC):
               ) -> tuple[Callable[[list[torch.Tensor]], list[torch.Tensor]] | None, Callable[[], list[InnerNode]] | None]:
         """A block op's ``ctx.inner`` and ``ctx.inner_nodes`` (None for other nodes)."""
         return None, None
+
+
+def _needs_matrix(node: Node, what: str, shape: Sequence[int]) -> GradError:
+    return GradError(f"{what} needs a parameter of 2 or more dimensions, but this one has shape {tuple(shape)}",
+                     node.span, "route matrices to it, e.g. 'route ndim >= 2: ...' with another route for the rest")
+
+
+def _shape_value(node: Node, shape: Sequence[int]) -> int:
+    if node.op == "numel":
+        n = 1
+        for d in shape:
+            n *= d
+        return n
+    if node.op == "ndim":
+        return len(shape)
+    if len(shape) < 2:
+        raise _needs_matrix(node, f"'{node.op}'", shape)
+    return shape[-2] if node.op == "rows" else shape[-1]
+
+
+#: the per-tensor (or per-row, per-column) reductions, ``keepdim`` along ``dim``
+_REDUCE: dict[str, Callable[..., torch.Tensor]] = {
+    "sum": lambda x, dim: x.sum(dim=dim, keepdim=True),
+    "mean": lambda x, dim: x.mean(dim=dim, keepdim=True),
+    "norm": lambda x, dim: torch.linalg.vector_norm(x, 2, dim=dim, keepdim=True),
+    "rms": lambda x, dim: x.square().mean(dim=dim, keepdim=True).sqrt(),
+    "amax": lambda x, dim: x.amax(dim=dim, keepdim=True),
+    "amin": lambda x, dim: x.amin(dim=dim, keepdim=True),
+    "dot": lambda x, dim, y: (x * y).sum(dim=dim, keepdim=True),
+}
+
+
+def _partial(op: str, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """One lane's part of a global reduction (a 0-d tensor), combined over lanes by :func:`_combine`."""
+    if op == "dot":
+        return (x * y).sum()
+    if op in ("sum", "mean"):
+        return x.sum()
+    if op in ("norm", "rms"):
+        return torch.linalg.vector_norm(x, 2)
+    return x.amax() if op == "amax" else x.amin()
+
+
+def _combine(op: str, parts: torch.Tensor, count: int) -> torch.Tensor:
+    if op in ("sum", "dot"):
+        return parts.sum()
+    if op == "mean":
+        return parts.sum() / count
+    if op in ("norm", "rms"):  # the norm of the per-lane norms, as clip_grad_norm_
+        n = torch.linalg.vector_norm(parts, 2)
+        return n / (count ** 0.5) if op == "rms" else n
+    return parts.amax() if op == "amax" else parts.amin()
+
+
+def reduce(node: Node, values: Mapping[str, list[torch.Tensor]], args: Sequence[Args]) -> list[torch.Tensor]:
+    """A reduction node over every lane: per tensor (a 0-d value), per row (``(..., R, 1)``), per column
+    (``(..., 1, C)``, as ``torch.optim.Adafactor``'s factored moments), or over all lanes together
+    (``global``: one 0-d value, the same for every lane, as if the lanes were one flat vector)."""
+    xs = values[node.inputs["lhs"]]
+    ys = values[node.inputs["rhs"]] if "rhs" in node.inputs else [None] * len(xs)
+    if not xs:
+        return []
+    over = node.const["over"]
+    if over == "global":
+        parts = [_partial(node.op, x, y) for x, y in zip(xs, ys)]
+        first = parts[0]
+        total = _combine(node.op, torch.stack([t.to(first) for t in parts]), sum(x.numel() for x in xs))
+        return [total if total.dtype == x.dtype and total.device == x.device else total.to(x) for x in xs]
+    fn = _REDUCE[node.op]
+    out = []
+    for x, y in zip(xs, ys):
+        if over == "tensor":
+            dim: Any = tuple(range(x.dim()))
+        else:
+            if x.dim() < 2:
+                raise _needs_matrix(node, f"a reduction over {over}", x.shape)
+            dim = -1 if over == "rows" else -2
+        r = fn(x, dim, y) if y is not None else fn(x, dim)
+        out.append(r.reshape(()) if over == "tensor" else r)
+    return out
+
+
+def shaped(node: Node, values: Mapping[str, list[torch.Tensor]], lanes: "Lanes") -> list[torch.Tensor]:
+    """A shape value (``numel``...: a 0-d tensor per parameter) or a ``broadcast`` (a per-tensor value
+    expanded to its parameter's shape), lane by lane (one parameter each)."""
+    if node.op == "broadcast":
+        return [x.expand(p.shape).contiguous() if x.shape != p.shape else x
+                for x, p in zip(values[node.inputs["lhs"]], lanes.layout())]
+    return [torch.tensor(float(_shape_value(node, p.shape)), dtype=compute_dtype(p), device=p.device)
+            for p in lanes.layout()]
 
 
 def arith(node: Node, values: Mapping[str, list[torch.Tensor]], args: Sequence[Args]) -> list[torch.Tensor]:
@@ -197,6 +292,10 @@ def arith(node: Node, values: Mapping[str, list[torch.Tensor]], args: Sequence[A
 def eval_node(node: Node, values: dict[str, list[torch.Tensor]], lanes: Lanes) -> list[torch.Tensor]:
     """One node's value over every lane, from the values of the nodes before it."""
     if node.kind is Kind.ARITH:
+        if is_reduction(node.op):
+            return reduce(node, values, lanes.args(node))
+        if is_shape(node.op) or node.op == "broadcast":
+            return shaped(node, values, lanes)
         return arith(node, values, lanes.args(node))
     if node.kind is not Kind.OP:  # pragma: no cover - sources and block inputs are handed in
         raise RuntimeError(f"cannot evaluate node {node.name!r} of kind {node.kind.value!r}")
