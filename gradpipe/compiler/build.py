@@ -729,23 +729,30 @@ class Builder:
             if cell in g:
                 g.nodes[cell]["args"]["keep"] = _any_of(terms)
 
-    def _cell_node(self, prefix: str, init: Value, init_e: ast.Expr, span: Span, what: str) -> str:
-        """A cell's node: its value before the step, ``init`` (a number or a signal) at first."""
+    def _cell_node(self, prefix: str, init: Value, init_e: ast.Expr, span: Span, what: str,
+                   shape: str | None = None) -> str:
+        """A cell's node: its value before the step, ``init`` (a number or a signal) at first. The
+        cell has its initial value's shape: a signal's (a per-tensor value, such as a reduction
+        over ``rows``, makes a per-tensor cell: Adafactor's factored moments), else ``shape``'s
+        (a node), else the parameter's."""
         if self._block_op is not None:
             raise GradError(f"{what} cannot be kept inside the {{ ... }} pipeline of '{self._block_op}'", span,
                             "declare the cell outside the block, at the top of the file")
         if isinstance(init, Stream):
             self._refuse_mask(init.node, init_e.span, f"the initial value of {what}")
             args: dict[str, Any] = {"init": None}
-            x = self._full(init.node, init_e.span, prefix)  # a per-tensor value fills the parameter's shape
+            x = init.node
         elif isinstance(init, ScalarV) and not S.is_bool(init.expr):
             args = {"init": init.expr}
-            x = self.source("grad", span).node  # only for its shape (the parameter's), read anyway
+            x = shape if shape is not None else self.source("grad", span).node  # only for its shape
         else:
             raise GradError(f"the initial value of {what} must be a number or a signal, not {kind_name(init)}",
                             init_e.span, "write e.g. 0, a hyperparameter, or a signal such as param or grad")
         self.emit.spend(span)
-        return self.emit.op(self.emit.fresh(prefix), "state", args, span, [(x, "x")])
+        read = self.emit.op(self.emit.fresh(prefix), "state", args, span, [(x, "x")])
+        if x in self._reduced:
+            self._reduced.add(read)  # a few numbers per tensor, like the value it starts from
+        return read
 
     def _commit(self, read: str, upd: Value, upd_e: ast.Expr, what: str) -> str:
         """Register ``upd`` as the new value of the cell ``read``; return the node holding it."""
@@ -804,7 +811,7 @@ class Builder:
     def _previous(self, x: Value, e: ast.Call, init_e: ast.Expr | None, sc: Scope, prefix: str) -> Stream:
         init = self.expr(init_e, sc, prefix) if init_e is not None else ScalarV(S.Const(0), e.span)
         read = self._cell_node(f"{prefix}/previous", init, init_e if init_e is not None else e, e.span,
-                               "'previous'")
+                               "'previous'", shape=x.node if isinstance(x, Stream) else None)
         self._use_cell(read)
         self._commit(read, x, e.args[0] if e.args else e, "'previous'")
         return Stream(read, e.span)

@@ -51,10 +51,13 @@ class Segment:
 def per_tensor_values(nodes: Sequence[Node]) -> set[str]:
     """The nodes (of ``nodes``, in evaluation order) whose value is one number per tensor, row or
     column rather than one per element: shape values, reductions over ``tensor``, ``rows`` or
-    ``cols``, and arithmetic on only such values. They run tensor by tensor (on a few numbers per
+    ``cols``, arithmetic on only such values, and state cells that start from one. They run tensor by tensor (on a few numbers per
     tensor); a fused segment that reads one expands it to its parameter's shape."""
     out: set[str] = set()
     for n in nodes:
+        if n.kind is Kind.OP and n.op == "state" and n.inputs.get("x") in out:
+            out.add(n.name)  # a state cell that starts from a per-tensor value
+            continue
         if n.kind is not Kind.ARITH or n.op == "broadcast":
             continue
         if prims.per_tensor(n.op, n.const.get("over")) or (
@@ -69,7 +72,7 @@ def is_flat(prog: "Program", node: Node, per_tensor: set[str] | frozenset[str] =
     if node.kind is Kind.ARITH:
         return node.name not in per_tensor and node.op != "broadcast" and not prims.per_tensor(
             node.op, node.const.get("over"))
-    if node.kind is not Kind.OP:
+    if node.kind is not Kind.OP or node.name in per_tensor:
         return False
     op = node.impl
     if op.has_node_state or op.per_sample or any(p.kind in ("block", "signals") for p in op.params):
