@@ -88,6 +88,9 @@ SUMMARIES: dict[str, str] = {
                   "error)",
     "a % b": "remainder with the sign of b (Python's %): on scalars, whole numbers only; on signals, "
              "torch.remainder",
+    "previous(x), previous(x, init)": "the value x had in the previous step (init, 0 by default, before the "
+                                      "first): a state cell; `state NAME = init then update` declares one "
+                                      "(docs/language.md 4.7)",
 }
 
 
