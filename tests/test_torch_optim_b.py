@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import gradpipe
-from torch_parity import follow, parity_grads, parity_params
+from torch_parity import follow, run_pair
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
 
@@ -100,15 +100,8 @@ def test_follows_torch(pipeline, cls, kwargs, backend):
 
 def _state_pairs(pipeline, cls, kwargs, keys, steps=50):
     """(gradpipe's buffer, torch's state) for each parameter and each (gradpipe key, torch key)."""
-    ours, theirs = parity_params(), parity_params()
-    opt = gradpipe.Optimizer(ours, pipeline, backend="eager", **kwargs)
     with _torch_scalars(pipeline):
-        ref = cls(theirs, **kwargs)
-        for gs in parity_grads(steps):
-            for a, b, g in zip(ours, theirs, gs):
-                a.grad, b.grad = g.clone(), g.clone()
-            opt.step()
-            ref.step()
+        opt, ref, ours, theirs = run_pair(pipeline, cls, kwargs, "eager", steps)
     for a, b in zip(ours, theirs):
         assert set(opt.state[a]) == {"step", *keys}
         for mine, torch_key in keys.items():
