@@ -39,6 +39,8 @@ LR: dict[str, float] = {
     "econtrol_sgd": 0.1,
     "aegd": 0.1,
     "gravity": 0.1,
+    "rprop": 1e-2,
+    "asgd": 0.1,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

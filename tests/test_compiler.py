@@ -728,7 +728,8 @@ class TestExplain:
         for p in params:
             assert set(opt.state[p]) - {"step"} <= set(prog.state_buffers())
 
-    @pytest.mark.parametrize("name,nbytes", [("adam", 8), ("adamw", 8), ("lion", 4), ("momentum", 4)])
+    @pytest.mark.parametrize("name,nbytes", [("adam", 8), ("adamw", 8), ("lion", 4), ("momentum", 4),
+                                               ("sgd", 0), ("rmsprop", 4), ("rprop", 8), ("asgd", 4)])
     def test_builtin_state_bytes(self, name, nbytes):
         text = gradpipe.load(name).explain()
         assert _state_bytes(text) == [nbytes], text
@@ -736,7 +737,7 @@ class TestExplain:
 
     def test_builtin_names(self):
         names = gradpipe.builtin_names()
-        for n in ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lion", "scalpel"):
+        for n in ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "rprop", "asgd", "lion", "scalpel"):
             assert n in names
 
 

@@ -21,6 +21,9 @@ CASES = {
                                   dict(lr=1e-2, alpha=0.9, centered=True, momentum=0.5)),
     "rmsprop_centered": ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2, centered=True)),
     "rmsprop_momentum": ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2, momentum=0.7)),
+    # maximize: the pipeline's `where(maximize, -grad, grad)` in front of the chain
+    "sgd_maximize_momentum": ("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, maximize=True)),
+    "rmsprop_maximize_centered": ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2, centered=True, maximize=True)),
 }
 COMPILED = ("adamw", "rmsprop_centered_momentum")
 

@@ -35,10 +35,10 @@ def parity_grads(steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
     return out
 
 
-def follow(pipeline: str, torch_cls: Callable[..., torch.optim.Optimizer], kwargs: Mapping[str, Any],
-           backend: str, steps: int = 50, gp_kwargs: Mapping[str, Any] | None = None) -> float:
-    """The largest relative difference, over every parameter element, between ``pipeline`` and
-    ``torch_cls`` after ``steps`` steps from the same start with the same gradients.
+def run_pair(pipeline: str, torch_cls: Callable[..., torch.optim.Optimizer], kwargs: Mapping[str, Any],
+             backend: str, steps: int = 50, gp_kwargs: Mapping[str, Any] | None = None):
+    """``pipeline`` and ``torch_cls`` stepped ``steps`` times from the same start with the same
+    gradients: (gradpipe's optimizer, torch's, gradpipe's parameters, torch's parameters).
     ``gp_kwargs``: gradpipe's keyword arguments where they differ from ``kwargs``."""
     ours, theirs = parity_params(), parity_params()
     opt = gradpipe.Optimizer(ours, pipeline, backend=backend, **dict(kwargs if gp_kwargs is None else gp_kwargs))
@@ -48,6 +48,15 @@ def follow(pipeline: str, torch_cls: Callable[..., torch.optim.Optimizer], kwarg
             a.grad, b.grad = g.clone(), g.clone()
         opt.step()
         ref.step()
+    return opt, ref, ours, theirs
+
+
+def follow(pipeline: str, torch_cls: Callable[..., torch.optim.Optimizer], kwargs: Mapping[str, Any],
+           backend: str, steps: int = 50, gp_kwargs: Mapping[str, Any] | None = None) -> float:
+    """The largest relative difference, over every parameter element, between ``pipeline`` and
+    ``torch_cls`` after ``steps`` steps from the same start with the same gradients.
+    ``gp_kwargs``: gradpipe's keyword arguments where they differ from ``kwargs``."""
+    _, _, ours, theirs = run_pair(pipeline, torch_cls, kwargs, backend, steps, gp_kwargs)
     worst = 0.0
     for a, b in zip(ours, theirs):
         scale = b.detach().abs().clamp_min(1e-3)

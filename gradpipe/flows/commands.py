@@ -22,9 +22,9 @@ __all__ = ["add_commands", "DEMO_SINGLE", "DEMO_MULTI"]
 
 #: The demo's single-loss comparison on ``digits``: the standard pipelines and the seed papers'.
 DEMO_SINGLE: tuple[str, ...] = (
-    "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lion", "diffgrad", "grams", "scalpel",
-    "galore_adamw", "coap_adamw", "natural_galore_adamw", "gwt_adam", "sgg_adamw", "noisy_sgd", "dp_sgd",
-    "econtrol_sgd", "aegd", "gravity",
+    "sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "rprop", "asgd", "lion", "diffgrad", "grams",
+    "scalpel", "galore_adamw", "coap_adamw", "natural_galore_adamw", "gwt_adam", "sgg_adamw", "noisy_sgd",
+    "dp_sgd", "econtrol_sgd", "aegd", "gravity",
 )
 #: The demo's multi-loss comparison on ``digits-multitask``.
 DEMO_MULTI: tuple[str, ...] = ("adam", "pcgrad_adam", "gcond", "samgs_adam", "bloop_adam")

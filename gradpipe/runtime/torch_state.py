@@ -4,8 +4,10 @@ A pipeline is *torch-equivalent* when its structure is one of torch's algorithms
 one route, a chain of ``grad | decay? | adam | decay?`` (Adam: the decay before
 ``adam``; AdamW: after), ``grad | decay? | momentum?`` (SGD) or
 ``grad | decay? | rms | momentum?`` (RMSprop; the ``momentum`` without Nesterov or
-dampening). :func:`torch_layout` derives, from the ops that appear (not from the file
-name), which buffer is which torch key:
+dampening), where ``grad`` may be ``where(maximize, -grad, grad)`` with a boolean
+hyperparameter ``maximize`` (torch's ``maximize`` option, kept in the param groups).
+:func:`torch_layout` derives, from the ops that appear (not from the file name), which
+buffer is which torch key:
 
 ======== ===================== ======================
 op       gradpipe buffer       torch.optim state key
@@ -85,6 +87,19 @@ class TorchLayout:
                 + ", ".join(self.buffers) + ")")
 
 
+def _is_maximize(nodes: Mapping[str, Any], name: str) -> bool:
+    """Whether node ``name`` is ``where(maximize, -grad, grad)`` (the hyperparameter ``maximize``
+    negating the gradient first, as torch.optim's ``maximize=True`` does)."""
+    n = nodes[name]
+    if n["kind"] != "arith" or n["op"] != "where" or str(n["args"].get("cond")) != "maximize":
+        return False
+    lhs, rhs = n["inputs"].get("lhs"), n["inputs"].get("rhs")
+    if lhs is None or rhs is None or nodes[rhs]["kind"] != "source" or nodes[rhs]["op"] != "grad":
+        return False
+    neg = nodes[lhs]
+    return neg["kind"] == "arith" and neg["op"] == "neg" and neg["inputs"] == {"lhs": rhs}
+
+
 def torch_layout(prog: "Program") -> TorchLayout | str:
     """The pipeline's :class:`TorchLayout`, or why it has no torch.optim equivalent."""
     d = describe(prog)
@@ -101,7 +116,12 @@ def torch_layout(prog: "Program") -> TorchLayout | str:
         chain.insert(0, cur)
         cur = nodes[cur]["inputs"]["x"]
     ops_ = [nodes[n]["op"] for n in chain]
-    if cur is None or nodes[cur]["op"] != "grad" or len(chain) != sum(n["kind"] == "op" for n in nodes.values()):
+    arith = {n for n, d in nodes.items() if d["kind"] == "arith"}
+    if cur is not None and "maximize" in prog.hyperparams and _is_maximize(nodes, cur):  # where(maximize, -grad, grad): torch's `maximize`
+        arith -= {cur, nodes[cur]["inputs"]["lhs"]}
+        cur = nodes[cur]["inputs"]["rhs"]
+    if cur is None or nodes[cur]["op"] != "grad" or len(chain) != sum(n["kind"] == "op" for n in nodes.values()) \
+            or arith:
         return "it is not a single chain of ops from grad"
     unknown = sorted({o for o in ops_ if o not in ARG_KEYS})
     if unknown:
