@@ -41,6 +41,15 @@ LR: dict[str, float] = {
     "gravity": 0.1,
     "rprop": 1e-2,
     "asgd": 0.1,
+    "signum": 1e-2,
+    "adabelief": 1e-2,
+    "adan": 1e-2,
+    "lamb": 1e-2,
+    "lars": 3.0,
+    "ademamix": 1e-2,
+    "mars_adamw": 1e-2,
+    "grokfast_ema": 1e-2,
+    "accumulate_adamw": 1e-2,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

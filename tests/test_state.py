@@ -279,6 +279,23 @@ def test_a_cell_nothing_reads_keeps_no_state():
     assert not [k for k in prog.state_buffers() if k.endswith(".value")]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("flag", [False, True])
+def test_a_let_read_in_both_branches_keeps_its_cell(flag, backend):
+    """A let that reads a cell is built once but read in every branch that uses it: its cell
+    is kept in both branches of where(flag, ...) (it was kept only where the first use's
+    branch is taken, so previous(grad) read 0 every step with the other value of flag)."""
+    src = ("hparam flag = false\nlet d = grad - previous(grad, grad)\n"
+           "where(flag, d + 0 * param, d / 2)")
+    got, _ = _run(src, backend, flag=flag, lr=1.0)
+
+    def ref(st, g, t):
+        d = g - st.get("prev", g)
+        st["prev"] = g
+        return d if flag else d / 2
+    _close(got, _reference(ref))
+
+
 def test_cells_of_two_routes_are_two_cells():
     src = "state n = 0 then n + grad\nroute ndim >= 2: n\nroute default: n * 2"
     prog = gradpipe.compile(src)

@@ -150,6 +150,11 @@ class Builder:
         #: the folding log; entries format themselves when read (``str(entry)``)
         self.folded: list[_Folded] = []
         self._let_memo: dict[tuple[int, str], Value] = {}
+        #: let -> the cells its value reads, each with the guards inside the let (replayed
+        #: under the guards of every later use: a let is built once but read in each branch)
+        self._let_cells: dict[tuple[int, str], list[tuple[str, tuple[tuple[S.Scalar, bool], ...]]]] = {}
+        #: the lets being built (their key, and the depth of the guards when they started)
+        self._let_frames: list[tuple[tuple[int, str], int]] = []
         #: (id of the state statement, route) -> its cell in that route
         self._cells: dict[tuple[int, str], _Cell] = {}
         #: route -> (cell node, node of its new value) for every cell of the route
@@ -657,6 +662,8 @@ class Builder:
         self.used.add(id(let))
         key = (id(let), self.emit.route)
         if key in self._let_memo:
+            for read, inner in self._let_cells.get(key, ()):
+                self._use_cell(read, inner)
             return self._let_memo[key]
         if id(let) in self._let_busy:
             raise GradError(f"'{let.name}' is defined in terms of itself", let.span,
@@ -665,10 +672,13 @@ class Builder:
             raise GradError(f"'{let.name}' is defined through more than {_MAX_INLINE_DEPTH} nested let bindings",
                             let.span, "flatten the chain of lets: write the pipeline in fewer, longer bindings")
         self._let_busy.add(id(let))
+        self._let_cells[key] = []
+        self._let_frames.append((key, len(self._guards)))
         try:
             v = self.expr(let.value, Scope(env), f"{self.emit.route}/{let.name}")
         finally:
             self._let_busy.discard(id(let))
+            self._let_frames.pop()
         self._let_memo[key] = v
         return v
 
@@ -700,10 +710,14 @@ class Builder:
         cell.busy = False
         return cell
 
-    def _use_cell(self, read: str) -> None:
+    def _use_cell(self, read: str, inner: tuple[tuple[S.Scalar, bool], ...] = ()) -> None:
         """Record that ``read`` is read here: under the ``where`` branches being built, or, in
-        another cell's update, whenever that cell is kept (see :meth:`cell_keeps`)."""
-        terms = tuple(g for g in self._guards if not reads_step(g[0]))  # a per-step choice keeps it
+        another cell's update, whenever that cell is kept (see :meth:`cell_keeps`). ``inner``:
+        more guards, those inside a ``let`` read again here (its reads are replayed at each use)."""
+        guards = tuple(self._guards) + tuple(inner)
+        for key, depth in self._let_frames:  # the lets being built read it too, wherever they are used
+            self._let_cells[key].append((read, guards[depth:]))
+        terms = tuple(g for g in guards if not reads_step(g[0]))  # a per-step choice keeps it
         if self._cell_ctx is not None and self._cell_ctx != read:
             self._cell_deps.setdefault(self._cell_ctx, set()).add((read, terms))
         elif self._cell_ctx is None:
