@@ -148,6 +148,26 @@ class RefMultiStepsAdamW:
             self.mini, self.acc = 0, [torch.zeros_like(p) for p in self.params]
 
 
+class RefCautiousAdamW(_Ref):
+    """Cautious AdamW: torch.optim.AdamW's update masked and rescaled as pytorch-optimizer's
+    ``apply_cautious`` (numel / (sum(mask) + 1)), transcribed."""
+
+    @staticmethod
+    def rule(p, g, st, t, group):
+        b1, b2 = group["betas"]
+        m = st["m"] = b1 * st.get("m", torch.zeros_like(p)) + (1 - b1) * g
+        v = st["v"] = b2 * st.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
+        u = (m / (1 - b1 ** t)) / (torch.sqrt(v) / math.sqrt(1 - b2 ** t) + group["eps"])
+        mask = (u * g > 0).to(g.dtype)
+        u = u * mask * (mask.numel() / (mask.sum() + 1))
+        return p * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * u
+
+
+def _orthograd_adamw(params: Any, **kw: Any) -> torch.optim.Optimizer:
+    """pytorch-optimizer's OrthoGrad around torch.optim.AdamW."""
+    return pytorch_optimizer.OrthoGrad(torch.optim.AdamW, params=params, foreach=False, **kw)
+
+
 P = pytorch_optimizer
 
 
@@ -197,8 +217,13 @@ CASES = [
          dict(lr=1e-2, alpha=0.9, lamb=1.5, weight_decay=0.1)),
     Case("accumulate_adamw", "accumulate_adamw", dict(lr=1e-2, k=3, betas=(0.8, 0.9), weight_decay=0.1),
          RefMultiStepsAdamW, dict(lr=1e-2, k=3, betas=(0.8, 0.9), weight_decay=0.1)),
+    Case("cautious_adamw", "cautious_adamw", dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1), RefCautiousAdamW,
+         dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)),
+    # pytorch-optimizer's rounding threshold is 4 machine epsilons of the dtype: float64's here
+    Case("orthograd", "orthograd", dict(lr=1e-2, weight_decay=0.1, rounding=4 * torch.finfo(torch.float64).eps),
+         _orthograd_adamw, dict(lr=1e-2, weight_decay=0.1)),
 ]
-COMPILED = ["adan", "mars_adamw", "accumulate_adamw", "ademamix-warmup"]
+COMPILED = ["adan", "mars_adamw", "accumulate_adamw", "ademamix-warmup", "cautious_adamw", "orthograd"]
 
 
 def _params() -> dict[str, torch.nn.Parameter]:
@@ -251,6 +276,6 @@ def test_accumulate_freezes_between_apply_steps() -> None:
 
 def test_table_covers_the_modern_pipelines() -> None:
     names = {"signum", "adabelief", "adan", "lamb", "lars", "ademamix", "mars_adamw", "grokfast_ema",
-             "accumulate_adamw"}
+             "accumulate_adamw", "cautious_adamw", "orthograd"}
     assert names <= set(gradpipe.builtin_names())
     assert names == {c.pipeline for c in CASES}
