@@ -50,6 +50,7 @@ LR: dict[str, float] = {
     "mars_adamw": 1e-2,
     "grokfast_ema": 1e-2,
     "accumulate_adamw": 1e-2,
+    "prodigy": 1.0,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

@@ -168,6 +168,22 @@ def _orthograd_adamw(params: Any, **kw: Any) -> torch.optim.Optimizer:
     return pytorch_optimizer.OrthoGrad(torch.optim.AdamW, params=params, foreach=False, **kw)
 
 
+class RefProdigy64(pytorch_optimizer.Prodigy):
+    """pytorch-optimizer's Prodigy with its step-size sums in float64: it makes them with
+    ``torch.tensor([0.0])``, in torch's default dtype, which is float32 unless set."""
+
+    def __init__(self, params: Any, **kw: Any) -> None:
+        super().__init__(params, foreach=False, **kw)
+
+    def step(self, closure: Any = None) -> Any:
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            return super().step(closure)
+        finally:
+            torch.set_default_dtype(dtype)
+
+
 P = pytorch_optimizer
 
 
@@ -220,10 +236,18 @@ CASES = [
     Case("cautious_adamw", "cautious_adamw", dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1), RefCautiousAdamW,
          dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-8, weight_decay=0.1)),
     # pytorch-optimizer's rounding threshold is 4 machine epsilons of the dtype: float64's here
+    Case("prodigy", "prodigy", dict(lr=1.0, d0=1e-3), RefProdigy64, dict(lr=1.0, d0=1e-3)),
+    Case("prodigy-options", "prodigy",
+         dict(lr=0.5, d0=1e-3, betas=(0.8, 0.95), beta3=0.9, d_coef=0.5, growth_rate=1.5, weight_decay=0.1,
+              eps=1e-6, maximize=False, bias_correction=True, safeguard_warmup=True), RefProdigy64,
+         dict(lr=0.5, d0=1e-3, betas=(0.8, 0.95), beta3=0.9, d_coef=0.5, growth_rate=1.5, weight_decay=0.1,
+              eps=1e-6, maximize=False, bias_correction=True, safeguard_warmup=True)),
+    Case("prodigy-fixed_decay", "prodigy", dict(lr=1.0, d0=1e-3, weight_decay=0.01, fixed_decay=True, maximize=True),
+         RefProdigy64, dict(lr=1.0, d0=1e-3, weight_decay=0.01, fixed_decay=True, maximize=True)),
     Case("orthograd", "orthograd", dict(lr=1e-2, weight_decay=0.1, rounding=4 * torch.finfo(torch.float64).eps),
          _orthograd_adamw, dict(lr=1e-2, weight_decay=0.1)),
 ]
-COMPILED = ["adan", "mars_adamw", "accumulate_adamw", "ademamix-warmup", "cautious_adamw", "orthograd"]
+COMPILED = ["adan", "mars_adamw", "accumulate_adamw", "ademamix-warmup", "cautious_adamw", "orthograd", "prodigy"]
 
 
 def _params() -> dict[str, torch.nn.Parameter]:
@@ -276,6 +300,6 @@ def test_accumulate_freezes_between_apply_steps() -> None:
 
 def test_table_covers_the_modern_pipelines() -> None:
     names = {"signum", "adabelief", "adan", "lamb", "lars", "ademamix", "mars_adamw", "grokfast_ema",
-             "accumulate_adamw", "cautious_adamw", "orthograd"}
+             "accumulate_adamw", "cautious_adamw", "orthograd", "prodigy"}
     assert names <= set(gradpipe.builtin_names())
     assert names == {c.pipeline for c in CASES}

@@ -137,6 +137,8 @@ class _Cell:
     read: str
     new: str | None = None
     busy: bool = True
+    #: the file and statement it comes from
+    source: tuple[ModuleEnv, ast.State] | None = None
 
 
 class Builder:
@@ -157,6 +159,8 @@ class Builder:
         self._let_frames: list[tuple[tuple[int, str], int]] = []
         #: (id of the state statement, route) -> its cell in that route
         self._cells: dict[tuple[int, str], _Cell] = {}
+        #: the cells whose update is still to be built (read only through ``previous`` so far)
+        self._pending_cells: list[tuple[int, str]] = []
         #: route -> (cell node, node of its new value) for every cell of the route
         self.commits: dict[str, list[tuple[str, str]]] = {}
         #: the conditions of the ``where`` branches being built (a scalar condition, and
@@ -246,6 +250,7 @@ class Builder:
     def build_route(self, label: str, selector: ast.Selector, body: ast.Expr, span: Span) -> RouteInfo:
         self.emit.route = label
         v = self.expr(body, Scope(self.root), label)
+        self.finish_cells()
         if isinstance(v, Fragment):
             raise GradError("a pipeline must start from a signal such as 'grad'", body.span,
                             f"write 'grad | {_text(body)}'")
@@ -683,32 +688,49 @@ class Builder:
         return v
 
     # ------------------------------------------------------------------ state cells
-    def _cell(self, env: ModuleEnv, st: ast.State, span: Span) -> _Cell:
-        """The route's cell of ``state`` statement ``st``, built on first use: its node (the
-        value before the step) first, then its update, in which the cell's name is that node."""
+    def _cell(self, env: ModuleEnv, st: ast.State, span: Span, update: bool = True) -> _Cell:
+        """The route's cell of ``state`` statement ``st``: its node (the value before the step),
+        made on first use, and, unless only that value is wanted (``update=False``:
+        ``previous(c)``), its update, in which the cell's name is that node. An update not
+        built by a use is built when the route is done (:meth:`finish_cells`)."""
         self.used.add(id(st))
         key = (id(st), self.emit.route)
         cell = self._cells.get(key)
-        if cell is not None:
-            self._use_cell(cell.read)
-            return cell
-        prefix = f"{self.emit.route}/{st.name}"
-        init = self.expr(st.init, Scope(env), prefix)
-        read = self._cell_node(prefix, init, st.init, st.span, f"state '{st.name}'")
-        self._use_cell(read)
-        cell = self._cells[key] = _Cell(read)
-        outer = self._cell_ctx, self._guards
-        self._cell_ctx, self._guards = read, []
+        if cell is None:
+            prefix = f"{self.emit.route}/{st.name}"
+            init = self.expr(st.init, Scope(env), prefix)
+            read = self._cell_node(prefix, init, st.init, st.span, f"state '{st.name}'")
+            cell = self._cells[key] = _Cell(read, busy=False, source=(env, st))
+            self._pending_cells.append(key)
+        self._use_cell(cell.read)
+        if update and cell.new is None and not cell.busy:
+            self._build_update(key)
+        return cell
+
+    def _build_update(self, key: tuple[int, str]) -> None:
+        cell = self._cells[key]
+        env, st = cell.source  # type: ignore[misc]
+        outer = self._cell_ctx, self._guards, self._let_frames
+        self._cell_ctx, self._guards, self._let_frames = cell.read, [], []
+        cell.busy = True
         try:
-            upd = self.expr(st.update, Scope(env, {st.name: Stream(read, st.span)}), prefix)
-            cell.new = self._commit(read, upd, st.update, f"state '{st.name}'")
+            upd = self.expr(st.update, Scope(env, {st.name: Stream(cell.read, st.span)}),
+                            f"{self.emit.route}/{st.name}")
+            cell.new = self._commit(cell.read, upd, st.update, f"state '{st.name}'")
         except GradError:
             del self._cells[key]
             raise
         finally:
-            self._cell_ctx, self._guards = outer
-        cell.busy = False
-        return cell
+            cell.busy = False
+            self._cell_ctx, self._guards, self._let_frames = outer
+
+    def finish_cells(self) -> None:
+        """Build the updates of the cells that were only read through ``previous(c)``."""
+        while self._pending_cells:
+            key = self._pending_cells.pop()
+            cell = self._cells.get(key)
+            if cell is not None and cell.new is None and not cell.busy:
+                self._build_update(key)
 
     def _use_cell(self, read: str, inner: tuple[tuple[S.Scalar, bool], ...] = ()) -> None:
         """Record that ``read`` is read here: under the ``where`` branches being built, or, in
@@ -728,13 +750,14 @@ class Builder:
         the branch of ``where(amsgrad, ..., ...)`` that a false ``amsgrad`` does not pick keeps no
         buffer in the param groups where it is false (the compiled backend specialises on it,
         as on ``momentum(0)``); a cell read by another cell's update is kept with that cell."""
-        uses = {c: set(t) for c, t in self._cell_uses.items()}
+        uses = {c: {_conj(x) for x in t} for c, t in self._cell_uses.items()}
         changed = True
         while changed:
             changed = False
             for a, deps in self._cell_deps.items():
                 for b, local in deps:
-                    new = {t + local for t in uses.get(a, ())} - uses.setdefault(b, set())
+                    # a conjunction holds each guard once, so a loop of cells ends
+                    new = {_conj(t + local) for t in uses.get(a, ())} - uses.setdefault(b, set())
                     if new:
                         uses[b] |= new
                         changed = True
@@ -815,7 +838,7 @@ class Builder:
                 if init_e is not None:
                     raise GradError(f"state '{sym.state.name}' starts at its own initial value", init_e.span,
                                     f"write previous({sym.state.name})")
-                return Stream(self._cell(sym.env, sym.state, x_e.span).read, e.span)
+                return Stream(self._cell(sym.env, sym.state, x_e.span, update=False).read, e.span)
         x = self.expr(x_e, sc, prefix)
         if isinstance(x, Fragment):
             raise GradError(f"'previous' needs a signal, but this is {kind_name(x)}", x_e.span,
@@ -1248,6 +1271,11 @@ def _macro_env(op: MacroOp) -> ModuleEnv:
         from .modules import load_module_tree
         env = _MACRO_ENVS[op.name] = load_module_tree(op.definition, f"<gradpipe:{op.name}>")
     return env
+
+
+def _conj(term: tuple[tuple[S.Scalar, bool], ...]) -> tuple[tuple[S.Scalar, bool], ...]:
+    """A conjunction of guards in a canonical form: each guard once, in a fixed order."""
+    return tuple(sorted(set(term), key=repr))
 
 
 def _any_of(terms: set[tuple[tuple[S.Scalar, bool], ...]]) -> S.Scalar:

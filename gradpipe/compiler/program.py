@@ -432,6 +432,7 @@ def _check_definitions(env: ModuleEnv, hparams: dict[str, HyperParam], used: set
             v = scratch.expr(expr, Scope(env), "check" if isinstance(stmt, ast.Def) else f"check/{stmt.name}")
             if isinstance(v, Fragment):
                 v.apply(scratch.source("grad", stmt.span).node, "check")
+            scratch.finish_cells()
             # the rules across arguments, as compile_env checks those of the pipeline
             g = scratch.graph
             new = [n for n in g.nodes if n not in seen and g.nodes[n]["kind"] == Kind.OP.value]
