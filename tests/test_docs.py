@@ -213,6 +213,14 @@ def test_fragments_are_rare():
     assert len(fragments) <= 3, f"too many unchecked examples: {fragments}"
 
 
+# ------------------------------------------------------------------- pipelines.md
+def test_pipelines_md_matches_the_pipelines():
+    from gradpipe.docs_pipelines import render_pipelines_markdown
+    path = ROOT / "docs" / "pipelines.md"
+    assert path.read_text(encoding="utf-8") == render_pipelines_markdown(), \
+        "docs/pipelines.md is stale: run python -m gradpipe.docs_pipelines > docs/pipelines.md"
+
+
 # ------------------------------------------------------------------------ ops.md
 def test_ops_md_matches_the_registry():
     assert OPS_MD.exists(), "docs/ops.md is missing: run python -m gradpipe.docs_ops > docs/ops.md"
