@@ -266,6 +266,8 @@ class CompiledRoutes:
         self._flat: dict[tuple, dict[str, torch.Tensor]] = {}
         #: (purpose, bucket key) -> a flat tensor reused every step (gathered inputs, outputs)
         self._bufs: dict[tuple, torch.Tensor] = {}
+        #: (dtype, device) -> the buffer the non-finite check gathers small gradients into
+        self._check_bufs: dict[tuple, torch.Tensor] = {}
         #: id of a buffer of ``_bufs`` -> its per-parameter views, made once
         self._split_views: dict[int, list[torch.Tensor]] = {}
         #: (bucket state key, buffer) -> (its flat tensor, the per-parameter views handed out)
@@ -274,11 +276,28 @@ class CompiledRoutes:
         self._flags: dict[tuple, list[Any]] = {}
 
     # ------------------------------------------------------------------ gradients
-    @staticmethod
-    def grad_buffers(params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The gradients of ``params`` for the non-finite check, as (flat buffers, parameters whose
-        ``.grad`` is read one by one): the parameters keep their own gradients, so no flat buffer."""
-        return [], list(params)
+    def grad_buffers(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The gradients of ``params`` in few tensors, for one reduction each (the non-finite check):
+        the gradients under ``SOLO_MIN`` elements gathered into one buffer per dtype and device
+        (reused every step; one ``torch.cat`` costs less than a reduction per small tensor), and
+        the parameters left over, whose ``.grad`` is read one by one."""
+        small: dict[tuple, list[torch.Tensor]] = {}
+        rest: list[torch.Tensor] = []
+        for p in params:
+            g = p.grad
+            if g is not None and g.layout is torch.strided and g.numel() < SOLO_MIN:
+                small.setdefault((g.dtype, g.device), []).append(g)
+            else:
+                rest.append(p)
+        flats = []
+        for (dtype, device), gs in small.items():
+            n = sum(g.numel() for g in gs)
+            buf = self._check_bufs.get((dtype, device))
+            if buf is None or buf.numel() != n:
+                buf = self._check_bufs[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+            torch.cat([g.reshape(-1) for g in gs], out=buf)
+            flats.append(buf)
+        return flats, rest
 
     # ------------------------------------------------------------------ one route, one step
     def run_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
