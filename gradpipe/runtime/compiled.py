@@ -352,18 +352,22 @@ class CompiledRoutes:
         dtype and contiguous; ``SOLO_MAX`` of them at most) get a bucket each, which the fused
         segments read and update in the parameter's own storage (no gather, no copy back)."""
         groups: dict[tuple, _Bucket] = {}
-        big = sorted((i for i, p in enumerate(batch.params) if p.numel() >= SOLO_MIN and p.is_contiguous()
-                      and p.dtype == compute_dtype(p)), key=lambda i: -batch.params[i].numel())
+        params = batch.params
+        dts = [compute_dtype(p) for p in params]
+        sizes = [p.numel() for p in params]
+        big = [i for i, n in enumerate(sizes) if n >= SOLO_MIN]  # every step: the common case is cheap
+        if big:
+            big = sorted((i for i in big if params[i].is_contiguous() and params[i].dtype == dts[i]),
+                         key=lambda i: -sizes[i])
         solo = set(big[:SOLO_MAX])
-        for i, (p, env) in enumerate(zip(batch.params, batch.envs)):
-            dt = compute_dtype(p)
+        for i, (p, env, dt, n) in enumerate(zip(params, batch.envs, dts, sizes)):
             key = (id(env), dt, p.device, i if i in solo else -1)
             b = groups.get(key)
             if b is None:
                 b = groups[key] = _Bucket([], [], [], dt, p.device)
             b.idxs.append(i)
             b.shapes.append(p.shape)
-            b.sizes.append(p.numel())
+            b.sizes.append(n)
         out = list(groups.values())
         for b in out:
             b.solo = len(b.idxs) == 1 and b.idxs[0] in solo
