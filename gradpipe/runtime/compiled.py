@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..compiler.ir import Node
+from ..compiler.ir import Kind, Node
 from ..compiler.lowering import Segment as _Segment, plan_route
 from ..compiler.ops import Args
 from ..compiler.program import Program
@@ -268,6 +268,8 @@ class CompiledRoutes:
         self._bufs: dict[tuple, torch.Tensor] = {}
         #: (dtype, device) -> the buffer the non-finite check gathers small gradients into
         self._check_bufs: dict[tuple, torch.Tensor] = {}
+        #: this step's gathered gradients: (the tensors, their buffer), read by the step's gathers
+        self._checked: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         #: id of a buffer of ``_bufs`` -> its per-parameter views, made once
         self._split_views: dict[int, list[torch.Tensor]] = {}
         #: (bucket state key, buffer) -> (its flat tensor, the per-parameter views handed out)
@@ -297,7 +299,16 @@ class CompiledRoutes:
                 buf = self._check_bufs[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
             torch.cat([g.reshape(-1) for g in gs], out=buf)
             flats.append(buf)
+        # the step that follows reads the same gradients: a bucket of exactly these reuses the buffer
+        self._checked = [(gs, buf) for gs, buf in zip(small.values(), flats)]
         return flats, rest
+
+    def _checked_buffer(self, tensors: list[torch.Tensor], b: _Bucket) -> torch.Tensor | None:
+        """The buffer :meth:`grad_buffers` gathered ``tensors`` into in this step, if it did."""
+        for gs, buf in self._checked:
+            if buf.dtype == b.dtype and len(gs) == len(tensors) and all(g is t for g, t in zip(gs, tensors)):
+                return buf
+        return None
 
     # ------------------------------------------------------------------ one route, one step
     def run_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
@@ -378,7 +389,14 @@ class CompiledRoutes:
         flat = vals.flat
         if node not in flat:
             per = self._to_split(node, vals)
-            flat[node] = [self._gather(("in", node), b, [per[i] for i in b.idxs]) for b in vals.buckets]
+            n = self.prog.node(node)
+            is_grad = n.kind is Kind.SOURCE and n.op == "grad"
+            out = []
+            for b in vals.buckets:
+                ts = [per[i] for i in b.idxs]
+                reuse = self._checked_buffer(ts, b) if is_grad and len(ts) > 1 else None
+                out.append(reuse if reuse is not None else self._gather(("in", node), b, ts))
+            flat[node] = out
         return flat[node]
 
     def _buffer(self, purpose: tuple, b: _Bucket) -> torch.Tensor:
