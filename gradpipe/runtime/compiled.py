@@ -11,13 +11,17 @@ Lowering, per route:
    param group (hyperparameters and step), dtype and device; a segment sees each
    bucket as one flat 1-D tensor, so the compiled graph has a fixed, small number
    of inputs however many tensors the model has (compile time does not grow with
-   the number of tensors). The parameters keep their own storage (``docs/DESIGN``'s
-   normative rule: safetensors, accelerate, ``model.to()`` and hand-set gradients see
+   the number of tensors). The parameters keep their own storage (DESIGN.md section 5,
+   normative: safetensors, accelerate, ``model.to()`` and hand-set gradients see
    plain torch tensors): a step gathers the bucket's gradients (and its parameters, when
    an op reads them) into flat buffers that are reused every step, runs the fused
    segments, writes the update ``u`` into another reused flat buffer, and applies
    ``p <- p - lr * u`` with one ``torch._foreach_add_`` per bucket over views of it. A
-   bucket of one contiguous tensor is read in place (no gather).
+   parameter of ``SOLO_MIN`` elements or more (the ``SOLO_MAX`` largest of a route) is a
+   bucket of its own: the segments read its gradient and the parameter in place, and the
+   last one applies the update inside the kernel, into the parameter's own storage (one
+   pass, no gather, no copy back). There is no flat parameter buffer, and no option for
+   one (``docs/benchmarks.md``, "Parameter storage").
 3. **State.** A flat node's buffers live in one flat tensor per bucket; the
    optimizer's per-parameter state holds *views* into it (``state[p]["main/adam.m"]``
    is a view), so ``state_dict`` keeps its layout and moves between backends.
