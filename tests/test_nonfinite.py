@@ -321,11 +321,16 @@ def test_the_compiled_backend_checks_small_gradients_in_one_gathered_buffer(monk
     seen = []
     real = nonfinite_module.any_nonfinite
     monkeypatch.setattr(nonfinite_module, "any_nonfinite", lambda ts: seen.append(list(ts)) or real(ts))
+    gathered = []
+    real_gather = opt._compiled._gather
+    monkeypatch.setattr(opt._compiled, "_gather", lambda purpose, b, ts: gathered.append(purpose) or
+                        real_gather(purpose, b, ts))
     feed(opt, named, batches("grad", 1)[0], "grad")
     # the parameters keep their own gradients (DESIGN 5); the small ones are gathered into one
-    # buffer, reused every step, for one reduction
+    # buffer, reused every step, for one reduction, and the step reads that buffer (no second gather)
     grads = torch.cat([p.grad.reshape(-1) for _, p in named])
     assert len(seen) == 1 and len(seen[0]) == 1 and torch.equal(seen[0][0], grads)
+    assert gathered == []
     buf = seen[0][0]
 
     # hand-set gradients are read the same way, and a NaN among them skips the step

@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -273,7 +274,7 @@ class CompiledRoutes:
         #: (dtype, device) -> the buffer the non-finite check gathers small gradients into
         self._check_bufs: dict[tuple, torch.Tensor] = {}
         #: this step's gathered gradients: (the tensors, their buffer), read by the step's gathers
-        self._checked: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+        self._checked: list[tuple[list[weakref.ref], torch.Tensor]] = []
         #: id of a buffer of ``_bufs`` -> its per-parameter views, made once
         self._split_views: dict[int, list[torch.Tensor]] = {}
         #: (bucket state key, buffer) -> (its flat tensor, the per-parameter views handed out)
@@ -304,13 +305,14 @@ class CompiledRoutes:
             torch.cat([g.reshape(-1) for g in gs], out=buf)
             flats.append(buf)
         # the step that follows reads the same gradients: a bucket of exactly these reuses the buffer
-        self._checked = [(gs, buf) for gs, buf in zip(small.values(), flats)]
+        # (held weakly: zero_grad(set_to_none=True) must free the gradients)
+        self._checked = [([weakref.ref(g) for g in gs], buf) for gs, buf in zip(small.values(), flats)]
         return flats, rest
 
     def _checked_buffer(self, tensors: list[torch.Tensor], b: _Bucket) -> torch.Tensor | None:
         """The buffer :meth:`grad_buffers` gathered ``tensors`` into in this step, if it did."""
         for gs, buf in self._checked:
-            if buf.dtype == b.dtype and len(gs) == len(tensors) and all(g is t for g, t in zip(gs, tensors)):
+            if buf.dtype == b.dtype and len(gs) == len(tensors) and all(g() is t for g, t in zip(gs, tensors)):
                 return buf
         return None
 

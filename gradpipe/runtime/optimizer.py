@@ -630,8 +630,8 @@ class Optimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's part (defaults, state, param groups;
         hooks are not kept, as in torch) and the pipeline by its source, since the compiled
-        Program (networkx graph, frozen IR), and the compiled functions
-        do not pickle; :meth:`__setstate__` rebuilds them."""
+        Program (networkx graph, frozen IR) and the compiled functions do not pickle;
+        :meth:`__setstate__` rebuilds them."""
         prog = self.program
         return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups,
                 "_gradpipe": {"source": prog.source, "path": prog.path, "hash": prog.hash, "backend": self.backend,
