@@ -206,20 +206,23 @@ def test_loss_reading_pipeline_compiles_with_loss_as_a_tensor():
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
-# ------------------------------------------------------------------ flat parameter storage
-def test_parameters_and_gradients_live_in_flat_buffers():
+# ------------------------------------------------------------------ parameter storage (DESIGN 5)
+def test_parameters_and_gradients_keep_their_own_storage():
     m = _model()
-    opt = gradpipe.Optimizer(m.named_parameters(), "adam", backend="compiled", lr=1e-2)
     ps = list(m.parameters())
-    assert len({p.untyped_storage().data_ptr() for p in ps}) == 1
+    ptrs = [p.data_ptr() for p in ps]
+    opt = gradpipe.Optimizer(m.named_parameters(), "adam", backend="compiled", lr=1e-2)
+    assert [p.data_ptr() for p in ps] == ptrs  # building the optimizer moves nothing
+    assert len({p.untyped_storage().data_ptr() for p in ps}) == len(ps)
     opt.zero_grad()
+    assert all(p.grad is None for p in ps)
     _loss(m, 0).backward()
     grads = [p.grad for p in ps]
-    assert len({g.untyped_storage().data_ptr() for g in grads}) == 1  # autograd accumulated in place
+    assert len({g.untyped_storage().data_ptr() for g in grads}) == len(ps)  # autograd's own tensors
     before = [p.detach().clone() for p in ps]
     opt.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, ps))
-    assert len({p.untyped_storage().data_ptr() for p in ps}) == 1
+    assert [p.data_ptr() for p in ps] == ptrs and all(p.grad is g for p, g in zip(ps, grads))
 
 
 def test_a_parameter_no_loss_reaches_is_skipped_as_in_torch():
@@ -239,26 +242,29 @@ def test_a_parameter_no_loss_reaches_is_skipped_as_in_torch():
     assert ref  # torch's Adam skips such parameters the same way
 
 
-def test_link_broken_by_hand_set_grads_or_model_to_falls_back_to_gathering():
+def test_hand_set_grads_are_read_as_eager_reads_them():
     m, m_ref = _model(dtype=torch.float64), _model(dtype=torch.float64)
     opt = gradpipe.Optimizer(m.parameters(), "adamw", backend="compiled", lr=1e-2)
     ref = gradpipe.Optimizer(m_ref.parameters(), "adamw", backend="eager", lr=1e-2)
     for t in range(6):
         for model, o in ((m, opt), (m_ref, ref)):
-            for p in model.parameters():  # a fresh .grad tensor: not the flat buffer's view
+            for p in model.parameters():  # a fresh .grad tensor every step
                 p.grad = torch.full_like(p, 0.01 * (t + 1))
             o.step()
     for p, q in zip(m.parameters(), m_ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
-    opt.zero_grad()  # re-links the gradients to the flat buffer
-    assert len({p.grad.untyped_storage().data_ptr() for p in m.parameters()}) == 1
+    grads = [p.grad for p in m.parameters()]
+    opt.zero_grad(set_to_none=False)  # torch's: zeroed in place
+    assert all(p.grad is g and not g.any() for p, g in zip(m.parameters(), grads))
+    opt.zero_grad()
+    assert all(p.grad is None for p in m.parameters())
 
 
 @pytest.mark.parametrize("pipeline", ["pcgrad_adam", "bloop_adam", "grads.main + 0.5 * grads.aux | adam",
                                       "grad | project_orthogonal(grads.aux) | adam"])
 def test_named_losses_on_the_compiled_backend_match_eager(pipeline):
-    """With opt.step(losses=...), the gradients come from autograd.grad, not from the flat .grad
-    buffers the compiled backend holds: both backends give the same parameters."""
+    """With opt.step(losses=...), the gradients come from autograd.grad, not from ``.grad``: both
+    backends give the same parameters."""
     out = []
     for backend in ("eager", "compiled"):
         m = _model(dtype=torch.float64)
@@ -282,7 +288,7 @@ def test_dp_sgd_on_the_compiled_backend_matches_eager():
 
 def test_a_pipeline_reading_samples_and_grad_sees_the_same_grad_on_both_backends():
     """Stepping with samples and no backward: ``grad`` is the mean of the per-example gradients.
-    The compiled backend keeps a zeroed gradient view on every parameter; it must not read it."""
+    ``p.grad`` is None there, on both backends."""
     src = "hparam lr = 0.1\ngrad + (samples | dp_clip(1e9) | dp_noise(0))"
     out = []
     for backend in ("eager", "compiled"):

@@ -316,33 +316,49 @@ def test_a_gradient_the_pipeline_does_not_read_is_not_checked():
     assert counters(opt) == (0, 0, False)
 
 
-def test_the_compiled_backend_checks_its_flat_gradient_buffer_once(monkeypatch):
+def test_the_compiled_backend_checks_small_gradients_in_one_gathered_buffer(monkeypatch):
     opt, named = build("adam", "compiled")
     seen = []
     real = nonfinite_module.any_nonfinite
     monkeypatch.setattr(nonfinite_module, "any_nonfinite", lambda ts: seen.append(list(ts)) or real(ts))
+    gathered = []
+    real_gather = opt._compiled._gather
+    monkeypatch.setattr(opt._compiled, "_gather", lambda purpose, b, ts: gathered.append(purpose) or
+                        real_gather(purpose, b, ts))
     feed(opt, named, batches("grad", 1)[0], "grad")
-    store = opt._compiled._store_of[named[0][1]]
-    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0] is store.flat_g
+    # the parameters keep their own gradients (DESIGN 5); the small ones are gathered into one
+    # buffer, reused every step, for one reduction, and the step reads that buffer (no second gather)
+    grads = torch.cat([p.grad.reshape(-1) for _, p in named])
+    assert len(seen) == 1 and len(seen[0]) == 1 and torch.equal(seen[0][0], grads)
+    assert gathered == []
+    buf = seen[0][0]
 
-    # a hand-set .grad breaks the link: the gradients are read one by one
+    # hand-set gradients are read the same way, and a NaN among them skips the step
     seen.clear()
     w, b = (p for _, p in named)
     w.grad, b.grad = torch.ones(3, 4), torch.full((5,), math.nan)
     opt.step()
-    assert [tuple(t.shape) for t in seen[0]] == [(3, 4), (5,)] and counters(opt) == (1, 1, True)
+    assert len(seen[0]) == 1 and seen[0][0] is buf and counters(opt) == (1, 1, True)
 
 
-def test_a_parameter_backward_did_not_reach_is_not_read_from_the_flat_buffer():
-    opt, named = build("adam", "compiled")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_backward_did_not_reach_is_not_read(backend):
+    opt, named = build("adam", backend)
     w, b = (p for _, p in named)
     opt.zero_grad()
-    (w * 2.0).sum().backward()  # b is not reached: its gradient does not enter the step
-    b.grad[1] = math.nan  # written into its (flat buffer) view by hand
+    (w * 2.0).sum().backward()  # b is not reached: no gradient (torch's set_to_none), no step
+    assert b.grad is None
     before_b = _bits(b)
     opt.step()
     assert counters(opt) == (0, 0, False)
     assert "step" in opt.state[w] and "step" not in opt.state[b] and torch.equal(_bits(b), before_b)
+    # a gradient is a gradient once .grad is set (as in torch): a NaN written into it by hand is seen
+    opt.zero_grad(set_to_none=False)
+    (w * 2.0).sum().backward()
+    b.grad = torch.zeros_like(b)
+    b.grad[1] = math.nan
+    opt.step()
+    assert counters(opt) == (1, 1, True) and torch.equal(_bits(b), before_b)
 
 
 # ------------------------------------------------------------------ allow_nonfinite and the policy's form

@@ -11,13 +11,17 @@ Lowering, per route:
    param group (hyperparameters and step), dtype and device; a segment sees each
    bucket as one flat 1-D tensor, so the compiled graph has a fixed, small number
    of inputs however many tensors the model has (compile time does not grow with
-   the number of tensors). The optimizer *adopts* its parameters: each route's
-   parameters of one group, dtype and device move into one flat buffer (``p.data``
-   becomes a view) and their gradients into another that autograd accumulates into
-   (``p.grad`` is a view; ``zero_grad`` zeroes it in place). A step then reads the
-   gradients and updates the parameters in place, inside the last fused segment,
-   with no gather or scatter. When the link is broken (a hand-set ``.grad``,
-   ``model.to()``, gradients from ``step(losses=...)``) the step gathers instead.
+   the number of tensors). The parameters keep their own storage (DESIGN.md section 5,
+   normative: safetensors, accelerate, ``model.to()`` and hand-set gradients see
+   plain torch tensors): a step gathers the bucket's gradients (and its parameters, when
+   an op reads them) into flat buffers that are reused every step, runs the fused
+   segments, writes the update ``u`` into another reused flat buffer, and applies
+   ``p <- p - lr * u`` with one ``torch._foreach_add_`` per bucket over views of it. A
+   parameter of ``SOLO_MIN`` elements or more (the ``SOLO_MAX`` largest of a route) is a
+   bucket of its own: the segments read its gradient and the parameter in place, and the
+   last one applies the update inside the kernel, into the parameter's own storage (one
+   pass, no gather, no copy back). There is no flat parameter buffer, and no option for
+   one (``docs/benchmarks.md``, "Parameter storage").
 3. **State.** A flat node's buffers live in one flat tensor per bucket; the
    optimizer's per-parameter state holds *views* into it (``state[p]["main/adam.m"]``
    is a view), so ``state_dict`` keeps its layout and moves between backends.
@@ -50,7 +54,6 @@ import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -65,6 +68,13 @@ from .interpret import Lanes, apply_update, commit_cells, eval_dynamic, eval_nod
 __all__ = ["CompiledRoutes", "CompileFallbackWarning", "plan_route"]
 
 
+#: a parameter of at least this many elements gets a bucket of its own (see ``_buckets``): a
+#: gather and a copy back cost more there than one more kernel input
+SOLO_MIN = 1 << 18
+#: at most this many solo buckets per route and step (each adds inputs to the compiled graph)
+SOLO_MAX = 8
+
+
 class CompileFallbackWarning(UserWarning):
     """``torch.compile`` could not compile a pipeline; gradpipe runs it eagerly instead."""
 
@@ -76,6 +86,13 @@ class _Bucket:
     sizes: list[int]
     dtype: torch.dtype
     device: torch.device
+    #: one parameter in its own storage: segments read it and the fused update writes it in place
+    solo: bool = False
+
+    @functools.cached_property
+    def empty(self) -> torch.Tensor:
+        """A placeholder for an output the segment does not write (a solo bucket's applied update)."""
+        return torch.empty(0, dtype=self.dtype, device=self.device)
 
     @functools.cached_property
     def key(self) -> tuple:
@@ -106,7 +123,7 @@ class _BucketLanes(Lanes):
 
 def _segment_fn(seg: _Segment) -> Callable[..., None]:
     """The function of one segment: flat inputs, flat state and scalars in; results written into
-    the given output buffers, or, for the route's update, applied to the flat parameters."""
+    the given output buffers, or, for the route's update of a solo bucket, applied to the parameter."""
 
     def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]], fresh: list[list[Any]],
             params: list[torch.Tensor | None], scalars: list[list[list[Any]]], steps: list[torch.Tensor],
@@ -120,8 +137,8 @@ def _segment_fn(seg: _Segment) -> Callable[..., None]:
         for n, bufs in zip(seg.outputs, outs):
             for b, (buf, value) in enumerate(zip(bufs, vals[n])):
                 if n == seg.final and apply[b] is not None:
-                    flat_p, lr = apply[b]  # p <- p - lr * u, fused: the bucket's flat parameter buffer
-                    apply_update(flat_p, value, lr)
+                    p, lr = apply[b]  # p <- p - lr * u, fused: a solo bucket, the parameter's own storage
+                    apply_update(p, value, lr)
                 else:
                     buf.copy_(value)
         # state cells take their new value last, once every reader of the old one has run
@@ -235,33 +252,6 @@ def _own_code(fn: Callable, tag: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-@dataclass
-class _Store:
-    """Parameters of one route, group, dtype and device, moved into one flat buffer: each
-    parameter's ``.data`` is a view of ``flat_p`` and its ``.grad`` a view of ``flat_g``, into
-    which autograd accumulates, so a step reads and writes the buffers directly."""
-
-    params: list[torch.Tensor]
-    flat_p: torch.Tensor
-    flat_g: torch.Tensor
-    grad_views: list[torch.Tensor]
-    #: ids of the parameters autograd reached since the last ``zero_grad``
-    reached: set[int] = field(default_factory=set)
-    #: ids of the parameters autograd handed a sparse gradient (``nn.Embedding(sparse=True)``):
-    #: it is summed into the dense gradient view, so the step could not see it otherwise
-    sparse: set[int] = field(default_factory=set)
-    handles: list[Any] = field(default_factory=list)
-    #: each parameter's address inside ``flat_p``, and its index, computed once
-    ptrs: list[int] = field(default_factory=list)
-    index: dict[int, int] = field(default_factory=dict)
-
-    def linked(self) -> bool:
-        """Whether the parameters still live in the buffers (``.to()``, ``load_state_dict`` of the
-        model or a hand-set ``.grad`` break the link; the step then gathers instead)."""
-        return all(p.grad is v for p, v in zip(self.params, self.grad_views)) and \
-            all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
-
-
 def _expanded(per: list[torch.Tensor], b: _Bucket) -> list[torch.Tensor]:
     """The bucket's tensors of a per-parameter value, each in its parameter's shape: a per-tensor
     value (a reduction's 0-d, ``(..., R, 1)`` or ``(..., 1, C)`` result, a shape value) is expanded."""
@@ -280,19 +270,6 @@ class _Values:
     flat: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
-def _mark_reached(store_ref: "weakref.ref[_Store]", p: torch.Tensor) -> None:
-    st = store_ref()
-    if st is not None:
-        st.reached.add(id(p))
-
-
-def _mark_sparse(store_ref: "weakref.ref[_Store]", pid: int, grad: torch.Tensor) -> None:
-    if grad.is_sparse:
-        st = store_ref()
-        if st is not None:
-            st.sparse.add(pid)
-
-
 class CompiledRoutes:
     """Runs a program's routes with fused, compiled segments (one instance per optimizer)."""
 
@@ -304,137 +281,52 @@ class CompiledRoutes:
         self._fns: dict[tuple[str, int], tuple[Callable, Callable]] = {}
         #: (route, segment index, bucket key, node) -> {buffer: flat tensor}
         self._flat: dict[tuple, dict[str, torch.Tensor]] = {}
-        #: parameter -> the flat store holding it (see :meth:`adopt`)
-        self._store_of: dict[torch.Tensor, _Store] = {}
-        #: every store, once (stores are made by :meth:`adopt` and kept for the optimizer's life)
-        self._stores: list[_Store] = []
         #: (purpose, bucket key) -> a flat tensor reused every step (gathered inputs, outputs)
         self._bufs: dict[tuple, torch.Tensor] = {}
+        #: (dtype, device) -> the buffer the non-finite check gathers small gradients into
+        self._check_bufs: dict[tuple, torch.Tensor] = {}
+        #: this step's gathered gradients: (the tensors, their buffer), read by the step's gathers
+        self._checked: list[tuple[list[weakref.ref], torch.Tensor]] = []
+        #: id of a buffer of ``_bufs`` -> its per-parameter views, made once
+        self._split_views: dict[int, list[torch.Tensor]] = {}
         #: (bucket state key, buffer) -> (its flat tensor, the per-parameter views handed out)
         self._views: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         #: bucket state key -> [the node's 0-d ``fresh`` flag for the bucket, the value it holds]
         self._flags: dict[tuple, list[Any]] = {}
 
-    # ------------------------------------------------------------------ flat parameter storage
-    def adopt(self, groups: Sequence[dict[str, Any]], route_of: dict[torch.Tensor, str]) -> None:
-        """Move the parameters of each (route, param group, dtype, device) into one flat buffer,
-        their gradients into another (parameters already adopted are left alone)."""
-        for group in groups:
-            sets: dict[tuple, list[torch.Tensor]] = {}
-            for p in group["params"]:
-                if p in self._store_of or not p.requires_grad or p.is_sparse or p.is_complex() or \
-                        p.grad is not None and p.grad.is_sparse:
-                    continue  # a complex parameter is stepped through its real view, gathered
-                sets.setdefault((route_of[p], p.dtype, p.device), []).append(p)
-            for (_, dtype, device), ps in sets.items():
-                if len({id(p) for p in ps}) != len(ps):
-                    continue
-                self._adopt(ps, dtype, device)
-
-    def _adopt(self, ps: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
-        total = sum(p.numel() for p in ps)
-        flat_p = torch.empty(total, dtype=dtype, device=device)
-        flat_g = torch.zeros(total, dtype=dtype, device=device)
-        store = _Store(ps, flat_p, flat_g, [])
-        self._stores.append(store)
-        off = 0
-        with torch.no_grad():
-            for p in ps:
-                n = p.numel()
-                flat_p[off:off + n].copy_(p.reshape(-1))
-                p.data = flat_p[off:off + n].view_as(p)
-                view = flat_g[off:off + n].view_as(p)
-                if p.grad is not None:
-                    view.copy_(p.grad)
-                    store.reached.add(id(p))
-                p.grad = view
-                store.grad_views.append(view)
-                off += n
-        for p in ps:
-            # the hook holds the store weakly: a deleted optimizer's buffers are freed
-            store.handles.append(p.register_post_accumulate_grad_hook(partial(_mark_reached, weakref.ref(store))))
-            if p.dim() == 2:  # torch's sparse gradients come from nn.Embedding(Bag): 2-D weights (a hook
-                # costs ~1.5 us per parameter per backward, so only those are watched)
-                store.handles.append(p.register_hook(partial(_mark_sparse, weakref.ref(store), id(p))))
-            self._store_of[p] = store
-        store.ptrs = [p.data_ptr() for p in ps]
-        store.index = {id(p): i for i, p in enumerate(ps)}
-
-    def any_sparse(self) -> bool:
-        """Whether autograd gave any adopted parameter a sparse gradient since ``zero_grad``: one
-        look per store, so a step asks :meth:`got_sparse` per parameter only when this is True."""
-        return any(st.sparse for st in self._stores)
-
-    def got_sparse(self, p: torch.Tensor) -> bool:
-        """Whether autograd gave the adopted parameter ``p`` a sparse gradient since ``zero_grad``."""
-        st = self._store_of.get(p)
-        return st is not None and id(p) in st.sparse
-
-    def grads_present(self, params: Sequence[torch.Tensor]) -> list[bool]:
-        """Whether each parameter has a gradient this step (an adopted parameter always holds a
-        gradient view; it counts once autograd reached it, or when it was set by hand). One call
-        for all of them: it runs every step."""
-        out = []
-        store_of = self._store_of
+    # ------------------------------------------------------------------ gradients
+    def grad_buffers(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The gradients of ``params`` in few tensors, for one reduction each (the non-finite check):
+        the gradients under ``SOLO_MIN`` elements gathered into one buffer per dtype and device
+        (reused every step; one ``torch.cat`` costs less than a reduction per small tensor), and
+        the parameters left over, whose ``.grad`` is read one by one."""
+        small: dict[tuple, list[torch.Tensor]] = {}
+        rest: list[torch.Tensor] = []
         for p in params:
             g = p.grad
-            st = store_of.get(p) if g is not None else None
-            out.append(g is not None and (st is None or id(p) in st.reached
-                                          or g is not st.grad_views[st.index[id(p)]]))
-        return out
-
-    def zero_grad(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Zero the gradients of adopted parameters in place (re-linking any replaced ``.grad``);
-        return the parameters that are not adopted, for the caller to handle."""
-        others = []
-        seen: set[int] = set()
-        for p in params:
-            st = self._store_of.get(p)
-            if st is None:
-                others.append(p)
-                continue
-            if id(st) in seen:
-                continue
-            seen.add(id(st))
-            st.flat_g.zero_()
-            st.reached.clear()
-            st.sparse.clear()
-            for q, v in zip(st.params, st.grad_views):
-                if q.grad is not v and q.data_ptr() != 0:
-                    q.grad = v
-        return others
-
-    def grad_buffers(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The gradients of ``params`` in as few tensors as possible, for one reduction over them
-        (the non-finite check): the flat gradient buffer of every store whose parameters are all
-        in ``params`` with their ``.grad`` still its views, and the parameters left over (their
-        ``.grad`` is read one by one). A store with a parameter outside ``params`` (not reached
-        this step) is not read whole: that parameter's gradient does not enter the step."""
-        wanted = {id(p) for p in params}
-        flats: list[torch.Tensor] = []
-        rest: list[torch.Tensor] = []
-        whole: dict[int, bool] = {}
-        for p in params:
-            st = self._store_of.get(p)
-            if st is not None:
-                ok = whole.get(id(st))
-                if ok is None:
-                    ok = whole[id(st)] = all(id(q) in wanted and q.grad is v
-                                             for q, v in zip(st.params, st.grad_views))
-                    if ok:
-                        flats.append(st.flat_g)
-                if ok:
-                    continue
-            rest.append(p)
+            if g is not None and g.layout is torch.strided and g.numel() < SOLO_MIN:
+                small.setdefault((g.dtype, g.device), []).append(g)
+            else:
+                rest.append(p)
+        flats = []
+        for (dtype, device), gs in small.items():
+            n = sum(g.numel() for g in gs)
+            buf = self._check_bufs.get((dtype, device))
+            if buf is None or buf.numel() != n:
+                buf = self._check_bufs[(dtype, device)] = torch.empty(n, dtype=dtype, device=device)
+            torch.cat([g.reshape(-1) for g in gs], out=buf)
+            flats.append(buf)
+        # the step that follows reads the same gradients: a bucket of exactly these reuses the buffer
+        # (held weakly: zero_grad(set_to_none=True) must free the gradients)
+        self._checked = [([weakref.ref(g) for g in gs], buf) for gs, buf in zip(small.values(), flats)]
         return flats, rest
 
-    def _store_for(self, b: _Bucket, batch: RouteBatch) -> _Store | None:
-        """The flat store that is exactly this bucket, with its parameters still in it."""
-        ps = [batch.params[i] for i in b.idxs]
-        st = self._store_of.get(ps[0])
-        if st is None or len(st.params) != len(ps) or any(q is not p for q, p in zip(st.params, ps)):
-            return None
-        return st if st.linked() else None
+    def _checked_buffer(self, tensors: list[torch.Tensor], b: _Bucket) -> torch.Tensor | None:
+        """The buffer :meth:`grad_buffers` gathered ``tensors`` into in this step, if it did."""
+        for gs, buf in self._checked:
+            if buf.dtype == b.dtype and len(gs) == len(tensors) and all(g() is t for g, t in zip(gs, tensors)):
+                return buf
+        return None
 
     # ------------------------------------------------------------------ one route, one step
     def run_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
@@ -445,7 +337,6 @@ class CompiledRoutes:
             plan = self._plans[label] = plan_route(prog, label=label)
         ir = prog.ir[label]
         buckets = self._buckets(batch)
-        stores = [self._store_for(b, batch) for b in buckets]
         vals = _Values(ParamLanes(prog, ir, batch, node_states), buckets, len(batch.params))
         applied: set[int] = set()
         for si, (kind, item) in enumerate(plan):
@@ -459,60 +350,74 @@ class CompiledRoutes:
                     self._to_split(src, vals)
                 vals.split[item] = eval_node(node, vals.split, vals.lanes)
             else:
-                applied |= self._run_segment(label, si, item, batch, stores, vals)
+                applied |= self._run_segment(label, si, item, batch, vals)
         late = [(cell, new) for cell, new in ir.commits if not any(
             kind == "segment" and (cell, new) in item.commits for kind, item in plan)]
         if late:  # cells whose new value is computed after their segment: written now
             commit_cells(late, {new: self._to_split(new, vals) for _, new in late}, batch.states)
-        if applied:  # the parameters of these buckets were updated inside the compiled segment
-            return self._partial_updates(ir.update, vals, applied)
+        if ir.update in vals.flat:  # the update came out of a fused segment: apply it here
+            return self._apply(ir.update, vals, batch, applied)
         return self._to_split(ir.update, vals)
 
-    @staticmethod
-    def _partial_updates(out: str, vals: _Values, applied: set[int]) -> list[torch.Tensor | None]:
+    def _apply(self, out: str, vals: _Values, batch: RouteBatch, applied: set[int]) -> list[torch.Tensor | None]:
+        """``p <- p - lr * u`` for every bucket whose parameters have the compute dtype: one
+        ``torch._foreach_add_`` over the parameters and views of the flat update (the same
+        arithmetic as :func:`apply_update`); the updates of other buckets (fp16/bf16 parameters,
+        rounded from float32 one by one) are returned for the caller, ``None`` where applied (here,
+        or in the kernel: the buckets in ``applied``)."""
         updates: list[torch.Tensor | None] = [None] * vals.n
         for bi, (b, t) in enumerate(zip(vals.buckets, vals.flat[out])):
             if bi in applied:
                 continue
-            for i, piece, shape in zip(b.idxs, torch.split(t, b.sizes), b.shapes):
-                updates[i] = piece.view(shape)
+            views = self._pieces(t, b)
+            ps = [batch.params[i] for i in b.idxs]
+            if any(p.dtype != b.dtype for p in ps):
+                for i, v in zip(b.idxs, views):
+                    updates[i] = v
+                continue
+            lr = batch.envs[b.idxs[0]]["lr"]
+            torch._foreach_add_(ps, views, alpha=-(lr.item() if isinstance(lr, torch.Tensor) else lr))
         return updates
 
     def _buckets(self, batch: RouteBatch) -> list[_Bucket]:
+        """The buckets of the route's parameters in this step: one per param group, dtype and
+        device, except that the largest parameters (at least ``SOLO_MIN`` elements, in the compute
+        dtype and contiguous; ``SOLO_MAX`` of them at most) get a bucket each, which the fused
+        segments read and update in the parameter's own storage (no gather, no copy back)."""
         groups: dict[tuple, _Bucket] = {}
-        for i, (p, env) in enumerate(zip(batch.params, batch.envs)):
-            dt = compute_dtype(p)
-            key = (id(env), dt, p.device)
+        params = batch.params
+        dts = [compute_dtype(p) for p in params]
+        sizes = [p.numel() for p in params]
+        big = [i for i, n in enumerate(sizes) if n >= SOLO_MIN]  # every step: the common case is cheap
+        if big:
+            big = sorted((i for i in big if params[i].is_contiguous() and params[i].dtype == dts[i]),
+                         key=lambda i: -sizes[i])
+        solo = set(big[:SOLO_MAX])
+        for i, (p, env, dt, n) in enumerate(zip(params, batch.envs, dts, sizes)):
+            key = (id(env), dt, p.device, i if i in solo else -1)
             b = groups.get(key)
             if b is None:
                 b = groups[key] = _Bucket([], [], [], dt, p.device)
             b.idxs.append(i)
             b.shapes.append(p.shape)
-            b.sizes.append(p.numel())
-        return list(groups.values())
+            b.sizes.append(n)
+        out = list(groups.values())
+        for b in out:
+            b.solo = len(b.idxs) == 1 and b.idxs[0] in solo
+        return out
 
-    def _to_flat(self, node: str, vals: _Values, stores: list[_Store | None], batch: RouteBatch
-                 ) -> list[torch.Tensor]:
-        """``node``'s value as one flat tensor per bucket (a linked store's own buffers when it can)."""
+    def _to_flat(self, node: str, vals: _Values) -> list[torch.Tensor]:
+        """``node``'s value as one flat tensor per bucket (gathered into a reused buffer)."""
         flat = vals.flat
         if node not in flat:
+            per = self._to_split(node, vals)
             n = self.prog.node(node)
-            direct = n.kind is Kind.SOURCE and n.op in ("grad", "param")
-            out: list[torch.Tensor | None] = []
-            for b, st in zip(vals.buckets, stores):
-                whole = None
-                if direct and st is not None:  # a linked store: its parameters live in flat_p
-                    if n.op == "param":
-                        whole = st.flat_p
-                    elif all(batch.grads["grad"][i] is v for i, v in zip(b.idxs, st.grad_views)):
-                        whole = st.flat_g
-                if whole is not None and whole.dtype != b.dtype:  # bf16/fp16 parameters: fp32 math
-                    whole = self._buffer(("in", node), b).copy_(whole)  # into a reused buffer, not a new one
-                out.append(whole)
-            if any(t is None for t in out):
-                per = self._to_split(node, vals)
-                out = [t if t is not None else self._gather(("in", node), b, _expanded(per, b))
-                       for t, b in zip(out, vals.buckets)]
+            is_grad = n.kind is Kind.SOURCE and n.op == "grad"
+            out = []
+            for b in vals.buckets:
+                ts = _expanded(per, b)
+                reuse = self._checked_buffer(ts, b) if is_grad and len(ts) > 1 else None
+                out.append(reuse if reuse is not None else self._gather(("in", node), b, ts))
             flat[node] = out
         return flat[node]
 
@@ -522,7 +427,16 @@ class CompiledRoutes:
         buf = self._bufs.get(key)
         if buf is None:
             buf = self._bufs[key] = torch.empty(sum(b.sizes), dtype=b.dtype, device=b.device)
+            self._split_views[id(buf)] = [piece.view(shape) for piece, shape in zip(torch.split(buf, b.sizes),
+                                                                                      b.shapes)]
         return buf
+
+    def _pieces(self, t: torch.Tensor, b: _Bucket) -> list[torch.Tensor]:
+        """The per-parameter views of the bucket's flat tensor ``t`` (made once for a reused buffer)."""
+        views = self._split_views.get(id(t))  # the buffers live as long as self: their ids are theirs
+        if views is not None:
+            return views
+        return [piece.view(shape) for piece, shape in zip(torch.split(t, b.sizes), b.shapes)]
 
     def _gather(self, purpose: tuple, b: _Bucket, tensors: list[torch.Tensor]) -> torch.Tensor:
         """The bucket's tensors as one flat tensor (a view when there is one tensor of the right dtype)."""
@@ -533,8 +447,7 @@ class CompiledRoutes:
             torch.cat([t.reshape(-1).to(b.dtype) for t in tensors], out=buf)
         return buf
 
-    @staticmethod
-    def _to_split(node: str, vals: _Values) -> list[torch.Tensor]:
+    def _to_split(self, node: str, vals: _Values) -> list[torch.Tensor]:
         """``node``'s value as one tensor per parameter (views of its flat buffers when it has them)."""
         split = vals.split
         if node not in split:
@@ -543,17 +456,17 @@ class CompiledRoutes:
                 return split[node]
             out: list[Any] = [None] * vals.n
             for b, t in zip(vals.buckets, vals.flat[node]):
-                for i, piece, shape in zip(b.idxs, torch.split(t, b.sizes), b.shapes):
-                    out[i] = piece.view(shape)
+                for i, piece in zip(b.idxs, self._pieces(t, b)):
+                    out[i] = piece
             split[node] = out
         return split[node]
 
     # ------------------------------------------------------------------ segments
-    def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, stores: list[_Store | None],
-                     vals: _Values) -> set[int]:
-        """Run one fused segment; return the buckets whose parameters it updated in place."""
+    def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, vals: _Values) -> set[int]:
+        """Run one fused segment: its outputs go into flat buffers reused every step, except the
+        route's update of a solo bucket, applied in place; return the buckets so updated."""
         buckets = vals.buckets
-        inputs = [self._to_flat(src, vals, stores, batch) for src in seg.inputs]
+        inputs = [self._to_flat(src, vals) for src in seg.inputs]
         envs = [batch.envs[b.idxs[0]] for b in buckets]
         dynamic = [[eval_dynamic(n, env) for n in seg.members] for env in envs]  # per bucket, per node
         scalars = [[self._scalars(n, d) for n, d in zip(seg.members, per)] for per in dynamic]
@@ -562,21 +475,22 @@ class CompiledRoutes:
         states = [[st for st, _ in row] for row in prepared]
         fresh = [[f for _, f in row] for row in prepared]
         reads = seg.reads_param and self._needs_param(seg, dynamic)
-        params = ([st.flat_p.to(b.dtype) if st is not None else
-                   self._gather(("param", label), b, [batch.params[i].detach() for i in b.idxs])
-                   for b, st in zip(buckets, stores)]
+        params = ([self._gather(("param", label), b, [batch.params[i].detach() for i in b.idxs]) for b in buckets]
                   if reads else [None] * len(buckets))  # ops that do not read it get None
         apply: list[tuple[torch.Tensor, Any] | None] = [None] * len(buckets)
-        if seg.final is not None:
-            for bi, (st, env) in enumerate(zip(stores, envs)):
-                if st is not None:
+        if seg.final is not None:  # the route's update: applied inside the kernel to a solo parameter
+            for bi, (b, env) in enumerate(zip(buckets, envs)):
+                if b.solo:
                     lr = env["lr"]
-                    apply[bi] = (st.flat_p, lr.detach() if isinstance(lr, torch.Tensor) else
+                    target = params[bi] if params[bi] is not None else batch.params[b.idxs[0]].detach().view(-1)
+                    apply[bi] = (target, lr.detach() if isinstance(lr, torch.Tensor) else
                                  (torch.tensor(float(lr), dtype=torch.float64) if lr != 0 else 0.0))
         steps = [torch.tensor(float(env["step"]), dtype=torch.float64) for env in envs]
         eager_fn, compiled_fn = self._fns.get((label, si)) or self._make_fns(label, si, seg)
         fn = compiled_fn if self.use_compile else eager_fn
-        outs = [[self._buffer(("out", label, n), b) for b in buckets] for n in seg.outputs]
+        # no buffer for an update applied in the kernel (it would be the size of the parameter)
+        outs = [[b.empty if n == seg.final and apply[bi] is not None else self._buffer(("out", label, n), b)
+                 for bi, b in enumerate(buckets)] for n in seg.outputs]
         args = (inputs, states, fresh, params, scalars, steps, outs, apply)
         try:
             fn(*args)

@@ -159,8 +159,9 @@ class Optimizer(torch.optim.Optimizer):
         pipeline: a :class:`~gradpipe.Program`, a path to a `.grad` file, a
             built-in pipeline name (``"adam"``), or pipeline source text.
         backend: ``"compiled"`` (the default): the pipeline's elementwise work fused by
-            ``torch.compile`` over flat buffers that hold the parameters, their
-            gradients and the state (see ``gradpipe/runtime/compiled.py``); or
+            ``torch.compile`` over flat buffers (the state, and the gradients gathered
+            each step; the parameters keep their own storage, see
+            ``gradpipe/runtime/compiled.py``); or
             ``"eager"``, the reference interpreter, op by op. ``None`` reads the
             ``GRADPIPE_BACKEND`` environment variable (default ``compiled``).
         **hyperparams: values for the pipeline's declared hyperparameters
@@ -218,8 +219,6 @@ class Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._assign_routes()
         self._orders = {r.label: prog.route_nodes(r.label) for r in prog.routes}
-        if self._compiled is not None:
-            self._compiled.adopt(self.param_groups, self._routes)
 
     # ------------------------------------------------------------------ groups and routes
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -244,8 +243,6 @@ class Optimizer(torch.optim.Optimizer):
             prog.check_group(group, f"param group {index}")
             if hasattr(self, "_orders"):  # added after construction
                 self._assign_routes()
-                if self._compiled is not None:
-                    self._compiled.adopt(self.param_groups[-1:], self._routes)
         except Exception:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
@@ -343,7 +340,6 @@ class Optimizer(torch.optim.Optimizer):
         # torch.optim does: each repeat goes into a later pass, which sees the state the earlier left.
         passes: list[dict[str, list[tuple[torch.Tensor, dict[str, Any]]]]] = [defaultdict(list)]
         seen: dict[torch.Tensor, int] = {}
-        sparse_seen = self._compiled is not None and self._compiled.any_sparse()
         for group in self.param_groups:
             prog.check_group(group, "a param group")
             present = self._grads_present(group["params"]) if named_grads is None and by_sample is None else None
@@ -356,7 +352,7 @@ class Optimizer(torch.optim.Optimizer):
                         continue
                 elif not present[j]:
                     continue
-                elif p.grad.is_sparse or sparse_seen and self._compiled.got_sparse(p):
+                elif p.grad.is_sparse:
                     raise RuntimeError(f"{self._param_label(p)} has a sparse gradient (nn.Embedding(sparse=True) "
                                        "or nn.EmbeddingBag(sparse=True)?), and gradpipe does not support sparse "
                                        "gradients: build that module with sparse=False, or give that parameter "
@@ -506,35 +502,15 @@ class Optimizer(torch.optim.Optimizer):
             values = iter(float(t) for t in counters)
         return [int(next(values)) if isinstance(t, torch.Tensor) else int(t or 0) for t in held]
 
-    def _grads_present(self, params: Sequence[torch.Tensor]) -> list[bool]:
-        """Whether each parameter got a gradient this step (the compiled backend keeps a zeroed
-        gradient view on every adopted parameter; it counts only once something wrote it)."""
-        if self._compiled is None:
-            return [p.grad is not None for p in params]
-        return self._compiled.grads_present(params)
+    @staticmethod
+    def _grads_present(params: Sequence[torch.Tensor]) -> list[bool]:
+        """Whether each parameter has a gradient this step: ``p.grad is not None``, torch's rule
+        (both backends leave ``.grad`` to autograd and the user)."""
+        return [p.grad is not None for p in params]
 
     def _has_grad(self, p: torch.Tensor) -> bool:
         """:meth:`_grads_present` of one parameter."""
         return self._grads_present((p,))[0]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's, except that the compiled backend keeps the gradients of the parameters it
-        holds in flat buffers and zeroes them in place (``set_to_none`` does not apply to those:
-        a parameter autograd does not reach in the next backward is still skipped)."""
-        if self._compiled is None:
-            return super().zero_grad(set_to_none)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for p in self._compiled.zero_grad(params):
-            if p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                if p.grad.grad_fn is not None:
-                    p.grad.detach_()
-                else:
-                    p.grad.requires_grad_(False)
-                p.grad.zero_()
 
     def _loss_grads(self, losses: Mapping[str, torch.Tensor]
                     ) -> tuple[dict[str, dict[torch.Tensor, torch.Tensor]], dict[torch.Tensor, bool]]:
@@ -654,8 +630,8 @@ class Optimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's part (defaults, state, param groups;
         hooks are not kept, as in torch) and the pipeline by its source, since the compiled
-        Program (networkx graph, frozen IR), the compiled functions and the flat buffers' hooks
-        do not pickle; :meth:`__setstate__` rebuilds them."""
+        Program (networkx graph, frozen IR) and the compiled functions do not pickle;
+        :meth:`__setstate__` rebuilds them."""
         prog = self.program
         return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups,
                 "_gradpipe": {"source": prog.source, "path": prog.path, "hash": prog.hash, "backend": self.backend,
@@ -684,5 +660,3 @@ class Optimizer(torch.optim.Optimizer):
         self._warned_capturable_if_run_uncaptured = True
         self._assign_routes()
         self._orders = {r.label: prog.route_nodes(r.label) for r in prog.routes}
-        if self._compiled is not None:
-            self._compiled.adopt(self.param_groups, self._routes)
