@@ -164,6 +164,11 @@ class Builder:
         #: cell -> (a cell its update or initial value reads, under which guards there)
         self._cell_deps: dict[str, set[tuple[str, tuple[tuple[S.Scalar, bool], ...]]]] = {}
         self._let_busy: set[int] = set()
+        #: (let, route) -> the cells its value reads, each with the guards inside the let there:
+        #: a let built once under one ``where`` branch and used again elsewhere reads them there too
+        self._let_cells: dict[tuple[int, str], list[tuple[str, tuple[tuple[S.Scalar, bool], ...]]]] = {}
+        #: the lets being built: (depth of the guards at their start, cell context, their log)
+        self._let_logs: list[tuple[int, str | None, list[tuple[str, tuple[tuple[S.Scalar, bool], ...]]]]] = []
         self._depth = 0
         self._expr_depth = 0
         #: id(scalar expr) -> (expr, terms, depth) of the scalar expressions built here
@@ -644,6 +649,8 @@ class Builder:
         self.used.add(id(let))
         key = (id(let), self.emit.route)
         if key in self._let_memo:
+            for read, local in self._let_cells.get(key, ()):
+                self._use_cell(read, local)
             return self._let_memo[key]
         if id(let) in self._let_busy:
             raise GradError(f"'{let.name}' is defined in terms of itself", let.span,
@@ -652,11 +659,15 @@ class Builder:
             raise GradError(f"'{let.name}' is defined through more than {_MAX_INLINE_DEPTH} nested let bindings",
                             let.span, "flatten the chain of lets: write the pipeline in fewer, longer bindings")
         self._let_busy.add(id(let))
+        log: list[tuple[str, tuple[tuple[S.Scalar, bool], ...]]] = []
+        self._let_logs.append((len(self._guards), self._cell_ctx, log))
         try:
             v = self.expr(let.value, Scope(env), f"{self.emit.route}/{let.name}")
         finally:
             self._let_busy.discard(id(let))
+            self._let_logs.pop()
         self._let_memo[key] = v
+        self._let_cells[key] = log
         return v
 
     # ------------------------------------------------------------------ state cells
@@ -687,10 +698,14 @@ class Builder:
         cell.busy = False
         return cell
 
-    def _use_cell(self, read: str) -> None:
-        """Record that ``read`` is read here: under the ``where`` branches being built, or, in
-        another cell's update, whenever that cell is kept (see :meth:`cell_keeps`)."""
-        terms = tuple(g for g in self._guards if not reads_step(g[0]))  # a per-step choice keeps it
+    def _use_cell(self, read: str, local: tuple[tuple[S.Scalar, bool], ...] = ()) -> None:
+        """Record that ``read`` is read here: under the ``where`` branches being built (and
+        ``local``, the guards inside a let built before and used again here), or, in another
+        cell's update, whenever that cell is kept (see :meth:`cell_keeps`)."""
+        for depth, ctx, log in self._let_logs:
+            if ctx == self._cell_ctx:
+                log.append((read, tuple(self._guards[depth:]) + local))
+        terms = tuple(g for g in (*self._guards, *local) if not reads_step(g[0]))  # a per-step choice keeps it
         if self._cell_ctx is not None and self._cell_ctx != read:
             self._cell_deps.setdefault(self._cell_ctx, set()).add((read, terms))
         elif self._cell_ctx is None:
@@ -1107,6 +1122,7 @@ def _macro_env(op: MacroOp) -> ModuleEnv:
 def _any_of(terms: set[tuple[tuple[S.Scalar, bool], ...]]) -> S.Scalar:
     """``t1 or t2 or ...`` for conjunctions ``t`` of ``(condition, holds)`` pairs, as a scalar
     boolean (``true`` when a conjunction is empty)."""
+    terms = _merged(terms)
     if not terms or () in terms:
         return S.Const(True)
     out: S.Scalar = S.Const(False)
@@ -1116,6 +1132,27 @@ def _any_of(terms: set[tuple[tuple[S.Scalar, bool], ...]]) -> S.Scalar:
             c = cond if holds else S.call("where", (cond, S.Const(False), S.Const(True)))
             conj = S.call("where", (c, conj, S.Const(False)))
         out = S.call("where", (conj, S.Const(True), out))
+    return out
+
+
+def _merged(terms: set[tuple[tuple[S.Scalar, bool], ...]]) -> set[tuple[tuple[S.Scalar, bool], ...]]:
+    """``terms`` with ``(a and c) or (a and not c)`` merged into ``a`` (a let built under one
+    branch of ``where(c, ...)`` and used in the other too), and repeated guards dropped."""
+    out = {tuple(dict.fromkeys(t)) for t in terms}
+    changed = True
+    while changed:
+        changed = False
+        for t in sorted(out, key=repr):
+            for i, (cond, holds) in enumerate(t):
+                rest = t[:i] + t[i + 1:]
+                other = rest[:i] + ((cond, not holds),) + rest[i:]
+                if other in out:
+                    out -= {t, other}
+                    out.add(rest)
+                    changed = True
+                    break
+            if changed:
+                break
     return out
 
 
