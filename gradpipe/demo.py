@@ -39,6 +39,11 @@ LR: dict[str, float] = {
     "econtrol_sgd": 0.1,
     "aegd": 0.1,
     "gravity": 0.1,
+    "adamax": 1e-2,
+    "nadam": 1e-2,
+    "radam": 1e-2,
+    "adagrad": 0.05,
+    "adadelta": 1.0,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

@@ -9,7 +9,7 @@ same keyword arguments, either
 
 - follows the ``torch.optim`` class to rtol 1e-9 / atol 1e-12 in float64 over
   20 steps (eager backend for every configuration, the compiled backend for one
-  configuration per algorithm), or
+  configuration of the algorithms in COMPILED), or
 - is refused at construction with a ``ValueError`` / ``GradError`` that names an
   option listed in :data:`SKIP`, the table that docs/language.md §11 renders
   ("torch's own optimizer configurations"; a test below keeps the two in step).
