@@ -51,6 +51,11 @@ LR: dict[str, float] = {
     "grokfast_ema": 1e-2,
     "accumulate_adamw": 1e-2,
     "prodigy": 1.0,
+    "adamax": 1e-2,
+    "nadam": 1e-2,
+    "radam": 1e-2,
+    "adagrad": 0.05,
+    "adadelta": 1.0,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

@@ -70,7 +70,7 @@ class RefLion(torch.optim.Optimizer):
         return loss
 
 
-_ADAM_STATE = {"main/adam.m": "exp_avg", "main/adam.v": "exp_avg_sq"}
+_ADAM_STATE = {"main/exp_avg/ema.m": "exp_avg", "main/exp_avg_sq/ema.m": "exp_avg_sq"}
 _MOM_STATE = {"main/momentum.buf": "momentum_buffer"}
 
 

@@ -3,18 +3,20 @@
 The installed torch ships ``torch.testing._internal.common_optimizers.optim_db``:
 for each algorithm, ``optim_inputs_func(device, dtype)`` lists the constructor
 configurations torch's own tests run. For every configuration of Adam, AdamW,
-SGD and RMSprop (the CPU list and the extra configurations torch defines only
-for CUDA), the built-in pipeline of the same name (lowercased), built with the
+SGD, RMSprop, Adamax, NAdam, RAdam, Adagrad and Adadelta (the CPU list and the extra
+configurations torch defines only for CUDA), the built-in pipeline of the same name (lowercased), built with the
 same keyword arguments, either
 
 - follows the ``torch.optim`` class to rtol 1e-9 / atol 1e-12 in float64 over
   20 steps (eager backend for every configuration, the compiled backend for one
-  configuration per algorithm), or
+  configuration of the algorithms in COMPILED), or
 - is refused at construction with a ``ValueError`` / ``GradError`` that names an
   option listed in :data:`SKIP`, the table that docs/language.md §11 renders
   ("torch's own optimizer configurations"; a test below keeps the two in step).
 
-Any other outcome fails. ``common_optimizers`` imports torch's test utilities,
+Any other outcome fails. torch runs with float64 as its default dtype here: NAdam keeps its
+``mu_product`` in the default dtype, and a float32 one is ~1e-8 off in float64 (the pipeline
+keeps it in the parameter's dtype). ``common_optimizers`` imports torch's test utilities,
 which need the ``expecttest`` package: a test dependency (``pip install -e '.[test]'``).
 """
 
@@ -42,20 +44,20 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "language.md"
 STEPS = 20
 RTOL, ATOL = 1e-9, 1e-12
 
-ALGORITHMS = {"Adam": "adam", "AdamW": "adamw", "SGD": "sgd", "RMSprop": "rmsprop"}
+ALGORITHMS = {"Adam": "adam", "AdamW": "adamw", "SGD": "sgd", "RMSprop": "rmsprop", "Adamax": "adamax",
+              "NAdam": "nadam", "RAdam": "radam", "Adagrad": "adagrad", "Adadelta": "adadelta"}
 
 # (option, value) -> why gradpipe's built-in pipeline refuses a configuration that sets it.
 # docs/language.md renders this table; test_skip_table_in_docs keeps the two in step.
 SKIP: dict[tuple[str, object], str] = {
-    ("maximize", True): "gradpipe's pipelines minimise; write the ascent in the pipeline (negate the gradient)",
-    ("amsgrad", True): "the built-in `adam` and `adamw` have no AMSGrad variant; write the running maximum in the pipeline",
     ("capturable", True): "CUDA graph capture: torch defines these configurations only for CUDA devices, "
                           "and gradpipe accepts `capturable` only at torch's default (`False`)",
 }
 
-# one configuration per algorithm on the compiled backend (torch.compile is slow: one model shape for all)
+# one configuration per algorithm on the compiled backend for some (torch.compile is slow: one model shape for all)
+# (the other algorithms run compiled in tests/test_torch_optim_a.py, with every option on)
 COMPILED = {("Adam", "nonzero weight_decay"), ("AdamW", "nonzero weight_decay"),
-            ("SGD", "nesterov"), ("RMSprop", "momentum")}
+            ("SGD", "nesterov"), ("RMSprop", "momentum"), ("NAdam", "decoupled_weight_decay")}
 
 
 def _configs():
@@ -138,7 +140,12 @@ def test_torch_configuration(algo, cls, desc, kwargs, cuda_only, backend):
     assert not cuda_only, f"{algo}-{desc}: a CUDA-only configuration was accepted; add its reason to SKIP"
     ref_model = copy.deepcopy(model)
     got = _train(model, gradpipe.Optimizer(model.parameters(), name, backend=backend, **_kwargs(kwargs)))
-    want = _train(ref_model, cls(ref_model.parameters(), **_kwargs(kwargs)))
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # NAdam keeps mu_product in the default dtype (float32: ~1e-8 off)
+    try:
+        want = _train(ref_model, cls(ref_model.parameters(), **_kwargs(kwargs)))
+    finally:
+        torch.set_default_dtype(old)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 

@@ -296,6 +296,22 @@ def test_a_let_read_in_both_branches_keeps_its_cell(flag, backend):
     _close(got, _reference(ref))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_let_used_in_both_branches_keeps_its_cell_in_both(backend):
+    """``u`` reads the cell under ``where(ams, ...)`` and is built inside one branch of
+    ``where(dec, ...)``, then used again in the other: the cell is kept where ``ams`` holds,
+    whatever ``dec`` is (it was kept only where both held, and read zeros otherwise)."""
+    src = ("hparam lr = 1\nhparam ams = false\nhparam dec = false\n"
+           "state mx = 0 then max(mx, abs(grad))\nlet u = grad / (where(ams, mx, abs(grad)) + 1)\n"
+           "where(dec, u | decay(0.1), u)")
+    keep = gradpipe.compile(src).node("main/mx").args["keep"]
+    assert [keep.eval({"ams": a, "dec": d}) for a in (False, True) for d in (False, True)] == \
+        [False, False, True, True]
+    ours, _ = _run(src, backend, ams=True, dec=False)
+    want = _reference(lambda s, g, t: g / (_keep(s, "mx", g.abs(), lambda old: torch.maximum(old, g.abs())) + 1))
+    _close(ours, want)
+
+
 def test_cells_of_two_routes_are_two_cells():
     src = "state n = 0 then n + grad\nroute ndim >= 2: n\nroute default: n * 2"
     prog = gradpipe.compile(src)

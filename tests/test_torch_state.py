@@ -13,6 +13,10 @@ from gradpipe.runtime.torch_state import torch_layout
 CASES = {
     "adam": ("adam", torch.optim.Adam, dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.1)),
     "adamw": ("adamw", torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
+    "adam_amsgrad_maximize": ("adam", torch.optim.Adam, dict(lr=1e-2, amsgrad=True, maximize=True, weight_decay=0.1)),
+    "adam_decoupled": ("adam", torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    "adamw_amsgrad": ("adamw", torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+    "sgd_maximize": ("sgd", torch.optim.SGD, dict(lr=0.05, momentum=0.9, maximize=True)),
     "sgd_momentum": ("sgd", torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01)),
     "sgd_plain": ("sgd", torch.optim.SGD, dict(lr=0.05, weight_decay=0.01)),
     "nesterov": ("nesterov", torch.optim.SGD, dict(lr=0.05, momentum=0.8, nesterov=True)),
@@ -25,7 +29,7 @@ CASES = {
     "sgd_maximize_momentum": ("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, maximize=True)),
     "rmsprop_maximize_centered": ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2, centered=True, maximize=True)),
 }
-COMPILED = ("adamw", "rmsprop_centered_momentum")
+COMPILED = ("adamw", "adam_amsgrad_maximize", "rmsprop_centered_momentum")
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -137,7 +141,7 @@ def test_other_algorithm_refused():
     assert "pipeline 'sgd' keeps momentum_buffer" in msg
     sgd_sd = _torch_dict(torch.optim.SGD, lr=1e-2, momentum=0.9)
     with pytest.raises(gradpipe.GradError, match=r"momentum_buffer per parameter \(SGD-like\).*'adam' keeps "
-                                                 r"exp_avg, exp_avg_sq \(Adam-like"):
+                                                 r"exp_avg, exp_avg_sq, max_exp_avg_sq \(Adam-like"):
         gradpipe.Optimizer(_model().parameters(), "adam").load_state_dict(sgd_sd)
     rms_sd = _torch_dict(torch.optim.RMSprop, lr=1e-2)
     with pytest.raises(gradpipe.GradError, match=r"square_avg per parameter \(RMSprop-like\)"):
@@ -147,12 +151,14 @@ def test_other_algorithm_refused():
         gradpipe.Optimizer(_model().parameters(), "adam").load_state_dict(_torch_dict(torch.optim.SGD, lr=0.1))
     with pytest.raises(gradpipe.GradError, match=r"\(like Adagrad\)"):
         gradpipe.Optimizer(_model().parameters(), "adam").load_state_dict(_torch_dict(torch.optim.Adagrad))
+    # AMSGrad's state into an Adam without amsgrad (the built-in adam has it)
     with pytest.raises(gradpipe.GradError, match=r"max_exp_avg_sq per parameter \(like Adam with amsgrad=True\)"):
-        gradpipe.Optimizer(_model().parameters(), "adam").load_state_dict(
+        gradpipe.Optimizer(_model().parameters(), "grad | adam").load_state_dict(
             _torch_dict(torch.optim.Adam, amsgrad=True))
-    # AdamW's decoupled decay into the Adam pipeline (L2 decay)
+    # AdamW's decoupled decay into an Adam pipeline with L2 decay only (the built-in adam has both)
     with pytest.raises(gradpipe.GradError, match=r"decoupled_weight_decay=True.*decoupled_weight_decay=False"):
-        gradpipe.Optimizer(_model().parameters(), "adam").load_state_dict(_torch_dict(torch.optim.AdamW))
+        gradpipe.Optimizer(_model().parameters(), "hparam weight_decay = 0.01\ngrad | decay(weight_decay) | adam"
+                           ).load_state_dict(_torch_dict(torch.optim.AdamW))
     # weight decay in the dict, none in the pipeline
     with pytest.raises(gradpipe.GradError, match=r"weight_decay=0.1 .*weight_decay=0"):
         gradpipe.Optimizer(_model().parameters(), "hparam lr = 0.01\nhparam betas = (0.9, 0.999)\n"
@@ -174,6 +180,10 @@ def test_other_algorithm_refused():
     with pytest.raises(gradpipe.GradError, match=r"keeps square_avg \(RMSprop-like: main/rms.v\), not momentum_buffer"):
         gradpipe.Optimizer(_model().parameters(), "grad | rms").load_state_dict(
             _torch_dict(torch.optim.RMSprop, momentum=0.5))
+    # torch.optim.Adam loads AdamW's dict and becomes AdamW: the built-in adam does the same
+    opt = gradpipe.Optimizer(_model().parameters(), "adam")
+    opt.load_state_dict(_torch_dict(torch.optim.AdamW))
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
     # a pipeline with no torch equivalent, both ways
     lion = gradpipe.Optimizer(_model().parameters(), "lion")
     with pytest.raises(gradpipe.GradError, match="Adam-like.*'lion' has no torch.optim equivalent"):

@@ -1281,6 +1281,7 @@ def _conj(term: tuple[tuple[S.Scalar, bool], ...]) -> tuple[tuple[S.Scalar, bool
 def _any_of(terms: set[tuple[tuple[S.Scalar, bool], ...]]) -> S.Scalar:
     """``t1 or t2 or ...`` for conjunctions ``t`` of ``(condition, holds)`` pairs, as a scalar
     boolean (``true`` when a conjunction is empty)."""
+    terms = _merged(terms)
     if not terms or () in terms:
         return S.Const(True)
     out: S.Scalar = S.Const(False)
@@ -1290,6 +1291,27 @@ def _any_of(terms: set[tuple[tuple[S.Scalar, bool], ...]]) -> S.Scalar:
             c = cond if holds else S.call("where", (cond, S.Const(False), S.Const(True)))
             conj = S.call("where", (c, conj, S.Const(False)))
         out = S.call("where", (conj, S.Const(True), out))
+    return out
+
+
+def _merged(terms: set[tuple[tuple[S.Scalar, bool], ...]]) -> set[tuple[tuple[S.Scalar, bool], ...]]:
+    """``terms`` with ``(a and c) or (a and not c)`` merged into ``a`` (a let built under one
+    branch of ``where(c, ...)`` and used in the other too), and repeated guards dropped."""
+    out = {tuple(dict.fromkeys(t)) for t in terms}
+    changed = True
+    while changed:
+        changed = False
+        for t in sorted(out, key=repr):
+            for i, (cond, holds) in enumerate(t):
+                rest = t[:i] + t[i + 1:]
+                other = rest[:i] + ((cond, not holds),) + rest[i:]
+                if other in out:
+                    out -= {t, other}
+                    out.add(rest)
+                    changed = True
+                    break
+            if changed:
+                break
     return out
 
 

@@ -4,10 +4,12 @@ A pipeline is *torch-equivalent* when its structure is one of torch's algorithms
 one route, a chain of ``grad | decay? | adam | decay?`` (Adam: the decay before
 ``adam``; AdamW: after), ``grad | decay? | momentum?`` (SGD) or
 ``grad | decay? | rms | momentum?`` (RMSprop; the ``momentum`` without Nesterov or
-dampening), where ``grad`` may be ``where(maximize, -grad, grad)`` with a boolean
-hyperparameter ``maximize`` (torch's ``maximize`` option, kept in the param groups).
-:func:`torch_layout` derives, from the ops that appear (not from the file name), which
-buffer is which torch key:
+dampening), where ``grad`` may be ``where(maximize, -grad, grad)`` with ``maximize`` a
+boolean hyperparameter (torch's option); or when its graph is that of the built-in
+``adam`` or ``adamw`` pipeline (written from EMAs and a state cell, with ``amsgrad``,
+``maximize`` and, for Adam, ``decoupled_weight_decay``: :data:`TEMPLATES`).
+For a chain, :func:`torch_layout` derives, from the ops that appear (not from the file
+name), which buffer is which torch key:
 
 ======== ===================== ======================
 op       gradpipe buffer       torch.optim state key
@@ -55,6 +57,16 @@ ARG_KEYS: dict[str, dict[str, tuple[str, int | None]]] = {
     "rms": {"alpha": ("alpha", None), "eps": ("eps", None), "centered": ("centered", None)},
     "decay": {"wd": ("weight_decay", None)},
 }
+#: built-in pipelines that are torch algorithms written from primitives (not a chain of ops):
+#: a pipeline with the same graph (node for node) is that algorithm, with these buffers
+#: (``node.buffer`` -> torch key) and these param-group keys it implies
+TEMPLATES: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {
+    "adam": ("Adam", {"main/exp_avg/ema.m": "exp_avg", "main/exp_avg_sq/ema.m": "exp_avg_sq",
+                      "main/max_exp_avg_sq.value": "max_exp_avg_sq"}, {}),
+    "adamw": ("AdamW", {"main/exp_avg/ema.m": "exp_avg", "main/exp_avg_sq/ema.m": "exp_avg_sq",
+                        "main/max_exp_avg_sq.value": "max_exp_avg_sq"}, {"decoupled_weight_decay": True}),
+}
+_template_nodes: dict[str, dict[str, Any]] = {}
 #: what each algorithm keeps per parameter (for the messages), and its param-group keys
 _KEEPS = {"Adam": "exp_avg/exp_avg_sq", "AdamW": "exp_avg/exp_avg_sq", "SGD": "momentum_buffer",
           "RMSprop": "square_avg (grad_avg, momentum_buffer)"}
@@ -87,17 +99,29 @@ class TorchLayout:
                 + ", ".join(self.buffers) + ")")
 
 
-def _is_maximize(nodes: Mapping[str, Any], name: str) -> bool:
-    """Whether node ``name`` is ``where(maximize, -grad, grad)`` (the hyperparameter ``maximize``
-    negating the gradient first, as torch.optim's ``maximize=True`` does)."""
-    n = nodes[name]
-    if n["kind"] != "arith" or n["op"] != "where" or str(n["args"].get("cond")) != "maximize":
-        return False
+def _template(nodes: Mapping[str, Any]) -> TorchLayout | None:
+    """The layout of the built-in pipeline in :data:`TEMPLATES` whose graph is ``nodes``, if any."""
+    from ..compiler.program import load
+    for name, (algorithm, buffers, flags) in TEMPLATES.items():
+        if name not in _template_nodes:
+            _template_nodes[name] = describe(load(name))["nodes"]
+        if nodes == _template_nodes[name]:
+            return TorchLayout(algorithm, buffers=dict(buffers), flags=dict(flags))
+    return None
+
+
+def _maximize_head(nodes: Mapping[str, Any], cur: str | None, prog: "Program") -> str | None:
+    """The ``grad`` node when ``cur`` is ``where(maximize, -grad, grad)`` (torch's ``maximize``
+    as a boolean hyperparameter of that name), else None."""
+    n = nodes.get(cur) if cur is not None else None
+    if n is None or n["op"] != "where" or n["args"].get("cond") != "maximize":
+        return None
+    hp = prog.hyperparams.get("maximize")
     lhs, rhs = n["inputs"].get("lhs"), n["inputs"].get("rhs")
-    if lhs is None or rhs is None or nodes[rhs]["kind"] != "source" or nodes[rhs]["op"] != "grad":
-        return False
-    neg = nodes[lhs]
-    return neg["kind"] == "arith" and neg["op"] == "neg" and neg["inputs"] == {"lhs": rhs}
+    if hp is None or hp.kind != "bool" or rhs is None or nodes[rhs]["op"] != "grad" or lhs is None \
+            or nodes[lhs]["op"] != "neg" or nodes[lhs]["inputs"] != {"lhs": rhs}:
+        return None
+    return rhs
 
 
 def torch_layout(prog: "Program") -> TorchLayout | str:
@@ -106,6 +130,9 @@ def torch_layout(prog: "Program") -> TorchLayout | str:
     if list(d["routes"]) != ["main"]:
         return "it has more than one route"
     nodes = d["nodes"]
+    lay_t = _template(nodes)
+    if lay_t is not None:
+        return lay_t
     if any(n.get("block") for n in nodes.values()):
         return "it has block ops"
     chain: list[str] = []
@@ -116,12 +143,13 @@ def torch_layout(prog: "Program") -> TorchLayout | str:
         chain.insert(0, cur)
         cur = nodes[cur]["inputs"]["x"]
     ops_ = [nodes[n]["op"] for n in chain]
-    arith = {n for n, d in nodes.items() if d["kind"] == "arith"}
-    if cur is not None and "maximize" in prog.hyperparams and _is_maximize(nodes, cur):  # where(maximize, -grad, grad): torch's `maximize`
-        arith -= {cur, nodes[cur]["inputs"]["lhs"]}
-        cur = nodes[cur]["inputs"]["rhs"]
-    if cur is None or nodes[cur]["op"] != "grad" or len(chain) != sum(n["kind"] == "op" for n in nodes.values()) \
-            or arith:
+    head = _maximize_head(nodes, cur, prog)
+    arith = sum(n["kind"] == "arith" for n in nodes.values())
+    if head is not None and arith == 2:
+        cur = head
+    elif arith:
+        return "it is not a single chain of ops from grad"
+    if cur is None or nodes[cur]["op"] != "grad" or len(chain) != sum(n["kind"] == "op" for n in nodes.values()):
         return "it is not a single chain of ops from grad"
     unknown = sorted({o for o in ops_ if o not in ARG_KEYS})
     if unknown:
@@ -193,12 +221,13 @@ def is_torch_state_dict(sd: Mapping[str, Any]) -> bool:
         and isinstance(state, Mapping) and all(isinstance(st, Mapping) for st in state.values())
 
 
-def _what_dict(sd: Mapping[str, Any]) -> tuple[str | None, str]:
-    """(torch's algorithm family or None, words for the message) of a torch state dict."""
+def _what_dict(sd: Mapping[str, Any], known: frozenset[str] = frozenset()) -> tuple[str | None, str]:
+    """(torch's algorithm family or None, words for the message) of a torch state dict;
+    ``known``: state keys the pipeline keeps (``max_exp_avg_sq`` is then Adam's)."""
     keys = sorted({k for st in sd["state"].values() if isinstance(st, Mapping) for k in st if k != "step"})
     groups = sd["param_groups"]
     gkeys = set().union(*(set(g) for g in groups)) if groups else set()
-    others = sorted({_OTHER_KEYS[k] for k in keys if k in _OTHER_KEYS})
+    others = sorted({_OTHER_KEYS[k] for k in keys if k in _OTHER_KEYS and k not in known})
     if others:
         fam, like = None, f"like {', '.join(others)}"
     elif {"exp_avg", "exp_avg_sq"} & set(keys) or "betas" in gkeys:
@@ -231,8 +260,8 @@ def _same(a: Any, b: Any) -> bool:
 def from_torch_state_dict(prog: "Program", sd: Mapping[str, Any]) -> dict[str, Any]:
     """A torch.optim state dict as one this pipeline saves (GradError when the algorithms differ)."""
     from .migration import state_meta
-    fam, what = _what_dict(sd)
     lay = torch_layout(prog)
+    fam, what = _what_dict(sd, frozenset(lay.buffers.values()) if not isinstance(lay, str) else frozenset())
     if isinstance(lay, str):
         raise _refuse(prog, f"{what}; pipeline '{prog.name}' has no torch.optim equivalent: {lay}",
                       "load it into a gradpipe.Optimizer of the same algorithm (adam, adamw, sgd, rmsprop)")
