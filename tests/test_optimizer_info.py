@@ -45,7 +45,8 @@ STEPS = 20
 RTOL, ATOL = 1e-9, 1e-12
 
 ALGORITHMS = {"Adam": "adam", "AdamW": "adamw", "SGD": "sgd", "RMSprop": "rmsprop", "Adamax": "adamax",
-              "NAdam": "nadam", "RAdam": "radam", "Adagrad": "adagrad", "Adadelta": "adadelta"}
+              "NAdam": "nadam", "RAdam": "radam", "Adagrad": "adagrad", "Adadelta": "adadelta", "Rprop": "rprop",
+              "Adafactor": "adafactor", "ASGD": "asgd"}
 
 # (option, value) -> why gradpipe's built-in pipeline refuses a configuration that sets it.
 # docs/language.md renders this table; test_skip_table_in_docs keeps the two in step.
