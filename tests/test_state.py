@@ -397,3 +397,12 @@ def test_adam_from_primitives_compiled_matches_eager():
     a, _ = _run(ADAM_FROM_PRIMITIVES, "eager", steps=5, lr=0.01)
     b, _ = _run(ADAM_FROM_PRIMITIVES, "compiled", steps=5, lr=0.01)
     _close(a, b, rtol=1e-12)
+
+
+def test_an_update_that_also_feeds_a_cell_is_applied_in_its_segment():
+    """Adadelta's step also feeds its accumulator: the segment still applies it to the
+    parameters itself (28 bytes per parameter, as fused Adam), not through a buffer."""
+    prog = gradpipe.load("adadelta")
+    (kind, seg), = plan_route(prog, label="main")
+    assert seg.final == prog.ir["main"].update
+    assert route_cost(prog, "main").bytes_per_param == 28

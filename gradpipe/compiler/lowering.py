@@ -132,7 +132,9 @@ def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str |
     close()
     final = ir.update
     for kind, item in items:
-        if kind == "segment" and final in item.nodes and users.get(final) == {ir.output.name}:
+        # the update may also feed nodes of its own segment (a state cell's new value, as in
+        # Adadelta): they read it before the segment applies it
+        if kind == "segment" and final in item.nodes and users.get(final, set()) - set(item.nodes) == {ir.output.name}:
             item.final = final
     return items
 
