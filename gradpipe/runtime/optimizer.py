@@ -12,7 +12,8 @@ import torch
 
 from ..compiler.ops import Args
 from ..compiler.program import Program, builtin_names, compile as compile_source, load
-from ..dsl.diagnostics import did_you_mean
+from ..compiler.ir import Kind
+from ..dsl.diagnostics import GradError, did_you_mean
 from .compiled import CompiledRoutes
 from .eager import RouteBatch, run_route
 from .interpret import apply_update, compute_dtype
@@ -263,6 +264,23 @@ class Optimizer(torch.optim.Optimizer):
         self._duplicates = len({id(p) for _, p in named}) != len(named)
         #: whether some parameter is complex (stepped as its real view, see _real)
         self._complex = any(p.is_complex() for _, p in named)
+        if self._complex:
+            self._refuse_complex_factoring(named)
+
+    def _refuse_complex_factoring(self, named: list[tuple[str | None, torch.Tensor]]) -> None:
+        """A complex parameter runs as its real view, whose last dimension holds the real and
+        imaginary parts: a reduction over its rows or columns (Adafactor's factored moment)
+        would mix them, so it is refused, as torch.optim.Adafactor refuses complex parameters."""
+        for name, p in named:
+            if not p.is_complex():
+                continue
+            for n in self.program.ir[self._routes[p]].all_nodes():
+                if n.kind is Kind.ARITH and n.const.get("over") in ("rows", "cols"):
+                    raise GradError(f"{'parameter ' + repr(name) if name else 'a parameter'} is complex, and its "
+                                    f"route reduces over {n.const['over']} ('{n.op}')", n.span,
+                                    "a complex parameter runs as its real view (real and imaginary parts in a last "
+                                    "dimension of 2), which rows and columns would mix: route complex parameters "
+                                    "to a pipeline without rows/cols reductions")
 
     def _param_label(self, p: torch.Tensor) -> str:
         """How an error names ``p``: its name from ``named_parameters``, else its position."""
