@@ -44,9 +44,7 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "language.md"
 STEPS = 20
 RTOL, ATOL = 1e-9, 1e-12
 
-ALGORITHMS = {"Adam": "adam", "AdamW": "adamw", "SGD": "sgd", "RMSprop": "rmsprop", "Adamax": "adamax",
-              "NAdam": "nadam", "RAdam": "radam", "Adagrad": "adagrad", "Adadelta": "adadelta", "Rprop": "rprop",
-              "Adafactor": "adafactor", "ASGD": "asgd"}
+from optim_algorithms import ALGORITHMS  # noqa: E402  (shared with test_optimizer_behaviour.py)
 
 # (option, value) -> why gradpipe's built-in pipeline refuses a configuration that sets it.
 # docs/language.md renders this table; test_skip_table_in_docs keeps the two in step.

@@ -644,6 +644,11 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
 
+    def __repr__(self) -> str:
+        """torch's (each param group's hyperparameters), with the pipeline and the backend named first."""
+        head, sep, rest = super().__repr__().partition(" (\n")
+        return f"{head}{sep}Pipeline: {self.program.name}\nBackend: {self.backend}\n{rest}"
+
     # ------------------------------------------------------------------ copy and pickle
     def __getstate__(self) -> dict[str, Any]:
         """What ``copy.deepcopy`` and ``pickle`` keep: torch's part (defaults, state, param groups;
