@@ -129,10 +129,7 @@ def test_state_dict_is_deterministic(algo: str, backend: str) -> None:
 
 
 # --------------------------------------------------------------------------- 3. save / load resumes bitwise
-RESUME_BUGS = {
-    "Adafactor": "adafactor's factored state (row_var (m, 1), col_var (1, n)) does not load back: load_state_dict "
-                 "checks it against the parameter's shape (m, n) and raises GradError",
-}
+RESUME_BUGS: dict[str, str] = {}  # (adafactor's factored state did not load back: fixed)
 
 
 @pytest.mark.parametrize("algo, backend", [
@@ -296,10 +293,7 @@ def test_hyperparameter_changes_between_steps_are_followed_as_torch(algo: str, b
 
 # --------------------------------------------------------------------------- 7. complex parameters
 # (algorithm -> why its row is a strict xfail: gradpipe neither follows torch nor refuses)
-COMPLEX_BUGS = {
-    "Adafactor": "torch.optim.Adafactor refuses complex parameters (RuntimeError); the adafactor pipeline "
-                 "steps them silently, factoring the (…, 2) real view's last two dimensions",
-}
+COMPLEX_BUGS: dict[str, str] = {}  # (adafactor stepped complex matrices: now refused)
 
 _COMPLEX = [pytest.param(algo, backend, id=f"{algo}-{backend}",
                          marks=[pytest.mark.xfail(strict=True, reason=COMPLEX_BUGS[algo])] if algo in COMPLEX_BUGS
