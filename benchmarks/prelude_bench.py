@@ -21,7 +21,13 @@ import torch
 import gradpipe
 from gradpipe.bench import layout_shapes, machine_info, parse_size
 
-BUILTIN = "adam"
+#: the built-in Python op ``adam`` (gradpipe/compiler/ops/adam.py)
+BUILTIN = """\
+hparam lr = 0.001 in [0, inf)
+hparam betas = (0.9, 0.999) in [0, 1)
+hparam eps = 1e-8 in [0, inf)
+grad | adam(betas[0], betas[1], eps)
+"""
 #: torch.optim.Adam from two state cells and elementwise math (docs/language.md 4.7)
 PRIMITIVES = """\
 hparam lr = 0.001 in [0, inf)
@@ -52,7 +58,8 @@ def main() -> None:
     n = parse_size(args.size)
     opts = {
         "torch fused Adam": torch.optim.Adam(_params(n), lr=1e-3, fused=True),
-        "built-in adam": gradpipe.Optimizer(_params(n), BUILTIN, lr=1e-3),
+        "the built-in adam op": gradpipe.Optimizer(_params(n), BUILTIN, lr=1e-3),
+        "pipelines/adam.grad (ema and a cell)": gradpipe.Optimizer(_params(n), "adam", lr=1e-3),
         "adam from primitives": gradpipe.Optimizer(_params(n), PRIMITIVES, lr=1e-3),
     }
     for opt in opts.values():  # compile and warm up
