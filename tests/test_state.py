@@ -22,6 +22,7 @@ from gradpipe import GradError
 from gradpipe.compiler.lowering import plan_route, route_cost
 from gradpipe.dsl.formatter import format_source
 from gradpipe.runtime.compiled import CompileFallbackWarning
+from gradpipe.runtime.migration import StateMigrationWarning
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
 
@@ -406,3 +407,33 @@ def test_an_update_that_also_feeds_a_cell_is_applied_in_its_segment():
     (kind, seg), = plan_route(prog, label="main")
     assert seg.final == prog.ir["main"].update
     assert route_cost(prog, "main").bytes_per_param == 28
+
+
+def test_cells_are_carried_by_migration():
+    """A checkpoint of Adam from cells loads into the pipeline edited to AMSGrad: ``m`` and
+    ``v`` keep their values, the new cell ``vmax`` starts in the next step (a migration
+    warning says so), and a cell the edit removes is dropped."""
+    params = _params()
+    opt = gradpipe.Optimizer(params, ADAM_FROM_PRIMITIVES, lr=0.01)
+    for gs in _grads(3):
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    amsgrad = ADAM_FROM_PRIMITIVES.replace(
+        "m / (1 - betas[0] ** step) / (sqrt(v)",
+        "state vmax = 0 then max(vmax, v)\nm / (1 - betas[0] ** step) / (sqrt(vmax)")
+    edited = gradpipe.Optimizer(params, amsgrad, lr=0.01)
+    with pytest.warns(StateMigrationWarning):
+        edited.load_state_dict(saved)
+    for p in params:
+        assert torch.equal(edited.state[p]["main/m.value"], opt.state[p]["main/m.value"])
+        assert "main/vmax.value" not in edited.state[p]
+    for p, g in zip(params, _grads(1, seed=9)[0]):
+        p.grad = g.clone()
+    edited.step()
+    assert all("main/vmax.value" in edited.state[p] for p in params)
+    back = gradpipe.Optimizer(params, ADAM_FROM_PRIMITIVES, lr=0.01)
+    with pytest.warns(StateMigrationWarning):
+        back.load_state_dict(edited.state_dict())
+    assert all("main/vmax.value" not in back.state[p] for p in params)
