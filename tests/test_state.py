@@ -437,3 +437,26 @@ def test_cells_are_carried_by_migration():
     with pytest.warns(StateMigrationWarning):
         back.load_state_dict(edited.state_dict())
     assert all("main/vmax.value" not in back.state[p] for p in params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cell_that_starts_from_a_global_value_has_the_parameters_shape(backend):
+    """One number for the route (a reduction over ``global``) fills a cell of the parameter's
+    shape on both backends, so their state dicts are interchangeable."""
+    src = "hparam lr = 1\nstate c = sum(grad, over=global) then c + 1\ngrad * 0 + c"
+    params = _params()
+    opt = gradpipe.Optimizer(params, src, backend=backend)
+    for gs in _grads(2):
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    total = sum(float(g.sum()) for g in _grads(2)[0])
+    for p in params:
+        assert opt.state[p]["main/c.value"].shape == p.shape
+        torch.testing.assert_close(opt.state[p]["main/c.value"], torch.full_like(p, total + 1), rtol=1e-12, atol=0)
+
+
+def test_per_row_cells_have_their_shape_in_the_state_layout():
+    prog = gradpipe.load("adafactor")
+    shapes = {n: shp for n, _, _, shp in prog.state_layout("ndim>=2", (4, 6)) if n.endswith("_var")}
+    assert shapes == {"ndim>=2/row_var": (4, 1), "ndim>=2/col_var": (1, 6)}

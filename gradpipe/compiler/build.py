@@ -779,6 +779,8 @@ class Builder:
             self._refuse_mask(init.node, init_e.span, f"the initial value of {what}")
             args: dict[str, Any] = {"init": None}
             x = init.node
+            if self._global_valued(x):  # one number for the route: a cell of the parameter's shape
+                x = self.emit.arith("broadcast", prefix, init_e.span, {}, [(x, "lhs")])
         elif isinstance(init, ScalarV) and not S.is_bool(init.expr):
             args = {"init": init.expr}
             x = shape if shape is not None else self.source("grad", span).node  # only for its shape
@@ -790,6 +792,18 @@ class Builder:
         if x in self._reduced:
             self._reduced.add(read)  # a few numbers per tensor, like the value it starts from
         return read
+
+    def _global_valued(self, node: str) -> bool:
+        """Whether ``node``'s value is one number for the whole route (a reduction over
+        ``global``, or arithmetic on such values only), which the eager backend keeps 0-d."""
+        g = self.graph
+        d = g.nodes[node]
+        if d["kind"] != "arith":
+            return False
+        if prims.is_reduction(d["op"]):
+            return d["args"].get("over") == "global"
+        srcs = [u for u, _, e in g.in_edges(node, data=True) if e["port"] != "like"]
+        return bool(srcs) and all(self._global_valued(u) for u in srcs)
 
     def _commit(self, read: str, upd: Value, upd_e: ast.Expr, what: str) -> str:
         """Register ``upd`` as the new value of the cell ``read``; return the node holding it."""

@@ -217,7 +217,10 @@ class Program:
                 if n.kind is not Kind.OP:
                     continue
                 op, const = n.impl, self.const_args(n.name)
-                out.append((n.name, op, const, shp))
+                # a state cell has its initial value's shape: one number per row of a matrix when
+                # it starts from a reduction over rows (Adafactor)
+                x = n.inputs.get("x")
+                out.append((n.name, op, const, value_shape(ir, x, shp) if n.op == "state" and x else shp))
                 if n.name in ir.blocks:
                     visit(ir.blocks[n.name], tuple(op.inner_shape(shp, const)))
         visit(ir.nodes, tuple(shape))
@@ -333,6 +336,45 @@ class Library:
     @property
     def name(self) -> str:
         return pathlib.Path(self.path).stem if not self.path.startswith("<") else self.path
+
+
+def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape ``shapes`` broadcast to (numpy's rule; they are known to broadcast)."""
+    n = max(len(s) for s in shapes)
+    padded = [(1,) * (n - len(s)) + tuple(s) for s in shapes]
+    return tuple(max(dims) for dims in zip(*padded))
+
+
+def value_shape(ir: RouteIR, node: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of ``node``'s value for a parameter of ``shape``: the parameter's, except for
+    per-tensor values (a reduction over ``tensor`` is 0-d, over ``rows`` ``(..., R, 1)``, over
+    ``cols`` ``(..., 1, C)``; a shape value is 0-d; arithmetic on them broadcasts; a state cell
+    has its initial value's shape)."""
+    memo: dict[str, tuple[int, ...]] = {}
+
+    def of(name: str) -> tuple[int, ...]:
+        if name in memo:
+            return memo[name]
+        n = ir.by_name[name]
+        out = tuple(shape)
+        if n.kind is Kind.ARITH and prims.is_shape(n.op):
+            out = ()
+        elif n.kind is Kind.ARITH and prims.is_reduction(n.op):
+            over = n.const.get("over")
+            if over == "rows" and len(shape) >= 2:
+                out = tuple(shape[:-1]) + (1,)
+            elif over == "cols" and len(shape) >= 2:
+                out = tuple(shape[:-2]) + (1, shape[-1])
+            elif over == "tensor":
+                out = ()
+        elif n.kind is Kind.ARITH and n.op != "broadcast" and n.inputs:
+            shapes = [of(src) for port, src in n.inputs.items() if port != "like"]
+            out = _broadcast(shapes) if shapes else out
+        elif n.kind is Kind.OP and n.op == "state" and "x" in n.inputs:
+            out = of(n.inputs["x"])
+        memo[name] = out
+        return out
+    return of(node)
 
 
 def _listing(names: Sequence[str], limit: int = 10) -> str:

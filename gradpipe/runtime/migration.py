@@ -155,14 +155,11 @@ def expected_shape(prog: "Program", node: str, shape: tuple[int, ...], buffer: s
     declaration (``Buffer.shape``) at the shape the node sees: the parameter's, or the shape
     the enclosing block ops (``galore``) hand their inner pipeline. ``None`` where it is not
     known: a buffer the op does not declare for these arguments (``project_out``'s basis,
-    which the user sets), a state cell that starts from a reduction (Adafactor's per-row
-    moment), or no buffer for a parameter of this shape."""
+    which the user sets), or no buffer for a parameter of this shape. A state cell that
+    starts from a reduction has that reduction's shape (Adafactor's per-row moment)."""
     n = prog.find_node(node)
     if n is None or not n.is_op:
         return None
-    from ..compiler.lowering import per_tensor_values
-    if n.op == "state" and node in per_tensor_values(prog.ir[n.route].nodes):
-        return None  # a cell that starts from a reduction: one number per tensor, row or column
     for name, op, const, shp in prog.state_layout(n.route, tuple(shape)):
         if name != node:
             continue
