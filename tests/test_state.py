@@ -453,7 +453,7 @@ def test_a_cell_that_starts_from_a_global_value_has_the_parameters_shape(backend
     total = sum(float(g.sum()) for g in _grads(2)[0])
     for p in params:
         assert opt.state[p]["main/c.value"].shape == p.shape
-        torch.testing.assert_close(opt.state[p]["main/c.value"], torch.full_like(p, total + 1), rtol=1e-12, atol=0)
+        torch.testing.assert_close(opt.state[p]["main/c.value"], torch.full_like(p, total + 2), rtol=1e-12, atol=0)
 
 
 def test_per_row_cells_have_their_shape_in_the_state_layout():
