@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/prelude_bench.py [--size 10M] [--rounds 15]
 
 Both pipelines and torch's fused Adam step the same 1 large + 50 small float32 tensors
-(``gradpipe.bench.layout_shapes``) on the compiled backend; the three are timed in
+(``gradpipe.bench.layout_shapes``); the pipeline is ``adam_from_primitives.grad`` beside this file on the compiled backend; the three are timed in
 interleaved rounds (so a change in the machine's load hits all three alike) and the
 medians are reported, with each gradpipe pipeline as a ratio to fused Adam. Prints a
 Markdown row per pipeline for ``docs/benchmarks.md``.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import pathlib
 import statistics
 import time
 
@@ -29,14 +30,7 @@ hparam eps = 1e-8 in [0, inf)
 grad | adam(betas[0], betas[1], eps)
 """
 #: torch.optim.Adam from two state cells and elementwise math (docs/language.md 4.7)
-PRIMITIVES = """\
-hparam lr = 0.001 in [0, inf)
-hparam betas = (0.9, 0.999) in [0, 1)
-hparam eps = 1e-8 in [0, inf)
-state m = 0 then betas[0] * m + (1 - betas[0]) * grad
-state v = 0 then betas[1] * v + (1 - betas[1]) * grad * grad
-m / (1 - betas[0] ** step) / (sqrt(v) / sqrt(1 - betas[1] ** step) + eps)
-"""
+PRIMITIVES = str(pathlib.Path(__file__).resolve().parent / "adam_from_primitives.grad")
 
 
 def _params(n: int) -> list[torch.nn.Parameter]:

@@ -122,7 +122,6 @@ def _row(name: str) -> str:
 def render_pipelines_markdown() -> str:
     names = builtin_names()
     out = [INTRO]
-    listed: set[str] = set()
     groups = dict(GROUPS)
     groups["The seed papers' methods and the rest"] = tuple(
         n for n in names if not any(n in g for g in GROUPS.values()))
@@ -134,7 +133,6 @@ def render_pipelines_markdown() -> str:
         for name in members:
             if name in names:
                 out.append(_row(name))
-                listed.add(name)
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

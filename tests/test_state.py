@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pathlib
 import warnings
 
 import pytest
@@ -52,13 +53,18 @@ def _grads(steps: int, seed: int = 0) -> list[list[torch.Tensor]]:
     return [[torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES] for _ in range(steps)]
 
 
-def _run(src: str, backend: str, steps: int = 6, **hp) -> tuple[list[torch.Tensor], gradpipe.Optimizer]:
-    params = _params()
-    opt = gradpipe.Optimizer(params, src, backend=backend, **hp)
-    for gs in _grads(steps):
+def _feed(opt: gradpipe.Optimizer, params: list[torch.nn.Parameter], grads: list[list[torch.Tensor]]) -> None:
+    """A step of ``opt`` per item of ``grads``, each parameter given its gradient."""
+    for gs in grads:
         for p, g in zip(params, gs):
             p.grad = g.clone()
         opt.step()
+
+
+def _run(src: str, backend: str, steps: int = 6, **hp) -> tuple[list[torch.Tensor], gradpipe.Optimizer]:
+    params = _params()
+    opt = gradpipe.Optimizer(params, src, backend=backend, **hp)
+    _feed(opt, params, _grads(steps))
     return [p.detach().clone() for p in params], opt
 
 
@@ -83,10 +89,7 @@ def test_amsgrad_from_a_state_cell_follows_torch(backend):
     ours, _ = _run(AMSGRAD, backend, steps=50, lr=0.01)
     params = _params()
     ref = torch.optim.Adam(params, lr=0.01, amsgrad=True)
-    for gs in _grads(50):
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        ref.step()
+    _feed(ref, params, _grads(50))
     _close(ours, [p.detach() for p in params], rtol=1e-9)
 
 
@@ -205,19 +208,13 @@ def test_cell_state_is_named_from_the_source_and_resumes_bitwise(backend):
     params = _params()
     first = gradpipe.Optimizer(params, AMSGRAD, backend=backend, lr=0.01)
     grads = _grads(8)
-    for gs in grads[:4]:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        first.step()
+    _feed(first, params, grads[:4])
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)
     buf.seek(0)
     resumed = gradpipe.Optimizer(params, AMSGRAD, backend=backend, lr=0.01)
     resumed.load_state_dict(torch.load(buf, weights_only=True))
-    for gs in grads[4:]:
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        resumed.step()
+    _feed(resumed, params, grads[4:])
     for a, b in zip(whole, params):
         assert torch.equal(a, b.detach())
 
@@ -237,10 +234,7 @@ def test_a_skipped_step_leaves_cells_alone(backend):
     src = "hparam lr = 1\nstate acc = 0 then acc + grad\nacc"
     params = _params()
     opt = gradpipe.Optimizer(params, src, backend=backend)
-    for gs in _grads(2):
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
+    _feed(opt, params, _grads(2))
     before = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
     params[0].grad = torch.full(SHAPES[0], float("nan"), dtype=torch.float64)
     params[1].grad = torch.ones(SHAPES[1], dtype=torch.float64)
@@ -364,21 +358,12 @@ def test_the_compiled_step_is_compiled_once_with_cells():
     opt = gradpipe.Optimizer(params, AMSGRAD, backend="compiled", lr=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompileFallbackWarning)
-        for gs in _grads(3):
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            opt.step()
+        _feed(opt, params, _grads(3))
 
 
-#: torch.optim.Adam from two state cells and elementwise math (benchmarks/prelude_bench.py)
-ADAM_FROM_PRIMITIVES = """\
-hparam lr = 0.001 in [0, inf)
-hparam betas = (0.9, 0.999) in [0, 1)
-hparam eps = 1e-8 in [0, inf)
-state m = 0 then betas[0] * m + (1 - betas[0]) * grad
-state v = 0 then betas[1] * v + (1 - betas[1]) * grad * grad
-m / (1 - betas[0] ** step) / (sqrt(v) / sqrt(1 - betas[1] ** step) + eps)
-"""
+#: torch.optim.Adam from two state cells and elementwise math: the file benchmarks/prelude_bench.py times
+ADAM_FROM_PRIMITIVES = (pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "adam_from_primitives.grad"
+                        ).read_text(encoding="utf-8")
 
 
 def test_adam_from_primitives_costs_what_the_builtin_op_costs():
@@ -415,10 +400,7 @@ def test_cells_are_carried_by_migration():
     warning says so), and a cell the edit removes is dropped."""
     params = _params()
     opt = gradpipe.Optimizer(params, ADAM_FROM_PRIMITIVES, lr=0.01)
-    for gs in _grads(3):
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
+    _feed(opt, params, _grads(3))
     saved = copy.deepcopy(opt.state_dict())
     amsgrad = ADAM_FROM_PRIMITIVES.replace(
         "m / (1 - betas[0] ** step) / (sqrt(v)",
@@ -446,10 +428,7 @@ def test_a_cell_that_starts_from_a_global_value_has_the_parameters_shape(backend
     src = "hparam lr = 1\nstate c = sum(grad, over=global) then c + 1\ngrad * 0 + c"
     params = _params()
     opt = gradpipe.Optimizer(params, src, backend=backend)
-    for gs in _grads(2):
-        for p, g in zip(params, gs):
-            p.grad = g.clone()
-        opt.step()
+    _feed(opt, params, _grads(2))
     total = sum(float(g.sum()) for g in _grads(2)[0])
     for p in params:
         assert opt.state[p]["main/c.value"].shape == p.shape

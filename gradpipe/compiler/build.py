@@ -136,7 +136,7 @@ class _Cell:
 
     read: str
     new: str | None = None
-    busy: bool = True
+    busy: bool = False
     #: the file and statement it comes from
     source: tuple[ModuleEnv, ast.State] | None = None
 
@@ -184,6 +184,9 @@ class Builder:
         #: nodes whose value is one number per tensor, row or column (reductions, shape values, arithmetic
         #: on them): ops and the update take them expanded to the parameter's shape (a ``broadcast`` node)
         self._reduced: set[str] = set()
+        #: those of them that are one number for the whole route (reductions over ``global``, and
+        #: arithmetic on those only), which the eager backend keeps 0-d
+        self._global: set[str] = set()
         #: while a branch of a ``where`` with a scalar condition is built: the domain checks it
         #: asks for, (op, [(argument name, probe)], span, hint, guards), held until it is known
         #: whether the branch is a scalar (evaluated only when the condition picks it) or not
@@ -595,6 +598,8 @@ class Builder:
         node = self.emit.arith(op, prefix, span, args, inputs)
         if all(src in self._reduced for src, _ in inputs):
             self._reduced.add(node)  # arithmetic on per-tensor values only: a per-tensor value
+        if inputs and all(src in self._global for src, port in inputs if port != "like"):
+            self._global.add(node)  # arithmetic on route-wide values only: one number for the route
         return node
 
     def _is_mask(self, node: str) -> bool:
@@ -700,7 +705,7 @@ class Builder:
             prefix = f"{self.emit.route}/{st.name}"
             init = self.expr(st.init, Scope(env), prefix)
             read = self._cell_node(prefix, init, st.init, st.span, f"state '{st.name}'")
-            cell = self._cells[key] = _Cell(read, busy=False, source=(env, st))
+            cell = self._cells[key] = _Cell(read, source=(env, st))
             self._pending_cells.append(key)
         self._use_cell(cell.read)
         if update and cell.new is None and not cell.busy:
@@ -779,7 +784,7 @@ class Builder:
             self._refuse_mask(init.node, init_e.span, f"the initial value of {what}")
             args: dict[str, Any] = {"init": None}
             x = init.node
-            if self._global_valued(x):  # one number for the route: a cell of the parameter's shape
+            if x in self._global:  # one number for the route: a cell of the parameter's shape
                 x = self.emit.arith("broadcast", prefix, init_e.span, {}, [(x, "lhs")])
         elif isinstance(init, ScalarV) and not S.is_bool(init.expr):
             args = {"init": init.expr}
@@ -792,18 +797,6 @@ class Builder:
         if x in self._reduced:
             self._reduced.add(read)  # a few numbers per tensor, like the value it starts from
         return read
-
-    def _global_valued(self, node: str) -> bool:
-        """Whether ``node``'s value is one number for the whole route (a reduction over
-        ``global``, or arithmetic on such values only), which the eager backend keeps 0-d."""
-        g = self.graph
-        d = g.nodes[node]
-        if d["kind"] != "arith":
-            return False
-        if prims.is_reduction(d["op"]):
-            return d["args"].get("over") == "global"
-        srcs = [u for u, _, e in g.in_edges(node, data=True) if e["port"] != "like"]
-        return bool(srcs) and all(self._global_valued(u) for u in srcs)
 
     def _commit(self, read: str, upd: Value, upd_e: ast.Expr, what: str) -> str:
         """Register ``upd`` as the new value of the cell ``read``; return the node holding it."""
@@ -1025,6 +1018,8 @@ class Builder:
             inputs.append((self._full(v.node, where, prefix), port))
         node = self.emit.arith(prims.REDUCE_IDS[fn], prefix, span, {"over": scope}, inputs)
         self._reduced.add(node)
+        if scope == "global":
+            self._global.add(node)
         return node
 
     def _shape_value(self, name: str, span: Span) -> Stream:

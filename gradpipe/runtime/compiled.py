@@ -279,6 +279,8 @@ class CompiledRoutes:
         #: route -> (its plan of segments and eager nodes, its source nodes)
         self._plans: dict[str, tuple[list[tuple[str, Any]], list[str]]] = {}
         self._fns: dict[tuple[str, int], tuple[Callable, Callable]] = {}
+        #: route -> the state cells no fused segment commits (written after the route)
+        self._late: dict[str, list[tuple[str, str]]] = {}
         #: (route, segment index, bucket key, node) -> {buffer: flat tensor}
         self._flat: dict[tuple, dict[str, torch.Tensor]] = {}
         #: (purpose, bucket key) -> a flat tensor reused every step (gathered inputs, outputs)
@@ -351,8 +353,10 @@ class CompiledRoutes:
                 vals.split[item] = eval_node(node, vals.split, vals.lanes)
             else:
                 applied |= self._run_segment(label, si, item, batch, vals)
-        late = [(cell, new) for cell, new in ir.commits if not any(
-            kind == "segment" and (cell, new) in item.commits for kind, item in plan)]
+        late = self._late.get(label)
+        if late is None:  # once per route: the cells no segment commits
+            late = self._late[label] = [(cell, new) for cell, new in ir.commits if not any(
+                kind == "segment" and (cell, new) in item.commits for kind, item in plan)]
         if late:  # cells whose new value is computed after their segment: written now
             commit_cells(late, {new: self._to_split(new, vals) for _, new in late}, batch.states)
         if ir.update in vals.flat:  # the update came out of a fused segment: apply it here

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Buffer, Op, Param, TensorOp, internal
+from .base import Buffer, Param, TensorOp, internal
 
 
 @internal
@@ -50,7 +50,6 @@ class Cell(TensorOp):
         buf = state.get("value")
         if buf is None:  # no reader needs it in this param group (``keep`` is false)
             return torch.zeros_like(x)
-        buf = state["value"]
         init = a.init
         fresh = lane.fresh
         if fresh is True:
@@ -61,4 +60,4 @@ class Cell(TensorOp):
         return torch.where(fresh, first, buf)
 
 
-__all__ = ["Cell", "Op"]
+__all__ = ["Cell"]
