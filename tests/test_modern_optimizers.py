@@ -247,7 +247,8 @@ CASES = [
     Case("orthograd", "orthograd", dict(lr=1e-2, weight_decay=0.1, rounding=4 * torch.finfo(torch.float64).eps),
          _orthograd_adamw, dict(lr=1e-2, weight_decay=0.1)),
 ]
-COMPILED = ["adan", "mars_adamw", "accumulate_adamw", "ademamix-warmup", "cautious_adamw", "orthograd", "prodigy"]
+COMPILED = ["adan", "mars_adamw", "accumulate_adamw", "ademamix-warmup", "cautious_adamw", "orthograd", "prodigy",
+            "signum", "adabelief", "lamb", "lars-wd", "grokfast_ema"]
 
 
 def _params() -> dict[str, torch.nn.Parameter]:
