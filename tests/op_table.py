@@ -531,6 +531,27 @@ def ref_trust_ratio(eps: float) -> Stepper:
     return step
 
 
+def ref_newton_schulz(steps: int, a: float, b: float, c: float, eps: float) -> Stepper:
+    """Muon's orthogonalisation in float64: each matrix (a tensor of more dimensions as
+    (shape[0], -1)) made wide, X = G / max(||G||_F, eps), then X <- a X + (b A + c A^2) X with
+    A = X X^T, ``steps`` times; vectors pass (their route in the row's pipeline)."""
+    def step(t, gs, ps):
+        out = []
+        for g in gs:
+            if g.ndim < 2:
+                out.append(g.copy())
+                continue
+            m = g.reshape(g.shape[0], -1)
+            x = m.T if m.shape[0] > m.shape[1] else m
+            x = x / max(np.linalg.norm(x), eps)
+            for _ in range(steps):
+                A = x @ x.T
+                x = a * x + (b * A + c * A @ A) @ x
+            out.append((x.T if m.shape[0] > m.shape[1] else x).reshape(g.shape))
+        return out
+    return step
+
+
 def ref_classp(threshold: float, eps: float, power: float, mode: str = "elementwise") -> Stepper:
     """CLASSP: mask = x^2 > threshold (elementwise), or float(any(x != 0)) > threshold for the whole
     tensor (the reference code's ``(grad**2).any() > threshold``); S += |x|^p where the mask holds;
@@ -891,6 +912,13 @@ CASES: tuple[OpCase, ...] = (
     OpCase("agc_eps_floor", "agc", "grad | agc(0.2, eps=5.0)", lambda: ref_agc(0.2, 5.0)),
     OpCase("trust_ratio", "trust_ratio", "grad | trust_ratio", lambda: ref_trust_ratio(0.0)),
     OpCase("trust_ratio_eps", "trust_ratio", "grad | trust_ratio(0.5)", lambda: ref_trust_ratio(0.5)),
+    OpCase("newton_schulz", "newton_schulz",
+           "route ndim >= 2: grad | newton_schulz(precision=input)\nroute default: grad",
+           lambda: ref_newton_schulz(5, 3.4445, -4.775, 2.0315, 1e-7), inputs="matrices", tol=(1e-10, 1e-12)),
+    OpCase("newton_schulz_one_by_one", "newton_schulz",
+           "route ndim >= 2: grad | newton_schulz(3, 2.0, -1.5, 0.5, eps=0.1, precision=input, batch=none)\n"
+           "route default: grad", lambda: ref_newton_schulz(3, 2.0, -1.5, 0.5, 0.1), inputs="matrices",
+           tol=(1e-10, 1e-12)),
     OpCase("classp", "classp", "grad | classp", lambda: ref_classp(0.5, 1e-5, 1.0)),
     OpCase("classp_power", "classp", "grad | classp(0.3, 1e-3, 2)", lambda: ref_classp(0.3, 1e-3, 2.0)),
     OpCase("classp_tensor", "classp", "grad | classp(power=1.5, threshold_mode=tensor)",

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import gradpipe
+from optimizer_table import BUILTIN_NAMES
 import op_table as T
 from gradpipe.runtime import compiled as C
 from test_runtime import _loss, _model, _train
@@ -48,7 +49,7 @@ def _params_after(name: str, backend: str, dtype: torch.dtype, steps: int = 20):
     return [p.detach().clone() for p in m.parameters()], opt
 
 
-@pytest.mark.parametrize("name", gradpipe.builtin_names())
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_pipelines_match_eager_float64(name):
     a, _ = _params_after(name, "eager", torch.float64)
     b, _ = _params_after(name, "compiled", torch.float64)

@@ -259,7 +259,7 @@ def test_state_keys_are_structure_names() -> None:
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_state_keys_are_declared_buffers(name: str) -> None:
     m = _model()
-    opt = gradpipe.Optimizer(m.parameters(), name, lr=1e-2)
+    opt = gradpipe.Optimizer(m.named_parameters(), name, lr=1e-2)
     _train(m, opt, 2)
     declared = set(opt.program.state_buffers()) | {"step"}
     for p in m.parameters():

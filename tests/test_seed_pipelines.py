@@ -17,12 +17,15 @@ from __future__ import annotations
 import pytest
 
 import gradpipe
+from optimizer_table import MATRICES_ONLY
 from gradpipe.demo import lr_for
 from gradpipe.tasks import train_multitask
 from gradpipe.tasks.digits import train
 
 STEPS = 150
 NAMES = [n for n in gradpipe.builtin_names() if n != "scalpel"]
+#: pipelines for matrices only (optimizer_table.MATRICES_ONLY, as torch.optim.Muon) train the
+#: model's matrices (the biases stay at their start), as torch's documentation shows Muon used
 
 
 def _run(name: str, steps: int = STEPS):
@@ -30,7 +33,8 @@ def _run(name: str, steps: int = STEPS):
     lr = lr_for(name)
 
     def make(model):
-        return gradpipe.Optimizer(model.named_parameters(), prog, lr=lr)
+        params = [(n, p) for n, p in model.named_parameters() if name not in MATRICES_ONLY or p.ndim == 2]
+        return gradpipe.Optimizer(params, prog, lr=lr)
     return train_multitask(make, steps=steps) if prog.losses else train(make, steps=steps)
 
 

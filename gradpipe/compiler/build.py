@@ -43,7 +43,7 @@ _SIGNAL_MOD_HINT = "the remainder of a signal needs a divisor other than 0, e.g.
 #: the argument names of the math functions, for messages
 _ARG_NAMES = {"abs": ("x",), "sign": ("x",), "sqrt": ("x",), "exp": ("x",), "log": ("x",),
               "max": ("a", "b"), "min": ("a", "b"), "clamp": ("x", "lo", "hi"), "where": ("cond", "a", "b"),
-              "%": ("a", "b")}
+              "matmul": ("a", "b"), "transpose": ("x",), "%": ("a", "b")}
 _MAX_APPLY_DEPTH = 100
 
 #: How deeply expressions may nest once the lets and defs they name are expanded into them
@@ -187,6 +187,9 @@ class Builder:
         #: those of them that are one number for the whole route (reductions over ``global``, and
         #: arithmetic on those only), which the eager backend keeps 0-d
         self._global: set[str] = set()
+        #: nodes whose value is a matrix of its own (a matrix function's, arithmetic on such values and
+        #: per-tensor ones, a cell that starts from one): reduced as they are, never expanded
+        self._matrix: set[str] = set()
         #: while a branch of a ``where`` with a scalar condition is built: the domain checks it
         #: asks for, (op, [(argument name, probe)], span, hint, guards), held until it is known
         #: whether the branch is a scalar (evaluated only when the condition picks it) or not
@@ -379,6 +382,8 @@ class Builder:
         spans = ([] if head is None else [head.span]) + [o.span for o in operands]
         ports = prims.PORTS[op]
         vals = [self._operand(op, port, v, span) for port, v, span in zip(ports, vals, spans)]
+        if prims.is_matrix(op):
+            self._matrix_operands(op, vals, spans, e.span)
         if all(isinstance(v, ScalarV) for v in vals):
             return self._scalar_prim(e, op, operands, vals, n_folded)
         if op == "%" and isinstance(vals[1], ScalarV):
@@ -393,6 +398,15 @@ class Builder:
                     return self._arith_node(op, pfx, e.span, concrete, spans)
             return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
         return Stream(self._arith_node(op, prefix, e.span, vals, spans), e.span)
+
+    def _matrix_operands(self, op: str, vals: list[Value], spans: list[Span], span: Span) -> None:
+        """A matrix function takes signals only (a number has no matrix view), outside blocks."""
+        for v, where in zip(vals, spans):
+            if isinstance(v, ScalarV):
+                raise GradError(f"'{op}' needs matrices (signals), but this is a number", where,
+                                f"multiply by a number with '*'; {op}({', '.join(_ARG_NAMES[op])}) takes signals "
+                                "such as grad, param or a state cell")
+        self._no_per_tensor_in_block(f"the matrix function '{op}'", span)
 
     def _operand(self, op: str, port: str, v: Value, span: Span) -> Value:
         """Check a scalar or word operand of primitive ``op`` on ``port``: a number, or, for the
@@ -596,8 +610,10 @@ class Builder:
             cond = next(src for src, p in inputs if p == "cond")
             inputs.append((next(u for u, _ in self.graph.in_edges(cond)), "like"))
         node = self.emit.arith(op, prefix, span, args, inputs)
-        if all(src in self._reduced for src, _ in inputs):
+        if prims.is_matrix(op) or all(src in self._reduced for src, _ in inputs):
             self._reduced.add(node)  # arithmetic on per-tensor values only: a per-tensor value
+            if prims.is_matrix(op) or any(src in self._matrix for src, _ in inputs):
+                self._matrix.add(node)
         if inputs and all(src in self._global for src, port in inputs if port != "like"):
             self._global.add(node)  # arithmetic on route-wide values only: one number for the route
         return node
@@ -794,6 +810,8 @@ class Builder:
                             init_e.span, "write e.g. 0, a hyperparameter, or a signal such as param or grad")
         self.emit.spend(span)
         read = self.emit.op(self.emit.fresh(prefix), "state", args, span, [(x, "x")])
+        if x in self._matrix:
+            self._matrix.add(read)
         if x in self._reduced:
             self._reduced.add(read)  # a few numbers per tensor, like the value it starts from
         return read
@@ -1014,6 +1032,12 @@ class Builder:
                                 "holds" if fn == "sum" else
                                 f"reduce numbers chosen with it: where({_text_at(self.graph.nodes[v.node]['span'])}"
                                 ", 1, 0)")
+            if v.node in self._matrix:
+                if scope == "global":
+                    raise GradError(f"'{fn}' over=global of a matrix value (a matrix function's)", where,
+                                    f"reduce it per tensor: {fn}(..., over=tensor)")
+                inputs.append((v.node, port))  # a matrix is reduced as it is: G Gᵀ over its m×m elements
+                continue
             # a per-tensor operand counts once per element it stands for (as if expanded), in every scope
             inputs.append((self._full(v.node, where, prefix), port))
         node = self.emit.arith(prims.REDUCE_IDS[fn], prefix, span, {"over": scope}, inputs)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["BINARY", "COMPARISONS", "FUNCTIONS", "REDUCTIONS", "REDUCE_IDS", "SCOPES", "SHAPES", "PORTS", "NODE_NAMES",
-           "SUMMARIES", "is_mask_op", "is_reduction", "is_shape", "per_tensor", "text"]
+__all__ = ["BINARY", "COMPARISONS", "FUNCTIONS", "MATRIX", "REDUCTIONS", "REDUCE_IDS", "SCOPES", "SHAPES", "PORTS", "NODE_NAMES",
+           "SUMMARIES", "is_mask_op", "is_matrix", "is_reduction", "is_shape", "per_tensor", "text"]
 
 #: infix operators on numbers, lowest precedence group last: ``+ - * / % **``
 BINARY = ("+", "-", "*", "/", "%", "**")
@@ -25,7 +25,13 @@ COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
 FUNCTIONS: dict[str, int] = {
     "abs": 1, "sign": 1, "sqrt": 1, "exp": 1, "log": 1,
     "max": 2, "min": 2, "clamp": 3, "where": 3,
+    "matmul": 2, "transpose": 1,
 }
+
+#: the matrix functions (a subset of ``FUNCTIONS``): they act on each parameter's matrix view (a
+#: tensor of more than two dimensions as ``(shape[0], -1)``), so they run tensor by tensor, and
+#: their value may have another shape than the parameter (``matmul(g, transpose(g))`` is m×m)
+MATRIX: dict[str, int] = {"matmul": 2, "transpose": 1}
 
 #: the reductions, by the name a user writes, and how many operands each takes (``mean(x, over=tensor)``);
 #: ``max``, ``min`` and ``rms`` are also a math function or an op: with ``over=`` they are the reduction
@@ -42,7 +48,7 @@ PORTS: dict[str, tuple[str, ...]] = {
     **{op: ("lhs", "rhs") for op in BINARY + COMPARISONS},
     "neg": ("lhs",),
     **{f: ("lhs",) for f, n in FUNCTIONS.items() if n == 1},
-    "max": ("lhs", "rhs"), "min": ("lhs", "rhs"),
+    "max": ("lhs", "rhs"), "min": ("lhs", "rhs"), "matmul": ("lhs", "rhs"),
     "clamp": ("lhs", "lo", "hi"),
     # ``like`` (optional): for a mask choosing between two scalars, a signal to take the dtype from
     "where": ("cond", "lhs", "rhs", "like"),
@@ -73,6 +79,10 @@ SUMMARIES: dict[str, str] = {
     "min(a, b)": "the smaller of a and b, elementwise (NaN if either is NaN)",
     "clamp(x, lo, hi)": "min(max(x, lo), hi)",
     "where(cond, a, b)": "a where cond holds, else b; cond is a mask or a boolean (a comparison)",
+    "matmul(a, b)": "the matrix product of a and b, per parameter tensor; a signal of the parameter's shape is its "
+                    "matrix view (a tensor of more than two dimensions as (shape[0], -1)); "
+                    "matmul(g, transpose(g)) is G Gᵀ (m×m)",
+    "transpose(x)": "the transpose of x's matrix view, per parameter tensor (n×m for an m×n parameter)",
     "a < b, <=, >, >=, ==, !=": "a mask (per element) if a side is a signal, a boolean if both are scalars",
     "sum(x, over=S)": "the sum of x; S (required) is tensor (one value per parameter tensor), global (over every "
                       "tensor of the route, as one flat vector), rows (per row: the last dim) or cols (per column: "
@@ -99,6 +109,11 @@ def is_mask_op(op: str) -> bool:
     return op in COMPARISONS
 
 
+def is_matrix(op: str) -> bool:
+    """Whether the primitive is a matrix function (``matmul``, ``transpose``)."""
+    return op in MATRIX
+
+
 def is_reduction(op: str) -> bool:
     """Whether the primitive is a reduction (``sum``, ``mean``, ``amax``...: ``REDUCE_IDS``'s values)."""
     return op in _REDUCTION_OF
@@ -112,7 +127,7 @@ def is_shape(op: str) -> bool:
 def per_tensor(op: str, over: object = None) -> bool:
     """Whether a primitive computes one value per parameter tensor, row or column (a shape value, or a
     reduction over ``tensor``, ``rows`` or ``cols``, given as ``over``), so it runs tensor by tensor."""
-    return op in SHAPES or (op in _REDUCTION_OF and over != "global")
+    return op in SHAPES or op in MATRIX or (op in _REDUCTION_OF and over != "global")
 
 
 def text(op: str, operands: Sequence[str]) -> str:

@@ -300,6 +300,33 @@ class Program:
                             "add 'route default: ...' or a selector that covers them")
         return labels
 
+    def check_shapes(self, params: Sequence[tuple[str | None, Any]], labels: Sequence[str]) -> None:
+        """Check, for each parameter, that the shapes of its route's values fit (matrix functions
+        on parameters of two or more dimensions, ``matmul`` of matching inner sizes, arithmetic on
+        values that broadcast): a GradError at the first node that does not fit, naming the
+        parameters, when an optimizer is built rather than at its first step."""
+        bad: dict[str, tuple[ShapeMismatch, list[str]]] = {}
+        seen: set[tuple[str, tuple[int, ...]]] = set()
+        for (name, t), label in zip(params, labels):
+            ir = self.ir.get(label)
+            if ir is None or not any(_is_matrix_node(n) for n in ir.nodes):
+                continue
+            key = (label, tuple(t.shape))
+            if key in seen:
+                if key in bad:
+                    bad[key][1].append(name or "?")
+                continue
+            seen.add(key)
+            try:
+                for n in ir.nodes:
+                    value_shape(ir, n.name, key[1], check=True)
+            except ShapeMismatch as err:
+                bad[key] = (err, [name or "?"])
+        if bad:
+            err, names = next(iter(bad.values()))
+            everyone = [n for e, ns in bad.values() if e.node is err.node and e.message == err.message for n in ns]
+            raise GradError(f"{err.message}: parameter(s) {_listing(everyone)}", err.node.span, err.hint)
+
     # ------------------------------------------------------------------ reports
     def explain(self) -> str:
         from .explain import explain
@@ -338,42 +365,156 @@ class Library:
         return pathlib.Path(self.path).stem if not self.path.startswith("<") else self.path
 
 
-def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
-    """The shape ``shapes`` broadcast to (numpy's rule; they are known to broadcast)."""
+def _is_matrix_node(n: Node) -> bool:
+    """Whether ``n`` acts on the parameter's matrix view (a matrix function, or an op such as
+    ``newton_schulz``): it needs parameters of two or more dimensions."""
+    return (n.kind is Kind.ARITH and prims.is_matrix(n.op)) or (n.kind is Kind.OP and n.impl.matrix)
+
+
+def _max_ndim(sel: ast.Selector) -> int | None:
+    """The most dimensions a parameter the selector matches can have, where the selector bounds
+    it (``ndim == 1``, ``ndim < 2 and "*.bias"``), else None."""
+    if isinstance(sel, ast.ShapePred) and sel.attr == "ndim":
+        return {"==": sel.value, "<": sel.value - 1, "<=": sel.value}.get(sel.op)
+    if isinstance(sel, ast.SelNot) and isinstance(sel.operand, ast.ShapePred) and sel.operand.attr == "ndim":
+        flipped = {">": "<=", ">=": "<"}.get(sel.operand.op)
+        return _max_ndim(ast.ShapePred("ndim", flipped, sel.operand.value)) if flipped else None
+    if isinstance(sel, ast.SelAnd):
+        bounds = [b for b in (_max_ndim(sel.left), _max_ndim(sel.right)) if b is not None]
+        return min(bounds) if bounds else None
+    if isinstance(sel, ast.SelOr):
+        a, b = _max_ndim(sel.left), _max_ndim(sel.right)
+        return None if a is None or b is None else max(a, b)
+    return None
+
+
+def _check_matrix_routes(routes: Sequence[RouteInfo], ir: Mapping[str, RouteIR]) -> None:
+    """A matrix function or op on a route whose selector admits only parameters of fewer than two
+    dimensions (``route ndim == 1: ...``) is refused when the pipeline compiles."""
+    for r in routes:
+        bound = _max_ndim(r.selector)
+        if bound is None or bound >= 2:
+            continue
+        n = next((n for n in ir[r.label].all_nodes() if _is_matrix_node(n)), None)
+        if n is not None:
+            raise GradError(f"'{n.op}' needs parameters of 2 or more dimensions, but this route takes only "
+                            f"parameters of at most {bound}", n.span,
+                            "route matrices to it, e.g. 'route ndim >= 2: ...', and give the rest another pipeline")
+
+
+class ShapeMismatch(Exception):
+    """A node whose operands' shapes do not fit for a parameter of some shape (a matrix function
+    on a vector, ``matmul`` of matrices whose inner sizes differ, arithmetic on a matrix and a value
+    of another shape): :meth:`Program.check_shapes` reports it as a GradError naming the parameters."""
+
+    def __init__(self, node: Node, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.node, self.message, self.hint = node, message, hint
+
+
+def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape ``shapes`` broadcast to (numpy's rule), or None when they do not broadcast."""
     n = max(len(s) for s in shapes)
     padded = [(1,) * (n - len(s)) + tuple(s) for s in shapes]
-    return tuple(max(dims) for dims in zip(*padded))
+    out = []
+    for dims in zip(*padded):
+        big = {d for d in dims if d != 1}
+        if len(big) > 1:
+            return None
+        out.append(big.pop() if big else 1)
+    return tuple(out)
 
 
-def value_shape(ir: RouteIR, node: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def matrix_shape(shp: tuple[int, ...], param: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a value's matrix view: a value of the parameter's shape with more than two
+    dimensions is ``(shape[0], -1)``; a matrix is itself."""
+    if shp == param and len(shp) > 2:
+        return (shp[0], math.prod(shp[1:]))
+    return shp
+
+
+def value_shape(ir: RouteIR, node: str, shape: tuple[int, ...], check: bool = False) -> tuple[int, ...]:
     """The shape of ``node``'s value for a parameter of ``shape``: the parameter's, except for
     per-tensor values (a reduction over ``tensor`` is 0-d, over ``rows`` ``(..., R, 1)``, over
-    ``cols`` ``(..., 1, C)``; a shape value is 0-d; arithmetic on them broadcasts; a state cell
-    has its initial value's shape)."""
+    ``cols`` ``(..., 1, C)`` of its operand; a shape value is 0-d; a matrix function's value is
+    a matrix, the parameter's shape when it is the parameter's matrix view; arithmetic broadcasts;
+    a state cell has its initial value's shape). ``check``: raise :class:`ShapeMismatch` where
+    shapes do not fit (checked when an optimizer is built, for each parameter shape)."""
     memo: dict[str, tuple[int, ...]] = {}
+    shape = tuple(shape)
 
     def of(name: str) -> tuple[int, ...]:
         if name in memo:
             return memo[name]
         n = ir.by_name[name]
-        out = tuple(shape)
+        out = shape
         if n.kind is Kind.ARITH and prims.is_shape(n.op):
             out = ()
         elif n.kind is Kind.ARITH and prims.is_reduction(n.op):
             over = n.const.get("over")
-            if over == "rows" and len(shape) >= 2:
-                out = tuple(shape[:-1]) + (1,)
-            elif over == "cols" and len(shape) >= 2:
-                out = tuple(shape[:-2]) + (1, shape[-1])
-            elif over == "tensor":
-                out = ()
-        elif n.kind is Kind.ARITH and n.op != "broadcast" and n.inputs:
+            x = of(n.inputs["lhs"])
+            if over == "rows" and len(x) >= 2:
+                out = x[:-1] + (1,)
+            elif over == "cols" and len(x) >= 2:
+                out = x[:-2] + (1, x[-1])
+            elif over in ("tensor", "global"):
+                out = () if over == "tensor" else shape
+        elif n.kind is Kind.ARITH and prims.is_matrix(n.op):
+            out = _matrix_value(n, [of(n.inputs[p]) for p in prims.PORTS[n.op]])
+        elif n.kind is Kind.ARITH and n.op == "broadcast":
+            x = of(n.inputs["lhs"])
+            if check and _broadcast([x, shape]) != shape:
+                raise ShapeMismatch(n, f"a value of shape {x} is used where a value of the parameter's shape "
+                                       f"{shape} is needed", "an op, the update and a cell of the parameter's shape "
+                                       "take values of the parameter's shape; a matrix such as G Gᵀ is m×m")
+        elif n.kind is Kind.ARITH and n.inputs:
             shapes = [of(src) for port, src in n.inputs.items() if port != "like"]
-            out = _broadcast(shapes) if shapes else out
+            b = _broadcast(shapes) if shapes else out
+            if b is None:
+                if check:
+                    raise ShapeMismatch(n, f"'{prims.NODE_NAMES.get(n.op, n.op)}' of values of shapes "
+                                           f"{' and '.join(str(s) for s in shapes)}, which do not broadcast",
+                                        "elementwise arithmetic needs values of one shape (or numbers per tensor, "
+                                        "row or column): check the matrix functions' shapes")
+                b = shape
+            out = b
         elif n.kind is Kind.OP and n.op == "state" and "x" in n.inputs:
             out = of(n.inputs["x"])
+        elif check and n.kind is Kind.OP and n.impl.matrix and len(shape) < 2:
+            raise ShapeMismatch(n, f"'{n.op}' needs a parameter of 2 or more dimensions, but this one has shape "
+                                   f"{shape}", "route matrices to it, e.g. 'route ndim >= 2: ...' with another "
+                                   "route for the rest")
         memo[name] = out
         return out
+
+    def _matrix_value(n: Node, operands: list[tuple[int, ...]]) -> tuple[int, ...]:
+        if len(shape) < 2:
+            if check:
+                raise ShapeMismatch(n, f"'{n.op}' needs a parameter of 2 or more dimensions, but this one has "
+                                       f"shape {shape}", "route matrices to it, e.g. 'route ndim >= 2: ...' with "
+                                       "another route for the rest")
+            return shape
+        views = [matrix_shape(o, shape) for o in operands]
+        for v in views:
+            if len(v) != 2:
+                if check:
+                    raise ShapeMismatch(n, f"'{n.op}' needs a matrix, but this value has shape {v}",
+                                        "matrix functions take values of the parameter's shape or matrices "
+                                        "made by them")
+                return shape
+        if n.op == "transpose":
+            out = (views[0][1], views[0][0])
+        else:
+            a, b = views
+            if a[1] != b[0]:
+                if check:
+                    raise ShapeMismatch(n, f"'matmul' of a {a} and a {b} matrix: the inner sizes differ",
+                                        "the columns of the first must match the rows of the second: G Gᵀ is "
+                                        "matmul(g, transpose(g)), Gᵀ G is matmul(transpose(g), g)")
+                return shape
+            out = (a[0], b[1])
+        return shape if len(shape) > 2 and out == matrix_shape(shape, shape) else out
+
     return of(node)
 
 
@@ -548,6 +689,7 @@ def compile_env(env: ModuleEnv) -> Program:
     check_ops(g)  # every op's own rules: what building the optimizer would otherwise refuse
     position = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(g))}
     ir = {r.label: freeze(g, r.label, r.output, position) for r in routes}
+    _check_matrix_routes(routes, ir)
     nonfinite = policy_of(n for r in ir.values() for n in r.all_nodes())
     rules = rule_checks(n for r in ir.values() for n in r.all_nodes())
     canonical, digest = _canonical_and_hash(env)

@@ -27,7 +27,7 @@ import torch
 from ..compiler.ir import Kind, Node
 from ..compiler.ops import Args, InnerNode, NodeCtx
 from ..compiler.ops.base import RuntimeFloat
-from ..compiler.prims import PORTS, is_reduction, is_shape
+from ..compiler.prims import PORTS, is_matrix, is_reduction, is_shape
 from ..dsl.diagnostics import GradError
 
 __all__ = ["Lanes", "eval_node", "arith", "eval_dynamic", "structural_args", "apply_update", "compute_dtype",
@@ -275,6 +275,47 @@ def shaped(node: Node, values: Mapping[str, list[torch.Tensor]], lanes: "Lanes")
             for p in lanes.layout()]
 
 
+def matrix_view(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``x`` as a matrix: a value of the parameter's shape is its matrix view (a tensor of more than
+    two dimensions as ``(shape[0], -1)``, as Muon's reference does with conv kernels); a matrix
+    value (``G Gᵀ``) is itself."""
+    if x.shape == p.shape and x.dim() != 2:
+        return x.reshape(p.shape[0], -1) if x.dim() > 2 else x.reshape(1, -1) if x.dim() == 1 else x
+    return x
+
+
+def as_param_shape(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A matrix function's value: the parameter's shape when it is the parameter's matrix view
+    (so it combines with the parameter's other values), else as it is (``G Gᵀ`` is m×m)."""
+    if x.shape != p.shape and p.dim() > 2 and x.dim() == 2 and x.shape[0] == p.shape[0] and x.numel() == p.numel():
+        return x.reshape(p.shape)
+    return x
+
+
+def matrix(node: Node, values: Mapping[str, list[torch.Tensor]], lanes: "Lanes") -> list[torch.Tensor]:
+    """A matrix function (``matmul``, ``transpose``) lane by lane (one parameter each), on the
+    operands' matrix views."""
+    out = []
+    xs = values[node.inputs["lhs"]]
+    ys = values[node.inputs["rhs"]] if "rhs" in node.inputs else [None] * len(xs)
+    for x, y, p in zip(xs, ys, lanes.layout()):
+        if p.dim() < 2:
+            raise _needs_matrix(node, f"'{node.op}'", p.shape)
+        a = matrix_view(x, p)
+        if node.op == "transpose":
+            r = a.transpose(-2, -1)
+        else:
+            b = matrix_view(y, p)
+            if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+                raise GradError(f"'matmul' of a {tuple(a.shape)} and a {tuple(b.shape)} matrix: the inner sizes differ "
+                                f"(for a parameter of shape {tuple(p.shape)})", node.span,
+                                "the columns of the first must match the rows of the second: G Gᵀ is "
+                                "matmul(g, transpose(g)), Gᵀ G is matmul(transpose(g), g)")
+            r = a @ b
+        out.append(as_param_shape(r, p))
+    return out
+
+
 def arith(node: Node, values: Mapping[str, list[torch.Tensor]], args: Sequence[Args]) -> list[torch.Tensor]:
     """An arithmetic node over every lane: its primitive (``lhs op rhs``, ``-lhs``, ``abs(lhs)``,
     ``clamp(lhs, lo, hi)``, ``where(cond, lhs, rhs)``...) applied to its operands, each a signal
@@ -296,6 +337,8 @@ def eval_node(node: Node, values: dict[str, list[torch.Tensor]], lanes: Lanes) -
             return reduce(node, values, lanes.args(node))
         if is_shape(node.op) or node.op == "broadcast":
             return shaped(node, values, lanes)
+        if is_matrix(node.op):
+            return matrix(node, values, lanes)
         return arith(node, values, lanes.args(node))
     if node.kind is not Kind.OP:  # pragma: no cover - sources and block inputs are handed in
         raise RuntimeError(f"cannot evaluate node {node.name!r} of kind {node.kind.value!r}")

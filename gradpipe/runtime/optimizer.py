@@ -69,6 +69,27 @@ TORCH_HYPERPARAMS: dict[str, Any] = {
 }
 
 
+#: torch.optim options whose value is a word, each translated to the boolean hyperparameter a
+#: pipeline declares for it: ``torch.optim.Muon(adjust_lr_fn="match_rms_adamw")`` is
+#: ``match_rms_adamw=True`` in ``pipelines/muon.grad``
+TORCH_CHOICES: dict[str, tuple[str, dict[Any, bool], str]] = {
+    "adjust_lr_fn": ("match_rms_adamw", {None: False, "original": False, "match_rms_adamw": True},
+                     "Adjust learning rate function {!r} is not supported"),
+}
+
+
+def translate_torch_choices(prog: Program, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with torch's word options (:data:`TORCH_CHOICES`) as the boolean hyperparameters
+    the pipeline declares for them; torch's ValueError for a word torch does not know."""
+    for k, (hp, words, message) in TORCH_CHOICES.items():
+        if k in values and k not in prog.hyperparams and hp in prog.hyperparams:
+            v = values.pop(k)
+            if not isinstance(v, (str, type(None))) or v not in words:
+                raise ValueError(message.format(v))
+            values[hp] = words[v]
+    return values
+
+
 def _is_noop_option(name: str, value: Any, loading: bool = False) -> bool:
     if name in KERNEL_OPTIONS or loading and name in LOADABLE_OPTIONS:
         return value is None or isinstance(value, bool)
@@ -206,6 +227,7 @@ class Optimizer(torch.optim.Optimizer):
         self._compiled = CompiledRoutes(self.program) if backend == "compiled" else None
         self._nonfinite = NonFiniteGuard(self.program.nonfinite)  # skip_nonfinite / allow_nonfinite
         prog = self.program
+        hyperparams = translate_torch_choices(prog, dict(hyperparams))
         check_torch_options(prog, hyperparams, "Optimizer(...)")
         values = prog.check_hyperparams({k: v for k, v in hyperparams.items()
                                          if k not in TORCH_OPTIONS or k in prog.hyperparams}, "Optimizer(...)")
@@ -230,6 +252,8 @@ class Optimizer(torch.optim.Optimizer):
         # keys the pipeline declares (and lr) are hyperparameters; torch's option names are
         # checked (no-op values only); any other key is the user's metadata ("name": "encoder"),
         # kept as it is, unless it looks like a misspelt hyperparameter
+        param_group.update(translate_torch_choices(prog, {k: param_group.pop(k) for k in TORCH_CHOICES
+                                                          if k in param_group}))
         extra = {k: v for k, v in param_group.items() if k not in ("params", "param_names")}
         check_torch_options(prog, extra, f"param group {index}")
         for k in extra:
@@ -259,6 +283,7 @@ class Optimizer(torch.optim.Optimizer):
     def _assign_routes(self) -> None:
         named = self._named()
         labels = self.program.assign_routes(named)
+        self.program.check_shapes(named, labels)
         self._routes = {p: label for (_, p), label in zip(named, labels)}
         #: whether some parameter is listed twice (torch warns; both step it twice, see step())
         self._duplicates = len({id(p) for _, p in named}) != len(named)

@@ -275,6 +275,10 @@ class Op:
     #: ``math.sqrt``, ``alpha=`` / ``value=``, ``if a.x == 0`` and ``if fresh``), and its buffers
     #: must have the input's shape
     flat: ClassVar[bool] = False
+    #: the op acts on each parameter's matrix view, so it needs parameters of two or more
+    #: dimensions: a route whose selector admits only fewer is refused when the pipeline
+    #: compiles, other parameters of fewer when the optimizer is built
+    matrix: ClassVar[bool] = False
     #: per-example gradients (the ``samples`` source, ``(B, *shape)`` per parameter): ``"map"``
     #: ops take and give them (dp_clip), ``"reduce"`` ops take them and give one tensor
     #: per parameter (dp_noise); other ops cannot take them
