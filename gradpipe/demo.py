@@ -58,6 +58,7 @@ LR: dict[str, float] = {
     "adadelta": 1.0,
     "muon": 0.02,
     "muon_adamw": 1e-2,
+    "shampoo": 0.1,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

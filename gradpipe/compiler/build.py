@@ -43,7 +43,8 @@ _SIGNAL_MOD_HINT = "the remainder of a signal needs a divisor other than 0, e.g.
 #: the argument names of the math functions, for messages
 _ARG_NAMES = {"abs": ("x",), "sign": ("x",), "sqrt": ("x",), "exp": ("x",), "log": ("x",),
               "max": ("a", "b"), "min": ("a", "b"), "clamp": ("x", "lo", "hi"), "where": ("cond", "a", "b"),
-              "matmul": ("a", "b"), "transpose": ("x",), "%": ("a", "b")}
+              "matmul": ("a", "b"), "transpose": ("x",), "eigvecs": ("a",), "qr": ("a",),
+              "matrix_power": ("a", "p", "eps"), "%": ("a", "b")}
 _MAX_APPLY_DEPTH = 100
 
 #: How deeply expressions may nest once the lets and defs they name are expanded into them
@@ -400,8 +401,16 @@ class Builder:
         return Stream(self._arith_node(op, prefix, e.span, vals, spans), e.span)
 
     def _matrix_operands(self, op: str, vals: list[Value], spans: list[Span], span: Span) -> None:
-        """A matrix function takes signals only (a number has no matrix view), outside blocks."""
-        for v, where in zip(vals, spans):
+        """A matrix function takes matrices (signals: a number has no matrix view) and, for
+        ``matrix_power``, numbers; outside blocks."""
+        matrices = prims.MATRIX_OPERANDS.get(op, prims.PORTS[op])
+        for port, v, where in zip(prims.PORTS[op], vals, spans):
+            if port not in matrices:
+                if not isinstance(v, ScalarV):
+                    raise GradError(f"'{op}' takes a number here, but this is {kind_name(v)}", where,
+                                    f"write {op}({', '.join(_ARG_NAMES[op])}) with numbers for "
+                                    f"{', '.join(_ARG_NAMES[op][1:])}")
+                continue
             if isinstance(v, ScalarV):
                 raise GradError(f"'{op}' needs matrices (signals), but this is a number", where,
                                 f"multiply by a number with '*'; {op}({', '.join(_ARG_NAMES[op])}) takes signals "

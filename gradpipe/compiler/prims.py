@@ -25,13 +25,15 @@ COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
 FUNCTIONS: dict[str, int] = {
     "abs": 1, "sign": 1, "sqrt": 1, "exp": 1, "log": 1,
     "max": 2, "min": 2, "clamp": 3, "where": 3,
-    "matmul": 2, "transpose": 1,
+    "matmul": 2, "transpose": 1, "eigvecs": 1, "qr": 1, "matrix_power": 3,
 }
 
 #: the matrix functions (a subset of ``FUNCTIONS``): they act on each parameter's matrix view (a
 #: tensor of more than two dimensions as ``(shape[0], -1)``), so they run tensor by tensor, and
 #: their value may have another shape than the parameter (``matmul(g, transpose(g))`` is m×m)
-MATRIX: dict[str, int] = {"matmul": 2, "transpose": 1}
+MATRIX: dict[str, int] = {"matmul": 2, "transpose": 1, "eigvecs": 1, "qr": 1, "matrix_power": 3}
+#: the operands of each matrix function that are matrices (signals); the others are numbers
+MATRIX_OPERANDS: dict[str, tuple[str, ...]] = {"matmul": ("lhs", "rhs"), "matrix_power": ("lhs",)}
 
 #: the reductions, by the name a user writes, and how many operands each takes (``mean(x, over=tensor)``);
 #: ``max``, ``min`` and ``rms`` are also a math function or an op: with ``over=`` they are the reduction
@@ -48,7 +50,7 @@ PORTS: dict[str, tuple[str, ...]] = {
     **{op: ("lhs", "rhs") for op in BINARY + COMPARISONS},
     "neg": ("lhs",),
     **{f: ("lhs",) for f, n in FUNCTIONS.items() if n == 1},
-    "max": ("lhs", "rhs"), "min": ("lhs", "rhs"), "matmul": ("lhs", "rhs"),
+    "max": ("lhs", "rhs"), "min": ("lhs", "rhs"), "matmul": ("lhs", "rhs"), "matrix_power": ("lhs", "power", "eps"),
     "clamp": ("lhs", "lo", "hi"),
     # ``like`` (optional): for a mask choosing between two scalars, a signal to take the dtype from
     "where": ("cond", "lhs", "rhs", "like"),
@@ -83,6 +85,11 @@ SUMMARIES: dict[str, str] = {
                     "matrix view (a tensor of more than two dimensions as (shape[0], -1)); "
                     "matmul(g, transpose(g)) is G Gᵀ (m×m)",
     "transpose(x)": "the transpose of x's matrix view, per parameter tensor (n×m for an m×n parameter)",
+    "eigvecs(a)": "the eigenvectors of the symmetric matrix a (torch.linalg.eigh), as the columns of an orthogonal "
+                  "matrix, by decreasing eigenvalue",
+    "qr(a)": "the orthonormal factor Q of a = Q R (torch.linalg.qr, reduced): an orthonormal basis of a's columns",
+    "matrix_power(a, p, eps)": "(a + eps I) ** p for the symmetric matrix a, from its eigendecomposition: "
+                               "V diag((λ + eps) ** p) Vᵀ (|λ + eps|, as an SVD gives); Shampoo's inverse roots",
     "a < b, <=, >, >=, ==, !=": "a mask (per element) if a side is a signal, a boolean if both are scalars",
     "sum(x, over=S)": "the sum of x; S (required) is tensor (one value per parameter tensor), global (over every "
                       "tensor of the route, as one flat vector), rows (per row: the last dim) or cols (per column: "

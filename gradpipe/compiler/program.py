@@ -460,7 +460,7 @@ def value_shape(ir: RouteIR, node: str, shape: tuple[int, ...], check: bool = Fa
             elif over in ("tensor", "global"):
                 out = () if over == "tensor" else shape
         elif n.kind is Kind.ARITH and prims.is_matrix(n.op):
-            out = _matrix_value(n, [of(n.inputs[p]) for p in prims.PORTS[n.op]])
+            out = _matrix_value(n, [of(n.inputs[p]) for p in prims.PORTS[n.op] if p in n.inputs])
         elif n.kind is Kind.ARITH and n.op == "broadcast":
             x = of(n.inputs["lhs"])
             if check and _broadcast([x, shape]) != shape:
@@ -504,6 +504,16 @@ def value_shape(ir: RouteIR, node: str, shape: tuple[int, ...], check: bool = Fa
                 return shape
         if n.op == "transpose":
             out = (views[0][1], views[0][0])
+        elif n.op == "qr":
+            out = (views[0][0], min(views[0]))
+        elif n.op in ("eigvecs", "matrix_power"):
+            out = views[0]
+            if out[0] != out[1]:
+                if check:
+                    raise ShapeMismatch(n, f"'{n.op}' needs a square matrix, but this one is {out}",
+                                        "give it a symmetric matrix such as matmul(g, transpose(g)) (G Gᵀ) or a "
+                                        "cell of one")
+                return shape
         else:
             a, b = views
             if a[1] != b[0]:

@@ -292,18 +292,40 @@ def as_param_shape(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _square(node: Node, a: torch.Tensor, p: torch.Tensor) -> None:
+    if a.dim() != 2 or a.shape[0] != a.shape[1]:
+        raise GradError(f"'{node.op}' needs a square matrix, but this one is {tuple(a.shape)} (for a parameter of "
+                        f"shape {tuple(p.shape)})", node.span,
+                        "give it a symmetric matrix such as matmul(g, transpose(g)) (G Gᵀ) or a cell of one")
+
+
+def _power(a: torch.Tensor, power: Any, eps: Any) -> torch.Tensor:
+    """``(a + eps I) ** power`` for a symmetric ``a``: ``V diag(|λ + eps| ** power) Vᵀ``."""
+    lam, v = torch.linalg.eigh(a)
+    return (v * (lam + eps).abs().pow(power).unsqueeze(-2)) @ v.mT
+
+
 def matrix(node: Node, values: Mapping[str, list[torch.Tensor]], lanes: "Lanes") -> list[torch.Tensor]:
-    """A matrix function (``matmul``, ``transpose``) lane by lane (one parameter each), on the
-    operands' matrix views."""
+    """A matrix function (``matmul``, ``transpose``, ``eigvecs``, ``qr``, ``matrix_power``) lane by
+    lane (one parameter each), on the operands' matrix views."""
     out = []
     xs = values[node.inputs["lhs"]]
     ys = values[node.inputs["rhs"]] if "rhs" in node.inputs else [None] * len(xs)
-    for x, y, p in zip(xs, ys, lanes.layout()):
+    args = lanes.args(node) if node.op == "matrix_power" else [None] * len(xs)
+    for x, y, p, arg in zip(xs, ys, lanes.layout(), args):
         if p.dim() < 2:
             raise _needs_matrix(node, f"'{node.op}'", p.shape)
         a = matrix_view(x, p)
         if node.op == "transpose":
             r = a.transpose(-2, -1)
+        elif node.op == "qr":
+            r = torch.linalg.qr(a).Q
+        elif node.op == "eigvecs":
+            _square(node, a, p)
+            r = torch.linalg.eigh(a).eigenvectors.flip(-1)
+        elif node.op == "matrix_power":
+            _square(node, a, p)
+            r = _power(a, arg.power, arg.eps)
         else:
             b = matrix_view(y, p)
             if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:

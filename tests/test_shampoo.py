@@ -1,0 +1,121 @@
+"""Shampoo and the linear-algebra matrix functions (issue 13 items 1 and 3).
+
+``pipelines/shampoo.grad`` against pytorch-optimizer's ``Shampoo`` (4.1.0) on matrices in
+float64 over 50 steps, its options alone and combined, on both backends; ``eigvecs``, ``qr``
+and ``matrix_power`` against torch.linalg; the statistics as m×m and n×n state cells through
+a checkpoint; and the shapes these functions refuse.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from pytorch_optimizer import Shampoo
+
+import gradpipe
+from gradpipe import GradError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
+
+SHAPES = ((6, 9), (9, 6), (7, 7))
+ROWS = [
+    dict(lr=0.02),
+    dict(lr=0.02, momentum=0.9),
+    dict(lr=0.02, weight_decay=0.1),
+    dict(lr=0.02, weight_decay=0.1, weight_decouple=True, momentum=0.5),
+    dict(lr=0.02, preconditioning_compute_steps=3, matrix_eps=1e-3),
+]
+_CASES = [pytest.param(r, "eager", id=f"{i}-eager") for i, r in enumerate(ROWS)]
+_CASES += [pytest.param(ROWS[3], "compiled", id="3-compiled")]
+
+
+def _start() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+
+
+def _grads(steps: int) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [[torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES] for _ in range(steps)]
+
+
+def _run(ps: list[torch.Tensor], opt: torch.optim.Optimizer, grads: list[list[torch.Tensor]]) -> None:
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("kwargs,backend", _CASES)
+def test_shampoo_follows_pytorch_optimizer_on_matrices(kwargs: dict, backend: str) -> None:
+    ours = [torch.nn.Parameter(x) for x in _start()]
+    theirs = [torch.nn.Parameter(x) for x in _start()]
+    grads = _grads(50)
+    _run(ours, gradpipe.Optimizer(ours, "shampoo", backend=backend, **kwargs), grads)
+    _run(theirs, Shampoo(theirs, **kwargs), grads)
+    for a, b in zip(ours, theirs):
+        assert float(((a.detach() - b.detach()).abs() / b.detach().abs().clamp_min(1e-3)).max()) < 1e-9
+
+
+def test_shampoo_keeps_its_statistics_as_matrices_and_resumes_bitwise() -> None:
+    grads = _grads(6)
+    ps = [torch.nn.Parameter(x) for x in _start()]
+    opt = gradpipe.Optimizer(ps, "shampoo", lr=0.02, momentum=0.5, backend="eager")
+    _run(ps, opt, grads[:3])
+    shapes = {k.split("/")[1].removesuffix(".value"): tuple(v.shape) for k, v in opt.state[ps[0]].items() if k.endswith(".value")}
+    assert shapes["left"] == (6, 6) and shapes["right"] == (9, 9) and shapes["inverse_left"] == (6, 6)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    saved = [p.detach().clone() for p in ps]
+    _run(ps, opt, grads[3:])
+    ps2 = [torch.nn.Parameter(p) for p in saved]
+    opt2 = gradpipe.Optimizer(ps2, "shampoo", lr=0.02, momentum=0.5, backend="eager")
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    _run(ps2, opt2, grads[3:])
+    assert all(torch.equal(a, b) for a, b in zip(ps, ps2))
+
+
+def _value(source: str, g: torch.Tensor) -> torch.Tensor:
+    """The update ``u`` of one step of ``source`` (lr = 1, the parameter at zero)."""
+    p = torch.nn.Parameter(torch.zeros_like(g))
+    opt = gradpipe.Optimizer([p], gradpipe.compile(source), lr=1.0, backend="eager")
+    p.grad = g.clone()
+    opt.step()
+    return -p.detach()
+
+
+def test_eigvecs_qr_and_matrix_power_are_torch_linalg() -> None:
+    g = torch.randn(5, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sym = g @ g.T
+    lam, v = torch.linalg.eigh(sym)
+    # eigenvectors by decreasing eigenvalue: V diag(λ) Vᵀ is the matrix again, λ in decreasing order
+    q = _value("eigvecs(matmul(grad, transpose(grad)))", g)
+    torch.testing.assert_close(q, v.flip(-1))
+    torch.testing.assert_close(_value("qr(grad)", g), torch.linalg.qr(g).Q)
+    want = (v * (lam + 0.5).pow(-0.25)) @ v.T
+    torch.testing.assert_close(_value("matrix_power(matmul(grad, transpose(grad)), -0.25, 0.5)", g), want)
+    # (A + eps I) ** -1/2 squared is the inverse
+    inv = _value("matrix_power(matmul(grad, transpose(grad)), -0.5, 0.5)", g)
+    torch.testing.assert_close(inv @ inv @ (sym + 0.5 * torch.eye(5, dtype=torch.float64)),
+                               torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("source,match", [
+    ("eigvecs(grad)", r"needs a square matrix.*parameter\(s\) w\b"),
+    ("matrix_power(grad, -0.5, 0)", r"needs a square matrix.*parameter\(s\) w\b"),
+])
+def test_square_matrix_functions_refuse_rectangles_when_built(source: str, match: str) -> None:
+    with pytest.raises(GradError, match=match):
+        gradpipe.Optimizer([("w", torch.nn.Parameter(torch.zeros(3, 4)))], gradpipe.compile(source))
+
+
+@pytest.mark.parametrize("source,match", [
+    ("matrix_power(grad, grad, 0)", "takes a number here"),
+    ("qr(1)", "'qr' needs matrices"),
+])
+def test_matrix_functions_check_their_operands_when_compiled(source: str, match: str) -> None:
+    with pytest.raises(GradError, match=match):
+        gradpipe.compile(source)
