@@ -520,7 +520,8 @@ def compile_env(env: ModuleEnv) -> Program:
     errors: list[GradError] = []
     if env.body is not None:
         try:
-            routes.append(b.build_route("main", ast.Default(span=env.body.span), env.body.expr, env.body.span))
+            routes.append(b.build_route("main", ast.Default(span=env.body.span), env.body.expr, env.body.span,
+                                        env.body.param))
         except GradError as e:
             errors.append(e)
     seen_labels: dict[str, Span] = {}
@@ -532,7 +533,7 @@ def compile_env(env: ModuleEnv) -> Program:
                 raise GradError(f"the same selector as the route on line {seen_labels[label].line}", r.span,
                                 "merge the two routes")
             seen_labels[label] = r.span
-            routes.append(b.build_route(label, r.selector, r.body, r.span))
+            routes.append(b.build_route(label, r.selector, r.body, r.span, r.param))
         except GradError as e:
             errors.append(e)
     if b.over_budget is None:  # a blown budget is reported once; the checks would only blow it again

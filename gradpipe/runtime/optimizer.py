@@ -16,7 +16,7 @@ from ..compiler.ir import Kind
 from ..dsl.diagnostics import GradError, did_you_mean
 from .compiled import CompiledRoutes
 from .eager import RouteBatch, run_route
-from .interpret import apply_update, compute_dtype
+from .interpret import apply_param, apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
 
 __all__ = ["Optimizer", "as_program", "BACKENDS", "TORCH_OPTIONS"]
@@ -429,8 +429,12 @@ class Optimizer(torch.optim.Optimizer):
                 updates = run(label, RouteBatch(stepped, grads, envs, states, shared), self._node_state,
                               self._orders[label])
                 self._count_step(params, states)  # the ops read the step from the environment
+                writes_param = prog.ir[label].writes_param  # param = EXPR: p <- value, not p - lr * u
                 for p, u, (_, group) in zip(stepped, updates, items):  # p: the real view of a complex one
                     if u is None:  # updated in place by the compiled backend
+                        continue
+                    if writes_param:
+                        apply_param(p, u)
                         continue
                     lr = group["lr"]
                     apply_update(p, u, lr.item() if isinstance(lr, torch.Tensor) else lr)
