@@ -732,6 +732,11 @@ class Builder:
             cell.busy = False
             self._cell_ctx, self._guards, self._let_frames = outer
 
+    def cell_read(self, st: ast.State, route: str) -> str | None:
+        """The node of ``st``'s cell in ``route`` (its value before the step), if the route has one."""
+        cell = self._cells.get((id(st), route))
+        return cell.read if cell is not None else None
+
     def finish_cells(self) -> None:
         """Build the updates of the cells that were only read through ``previous(c)``."""
         while self._pending_cells:

@@ -20,6 +20,7 @@ from .binder import RangeCheck, RuleCheck, reads_step
 from .build import Builder, RouteInfo, selector_label
 from .ir import Kind, Node, RouteIR, freeze, freeze_node
 from .modules import HyperParam, ModuleEnv, all_hparams, load_module_tree
+from .modes import ModeSeq, compile_modes
 from .ops import OPS
 from .ops.nonfinite import NonFinitePolicy, policy_of
 from .passes import check_ops, check_per_sample, cse, eliminate_dead
@@ -73,6 +74,8 @@ class Program:
     reads: frozenset[str] = frozenset()
     ir: dict[str, RouteIR] = field(default_factory=dict, repr=False)
     nonfinite: NonFinitePolicy = field(default_factory=NonFinitePolicy)
+    #: the ``eval:`` and ``train:`` sequences (:class:`~gradpipe.compiler.modes.ModeSeq`), by mode
+    modes: dict[str, ModeSeq] = field(default_factory=dict)
     _orders: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
     _nodes: dict[str, Node] = field(default_factory=dict, repr=False, compare=False)
 
@@ -549,15 +552,32 @@ def compile_env(env: ModuleEnv) -> Program:
     check_ops(g)  # every op's own rules: what building the optimizer would otherwise refuse
     position = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(g))}
     ir = {r.label: freeze(g, r.label, r.output, position) for r in routes}
+    modes = compile_modes(env, hparams, {k: r for k, r in ir.items() if r.writes_param},
+                          _cell_finder(b, merged, ir))
     nonfinite = policy_of(n for r in ir.values() for n in r.all_nodes())
     rules = rule_checks(n for r in ir.values() for n in r.all_nodes())
     canonical, digest = _canonical_and_hash(env)
     prog = Program(graph=g, hyperparams=hparams, routes=routes, path=env.path, source=env.module.source,
                    canonical=canonical, hash=digest, range_checks=b.range_checks, rule_checks=rules, folded=[str(f) for f in b.folded],
                    merged=merged, removed=removed, losses=frozenset(b.losses), reads=frozenset(b.reads),
-                   ir=ir, nonfinite=nonfinite)
+                   ir=ir, nonfinite=nonfinite, modes=modes)
     prog.check_group(prog_defaults, "the hyperparameters' defaults")
     return prog
+
+
+def _cell_finder(b: Builder, merged: list[tuple[str, str]], ir: dict[str, RouteIR]):
+    """``find(state, label)``: the node of a state cell that route ``label`` keeps (after common
+    subexpressions were merged), or None (for the eval and train sequences)."""
+    kept = dict(merged)
+
+    def find(st: ast.State, label: str) -> str | None:
+        node = b.cell_read(st, label)
+        while node in kept:
+            node = kept[node]
+        if node is None or not any(cell == node for cell, _ in ir[label].commits):
+            return None
+        return node
+    return find
 
 
 def check_library_env(env: ModuleEnv) -> Library:
