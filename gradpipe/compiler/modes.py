@@ -129,12 +129,15 @@ def compile_modes(env: ModuleEnv, hparams: Mapping[str, HyperParam], param_route
         return {}
     first = min(modes.values(), key=lambda m: (m.span.line, m.span.column))
     if len(modes) == 1:
-        other = "train" if first.mode == "eval" else "eval"
-        raise GradError(f"an '{first.mode}:' sequence without a '{other}:' sequence", first.span,
-                        f"add '{other}: param = ...', the value that Optimizer.{other}() gives back "
-                        f"(it undoes '{first.mode}:')")
+        if first.mode == "eval":
+            raise GradError("an 'eval:' sequence without a 'train:' sequence", first.span,
+                            "add 'train: param = ...', the value Optimizer.train() gives back (undoing 'eval:')")
+        raise GradError("a 'train:' sequence without an 'eval:' sequence", first.span,
+                        "add 'eval: param = ...', the value Optimizer.eval() writes (the point to evaluate), "
+                        "which 'train:' undoes")
     if not param_routes:
-        raise GradError(f"an '{first.mode}:' sequence, but the pipeline gives the update u, not the "
+        raise GradError(f"{'an' if first.mode == 'eval' else 'a'} '{first.mode}:' sequence, but the pipeline "
+                        "gives the update u, not the "
                         "parameter's new value", first.span,
                         "eval and train sequences switch parameters between sequences of points: write the "
                         "pipeline as 'param = ...' (or a route as 'route ...: param = ...')")
