@@ -56,6 +56,9 @@ LR: dict[str, float] = {
     "radam": 1e-2,
     "adagrad": 0.05,
     "adadelta": 1.0,
+    "schedulefree_adamw": 1e-2,
+    "schedulefree_sgd": 1.0,
+    "lookahead_adam": 1e-2,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

@@ -305,3 +305,23 @@ def test_misuse_is_a_positioned_grad_error(src, line, column, message):
         gradpipe.compile(src)
     e = info.value
     assert message in str(e) and (e.line, e.column) == (line, column), str(e)
+
+
+def _spied(calls: list[str]):
+    def make(model):
+        opt = gradpipe.Optimizer(model.named_parameters(), "schedulefree_sgd", lr=1.0, backend="eager")
+        for mode in ("eval", "train"):
+            method = getattr(opt, mode)
+            setattr(opt, mode, lambda method=method, mode=mode: (calls.append(mode), method())[1])
+        return opt
+    return make
+
+
+def test_the_training_loops_evaluate_schedule_free_at_its_eval_point():
+    from gradpipe.tasks import DigitsTask, run_task, train
+    calls: list[str] = []
+    result = run_task(DigitsTask(), _spied(calls), steps=20, eval_every=10)
+    assert calls == ["eval", "train"] * 2 and len(result.evals) == 2
+    calls.clear()
+    train(_spied(calls), steps=5)
+    assert calls == ["eval"]
