@@ -325,3 +325,12 @@ def test_the_training_loops_evaluate_schedule_free_at_its_eval_point():
     calls.clear()
     train(_spied(calls), steps=5)
     assert calls == ["eval"]
+
+
+def test_explain_counts_the_parameter_write_once():
+    from gradpipe.compiler.lowering import route_cost
+    # read grad and param, write the parameter: no read of u, no second read of p
+    assert route_cost(gradpipe.compile("param = param - lr * grad"), "main").bytes_per_param == 12
+    # grad, param, three state buffers read and written, the parameter written
+    assert route_cost(gradpipe.load("schedulefree_sgd"), "main").bytes_per_param == 36
+    assert "new parameter = " in gradpipe.load("lookahead_adam").explain()
