@@ -62,9 +62,13 @@ CASES = {
 
 def _trajectory(opt: Any, params: list[torch.Tensor], modes: bool, steps: range = range(STEPS),
                 on_step: Callable[[int], None] | None = None) -> list[list[torch.Tensor]]:
-    """Step ``opt``; the parameters after every step, and in eval mode every EVAL_EVERY steps."""
+    """Step ``opt``; the parameters after every step, and in eval mode every EVAL_EVERY steps;
+    the learning rate halves before step 30."""
     seen = []
     for t in steps:
+        if t == 30:  # a schedule's cut: Schedule-Free keeps averaging with the largest lr seen (lr_max)
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
         for p, g in zip(params, _grads(t, params)):
             p.grad = g
         opt.step()
