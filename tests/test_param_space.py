@@ -4,7 +4,7 @@ The references: Schedule-Free AdamW and SGD are ``schedulefree`` 1.4.1's ``AdamW
 and ``SGDScheduleFree`` (the classes users use: foreach, no closure), Lookahead around Adam is
 ``pytorch_optimizer.Lookahead`` (4.1.0, default pullback) around ``torch.optim.Adam``. Each
 row trains the same float64 parameters (a matrix, a vector, and one large enough to be a
-solo bucket of the compiled backend, updated inside the kernel) with the pipeline and the
+solo bucket of the compiled backend, written inside the kernel) with the pipeline and the
 reference for :data:`STEPS` steps on the same gradients (a seeded random part plus a part
 that depends on the parameters, so the trajectories matter), switching to eval and back
 every few steps where the pipeline has an eval sequence; every value read must agree to a
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from typing import Any, Callable
 
 import pytest
 import torch
 
 import gradpipe
+from gradpipe.runtime.compiled import SOLO_MIN, CompileFallbackWarning
 from gradpipe.dsl.formatter import format_source
 from gradpipe.dsl.parser import parse
 from gradpipe.dsl import ast
@@ -31,7 +33,9 @@ pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 
 STEPS = 50
 RTOL, ATOL = 1e-9, 1e-12
-SHAPES = [(6, 5), (5,), (70_000,)]
+#: a matrix, a vector, and a parameter large enough for a bucket of its own on the compiled
+#: backend (SOLO_MIN elements: its new value is written inside the fused kernel)
+SHAPES = [(6, 5), (5,), (SOLO_MIN + 3,)]
 EVAL_EVERY = 7  # switch to eval (reading the parameters there) and back every 7 steps
 
 
@@ -126,7 +130,9 @@ def test_compiled_follows_reference_and_replays_a_checkpoint_bitwise(name):
             if modes:
                 opt.train()
 
-    seen = _trajectory(opt, params, modes, on_step=save)
+    with warnings.catch_warnings():  # compiled, the in-kernel write of the large parameter included
+        warnings.simplefilter("error", CompileFallbackWarning)
+        seen = _trajectory(opt, params, modes, on_step=save)
     _assert_close(seen, _reference(name))
     ckpt = torch.load(io.BytesIO(saved["ckpt"]), weights_only=False)
     with torch.no_grad():

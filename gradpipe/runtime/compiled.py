@@ -489,6 +489,7 @@ class CompiledRoutes:
         reads = seg.reads_param and self._needs_param(seg, dynamic)
         params = ([self._gather(("param", label), b, [batch.params[i].detach() for i in b.idxs]) for b in buckets]
                   if reads else [None] * len(buckets))  # ops that do not read it get None
+        self._one_param_view(seg, inputs, params, buckets)
         apply: list[tuple[torch.Tensor, Any] | None] = [None] * len(buckets)
         if seg.final is not None:  # the route's update: applied inside the kernel to a solo parameter
             writes_param = self.prog.ir[label].writes_param  # param = EXPR: lr None, p <- value
@@ -521,6 +522,21 @@ class CompiledRoutes:
             for b, st in zip(buckets, per_bucket):
                 self._publish(label, si, n, b, st, batch)
         return {bi for bi, a in enumerate(apply) if a is not None}
+
+    def _one_param_view(self, seg: _Segment, inputs: list[list[torch.Tensor]], params: list[torch.Tensor | None],
+                        buckets: list[_Bucket]) -> None:
+        """A solo bucket's parameter is one tensor in the segment: when the segment reads the
+        ``param`` source (``param - lr * u``, Lookahead, Schedule-Free), the ops' ``params`` and the
+        target of the in-kernel update are that input itself. Two views of the parameter from
+        separate ``detach()`` calls, one of them written, are inputs ``torch.compile`` cannot
+        trace (aliased inputs with different bases), and the segment would run eagerly."""
+        src = next((j for j, name in enumerate(seg.inputs) if (n := self.prog.node(name)).kind is Kind.SOURCE
+                    and n.op == "param"), None)
+        if src is None:
+            return
+        for bi, b in enumerate(buckets):
+            if b.solo:
+                params[bi] = inputs[src][bi]
 
     @staticmethod
     def _needs_param(seg: _Segment, dynamic: list[list[dict[str, Any]]]) -> bool:

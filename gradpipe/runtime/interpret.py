@@ -31,8 +31,7 @@ from ..compiler.prims import PORTS, is_reduction, is_shape
 from ..dsl.diagnostics import GradError
 
 __all__ = ["Lanes", "eval_node", "arith", "eval_dynamic", "structural_args", "apply_update", "apply_param",
-           "compute_dtype",
-           "ARITH", "commit_cells"]
+           "compute_dtype", "ARITH", "commit_cells"]
 
 
 def _signal(*xs: Any) -> torch.Tensor | None:
