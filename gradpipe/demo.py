@@ -59,6 +59,9 @@ LR: dict[str, float] = {
     "muon": 0.02,
     "muon_adamw": 1e-2,
     "shampoo": 0.1,
+    "schedulefree_adamw": 1e-2,
+    "schedulefree_sgd": 1.0,
+    "lookahead_adam": 1e-2,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

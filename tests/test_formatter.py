@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gradpipe.dsl.ast import (
     BinOp, Body, Bool, Call, Chain, Def, DefParam, Default, Glob, HParam, Import, Index, Kwarg,
-    Let, State, Module, Name, Neg, Num, Regex, Route, SelAnd, SelNot, SelOr, ShapePred, Str, Tuple,
+    Let, Mode, State, Module, Name, Neg, Num, Regex, Route, SelAnd, SelNot, SelOr, ShapePred, Str, Tuple,
 )
 from gradpipe.dsl.diagnostics import GradError
 from gradpipe.dsl.formatter import MAX_WIDTH, format_expr, format_module, format_selector, format_source
@@ -427,8 +427,9 @@ statements = st.one_of(
     st.builds(Def, long_names,
               st.lists(st.builds(DefParam, names, st.none() | exprs), max_size=3).map(tuple),
               exprs, comments=comments),
-    st.builds(Route, selectors, exprs, comments=comments),
-    st.builds(Body, exprs, comments=comments),
+    st.builds(Route, selectors, exprs, comments=comments, param=st.booleans()),
+    st.builds(Body, exprs, comments=comments, param=st.booleans()),
+    st.builds(Mode, st.sampled_from(["eval", "train"]), exprs, comments=comments),
 )
 modules = st.builds(Module, st.lists(statements, max_size=4).map(tuple),
                     trailing_comments=comments)
@@ -603,9 +604,12 @@ class Noisy:
             t = ("def" + sp(True) + s.name + sp() + "(" + ",".join(params) + trailing + brk(True) + ")" + sp()
                  + "=" + brk(True) + self.expr(s.body, False))
         elif isinstance(s, Route):
-            t = "route" + sp(True) + self.sel(s.selector) + sp() + ":" + brk(True) + self.expr(s.body, False)
+            t = "route" + sp(True) + self.sel(s.selector) + sp() + ":" + brk(True)
+            t += ("param" + sp() + "=" + brk(True) if s.param else "") + self.expr(s.body, False)
+        elif isinstance(s, Mode):
+            t = s.mode + sp() + ":" + brk(True) + "param" + sp() + "=" + brk(True) + self.expr(s.expr, False)
         else:
-            t = self.expr(s.expr, False)
+            t = ("param" + sp() + "=" + brk(True) if s.param else "") + self.expr(s.expr, False)
         return t
 
     def module(self, m: Module) -> str:
@@ -776,10 +780,11 @@ wide_exprs = st.recursive(
 
 
 @FAST
-@given(wide_exprs, st.sampled_from(["let x = ", "", "def f(a, b=1) = ", "route ndim >= 2: ", "state s = 0 then "]))
+@given(wide_exprs, st.sampled_from(["let x = ", "", "def f(a, b=1) = ", "route ndim >= 2: ", "state s = 0 then ",
+                                    "param = ", "route ndim >= 2: param = ", "eval: param = "]))
 def test_random_long_expressions_are_broken_to_fit(e, prefix):
     stmt = parse(prefix + "0").stmts[0]
-    field = {Let: "value", Body: "expr", Def: "body", Route: "body", State: "update"}[type(stmt)]
+    field = {Let: "value", Body: "expr", Def: "body", Route: "body", State: "update", Mode: "expr"}[type(stmt)]
     module = Module((dataclasses.replace(stmt, **{field: e}),))
     text = assert_round_trip(module)
     assert max(len(line) for line in text.splitlines()) <= MAX_WIDTH, text

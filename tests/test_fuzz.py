@@ -410,9 +410,13 @@ def valid_programs(draw):
 def wild_programs(draw):
     """A whole file: definitions, then one pipeline or routes (or, now and then, both or none)."""
     lines = draw(st.lists(statements(), max_size=5))
-    shape = draw(st.sampled_from(["body", "body", "routes", "routes", "both", "none"]))
+    shape = draw(st.sampled_from(["body", "body", "routes", "routes", "both", "none", "param"]))
     if shape in ("body", "both"):
         lines.append(draw(chains(2)))
+    if shape == "param":  # the parameter's new value, with eval and train sequences now and then
+        lines.append(f"param = {draw(st.one_of(chains(1), scalars(1)))}")
+        for mode in draw(st.lists(st.sampled_from(["eval", "train"]), max_size=2)):
+            lines.append(f"{mode}: param = {draw(st.one_of(scalars(1), st.sampled_from(['param', 's', 'grad'])))}")
     if shape in ("routes", "both"):
         for _ in range(draw(st.integers(1, 3))):
             lines.append(f"route {draw(selectors())}: {draw(chains(1))}")
@@ -438,7 +442,8 @@ ODD_CHARS = list("()[]{}|,=+-*/:.#\"'\\;`$@!?<>&^%~") + [
 ] + list(string.ascii_letters[:6] + string.digits[:4])
 TOKENS = ["grad", "param", "adam", "route", "default", "let", "def", "hparam", "import", "in", "as",
           "and", "or", "not", "ndim", "numel", "true", "false", "inf", "lr", "step", "loss", "|", "(",
-          ")", "{", "}", "[", "]", ",", "=", ":", "**", "-", "1e999", "0", '"*.bias"', "/x/", "grads.main"]
+          ")", "{", "}", "[", "]", ",", "=", ":", "**", "-", "1e999", "0", '"*.bias"', "/x/", "grads.main",
+          "eval", "train"]
 
 
 def tokenize(text: str) -> list[str]:

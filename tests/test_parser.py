@@ -301,7 +301,10 @@ class TestLayout:
 # -------------------------------------------------------------------------- errors
 class TestSyntaxErrors:
     @pytest.mark.parametrize("src,line,column,message", [
-        ("x = 1", 1, 3, "unexpected '='"),
+        ("x = 1", 1, 1, "'x = ...' assigns to 'x', but a statement can only assign 'param' (the parameter's new value)"),
+        ("route default: x = 1", 1, 16, "'x = ...' assigns to 'x', but a statement can only assign 'param' "
+                                        "(the parameter's new value)"),
+        ("ev: param = 1", 1, 1, "'ev:' is not a statement"),
         ("let = 1", 1, 5, "unexpected '='"),
         ("route ndim >= 2 grad", 1, 17, "unexpected 'grad'"),
         ("grad |\n| sign", 2, 1, "unexpected '|'"),

@@ -254,7 +254,9 @@ class Builder:
         return memo[id(x)][1], memo[id(x)][2]
 
     # ------------------------------------------------------------------ entry points
-    def build_route(self, label: str, selector: ast.Selector, body: ast.Expr, span: Span) -> RouteInfo:
+    def build_route(self, label: str, selector: ast.Selector, body: ast.Expr, span: Span,
+                    param: bool = False) -> RouteInfo:
+        """One route; ``param``: its body is the parameter's new value (``param = EXPR``), not ``u``."""
         self.emit.route = label
         v = self.expr(body, Scope(self.root), label)
         self.finish_cells()
@@ -264,9 +266,10 @@ class Builder:
         if not isinstance(v, Stream):
             raise GradError(f"a pipeline must produce a signal, but this is {kind_name(v)}", body.span,
                             "start it with 'grad', e.g. 'grad | adam'")
-        self._refuse_mask(v.node, body.span, "the update")
+        self._refuse_mask(v.node, body.span, "the new parameter" if param else "the update")
         out = self._full(v.node, body.span, label)
-        return RouteInfo(label, selector, self.emit.output(label, out, span, self.commits.get(label, ())), span)
+        return RouteInfo(label, selector, self.emit.output(label, out, span, self.commits.get(label, ()), param),
+                         span)
 
     def source(self, name: str, span: Span) -> Stream:
         """A source as a signal of the route being built (``grad``, ``param``, ``grads.main``)."""
@@ -753,6 +756,11 @@ class Builder:
         finally:
             cell.busy = False
             self._cell_ctx, self._guards, self._let_frames = outer
+
+    def cell_read(self, st: ast.State, route: str) -> str | None:
+        """The node of ``st``'s cell in ``route`` (its value before the step), if the route has one."""
+        cell = self._cells.get((id(st), route))
+        return cell.read if cell is not None else None
 
     def finish_cells(self) -> None:
         """Build the updates of the cells that were only read through ``previous(c)``."""

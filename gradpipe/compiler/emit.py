@@ -109,11 +109,14 @@ class Emitter:
         """The entry of ``owner``'s ``port`` block: the values the block op hands its pipeline."""
         return self._add(f"{owner}/{port}", Kind.BLOCK_IN, port, {}, span, (), block=owner)
 
-    def output(self, label: str, value: str, span: Span, commits: Iterable[tuple[str, str]] = ()) -> str:
-        """The route's output: the update ``u`` on port ``x``, and the new value of each state
-        cell on port ``cell:<cell node>`` (:data:`gradpipe.compiler.ir.COMMIT_PORT`)."""
+    def output(self, label: str, value: str, span: Span, commits: Iterable[tuple[str, str]] = (),
+               param: bool = False) -> str:
+        """The route's output: the update ``u`` on port ``x`` (with ``param``, the parameter's new
+        value: ``args["param"]`` is True), and the new value of each state cell on port
+        ``cell:<cell node>`` (:data:`gradpipe.compiler.ir.COMMIT_PORT`)."""
         inputs = [(value, "x")] + [(new, f"cell:{cell}") for cell, new in commits]
-        return self._add(f"{label}/out", Kind.OUTPUT, "out", {}, span, inputs, block=None)
+        return self._add(f"{label}/out", Kind.OUTPUT, "out", {"param": True} if param else {}, span, inputs,
+                         block=None)
 
     def connect(self, src: str, dst: str, port: str) -> None:
         self.graph.add_edge(src, dst, port=port)

@@ -49,6 +49,8 @@ def describe_node(prog: "Program", node: str) -> str:
     if n.kind is Kind.BLOCK_IN:
         return f"input of the {{ ... }} block of {n.block}"
     if n.kind is Kind.OUTPUT:
+        if n.args.get("param"):
+            return f"new parameter = {ins.get('x')}   (p <- value)"
         return f"update u = {ins.get('x')}   (p <- p - lr * u)"
     if n.kind is Kind.ARITH:
         args = dict(n.args)

@@ -41,7 +41,8 @@ class Kind(str, enum.Enum):
     ARITH = "arith"
     #: the input of a block op's ``{ ... }`` pipeline: the values the block op hands it
     BLOCK_IN = "block_in"
-    #: the route's update ``u`` (the runtime applies ``p <- p - lr * u``)
+    #: the route's update ``u`` (the runtime applies ``p <- p - lr * u``), or, when its
+    #: ``args["param"]`` is True (``param = EXPR``), the parameter's new value (``p <- value``)
     OUTPUT = "output"
 
 
@@ -125,7 +126,8 @@ class RouteIR:
     evaluation order (its ``block_in`` node first; nested blocks have their own
     entry); ``update``: the node whose value is ``u``; ``commits``: for each state cell
     (a node of op ``state``), the node whose value becomes the cell's once the route has
-    been evaluated, as ``(cell, new value)`` pairs.
+    been evaluated, as ``(cell, new value)`` pairs; ``writes_param``: ``update`` is the
+    parameter's new value (``param = EXPR``: the runtime writes ``p <- value``), not ``u``.
     """
 
     label: str
@@ -135,6 +137,7 @@ class RouteIR:
     update: str
     by_name: Mapping[str, Node]
     commits: tuple[tuple[str, str], ...] = ()
+    writes_param: bool = False
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes)
@@ -180,4 +183,5 @@ def freeze(g: "nx.MultiDiGraph", label: str, output: str, position: Mapping[str,
     out = frozen[output]
     commits = tuple((port[len(COMMIT_PORT):], src) for port, src in out.inputs.items() if port.startswith(COMMIT_PORT))
     return RouteIR(label=label, nodes=top, blocks=MappingProxyType({k: tuple(v) for k, v in blocks.items()}),
-                   output=out, update=out.inputs["x"], by_name=MappingProxyType(frozen), commits=commits)
+                   output=out, update=out.inputs["x"], by_name=MappingProxyType(frozen), commits=commits,
+                   writes_param=bool(out.args.get("param")))

@@ -155,8 +155,11 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
     input once, reads and writes each state buffer once, and either writes its outputs
     or (the last one) reads and writes the parameter; an eager node reads its inputs and
     writes its result, and feeding a segment costs a gather (a copy). Every global
-    reduction adds a pass (a kernel) over its input."""
+    reduction adds a pass (a kernel) over its input. A route that gives the parameter's new
+    value (``param = EXPR``) writes the parameter without reading it for the update (a read
+    for its math is an input of the segment like any other)."""
     plan = plan_route(prog, label=label)
+    writes_param = prog.ir[label].writes_param
     per_tensor = per_tensor_values(prog.ir[label].nodes)
     total = kernels = segments = 0
     eager: list[str] = []
@@ -191,10 +194,11 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
         outs = [n for n in item.outputs if n != item.final]
         total += len(outs)
         if item.final is not None:
-            total += 2  # read and write the parameter (a read for the math is the same read)
+            # read and write the parameter (a read for the math is the same read); param = EXPR: write it
+            total += 1 if writes_param else 2
             fused_update = True
         elif reads_param:
             total += 1
-    if not fused_update:
-        total += 3  # the optimizer applies p <- p - lr * u: read u and p, write p
+    if not fused_update:  # the optimizer applies p <- p - lr * u: read u and p, write p (p <- value: 2)
+        total += 2 if writes_param else 3
     return RouteCost(segments, eager, kernels, total * itemsize)

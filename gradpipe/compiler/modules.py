@@ -157,6 +157,8 @@ class ModuleEnv:
     imported: dict[str, "ModuleEnv"] = field(default_factory=dict)
     body: ast.Body | None = None
     routes: list[ast.Route] = field(default_factory=list)
+    #: ``eval: param = ...`` and ``train: param = ...``, by mode
+    modes: dict[str, ast.Mode] = field(default_factory=dict)
 
     def directory(self) -> pathlib.Path:
         if self.path.startswith("<"):
@@ -239,7 +241,16 @@ def _collect(env: ModuleEnv, errors: list[GradError]) -> None:
                             raise GradError(f"parameter '{p.name}' without a default follows one with a default",
                                             p.span, "give it a default or move it first")
                     env.defs[s.name] = s
+            elif isinstance(s, ast.Mode):
+                if s.mode in env.modes:
+                    raise GradError(f"a second '{s.mode}:' sequence; the first is on line "
+                                    f"{env.modes[s.mode].span.line}", s.span, "a file has one of each")
+                env.modes[s.mode] = s
             elif isinstance(s, ast.Body):
+                if env.body is not None and (s.param or env.body.param):
+                    raise GradError(f"a second pipeline; the first is on line {env.body.span.line}", s.span,
+                                    "a file gives the parameter's new value ('param = ...') or its update "
+                                    "u once; use 'let' to name parts, or 'route' for different parameters")
                 if env.body is not None:
                     raise GradError(f"a second pipeline; the first is on line {env.body.span.line}", s.span,
                                     "a file has one pipeline; use 'let' to name parts, or 'route' to give "

@@ -20,6 +20,7 @@ from .binder import RangeCheck, RuleCheck, reads_step
 from .build import Builder, RouteInfo, selector_label
 from .ir import Kind, Node, RouteIR, freeze, freeze_node
 from .modules import HyperParam, ModuleEnv, all_hparams, load_module_tree
+from .modes import ModeSeq, compile_modes
 from .ops import OPS
 from .ops.nonfinite import NonFinitePolicy, policy_of
 from .passes import check_ops, check_per_sample, cse, eliminate_dead
@@ -73,6 +74,8 @@ class Program:
     reads: frozenset[str] = frozenset()
     ir: dict[str, RouteIR] = field(default_factory=dict, repr=False)
     nonfinite: NonFinitePolicy = field(default_factory=NonFinitePolicy)
+    #: the ``eval:`` and ``train:`` sequences (:class:`~gradpipe.compiler.modes.ModeSeq`), by mode
+    modes: dict[str, ModeSeq] = field(default_factory=dict)
     _orders: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
     _nodes: dict[str, Node] = field(default_factory=dict, repr=False, compare=False)
 
@@ -671,7 +674,8 @@ def compile_env(env: ModuleEnv) -> Program:
     errors: list[GradError] = []
     if env.body is not None:
         try:
-            routes.append(b.build_route("main", ast.Default(span=env.body.span), env.body.expr, env.body.span))
+            routes.append(b.build_route("main", ast.Default(span=env.body.span), env.body.expr, env.body.span,
+                                        env.body.param))
         except GradError as e:
             errors.append(e)
     seen_labels: dict[str, Span] = {}
@@ -683,7 +687,7 @@ def compile_env(env: ModuleEnv) -> Program:
                 raise GradError(f"the same selector as the route on line {seen_labels[label].line}", r.span,
                                 "merge the two routes")
             seen_labels[label] = r.span
-            routes.append(b.build_route(label, r.selector, r.body, r.span))
+            routes.append(b.build_route(label, r.selector, r.body, r.span, r.param))
         except GradError as e:
             errors.append(e)
     if b.over_budget is None:  # a blown budget is reported once; the checks would only blow it again
@@ -699,16 +703,36 @@ def compile_env(env: ModuleEnv) -> Program:
     check_ops(g)  # every op's own rules: what building the optimizer would otherwise refuse
     position = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(g))}
     ir = {r.label: freeze(g, r.label, r.output, position) for r in routes}
+<<<<<<< HEAD
     _check_matrix_routes(routes, ir)
+=======
+    modes = compile_modes(env, hparams, {k: r for k, r in ir.items() if r.writes_param},
+                          _cell_finder(b, merged, ir))
+>>>>>>> 69a393ffb53b660d1dc8836829a0dbcac85117a6
     nonfinite = policy_of(n for r in ir.values() for n in r.all_nodes())
     rules = rule_checks(n for r in ir.values() for n in r.all_nodes())
     canonical, digest = _canonical_and_hash(env)
     prog = Program(graph=g, hyperparams=hparams, routes=routes, path=env.path, source=env.module.source,
                    canonical=canonical, hash=digest, range_checks=b.range_checks, rule_checks=rules, folded=[str(f) for f in b.folded],
                    merged=merged, removed=removed, losses=frozenset(b.losses), reads=frozenset(b.reads),
-                   ir=ir, nonfinite=nonfinite)
+                   ir=ir, nonfinite=nonfinite, modes=modes)
     prog.check_group(prog_defaults, "the hyperparameters' defaults")
     return prog
+
+
+def _cell_finder(b: Builder, merged: list[tuple[str, str]], ir: dict[str, RouteIR]):
+    """``find(state, label)``: the node of a state cell that route ``label`` keeps (after common
+    subexpressions were merged), or None (for the eval and train sequences)."""
+    kept = dict(merged)
+
+    def find(st: ast.State, label: str) -> str | None:
+        node = b.cell_read(st, label)
+        while node in kept:
+            node = kept[node]
+        if node is None or not any(cell == node for cell, _ in ir[label].commits):
+            return None
+        return node
+    return find
 
 
 def check_library_env(env: ModuleEnv) -> Library:

@@ -16,7 +16,7 @@ __all__ = [
     "Expr", "Num", "Bool", "Str", "Name", "Call", "Kwarg", "BinOp", "Neg", "Chain",
     "Index", "Tuple", "Selector", "Glob", "Regex", "ShapePred", "SelAnd", "SelOr",
     "SelNot", "Default", "Stmt", "Import", "HParam", "Let", "Def", "DefParam", "Route",
-    "Body", "Module", "walk",
+    "Body", "Mode", "Module", "walk",
 ]
 
 _NOSPAN = Span()
@@ -246,24 +246,40 @@ class Def:
 
 @dataclass(frozen=True)
 class Route:
-    """``route ndim >= 2: grad | adam``: the pipeline for the matching parameters."""
+    """``route ndim >= 2: grad | adam``: the pipeline for the matching parameters;
+    ``route ndim >= 2: param = ...`` (``param``) gives their new value instead."""
 
     selector: Selector
     body: Expr
     span: Span = _span()
     comments: tuple[str, ...] = field(default=(), compare=False)
+    #: the body is the parameter's new value (``param = EXPR``), not the update ``u``
+    param: bool = False
 
 
 @dataclass(frozen=True)
 class Body:
-    """The pipeline for every parameter (a file has a Body or Routes, not both)."""
+    """The pipeline for every parameter (a file has a Body or Routes, not both):
+    the update ``u``, or with ``param`` (``param = EXPR``) the parameter's new value."""
 
+    expr: Expr
+    span: Span = _span()
+    comments: tuple[str, ...] = field(default=(), compare=False)
+    param: bool = False
+
+
+@dataclass(frozen=True)
+class Mode:
+    """``eval: param = EXPR`` / ``train: param = EXPR``: the value ``Optimizer.eval()`` /
+    ``Optimizer.train()`` write into each parameter of a param-form route."""
+
+    mode: str  # eval | train
     expr: Expr
     span: Span = _span()
     comments: tuple[str, ...] = field(default=(), compare=False)
 
 
-Stmt = Union[Import, HParam, Let, State, Def, Route, Body]
+Stmt = Union[Import, HParam, Let, State, Def, Route, Body, Mode]
 
 
 @dataclass(frozen=True)

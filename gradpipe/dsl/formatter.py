@@ -350,9 +350,12 @@ def _stmt_lines(stmt: object) -> list[str]:
             params.append(p.name if p.default is None else f"{p.name}={_expr(p.default, _CHAIN)}")
         return _pipeline_lines(f"def {stmt.name}({', '.join(params)}) = ", stmt.body)
     if isinstance(stmt, ast.Route):
-        return _pipeline_lines(f"route {format_selector(stmt.selector)}: ", stmt.body)
+        return _pipeline_lines(f"route {format_selector(stmt.selector)}: " + ("param = " if stmt.param else ""),
+                               stmt.body)
     if isinstance(stmt, ast.Body):
-        return _pipeline_lines("", stmt.expr)
+        return _pipeline_lines("param = " if stmt.param else "", stmt.expr)
+    if isinstance(stmt, ast.Mode):
+        return _pipeline_lines(f"{stmt.mode}: param = ", stmt.expr)
     raise TypeError(f"not a statement: {stmt!r}")
 
 

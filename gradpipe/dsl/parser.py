@@ -251,6 +251,33 @@ class _ToAst(Transformer):
     def body_stmt(self, meta, items):
         return ast.Body(items[0], span=self._sp(meta))
 
+    def _param_target(self, tok) -> None:
+        """``NAME = ...`` as a statement: only ``param`` is assigned."""
+        if str(tok) != "param":
+            raise GradError(f"'{tok} = ...' assigns to '{tok}', but a statement can only assign 'param' "
+                            "(the parameter's new value)", _span_of(tok, self.path, self.source),
+                            f"to name a value, write 'let {tok} = ...'; for the new parameter, 'param = ...'")
+
+    @v_args(meta=True)
+    def param_stmt(self, meta, items):
+        self._param_target(items[0])
+        return ast.Body(items[1], span=self._sp(meta), param=True)
+
+    @v_args(meta=True)
+    def route_param_stmt(self, meta, items):
+        self._param_target(items[1])
+        return ast.Route(items[0], items[2], span=self._sp(meta), param=True)
+
+    @v_args(meta=True)
+    def mode_stmt(self, meta, items):
+        mode, target, expr = items
+        if str(mode) not in ("eval", "train"):
+            raise GradError(f"'{mode}:' is not a statement", _span_of(mode, self.path, self.source),
+                            "the sequences of Optimizer.eval() and .train() are written "
+                            "'eval: param = ...' and 'train: param = ...'")
+        self._param_target(target)
+        return ast.Mode(str(mode), expr, span=self._sp(meta))
+
     # selectors -----------------------------------------------------------------
     @v_args(meta=True)
     def sel_or(self, meta, items):

@@ -63,7 +63,7 @@ from ..compiler.lowering import Segment as _Segment, plan_route
 from ..compiler.ops import Args
 from ..compiler.program import Program
 from .eager import ParamLanes, RouteBatch, compute_dtype
-from .interpret import Lanes, apply_update, commit_cells, eval_dynamic, eval_node, structural_args
+from .interpret import Lanes, apply_param, apply_update, commit_cells, eval_dynamic, eval_node, structural_args
 
 __all__ = ["CompiledRoutes", "CompileFallbackWarning", "plan_route"]
 
@@ -138,7 +138,10 @@ def _segment_fn(seg: _Segment) -> Callable[..., None]:
             for b, (buf, value) in enumerate(zip(bufs, vals[n])):
                 if n == seg.final and apply[b] is not None:
                     p, lr = apply[b]  # p <- p - lr * u, fused: a solo bucket, the parameter's own storage
-                    apply_update(p, value, lr)
+                    if lr is None:  # param = EXPR: the parameter's new value
+                        apply_param(p, value)
+                    else:
+                        apply_update(p, value, lr)
                 else:
                     buf.copy_(value)
         # state cells take their new value last, once every reader of the old one has run
@@ -360,13 +363,15 @@ class CompiledRoutes:
         if late:  # cells whose new value is computed after their segment: written now
             commit_cells(late, {new: self._to_split(new, vals) for _, new in late}, batch.states)
         if ir.update in vals.flat:  # the update came out of a fused segment: apply it here
-            return self._apply(ir.update, vals, batch, applied)
+            return self._apply(ir.update, vals, batch, applied, ir.writes_param)
         return self._to_split(ir.update, vals)
 
-    def _apply(self, out: str, vals: _Values, batch: RouteBatch, applied: set[int]) -> list[torch.Tensor | None]:
+    def _apply(self, out: str, vals: _Values, batch: RouteBatch, applied: set[int],
+               writes_param: bool = False) -> list[torch.Tensor | None]:
         """``p <- p - lr * u`` for every bucket whose parameters have the compute dtype: one
         ``torch._foreach_add_`` over the parameters and views of the flat update (the same
-        arithmetic as :func:`apply_update`); the updates of other buckets (fp16/bf16 parameters,
+        arithmetic as :func:`apply_update`; with ``writes_param``, ``p <- value``, one
+        ``torch._foreach_copy_``); the updates of other buckets (fp16/bf16 parameters,
         rounded from float32 one by one) are returned for the caller, ``None`` where applied (here,
         or in the kernel: the buckets in ``applied``)."""
         updates: list[torch.Tensor | None] = [None] * vals.n
@@ -378,6 +383,9 @@ class CompiledRoutes:
             if any(p.dtype != b.dtype for p in ps):
                 for i, v in zip(b.idxs, views):
                     updates[i] = v
+                continue
+            if writes_param:
+                torch._foreach_copy_(ps, views)  # param = EXPR: p <- value
                 continue
             lr = batch.envs[b.idxs[0]]["lr"]
             torch._foreach_add_(ps, views, alpha=-(lr.item() if isinstance(lr, torch.Tensor) else lr))
@@ -481,12 +489,17 @@ class CompiledRoutes:
         reads = seg.reads_param and self._needs_param(seg, dynamic)
         params = ([self._gather(("param", label), b, [batch.params[i].detach() for i in b.idxs]) for b in buckets]
                   if reads else [None] * len(buckets))  # ops that do not read it get None
+        self._one_param_view(seg, inputs, params, buckets)
         apply: list[tuple[torch.Tensor, Any] | None] = [None] * len(buckets)
         if seg.final is not None:  # the route's update: applied inside the kernel to a solo parameter
+            writes_param = self.prog.ir[label].writes_param  # param = EXPR: lr None, p <- value
             for bi, (b, env) in enumerate(zip(buckets, envs)):
                 if b.solo:
                     lr = env["lr"]
                     target = params[bi] if params[bi] is not None else batch.params[b.idxs[0]].detach().view(-1)
+                    if writes_param:
+                        apply[bi] = (target, None)
+                        continue
                     apply[bi] = (target, lr.detach() if isinstance(lr, torch.Tensor) else
                                  (torch.tensor(float(lr), dtype=torch.float64) if lr != 0 else 0.0))
         steps = [torch.tensor(float(env["step"]), dtype=torch.float64) for env in envs]
@@ -509,6 +522,21 @@ class CompiledRoutes:
             for b, st in zip(buckets, per_bucket):
                 self._publish(label, si, n, b, st, batch)
         return {bi for bi, a in enumerate(apply) if a is not None}
+
+    def _one_param_view(self, seg: _Segment, inputs: list[list[torch.Tensor]], params: list[torch.Tensor | None],
+                        buckets: list[_Bucket]) -> None:
+        """A solo bucket's parameter is one tensor in the segment: when the segment reads the
+        ``param`` source (``param - lr * u``, Lookahead, Schedule-Free), the ops' ``params`` and the
+        target of the in-kernel update are that input itself. Two views of the parameter from
+        separate ``detach()`` calls, one of them written, are inputs ``torch.compile`` cannot
+        trace (aliased inputs with different bases), and the segment would run eagerly."""
+        src = next((j for j, name in enumerate(seg.inputs) if (n := self.prog.node(name)).kind is Kind.SOURCE
+                    and n.op == "param"), None)
+        if src is None:
+            return
+        for bi, b in enumerate(buckets):
+            if b.solo:
+                params[bi] = inputs[src][bi]
 
     @staticmethod
     def _needs_param(seg: _Segment, dynamic: list[list[dict[str, Any]]]) -> bool:

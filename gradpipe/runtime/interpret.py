@@ -30,8 +30,8 @@ from ..compiler.ops.base import RuntimeFloat
 from ..compiler.prims import PORTS, is_matrix, is_reduction, is_shape
 from ..dsl.diagnostics import GradError
 
-__all__ = ["Lanes", "eval_node", "arith", "eval_dynamic", "structural_args", "apply_update", "compute_dtype",
-           "ARITH", "commit_cells"]
+__all__ = ["Lanes", "eval_node", "arith", "eval_dynamic", "structural_args", "apply_update", "apply_param",
+           "compute_dtype", "ARITH", "commit_cells"]
 
 
 def _signal(*xs: Any) -> torch.Tensor | None:
@@ -396,6 +396,12 @@ def commit_cells(commits: Sequence[tuple[str, str]], values: Mapping[str, list[t
             if buf is not None:
                 buf.copy_(v)
     return kept
+
+
+def apply_param(p: torch.Tensor, value: torch.Tensor) -> None:
+    """``p <- value`` in place, for a route that gives the parameter's new value (``param = EXPR``);
+    ``value`` is in the compute dtype and rounded once to the parameter's, as :func:`apply_update`."""
+    p.copy_(value)
 
 
 def apply_update(p: torch.Tensor, u: torch.Tensor, lr: Any) -> None:

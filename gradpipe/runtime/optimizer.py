@@ -16,7 +16,7 @@ from ..compiler.ir import Kind
 from ..dsl.diagnostics import GradError, did_you_mean
 from .compiled import CompiledRoutes
 from .eager import RouteBatch, run_route
-from .interpret import apply_update, compute_dtype
+from .interpret import apply_param, apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
 
 __all__ = ["Optimizer", "as_program", "BACKENDS", "TORCH_OPTIONS"]
@@ -357,6 +357,7 @@ class Optimizer(torch.optim.Optimizer):
                 ``opt.step(samples=gradpipe.per_sample_grads(model, loss_fn, x, y))``.
                 ``grad`` is then their mean unless ``p.grad`` is set.
         """
+        self._check_train_mode()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -454,8 +455,12 @@ class Optimizer(torch.optim.Optimizer):
                 updates = run(label, RouteBatch(stepped, grads, envs, states, shared), self._node_state,
                               self._orders[label])
                 self._count_step(params, states)  # the ops read the step from the environment
+                writes_param = prog.ir[label].writes_param  # param = EXPR: p <- value, not p - lr * u
                 for p, u, (_, group) in zip(stepped, updates, items):  # p: the real view of a complex one
                     if u is None:  # updated in place by the compiled backend
+                        continue
+                    if writes_param:
+                        apply_param(p, u)
                         continue
                     lr = group["lr"]
                     apply_update(p, u, lr.item() if isinstance(lr, torch.Tensor) else lr)
@@ -588,6 +593,68 @@ class Optimizer(torch.optim.Optimizer):
         shared_of = {params[j]: all(raw[n][j] is not None for n in read) for j in used}
         return out, shared_of
 
+    # ------------------------------------------------------------------ eval and train sequences
+    #: "train" or "eval": which of the pipeline's sequences the parameters hold (docs/language.md 4.9)
+    _mode: str = "train"
+
+    @property
+    def has_eval(self) -> bool:
+        """Whether the pipeline has ``eval:`` and ``train:`` sequences (Schedule-Free): then call
+        :meth:`eval` before evaluating or saving the model, and :meth:`train` before stepping again."""
+        return bool(self.program.modes)
+
+    @property
+    def mode(self) -> str:
+        """``"train"`` (the parameters are where steps are taken; the start) or ``"eval"``."""
+        return self._mode
+
+    @torch.no_grad()
+    def eval(self) -> "Optimizer":
+        """Write the pipeline's ``eval:`` sequence into the parameters (Schedule-Free's ``x``, the
+        point to evaluate), as ``schedulefree``'s ``optimizer.eval()``; a no-op in eval mode.
+        ``step()`` is refused until :meth:`train`. A pipeline without an ``eval:`` sequence is an
+        error, and nothing changes."""
+        return self._switch("eval")
+
+    @torch.no_grad()
+    def train(self, mode: bool = True) -> "Optimizer":
+        """Write the pipeline's ``train:`` sequence into the parameters (Schedule-Free's ``y``),
+        undoing :meth:`eval`; a no-op in train mode, and for a pipeline without sequences
+        (``train(False)`` is :meth:`eval`)."""
+        return self._switch("train" if mode else "eval")
+
+    def _switch(self, mode: str) -> "Optimizer":
+        from .modes import mode_values
+        seq = self.program.modes.get(mode)
+        if seq is None and mode == "train":  # no sequences: the parameters are always where steps are taken
+            return self
+        if seq is None:
+            raise RuntimeError(
+                f"Optimizer.{mode}(): the pipeline '{self.program.name}' has no '{mode}:' sequence; a pipeline "
+                "that keeps a separate point to evaluate (Schedule-Free) gives the parameter's new value "
+                "('param = ...') and adds 'eval: param = ...' and 'train: param = ...' lines "
+                "(docs/language.md 4.9); other pipelines need no eval() or train()")
+        if self._mode == mode:
+            return self
+        items = [(p, group, self._routes[p], self.state.get(p, {}))
+                 for group in self.param_groups for p in group["params"]]
+        seen: set[int] = set()
+        writes = []
+        for p, v in mode_values(seq, items):  # every value first: an error writes nothing
+            if id(p) not in seen:
+                seen.add(id(p))
+                writes.append((p, v))
+        for p, v in writes:
+            p.copy_(v)
+        self._mode = mode
+        return self
+
+    def _check_train_mode(self) -> None:
+        if self._mode != "train":
+            raise RuntimeError(f"Optimizer.step() in eval mode: the parameters hold the pipeline "
+                               f"'{self.program.name}''s eval sequence; call opt.train() before stepping "
+                               "(as schedulefree's optimizers require)")
+
     # ------------------------------------------------------------------ state
     def _saved_node_state(self) -> dict[str, Any]:
         node_state = {}
@@ -613,6 +680,8 @@ class Optimizer(torch.optim.Optimizer):
         from .migration import state_meta
         sd["gradpipe"] = {"format": _STATE_FORMAT, **state_meta(self.program), "node_state": self._saved_node_state()}
         sd["gradpipe"]["nonfinite"] = self._nonfinite.state_dict()
+        if self.program.modes:
+            sd["gradpipe"]["mode"] = self._mode
         for hook in list(post_hooks.values()):
             result = hook(self, sd)
             if result is not None:
@@ -645,6 +714,7 @@ class Optimizer(torch.optim.Optimizer):
         self.last_migration = load_state(self, state_dict, self._load_groups)
         meta = state_dict.get("gradpipe") or {}
         self._nonfinite.load_state_dict(meta.get("nonfinite"))  # counters of skipped steps
+        self._mode = meta.get("mode", "train") if self.program.modes else "train"  # eval/train sequence
         for group in self.param_groups:  # a state dict saved before gradpipe kept torch's option keys
             for k in GROUP_OPTIONS:
                 if k not in self.program.hyperparams:
@@ -684,7 +754,8 @@ class Optimizer(torch.optim.Optimizer):
         return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups,
                 "_gradpipe": {"source": prog.source, "path": prog.path, "hash": prog.hash, "backend": self.backend,
                               "use_compile": self._compiled.use_compile if self._compiled is not None else None,
-                              "node_state": self._saved_node_state(), "nonfinite": self._nonfinite.state_dict()}}
+                              "node_state": self._saved_node_state(), "nonfinite": self._nonfinite.state_dict(),
+                              "mode": self._mode}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
@@ -699,6 +770,7 @@ class Optimizer(torch.optim.Optimizer):
             self._compiled.use_compile = False
         self._nonfinite = NonFiniteGuard(prog.nonfinite)
         self._nonfinite.load_state_dict(gp["nonfinite"])
+        self._mode = gp.get("mode", "train")
         self._node_state = {}
         for node, saved in gp["node_state"].items():
             n = prog.node(node)

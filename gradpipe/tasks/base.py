@@ -293,12 +293,19 @@ def _check_losses(task: Task, losses: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def _evaluate(task: Task, model: nn.Module, step: int) -> EvalRecord:
+def _evaluate(task: Task, model: nn.Module, step: int, opt: Any = None) -> EvalRecord:
+    # an optimizer with an eval sequence (Schedule-Free) puts the point to evaluate into the
+    # parameters with opt.eval(), and the point to step from back with opt.train()
+    switch = bool(getattr(opt, "has_eval", False))
     model.eval()
+    if switch:
+        opt.eval()
     try:
         with torch.no_grad():
             raw = task.evaluate(model)
     finally:
+        if switch:
+            opt.train()
         model.train()
     if not isinstance(raw, Mapping) or task.metric not in raw:
         raise TaskError(f"task {task.name!r}: evaluate() must return a dict that includes its metric "
@@ -333,8 +340,9 @@ def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optim
 
     A step whose loss is NaN or infinite is not taken: :class:`Diverged` is
     raised. The model is evaluated (``model.eval()``, ``torch.no_grad()``,
-    then back to ``train()``) after every ``eval_every`` steps and after the
-    last step.
+    then back to ``train()``; ``opt.eval()`` and ``opt.train()`` around it too
+    where the optimizer has an eval sequence, ``opt.has_eval``: Schedule-Free)
+    after every ``eval_every`` steps and after the last step.
 
     ``grad_norm`` of a named-loss step is computed from one extra
     ``torch.autograd.grad`` of the summed loss (retaining the graph) before
@@ -419,7 +427,7 @@ def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optim
     evals: list[EvalRecord] = []
 
     def record_eval(step: int) -> None:
-        rec = _evaluate(task, model, step)
+        rec = _evaluate(task, model, step, opt)
         evals.append(rec)
         if on_eval is not None:
             on_eval(rec)

@@ -279,6 +279,8 @@ def train(
     seconds = time.perf_counter() - start
 
     losses = [float(v) for v in torch.stack(step_losses).tolist()]
+    if getattr(opt, "has_eval", False):  # Schedule-Free: evaluate at the point its eval() gives
+        opt.eval()
     model.eval()
     with torch.no_grad():
         logits = model(data.x_val)

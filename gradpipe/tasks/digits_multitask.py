@@ -255,6 +255,8 @@ def train_multitask(
 
     losses = [float(v) for v in torch.stack(main_losses).tolist()]
     aux = [float(v) for v in torch.stack(aux_losses).tolist()]
+    if getattr(opt, "has_eval", False):  # Schedule-Free: evaluate at the point its eval() gives
+        opt.eval()
     model.eval()
     with torch.no_grad():
         main_logits, aux_logits = model(data.x_val)
