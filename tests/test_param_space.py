@@ -192,10 +192,11 @@ def test_eval_without_an_eval_sequence_is_an_error_and_changes_nothing():
     opt = gradpipe.Optimizer(params, "adam", backend="eager")
     _trajectory(opt, params, False, steps=range(3))
     before = [p.detach().clone() for p in params]
-    with pytest.raises(RuntimeError, match=r"'adam' has no 'eval:' sequence.*'eval: param = \.\.\.'"):
+    with pytest.raises(AttributeError, match=r"'adam' has no 'eval:' sequence.*'eval: param = \.\.\.'"):
         opt.eval()
     assert opt.mode == "train" and not opt.has_eval
-    opt.train()  # nothing to undo: a no-op (as callers that train() every optimizer expect)
+    # tools that switch an optimizer when it has eval/train (Hugging Face's Trainer) leave it alone
+    assert not hasattr(opt, "eval") and not hasattr(opt, "train")
     opt.step()
     assert all(not torch.equal(a, b) for a, b in zip(before, params))
 
@@ -321,8 +322,8 @@ def _spied(calls: list[str]):
     def make(model):
         opt = gradpipe.Optimizer(model.named_parameters(), "schedulefree_sgd", lr=1.0, backend="eager")
         for mode in ("eval", "train"):
-            method = getattr(opt, mode)
-            setattr(opt, mode, lambda method=method, mode=mode: (calls.append(mode), method())[1])
+            method = getattr(opt, mode)  # opt.eval is a property: wrap what it hands out
+            setattr(opt, "_" + mode, lambda method=method, mode=mode: (calls.append(mode), method())[1])
         return opt
     return make
 

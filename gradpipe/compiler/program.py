@@ -703,12 +703,9 @@ def compile_env(env: ModuleEnv) -> Program:
     check_ops(g)  # every op's own rules: what building the optimizer would otherwise refuse
     position = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(g))}
     ir = {r.label: freeze(g, r.label, r.output, position) for r in routes}
-<<<<<<< HEAD
     _check_matrix_routes(routes, ir)
-=======
     modes = compile_modes(env, hparams, {k: r for k, r in ir.items() if r.writes_param},
                           _cell_finder(b, merged, ir))
->>>>>>> 69a393ffb53b660d1dc8836829a0dbcac85117a6
     nonfinite = policy_of(n for r in ir.values() for n in r.all_nodes())
     rules = rule_checks(n for r in ir.values() for n in r.all_nodes())
     canonical, digest = _canonical_and_hash(env)

@@ -608,32 +608,44 @@ class Optimizer(torch.optim.Optimizer):
         """``"train"`` (the parameters are where steps are taken; the start) or ``"eval"``."""
         return self._mode
 
-    @torch.no_grad()
-    def eval(self) -> "Optimizer":
-        """Write the pipeline's ``eval:`` sequence into the parameters (Schedule-Free's ``x``, the
-        point to evaluate), as ``schedulefree``'s ``optimizer.eval()``; a no-op in eval mode.
-        ``step()`` is refused until :meth:`train`. A pipeline without an ``eval:`` sequence is an
-        error, and nothing changes."""
-        return self._switch("eval")
+    @property
+    def eval(self) -> Callable[[], "Optimizer"]:
+        """``opt.eval()`` writes the pipeline's ``eval:`` sequence into the parameters (Schedule-Free's
+        ``x``, the point to evaluate), as ``schedulefree``'s ``optimizer.eval()``; a no-op in eval
+        mode; ``step()`` is refused until :meth:`train`. Only a pipeline with sequences has it: for
+        the others ``opt.eval`` is an AttributeError that says so (and ``hasattr(opt, "eval")`` is
+        false, so tools that switch an optimizer when it can, such as Hugging Face's Trainer, leave
+        them alone)."""
+        self._need_modes("eval")
+        return self._eval
 
-    @torch.no_grad()
-    def train(self, mode: bool = True) -> "Optimizer":
-        """Write the pipeline's ``train:`` sequence into the parameters (Schedule-Free's ``y``),
-        undoing :meth:`eval`; a no-op in train mode, and for a pipeline without sequences
-        (``train(False)`` is :meth:`eval`)."""
-        return self._switch("train" if mode else "eval")
+    @property
+    def train(self) -> Callable[..., "Optimizer"]:
+        """``opt.train()`` writes the pipeline's ``train:`` sequence into the parameters (Schedule-Free's
+        ``y``), undoing :meth:`eval`; a no-op in train mode (``train(False)`` is :meth:`eval`). Only a
+        pipeline with sequences has it (see :attr:`eval`)."""
+        self._need_modes("train")
+        return self._train
 
-    def _switch(self, mode: str) -> "Optimizer":
-        from .modes import mode_values
-        seq = self.program.modes.get(mode)
-        if seq is None and mode == "train":  # no sequences: the parameters are always where steps are taken
-            return self
-        if seq is None:
-            raise RuntimeError(
+    def _need_modes(self, mode: str) -> None:
+        if not self.program.modes:
+            raise AttributeError(
                 f"Optimizer.{mode}(): the pipeline '{self.program.name}' has no '{mode}:' sequence; a pipeline "
                 "that keeps a separate point to evaluate (Schedule-Free) gives the parameter's new value "
                 "('param = ...') and adds 'eval: param = ...' and 'train: param = ...' lines "
                 "(docs/language.md 4.9); other pipelines need no eval() or train()")
+
+    @torch.no_grad()
+    def _eval(self) -> "Optimizer":
+        return self._switch("eval")
+
+    @torch.no_grad()
+    def _train(self, mode: bool = True) -> "Optimizer":
+        return self._switch("train" if mode else "eval")
+
+    def _switch(self, mode: str) -> "Optimizer":
+        from .modes import mode_values
+        seq = self.program.modes[mode]
         if self._mode == mode:
             return self
         items = [(p, group, self._routes[p], self.state.get(p, {}))
