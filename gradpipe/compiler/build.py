@@ -43,7 +43,7 @@ _SIGNAL_MOD_HINT = "the remainder of a signal needs a divisor other than 0, e.g.
 #: the argument names of the math functions, for messages
 _ARG_NAMES = {"abs": ("x",), "sign": ("x",), "sqrt": ("x",), "exp": ("x",), "log": ("x",),
               "max": ("a", "b"), "min": ("a", "b"), "clamp": ("x", "lo", "hi"), "where": ("cond", "a", "b"),
-              "matmul": ("a", "b"), "transpose": ("x",), "eigvecs": ("a",), "qr": ("a",),
+              "matmul": ("a", "b"), "transpose": ("x",), "eigvecs": ("a",), "qr": ("a",), "descending": ("v",),
               "matrix_power": ("a", "p", "eps"), "%": ("a", "b")}
 _MAX_APPLY_DEPTH = 100
 

@@ -25,13 +25,13 @@ COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
 FUNCTIONS: dict[str, int] = {
     "abs": 1, "sign": 1, "sqrt": 1, "exp": 1, "log": 1,
     "max": 2, "min": 2, "clamp": 3, "where": 3,
-    "matmul": 2, "transpose": 1, "eigvecs": 1, "qr": 1, "matrix_power": 3,
+    "matmul": 2, "transpose": 1, "eigvecs": 1, "qr": 1, "matrix_power": 3, "descending": 1,
 }
 
 #: the matrix functions (a subset of ``FUNCTIONS``): they act on each parameter's matrix view (a
 #: tensor of more than two dimensions as ``(shape[0], -1)``), so they run tensor by tensor, and
 #: their value may have another shape than the parameter (``matmul(g, transpose(g))`` is m×m)
-MATRIX: dict[str, int] = {"matmul": 2, "transpose": 1, "eigvecs": 1, "qr": 1, "matrix_power": 3}
+MATRIX: dict[str, int] = {"matmul": 2, "transpose": 1, "eigvecs": 1, "qr": 1, "matrix_power": 3, "descending": 1}
 #: the operands of each matrix function that are matrices (signals); the others are numbers
 MATRIX_OPERANDS: dict[str, tuple[str, ...]] = {"matmul": ("lhs", "rhs"), "matrix_power": ("lhs",)}
 
@@ -87,6 +87,9 @@ SUMMARIES: dict[str, str] = {
     "transpose(x)": "the transpose of x's matrix view, per parameter tensor (n×m for an m×n parameter)",
     "eigvecs(a)": "the eigenvectors of the symmetric matrix a (torch.linalg.eigh), as the columns of an orthogonal "
                   "matrix, by decreasing eigenvalue",
+    "descending(v)": "the permutation matrix P (k×k) that orders the k elements of v (a row or a column, e.g. "
+                     "a reduction over cols) by decreasing value: matmul(v, P) is v sorted; matmul(a, P) reorders "
+                     "a's columns, matmul(transpose(P), a) its rows (SOAP's eigenvalue order)",
     "qr(a)": "the orthonormal factor Q of a = Q R (torch.linalg.qr, reduced): an orthonormal basis of a's columns",
     "matrix_power(a, p, eps)": "(a + eps I) ** p for the symmetric matrix a, from its eigendecomposition: "
                                "V diag((λ + eps) ** p) Vᵀ (|λ + eps|, as an SVD gives); Shampoo's inverse roots",

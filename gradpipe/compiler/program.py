@@ -497,6 +497,9 @@ def value_shape(ir: RouteIR, node: str, shape: tuple[int, ...], check: bool = Fa
                                        f"shape {shape}", "route matrices to it, e.g. 'route ndim >= 2: ...' with "
                                        "another route for the rest")
             return shape
+        if n.op == "descending":
+            k = math.prod(operands[0])
+            return (k, k)
         views = [matrix_shape(o, shape) for o in operands]
         for v in views:
             if len(v) != 2:

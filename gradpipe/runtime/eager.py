@@ -169,16 +169,46 @@ class ParamLanes(Lanes):
         return [t.to(compute_dtype(p)) for t, p in zip(self.batch.grads[node.op], self.batch.params)]
 
 
+def release_plan(prog: Program, ir: RouteIR) -> list[tuple[str, ...]]:
+    """Per top-level node of ``ir`` (in order), the values nothing after it reads: dropped once it
+    has run, so a step holds only the values still to be read (not every intermediate of the
+    route at once). The update and the cells' new values are kept to the end."""
+    cache = prog.__dict__.setdefault("_release_plans", {})  # per program, by route
+    plan = cache.get(ir.label)
+    if plan is not None:
+        return plan
+    keep = {ir.update} | {new for _, new in ir.commits}
+    top = {n.name for n in ir.nodes}
+    last: dict[str, int] = {}
+
+    def reads(node: Node) -> list[str]:
+        out = list(node.inputs.values())
+        for inner in ir.blocks.get(node.name, ()):  # a block's pipeline reads outer values too
+            out += reads(inner)
+        return out
+    for i, n in enumerate(ir.nodes):
+        for src in reads(n):
+            last[src] = i
+    drops: list[list[str]] = [[] for _ in ir.nodes]
+    for name, i in last.items():
+        if name in top and name not in keep:
+            drops[i].append(name)
+    plan = cache[ir.label] = [tuple(d) for d in drops]
+    return plan
+
+
 def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
               order: Sequence[str] | None = None) -> list[torch.Tensor]:
     """Evaluate one route; return the update ``u`` per parameter (in the compute dtype)."""
     ir = prog.ir[label]
     lanes = ParamLanes(prog, ir, batch, node_states)
     values: dict[str, list[torch.Tensor]] = {}
-    for node in ir.nodes:
+    for node, drop in zip(ir.nodes, release_plan(prog, ir)):
         if node.kind is Kind.OUTPUT:
             break
         values[node.name] = lanes.source(node) if node.kind is Kind.SOURCE else eval_node(node, values, lanes)
+        for name in drop:
+            del values[name]
     if ir.commits:  # state cells take their new values
         return commit_cells(ir.commits, values, batch.states, keep=ir.update)  # type: ignore[return-value]
     return values[ir.update]

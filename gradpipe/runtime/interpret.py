@@ -315,7 +315,7 @@ def matrix(node: Node, values: Mapping[str, list[torch.Tensor]], lanes: "Lanes")
     for x, y, p, arg in zip(xs, ys, lanes.layout(), args):
         if p.dim() < 2:
             raise _needs_matrix(node, f"'{node.op}'", p.shape)
-        a = matrix_view(x, p)
+        a = matrix_view(x, p) if node.op != "descending" else x
         if node.op == "transpose":
             r = a.transpose(-2, -1)
         elif node.op == "qr":
@@ -323,6 +323,11 @@ def matrix(node: Node, values: Mapping[str, list[torch.Tensor]], lanes: "Lanes")
         elif node.op == "eigvecs":
             _square(node, a, p)
             r = torch.linalg.eigh(a).eigenvectors.flip(-1)
+        elif node.op == "descending":
+            v = x.reshape(-1)
+            order = torch.argsort(v, descending=True)
+            r = torch.zeros(v.numel(), v.numel(), dtype=x.dtype, device=x.device)
+            r[order, torch.arange(v.numel(), device=x.device)] = 1
         elif node.op == "matrix_power":
             _square(node, a, p)
             r = _power(a, arg.power, arg.eps)
