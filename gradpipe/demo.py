@@ -56,6 +56,8 @@ LR: dict[str, float] = {
     "radam": 1e-2,
     "adagrad": 0.05,
     "adadelta": 1.0,
+    "sam_sgd": 0.05,
+    "asam_sgd": 0.05,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

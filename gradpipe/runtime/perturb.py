@@ -9,7 +9,8 @@ step calls twice (``docs/language.md``, "Gradients at another point"):
 3. each route's point, from its nodes (``RouteIR.point_nodes``: no state, so nothing changes);
 4. every parameter of those routes saved, then set to its point, every ``.grad`` set to None,
    and the closure called again: the gradients it leaves are ``grad_at``'s value (zeros for
-   a parameter it does not reach);
+   a parameter it does not reach; a ValueError if it reaches none, a closure that does not
+   call ``backward()``);
 5. in a ``finally``, every parameter restored bit for bit from its saved copy and every ``.grad``
    to the first gradient: a closure that raises leaves the parameters and gradients as they were;
 6. the non-finite check of the perturbed gradients (a NaN or an Inf skips the step: nothing
@@ -62,7 +63,7 @@ def perturbed_grads(opt: "Optimizer", by_route: Mapping[str, Sequence[tuple[torc
             continue
         params = [p for p, _ in items]
         batch = RouteBatch([_real(p) for p in params], {"grad": [_real(p.grad) for p in params]},
-                           opt._route_envs(items, loss_value), [opt.state[p] for p in params])
+                           opt._route_envs(items, loss_value), [{} for _ in params])  # the point keeps no state
         points.update(zip(params, eval_point(prog, label, batch, opt._node_state)))
     everything = [p for group in opt.param_groups for p in group["params"]]
     first = [p.grad for p in everything]
@@ -74,6 +75,10 @@ def perturbed_grads(opt: "Optimizer", by_route: Mapping[str, Sequence[tuple[torc
             p.grad = None
         with torch.enable_grad():
             closure()
+        if all(p.grad is None for p in points):
+            raise ValueError("grad_at: the closure's second call left no gradient on the parameters: the closure "
+                             "must compute the loss and call backward() (step() calls it at the point), not "
+                             "return a loss computed before")
         out = {p: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in points}
     finally:
         for p, old in saved:
