@@ -58,6 +58,7 @@ LR: dict[str, float] = {
     "adadelta": 1.0,
     "sam_sgd": 0.05,
     "asam_sgd": 0.05,
+    "sam_adamw": 1e-2,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2
