@@ -72,8 +72,8 @@ table lists them per route.
 **Two gradients.** `sam_sgd`, `asam_sgd` and `sam_adamw` (SAM and ASAM, as davda54/sam) take the
 gradient at a perturbed point with `grad_at(param + e)` (docs/language.md 5.14), so they
 are stepped with a closure, `opt.step(closure)`, which the step calls twice. The point is
-computed before the closure's second call, op by op; the plan in the table is what runs
-after it. The tests hold them to davda54/sam to 1e-9 in float64 on both backends, and to
+computed before the closure's second call (on the compiled backend, one fused segment of
+its own); the plan in the table is what runs after it. The tests hold them to davda54/sam to 1e-9 in float64 on both backends, and to
 pytorch-optimizer's `SAM` to 1e-5 (it sums the squared norms in float32; `tests/test_sam.py`).
 """
 

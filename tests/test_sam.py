@@ -247,9 +247,7 @@ def test_losses_and_samples_are_refused():
 
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
 def test_nonfinite_gradient_at_the_point_skips_the_step(backend):
-    model = _model()
-    opt = gradpipe.Optimizer(model.parameters(), "sam_sgd", lr=0.1, backend=backend)
-    opt.step(_closure(model, opt, 0))
+    model, opt, _ = _gradpipe("sam_sgd", backend, steps=1)  # as above: the same compiled functions
     calls = []
     x, y = _batch(1)
 
@@ -380,3 +378,16 @@ def test_stage_form_and_a_shared_name():
     assert [n.op for n in a.ir["main"].point_nodes] == [n.op for n in b.ir["main"].point_nodes]
     c = gradpipe.compile("let g = grad_at(param + 0.1 * grad)\ng + 0.5 * sign(g)")
     assert c.ir["main"].grad_at == "main/grad_at" and "grad_at" in c.reads
+
+
+def test_compiled_backend_fuses_the_point():
+    """SAM's point (a global norm and elementwise math) is one fused segment of its own, run before
+    the closure's second call; explain says so."""
+    from gradpipe.compiler.lowering import plan_route
+    prog = gradpipe.load("sam_sgd")
+    plan = plan_route(prog, label="main", ir=prog.ir["main"].point_ir())
+    assert [kind for kind, _ in plan] == ["segment"] and plan[0][1].outputs == [prog.ir["main"].point]
+    assert "main: first, the point of grad_at: 1 fused segment; then the closure's second call" in prog.explain()
+    assert "main/grad_at" in [n.name for n in prog.ir["main"].nodes]
+    assert not {n.name for n in prog.ir["main"].point_nodes} & {n.name for n in prog.ir["main"].nodes if
+                                                                 n.kind is not gradpipe.compiler.ir.Kind.SOURCE}

@@ -13,6 +13,7 @@ attribute dicts.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -162,6 +163,12 @@ class RouteIR:
 
     def sources(self) -> tuple[Node, ...]:
         return tuple(n for n in self.nodes if n.kind is Kind.SOURCE)
+
+    def point_ir(self) -> "RouteIR":
+        """The point of the route's ``grad_at`` as a route of its own, whose update is the point:
+        what the compiled backend plans and fuses before the closure's second call."""
+        return dataclasses.replace(self, nodes=self.point_nodes, blocks=MappingProxyType({}), update=self.point,
+                                   commits=(), grad_at=None, point=None, point_nodes=())
 
 
 def freeze_node(g: "nx.MultiDiGraph", name: str) -> Node:

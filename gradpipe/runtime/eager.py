@@ -188,8 +188,8 @@ def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[st
 def eval_point(prog: Program, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]]
                ) -> list[torch.Tensor]:
     """The point of the route's ``grad_at`` per parameter (in the compute dtype): its nodes
-    (``RouteIR.point_nodes``, stateless), evaluated op by op before the route runs. Both backends
-    use this: it is a few elementwise ops and reductions, next to a forward and backward pass."""
+    (``RouteIR.point_nodes``, stateless), evaluated op by op before the route runs (the compiled
+    backend fuses them instead: ``CompiledRoutes.point``)."""
     ir = prog.ir[label]
     lanes = ParamLanes(prog, ir, batch, node_states)
     values: dict[str, list[torch.Tensor]] = {}

@@ -6,7 +6,8 @@ step calls twice (``docs/language.md``, "Gradients at another point"):
 
 1. the closure, as for every torch optimizer: the loss and the gradient at the parameters;
 2. the non-finite check of those gradients (a skipped step stops here);
-3. each route's point, from its nodes (``RouteIR.point_nodes``: no state, so nothing changes);
+3. each route's point, from its nodes (``RouteIR.point_nodes``: no state, so nothing changes),
+   op by op on the eager backend, fused on the compiled one (``CompiledRoutes.point``);
 4. every parameter of those routes saved, then set to its point, every ``.grad`` set to None,
    and the closure called again: the gradients it leaves are ``grad_at``'s value (zeros for
    a parameter it does not reach; a ValueError if it reaches none, a closure that does not
@@ -20,6 +21,7 @@ step calls twice (``docs/language.md``, "Gradients at another point"):
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
@@ -64,7 +66,8 @@ def perturbed_grads(opt: "Optimizer", by_route: Mapping[str, Sequence[tuple[torc
         params = [p for p, _ in items]
         batch = RouteBatch([_real(p) for p in params], {"grad": [_real(p.grad) for p in params]},
                            opt._route_envs(items, loss_value), [{} for _ in params])  # the point keeps no state
-        points.update(zip(params, eval_point(prog, label, batch, opt._node_state)))
+        point = opt._compiled.point if opt._compiled is not None else partial(eval_point, prog)
+        points.update(zip(params, point(label, batch, opt._node_state)))
     everything = [p for group in opt.param_groups for p in group["params"]]
     first = [p.grad for p in everything]
     saved = [(p, p.detach().clone()) for p in points]
