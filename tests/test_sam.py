@@ -163,10 +163,16 @@ def test_follows_davda54_and_pytorch_optimizer(name, backend):
 def test_step_returns_the_loss_at_the_parameters_and_keeps_their_gradient():
     model = _model()
     opt = gradpipe.Optimizer(model.parameters(), "sam_sgd", lr=0.1, backend="eager")
-    closure = _closure(model, opt, 0)
-    expected = closure().detach()
+    inner = _closure(model, opt, 0)
+    expected = inner().detach()
     grads = [p.grad.clone() for p in model.parameters()]
+    seen = []
+
+    def closure():
+        seen.append(opt.at_point)
+        return inner()
     loss = opt.step(closure)
+    assert seen == [False, True] and opt.at_point is False
     assert torch.equal(loss.detach(), expected)
     for p, g in zip(model.parameters(), grads):
         assert torch.equal(p.grad, g)  # the gradient at the parameters, not at the point
@@ -345,6 +351,27 @@ route default: grad | momentum(0.9)
         sgd.step()
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_a_grad_at_route_without_gradients_takes_no_second_pass():
+    """The closure reaches only the last layer: the grad_at route has nothing to step, and the
+    step calls the closure once."""
+    model = _model()
+    src = 'route "0.*": grad_at(param + 0.01 * grad) | sign\nroute default: grad | sign'
+    opt = gradpipe.Optimizer(model.named_parameters(), src, lr=0.1, backend="eager")
+    h = torch.tanh(model[0](_batch(0)[0])).detach()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = model[2](h).pow(2).mean()
+        loss.backward()
+        return loss
+    first = model[0].weight.detach().clone()
+    opt.step(closure)
+    assert len(calls) == 1 and torch.equal(model[0].weight, first)
+    assert opt.state[model[2].weight]["step"].item() == 1
 
 
 def test_run_task_passes_a_closure():

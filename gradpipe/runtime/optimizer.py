@@ -454,6 +454,11 @@ class Optimizer(torch.optim.Optimizer):
             envs.append(env)
         return envs
 
+    #: True while ``step()`` calls the closure with the parameters at a ``grad_at`` point (its
+    #: second call), False otherwise: a closure can leave BatchNorm's running statistics alone
+    #: then, as davda54/sam's example does for SAM's second pass
+    at_point: bool = False
+
     @property
     def needs_closure(self) -> bool:
         """Whether ``step()`` needs a closure, which it calls twice: the pipeline takes the gradient

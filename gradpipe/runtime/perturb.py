@@ -9,7 +9,8 @@ step calls twice (``docs/language.md``, "Gradients at another point"):
 3. each route's point, from its nodes (``RouteIR.point_nodes``: no state, so nothing changes),
    op by op on the eager backend, fused on the compiled one (``CompiledRoutes.point``);
 4. every parameter of those routes saved, then set to its point, every ``.grad`` set to None,
-   and the closure called again: the gradients it leaves are ``grad_at``'s value (zeros for
+   and the closure called again, with ``opt.at_point`` true (a closure may, say, leave
+   BatchNorm's running statistics alone then): the gradients it leaves are ``grad_at``'s value (zeros for
    a parameter it does not reach; a ValueError if it reaches none, a closure that does not
    call ``backward()``);
 5. in a ``finally``, every parameter restored bit for bit from its saved copy and every ``.grad``
@@ -66,8 +67,10 @@ def perturbed_grads(opt: "Optimizer", by_route: Mapping[str, Sequence[tuple[torc
         params = [p for p, _ in items]
         batch = RouteBatch([_real(p) for p in params], {"grad": [_real(p.grad) for p in params]},
                            opt._route_envs(items, loss_value), [{} for _ in params])  # the point keeps no state
-        point = opt._compiled.point if opt._compiled is not None else partial(eval_point, prog)
-        points.update(zip(params, point(label, batch, opt._node_state)))
+        evaluate = opt._compiled.point if opt._compiled is not None else partial(eval_point, prog)
+        points.update(zip(params, evaluate(label, batch, opt._node_state)))
+    if not points:  # no parameter of a grad_at route has a gradient in this step: nothing moves
+        return {}
     everything = [p for group in opt.param_groups for p in group["params"]]
     first = [p.grad for p in everything]
     saved = [(p, p.detach().clone()) for p in points]
@@ -76,6 +79,7 @@ def perturbed_grads(opt: "Optimizer", by_route: Mapping[str, Sequence[tuple[torc
             _real(p).copy_(point)
         for p in everything:
             p.grad = None
+        opt.at_point = True
         with torch.enable_grad():
             closure()
         if all(p.grad is None for p in points):
@@ -84,6 +88,7 @@ def perturbed_grads(opt: "Optimizer", by_route: Mapping[str, Sequence[tuple[torc
                              "return a loss computed before")
         out = {p: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in points}
     finally:
+        opt.at_point = False
         for p, old in saved:
             p.copy_(old)
         for p, g in zip(everything, first):
