@@ -418,3 +418,26 @@ def test_compiled_backend_fuses_the_point():
     assert "main/grad_at" in [n.name for n in prog.ir["main"].nodes]
     assert not {n.name for n in prog.ir["main"].point_nodes} & {n.name for n in prog.ir["main"].nodes if
                                                                  n.kind is not gradpipe.compiler.ir.Kind.SOURCE}
+
+
+def test_complex_parameters_move_as_their_real_views():
+    """A complex parameter is stepped as its real and imaginary parts: the same as a real parameter
+    holding them (torch's complex gradient of a real loss is the gradient of its real view)."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.complex128, generator=gen))
+    r = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
+    w = torch.randn(3, 2, dtype=torch.float64, generator=gen)
+    oz = gradpipe.Optimizer([z], "sam_sgd", lr=0.1, backend="eager")
+    orr = gradpipe.Optimizer([r], "sam_sgd", lr=0.1, backend="eager")
+
+    def closure_of(opt, loss_fn):
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+        return closure
+    for _ in range(5):
+        oz.step(closure_of(oz, lambda: ((z.real ** 2 + z.imag ** 2) * w).sum() + (z.real ** 3).sum()))
+        orr.step(closure_of(orr, lambda: ((r[..., 0] ** 2 + r[..., 1] ** 2) * w).sum() + (r[..., 0] ** 3).sum()))
+    torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-12, atol=1e-14)
