@@ -62,6 +62,9 @@ LR: dict[str, float] = {
     "schedulefree_adamw": 1e-2,
     "schedulefree_sgd": 1.0,
     "lookahead_adam": 1e-2,
+    "sam_sgd": 0.05,
+    "asam_sgd": 0.05,
+    "sam_adamw": 1e-2,
 }
 #: Learning rate for a pipeline not in :data:`LR`.
 DEFAULT_LR = 1e-2

@@ -24,6 +24,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "Modern elementwise optimizers, each against pytorch-optimizer or its paper's equations": (
         "ademamix", "adabelief", "adan", "cautious_adamw", "grokfast_ema", "lamb", "lars", "lion",
         "mars_adamw", "orthograd", "prodigy", "signum", "accumulate_adamw"),
+    "Two-gradient methods: the gradient at another point, through the step's closure": ("sam_sgd", "asam_sgd",
+                                                                                         "sam_adamw"),
 }
 
 INTRO = """\
@@ -66,6 +68,13 @@ the next element can be computed: a reduction per tensor, row or column (`trust_
 in `lamb` and `lars`, `norm`/`dot`/`rms` in `orthograd`, `cautious_adamw` and
 `adafactor`, `normalize` in `mars_adamw`) and arithmetic on such per-tensor values. The
 table lists them per route.
+
+**Two gradients.** `sam_sgd`, `asam_sgd` and `sam_adamw` (SAM and ASAM, as davda54/sam) take the
+gradient at a perturbed point with `grad_at(param + e)` (docs/language.md 5.14), so they
+are stepped with a closure, `opt.step(closure)`, which the step calls twice. The point is
+computed before the closure's second call (on the compiled backend, one fused segment of
+its own); the plan in the table is what runs after it. The tests hold them to davda54/sam to 1e-9 in float64 on both backends, and to
+pytorch-optimizer's `SAM` to 1e-5 (it sums the squared norms in float32; `tests/test_sam.py`).
 """
 
 

@@ -45,7 +45,8 @@ def _loss(model: torch.nn.Module, t: int) -> torch.Tensor:
 
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0) -> None:
     """Steps the way the pipeline needs: named losses (``grads.main``/``grads.aux``),
-    per-example gradients (``samples``), the loss value (a closure), or plain ``backward``."""
+    per-example gradients (``samples``), a closure that computes the gradient (``grad_at``),
+    the loss value (a closure), or plain ``backward``."""
     prog = getattr(opt, "program", None)
     for t in range(start, start + steps):
         opt.zero_grad()
@@ -58,9 +59,20 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, start
             x, y = _data(t, next(model.parameters()).dtype)
             per = gradpipe.per_sample_grads(model, torch.nn.functional.cross_entropy, x, y)
             opt.step(samples=dict(zip(model.parameters(), per.values())))  # keyed by tensor: works unnamed
+        elif getattr(opt, "needs_closure", False):  # grad_at (SAM): a closure that step() calls twice
+            opt.step(_closure(model, opt, t))
         else:
             loss.backward()
             opt.step(lambda: loss)
+
+
+def _closure(model: torch.nn.Module, opt: torch.optim.Optimizer, t: int):
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _loss(model, t)
+        loss.backward()
+        return loss
+    return closure
 
 
 def _params(model: torch.nn.Module) -> list[torch.Tensor]:

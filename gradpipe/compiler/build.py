@@ -17,14 +17,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import networkx as nx
+
 from ..dsl import ast
 from ..dsl.diagnostics import GradError, Span, did_you_mean
 from . import scalars as S
 from . import prims
 from .binder import ArgChecker, BoundCall, RangeCheck, bind, bind_op, reads_step
 from .emit import Emitter
+from .ir import POINT_PORT
 from .modules import HyperParam, ModuleEnv
-from .ops import OPS, MacroOp, Op, Param
+from .ops import OPS, MacroOp, Op, Param, op_impl
 from .symbols import (DefSym, HParamSym, InfSym, LetSym, Local, LossSym, MathSym, OpSym, ScalarSym, Scope,
                       ShapeSym, SourceSym, StateSym, callable_names, resolve, visible_names)
 from .values import Fragment, ScalarV, Stream, Value, Word, kind_name
@@ -681,6 +684,8 @@ class Builder:
         if isinstance(sym, MathSym):
             if sym.name == "previous":
                 return self._previous_call(ast.Call(e, span=e.span), sc, prefix)
+            if sym.name == "grad_at":
+                return self._grad_at_call(ast.Call(e, span=e.span), sc, prefix)
             return self._math_call(sym.name, ast.Call(e, span=e.span), sc, prefix)
         if isinstance(sym, ShapeSym):
             return self._shape_value(sym.name, e.span)
@@ -895,6 +900,58 @@ class Builder:
         self._commit(read, x, e.args[0] if e.args else e, "'previous'")
         return Stream(read, e.span)
 
+    # ------------------------------------------------------------------ the gradient at another point
+    def _grad_at_call(self, e: ast.Call, sc: Scope, prefix: str) -> Value:
+        """``grad_at(point)``: the gradient of the loss with every parameter of the route set to
+        ``point`` (a signal of the parameter's shape), which the runtime computes with a second
+        call of the step's closure (SAM). As a stage, ``x | grad_at`` is ``grad_at(x)``."""
+        usage = "write grad_at(point), e.g. grad_at(param + rho * grad / norm(grad, over=global))"
+        if e.block is not None:
+            raise GradError("'grad_at' takes no { ... } block", e.block.span, usage)
+        if e.kwargs or len(e.args) > 1:
+            where = e.kwargs[0].span if e.kwargs else e.args[1].span
+            raise GradError("'grad_at' takes one argument, the point", where, usage)
+        self._no_source_in_block("grad_at", e.span)
+        self.emit.spend(e.span)
+        if not e.args:
+            def apply(inp: str, pfx: str) -> str:
+                with self._nesting(e.span):
+                    return self._grad_at(Stream(inp, e.span), e, pfx).node
+            return Fragment(apply, e.span, _Label(e))  # type: ignore[arg-type]
+        x = self.expr(e.args[0], sc, prefix)
+        if not isinstance(x, Stream):
+            hint = (f"apply it to a signal: grad_at(param + (grad | {x.label}))" if isinstance(x, Fragment)
+                    else usage)
+            raise GradError(f"'grad_at' needs a point, a signal of the parameter's shape, but this is {kind_name(x)}",
+                            e.args[0].span, hint)
+        return self._grad_at(x, e, prefix)
+
+    def _grad_at(self, x: Stream, e: ast.Call, prefix: str) -> Stream:
+        self._refuse_mask(x.node, x.span, "'grad_at'")
+        point = self._full(x.node, x.span, prefix)
+        node = f"{self.emit.route}/grad_at"
+        if node in self.graph:
+            first = next(u for u, _, d in self.graph.in_edges(node, data=True) if d["port"] == POINT_PORT)
+            if first != point:
+                raise GradError("a route takes the gradient at one point only, and this is a second point "
+                                f"(the first is on line {self.graph.nodes[node]['span'].line})", e.span,
+                                "name the gradient once and use the name: let g = grad_at(param + e)")
+            return Stream(node, e.span)
+        for n in sorted(nx.ancestors(self.graph, point) | {point}):
+            d = self.graph.nodes[n]
+            if d["kind"] == "source" and d["op"] not in ("grad", "param"):
+                raise GradError(f"the point of 'grad_at' cannot read '{d['op']}'", d["span"],
+                                "compute it from grad, param, hyperparameters, arithmetic and reductions")
+            if d["kind"] == "op":
+                op = op_impl(d["op"])
+                if op.buffers or op.has_node_state or op.per_sample or any(p.kind == "block" for p in op.params):
+                    what = "a state cell" if d["op"] == "state" else f"'{d['op']}'"
+                    raise GradError(f"the point of 'grad_at' is computed from values without state, but {what} keeps "
+                                    "state", d["span"], "compute the point from grad, param, hyperparameters, "
+                                    "arithmetic and reductions (SAM: param + rho * grad / norm(grad, over=global)); "
+                                    "ops with state go after grad_at")
+        return Stream(self.emit.grad_at(point, e.span), e.span)
+
     # ------------------------------------------------------------------ calls
     def call(self, e: ast.Call, sc: Scope, prefix: str) -> Value:
         parts = e.func.parts
@@ -907,6 +964,8 @@ class Builder:
         if isinstance(sym, MathSym):
             if sym.name == "previous":
                 return self._previous_call(e, sc, prefix)
+            if sym.name == "grad_at":
+                return self._grad_at_call(e, sc, prefix)
             return self._math_call(sym.name, e, sc, prefix)
         if isinstance(sym, OpSym) and sym.op.name in prims.REDUCTIONS and _has_over(e):
             return self._reduce_call(sym.op.name, e, sc, prefix)  # rms(x, over=tensor): the reduction, not the op

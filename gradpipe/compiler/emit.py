@@ -94,6 +94,15 @@ class Emitter:
             self.reads.add(name)
         return node
 
+    def grad_at(self, point: str, span: Span) -> str:
+        """The route's ``grad_at`` source: the gradient at ``point`` (an input on port ``point``,
+        :data:`gradpipe.compiler.ir.POINT_PORT`), which the runtime computes before the route runs."""
+        node = f"{self.route}/grad_at"
+        if node not in self.graph:
+            self._add(node, Kind.SOURCE, "grad_at", {}, span, [(point, "point")], block=None)
+        self.reads.add("grad_at")
+        return node
+
     def arith(self, op: str, prefix: str, span: Span, args: dict[str, Any],
               inputs: Iterable[tuple[str, str]]) -> str:
         """An arithmetic node: the primitive ``op`` on its operands (ports from

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from . import prims
 from . import scalars as S
 from .ir import Kind
-from .lowering import route_cost
+from .lowering import plan_route, route_cost
 
 if TYPE_CHECKING:
     from .program import Program
@@ -118,6 +118,13 @@ def explain(prog: "Program") -> str:
                      f"about {cost.kernels} kernel{'s' if cost.kernels != 1 else ''}; "
                      f"{cost.bytes_per_param} bytes read and written per fp32 parameter per step "
                      "(torch's fused Adam: 28)")
+        if prog.ir[r.label].grad_at is not None:
+            plan = plan_route(prog, label=r.label, ir=prog.ir[r.label].point_ir())
+            segs = sum(kind == "segment" for kind, _ in plan)
+            alone = [item.rsplit("/", 1)[-1] for kind, item in plan if kind == "eager"]
+            lines.append(f"  {r.label}: first, the point of grad_at: {segs} fused segment{'s' if segs != 1 else ''}"
+                         + (f"; op by op: {', '.join(alone)}" if alone else "")
+                         + "; then the closure's second call, and the above")
     lines.append("")
     red = prog.reductions()
     lines.append("reductions:" + ("" if red else " none (every op is elementwise per tensor)"))

@@ -13,6 +13,7 @@ attribute dicts.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -26,13 +27,14 @@ if TYPE_CHECKING:
 
     from .ops.base import Op
 
-__all__ = ["Kind", "Node", "RouteIR", "freeze", "COMMIT_PORT", "is_scalar", "SCALAR_TYPES", "STEP_SOURCES"]
+__all__ = ["Kind", "Node", "RouteIR", "freeze", "COMMIT_PORT", "POINT_PORT", "is_scalar", "SCALAR_TYPES", "STEP_SOURCES"]
 
 
 class Kind(str, enum.Enum):
     """What a node is. The values are the ``kind`` attributes of :attr:`Program.graph`."""
 
-    #: a value handed to the route: ``grad``, ``param``, ``samples``, ``grads.<loss>``
+    #: a value handed to the route: ``grad``, ``param``, ``samples``, ``grads.<loss>``, and
+    #: ``grad_at`` (the gradient at the point on its ``point`` port, see :data:`POINT_PORT`)
     SOURCE = "source"
     #: an op of the library (``adam``, ``clip_norm``...): ``op`` names it in ``OPS``
     OP = "op"
@@ -48,6 +50,10 @@ class Kind(str, enum.Enum):
 
 #: the prefix of an output's ports that carry the new value of a state cell: ``cell:<cell node>``
 COMMIT_PORT = "cell:"
+
+#: the port of a ``grad_at`` source that carries its point: the runtime evaluates the point's
+#: nodes (:attr:`RouteIR.point_nodes`) before the route, and hands the gradient there in
+POINT_PORT = "point"
 
 #: the scalar expression types an argument may hold (evaluated per parameter group and step)
 SCALAR_TYPES = (S.Const, S.HP, S.Src, S.BinS, S.NegS, S.CmpS, S.FnS)
@@ -127,7 +133,11 @@ class RouteIR:
     entry); ``update``: the node whose value is ``u``; ``commits``: for each state cell
     (a node of op ``state``), the node whose value becomes the cell's once the route has
     been evaluated, as ``(cell, new value)`` pairs; ``writes_param``: ``update`` is the
-    parameter's new value (``param = EXPR``: the runtime writes ``p <- value``), not ``u``.
+    parameter's new value (``param = EXPR``: the runtime writes ``p <- value``), not ``u``. A route that reads ``grad_at(point)`` has
+    ``grad_at``, the name of that source node, ``point``, the node of the point, and
+    ``point_nodes``, the nodes that compute it in evaluation order (stateless: the compiler
+    refuses state there), which the runtime evaluates before the closure's second call; they
+    are not in ``nodes`` unless the route's update reads them too.
     """
 
     label: str
@@ -138,6 +148,9 @@ class RouteIR:
     by_name: Mapping[str, Node]
     commits: tuple[tuple[str, str], ...] = ()
     writes_param: bool = False
+    grad_at: str | None = None
+    point: str | None = None
+    point_nodes: tuple[Node, ...] = ()
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes)
@@ -153,6 +166,12 @@ class RouteIR:
 
     def sources(self) -> tuple[Node, ...]:
         return tuple(n for n in self.nodes if n.kind is Kind.SOURCE)
+
+    def point_ir(self) -> "RouteIR":
+        """The point of the route's ``grad_at`` as a route of its own, whose update is the point:
+        what the compiled backend plans and fuses before the closure's second call."""
+        return dataclasses.replace(self, nodes=self.point_nodes, blocks=MappingProxyType({}), update=self.point,
+                                   commits=(), grad_at=None, point=None, point_nodes=())
 
 
 def freeze_node(g: "nx.MultiDiGraph", name: str) -> Node:
@@ -172,8 +191,15 @@ def freeze(g: "nx.MultiDiGraph", label: str, output: str, position: Mapping[str,
     if position is None:
         position = {n: i for i, n in enumerate(nx.lexicographical_topological_sort(g))}
     keep = nx.ancestors(g, output) | {output}
+    grad_at = next((n for n in keep if g.nodes[n]["kind"] == Kind.SOURCE.value and g.nodes[n]["op"] == "grad_at"),
+                   None)
+    point, first = None, []
+    if grad_at is not None:  # the point's nodes run before the route (two phases, see RouteIR)
+        point = next(u for u, _, e in g.in_edges(grad_at, data=True) if e["port"] == POINT_PORT)
+        first = sorted(nx.ancestors(g, point) | {point}, key=position.__getitem__)
+        keep = _ancestors_but_points(g, output)
     order = sorted(keep, key=position.__getitem__)
-    frozen = {n: freeze_node(g, n) for n in order}
+    frozen = {n: freeze_node(g, n) for n in sorted(keep | set(first), key=position.__getitem__)}
     top = tuple(frozen[n] for n in order if frozen[n].block is None)
     blocks: dict[str, list[Node]] = {}
     for n in order:
@@ -184,4 +210,17 @@ def freeze(g: "nx.MultiDiGraph", label: str, output: str, position: Mapping[str,
     commits = tuple((port[len(COMMIT_PORT):], src) for port, src in out.inputs.items() if port.startswith(COMMIT_PORT))
     return RouteIR(label=label, nodes=top, blocks=MappingProxyType({k: tuple(v) for k, v in blocks.items()}),
                    output=out, update=out.inputs["x"], by_name=MappingProxyType(frozen), commits=commits,
-                   writes_param=bool(out.args.get("param")))
+                   writes_param=bool(out.args.get("param")), grad_at=grad_at, point=point, point_nodes=tuple(frozen[n] for n in first))
+
+
+def _ancestors_but_points(g: "nx.MultiDiGraph", output: str) -> set[str]:
+    """``output`` and what it depends on, not following a ``grad_at`` source to its point."""
+    seen = {output}
+    todo = [output]
+    while todo:
+        n = todo.pop()
+        for u, _, e in g.in_edges(n, data=True):
+            if e["port"] != POINT_PORT and u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen

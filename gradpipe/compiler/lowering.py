@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import prims
-from .ir import Kind, Node
+from .ir import Kind, Node, RouteIR
 
 if TYPE_CHECKING:
     from .program import Program
@@ -80,13 +80,14 @@ def is_flat(prog: "Program", node: Node, per_tensor: set[str] | frozenset[str] =
     return op.flat_ok(prog.const_args(node.name, at_defaults=False))
 
 
-def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str | None = None
-               ) -> list[tuple[str, Any]]:
+def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str | None = None,
+               ir: "RouteIR | None" = None) -> list[tuple[str, Any]]:
     """The route as ``("eager", node name)`` and ``("segment", Segment)`` items in evaluation
-    order. The route is ``label``'s, or the one of the nodes in ``order``."""
+    order. The route is ``label``'s, or the one of the nodes in ``order``; ``ir``: plan this
+    instead (the point of a ``grad_at``, see ``CompiledRoutes.point``)."""
     if label is None:
         label = prog.node(next(iter(order))).route  # type: ignore[arg-type]
-    ir = prog.ir[label]
+    ir = prog.ir[label] if ir is None else ir
     users: dict[str, set[str]] = {}
     for n in ir.all_nodes():
         for src in n.inputs.values():

@@ -111,6 +111,10 @@ SUMMARIES: dict[str, str] = {
     "previous(x), previous(x, init)": "the value x had in the previous step (init, 0 by default, before the "
                                       "first): a state cell; `state NAME = init then update` declares one "
                                       "(docs/language.md 4.7)",
+    "grad_at(point)": "the gradient of the loss with every parameter of the route set to point (a signal of the "
+                      "parameter's shape, computed without state), by a second call of the step's closure; the "
+                      "parameters are restored bit for bit before the update (SAM: pipelines/sam_sgd.grad; "
+                      "docs/language.md 5.14)",
 }
 
 

@@ -38,11 +38,15 @@ from .scalars import SCALAR_SOURCES
 from .values import Value
 
 __all__ = ["Scope", "Local", "LetSym", "StateSym", "DefSym", "HParamSym", "SourceSym", "ScalarSym", "InfSym",
-           "OpSym", "MathSym", "ShapeSym", "LossSym", "Symbol", "CELL_FUNCTIONS", "resolve", "visible_names",
+           "OpSym", "MathSym", "ShapeSym", "LossSym", "Symbol", "CELL_FUNCTIONS", "POINT_FUNCTIONS", "resolve", "visible_names",
            "callable_names", "STREAM_SOURCES"]
 
 #: built-in functions that keep state: ``previous(x)`` (a state cell, see ``Builder._previous_call``)
 CELL_FUNCTIONS = ("previous",)
+
+#: built-in functions that evaluate the loss again: ``grad_at(point)``, the gradient at another
+#: point (SAM; see ``Builder._grad_at_call``)
+POINT_FUNCTIONS = ("grad_at",)
 
 #: the signals every pipeline can start from
 STREAM_SOURCES = ("grad", "param", "samples")
@@ -191,7 +195,7 @@ def _builtin(name: str) -> OpSym | MathSym | None:
     both), or None."""
     if name in OPS:
         return OpSym(OPS[name])
-    if name in FUNCTIONS or name in REDUCTIONS or name in CELL_FUNCTIONS:
+    if name in FUNCTIONS or name in REDUCTIONS or name in CELL_FUNCTIONS or name in POINT_FUNCTIONS:
         return MathSym(name)
     return None
 
@@ -201,11 +205,11 @@ def visible_names(sc: Scope, hparams: dict[str, HyperParam]) -> list[str]:
     env = sc.env
     names = list(sc.locals) + list(env.lets) + list(env.states) + list(env.defs) + list(env.imported)
     names += list(env.hparams) + list(hparams) + list(OPS) + list(FUNCTIONS) + list(REDUCTIONS) + list(SHAPES)
-    names += list(CELL_FUNCTIONS) + list(RESERVED) + [f"{a}." for a in env.aliases]
+    names += list(CELL_FUNCTIONS) + list(POINT_FUNCTIONS) + list(RESERVED) + [f"{a}." for a in env.aliases]
     return names
 
 
 def callable_names(env: ModuleEnv) -> list[str]:
     """Every name a call could have meant here: ops and pipelines (defs)."""
-    return list(OPS) + list(FUNCTIONS) + list(REDUCTIONS) + list(CELL_FUNCTIONS) + list(env.defs) + \
+    return list(OPS) + list(FUNCTIONS) + list(REDUCTIONS) + list(CELL_FUNCTIONS) + list(POINT_FUNCTIONS) + list(env.defs) + \
         [n for n, m in env.imported.items() if n in m.defs]

@@ -58,7 +58,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..compiler.ir import Kind, Node
+from ..compiler.ir import Kind, Node, RouteIR
 from ..compiler.lowering import Segment as _Segment, plan_route
 from ..compiler.ops import Args
 from ..compiler.program import Program
@@ -284,6 +284,8 @@ class CompiledRoutes:
         self._fns: dict[tuple[str, int], tuple[Callable, Callable]] = {}
         #: route -> the state cells no fused segment commits (written after the route)
         self._late: dict[str, list[tuple[str, str]]] = {}
+        #: route -> the plan of its grad_at's point and the IR it plans (see :meth:`point`)
+        self._points: dict[str, tuple[list[tuple[str, Any]], RouteIR]] = {}
         #: (route, segment index, bucket key, node) -> {buffer: flat tensor}
         self._flat: dict[tuple, dict[str, torch.Tensor]] = {}
         #: (purpose, bucket key) -> a flat tensor reused every step (gathered inputs, outputs)
@@ -341,8 +343,22 @@ class CompiledRoutes:
         if plan is None:
             plan = self._plans[label] = plan_route(prog, label=label)
         ir = prog.ir[label]
-        buckets = self._buckets(batch)
-        vals = _Values(ParamLanes(prog, ir, batch, node_states), buckets, len(batch.params))
+        vals = _Values(ParamLanes(prog, ir, batch, node_states), self._buckets(batch), len(batch.params))
+        applied = self._run_plan(label, plan, ir, batch, vals)
+        late = self._late.get(label)
+        if late is None:  # once per route: the cells no segment commits
+            late = self._late[label] = [(cell, new) for cell, new in ir.commits if not any(
+                kind == "segment" and (cell, new) in item.commits for kind, item in plan)]
+        if late:  # cells whose new value is computed after their segment: written now
+            commit_cells(late, {new: self._to_split(new, vals) for _, new in late}, batch.states)
+        if ir.update in vals.flat:  # the update came out of a fused segment: apply it here
+            return self._apply(ir.update, vals, batch, applied, ir.writes_param)
+        return self._to_split(ir.update, vals)
+
+    def _run_plan(self, label: str, plan: list[tuple[str, Any]], ir: RouteIR, batch: RouteBatch,
+                  vals: _Values) -> set[int]:
+        """Run a plan's eager nodes and fused segments in order; return the buckets whose update a
+        segment applied in place."""
         applied: set[int] = set()
         for si, (kind, item) in enumerate(plan):
             if kind == "eager":
@@ -356,14 +372,20 @@ class CompiledRoutes:
                 vals.split[item] = eval_node(node, vals.split, vals.lanes)
             else:
                 applied |= self._run_segment(label, si, item, batch, vals)
-        late = self._late.get(label)
-        if late is None:  # once per route: the cells no segment commits
-            late = self._late[label] = [(cell, new) for cell, new in ir.commits if not any(
-                kind == "segment" and (cell, new) in item.commits for kind, item in plan)]
-        if late:  # cells whose new value is computed after their segment: written now
-            commit_cells(late, {new: self._to_split(new, vals) for _, new in late}, batch.states)
-        if ir.update in vals.flat:  # the update came out of a fused segment: apply it here
-            return self._apply(ir.update, vals, batch, applied, ir.writes_param)
+        return applied
+
+    def point(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]]) -> list[torch.Tensor]:
+        """The point of the route's ``grad_at`` per parameter (``gradpipe/runtime/perturb.py``): its
+        nodes (``RouteIR.point_nodes``, which keep no state) planned and fused like a route of their
+        own, whose result is the point instead of an update; run before the closure's second call.
+        The tensors are views of buffers reused every step."""
+        entry = self._points.get(label)
+        if entry is None:
+            ir = self.prog.ir[label].point_ir()
+            entry = self._points[label] = (plan_route(self.prog, label=label, ir=ir), ir)
+        plan, ir = entry
+        vals = _Values(ParamLanes(self.prog, ir, batch, node_states), self._buckets(batch), len(batch.params))
+        self._run_plan(f"{label}#point", plan, ir, batch, vals)  # its functions and buffers apart from the route's
         return self._to_split(ir.update, vals)
 
     def _apply(self, out: str, vals: _Values, batch: RouteBatch, applied: set[int],

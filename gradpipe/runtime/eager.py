@@ -18,7 +18,7 @@ from ..compiler.ops import Args, InnerNode
 from ..compiler.program import Program
 from .interpret import Lanes, commit_cells, compute_dtype, eval_dynamic, eval_node, structural_args
 
-__all__ = ["RouteBatch", "ParamLanes", "run_route", "compute_dtype", "NodeStateView", "init_node_states"]
+__all__ = ["RouteBatch", "ParamLanes", "run_route", "eval_point", "compute_dtype", "NodeStateView", "init_node_states"]
 
 
 class RouteBatch:
@@ -213,3 +213,16 @@ def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[st
         return commit_cells(ir.commits, values, batch.states, keep=ir.update)  # type: ignore[return-value]
     return values[ir.update]
 
+
+
+def eval_point(prog: Program, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]]
+               ) -> list[torch.Tensor]:
+    """The point of the route's ``grad_at`` per parameter (in the compute dtype): its nodes
+    (``RouteIR.point_nodes``, stateless), evaluated op by op before the route runs (the compiled
+    backend fuses them instead: ``CompiledRoutes.point``)."""
+    ir = prog.ir[label]
+    lanes = ParamLanes(prog, ir, batch, node_states)
+    values: dict[str, list[torch.Tensor]] = {}
+    for node in ir.point_nodes:
+        values[node.name] = lanes.source(node) if node.kind is Kind.SOURCE else eval_node(node, values, lanes)
+    return values[ir.point]  # type: ignore[index]

@@ -149,6 +149,8 @@ class NonFiniteGuard:
         """The gradient tensors the pipeline reads this step: (source, [(parameter, tensor)])."""
         prog = opt.program
         out = []
+        if named_grads is not None and "grad_at" in named_grads:  # the gradients at the point (runtime/perturb.py)
+            return [("grad_at", [(p, named_grads["grad_at"][p]) for p in params])]
         if named_grads is not None:
             for name in sorted(prog.losses):
                 per = named_grads[f"grads.{name}"]

@@ -18,6 +18,7 @@ from .compiled import CompiledRoutes
 from .eager import RouteBatch, run_route
 from .interpret import apply_param, apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
+from .perturb import check_closure, perturbed_grads
 
 __all__ = ["Optimizer", "as_program", "BACKENDS", "TORCH_OPTIONS"]
 
@@ -346,7 +347,9 @@ class Optimizer(torch.optim.Optimizer):
 
         Args:
             closure: re-evaluates the model and returns the loss (needed when the
-                pipeline reads ``loss``).
+                pipeline reads ``loss``, and when it reads ``grad_at``: then it is called
+                twice, the second time with the parameters at the point, see
+                :attr:`needs_closure`; the step returns the first call's loss).
             losses: for multi-loss pipelines, the named losses, e.g.
                 ``opt.step(losses={"main": l1, "aux": l2})``. gradpipe computes one
                 gradient per loss with autograd (``grads.main``, ``grads.aux``) and
@@ -358,6 +361,8 @@ class Optimizer(torch.optim.Optimizer):
                 ``grad`` is then their mean unless ``p.grad`` is set.
         """
         self._check_train_mode()
+        if self.needs_closure:
+            check_closure(self, closure, losses, samples)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -420,22 +425,15 @@ class Optimizer(torch.optim.Optimizer):
         if self._nonfinite.skip(self, [p for items in by_route.values() for p, _ in items], checked,
                                 by_sample, loss_value):
             return loss
+        perturbed = None
+        if self.needs_closure:  # grad_at(point): the closure's second call, at the points (runtime/perturb.py)
+            perturbed = perturbed_grads(self, by_route, closure, loss_value)
+            if perturbed is None:  # a non-finite gradient at the point: skipped, nothing written
+                return loss
         for by_route in passes:
             # Build every environment and check it before any state changes: a step that
             # fails leaves parameters, state and step counters as they were.
-            plans = []
-            for label, items in by_route.items():
-                envs, shared = [], {}
-                for (p, group), done in zip(items, self._steps_done([p for p, _ in items])):
-                    step = done + 1
-                    env = shared.get((id(group), step))
-                    if env is None:
-                        env = {k: group[k] for k in prog.hyperparams}
-                        env.update(lr=group["lr"], step=step, loss=loss_value)
-                        prog.check_step_ranges(env)
-                        shared[(id(group), step)] = env
-                    envs.append(env)
-                plans.append((label, items, envs))
+            plans = [(label, items, self._route_envs(items, loss_value)) for label, items in by_route.items()]
             for label, items, envs in plans:
                 params = [p for p, _ in items]
                 states = [self.state[p] for p in params]
@@ -446,6 +444,8 @@ class Optimizer(torch.optim.Optimizer):
                              "grad": [p.grad if self._has_grad(p) else by_sample[p].mean(0) for p in params]}
                 else:
                     grads = {"grad": [p.grad for p in params]}
+                if perturbed is not None and prog.ir[label].grad_at is not None:
+                    grads["grad_at"] = [perturbed[p] for p in params]
                 shared = [shared_of[p] for p in params] if shared_of is not None else None
                 stepped = params
                 if self._complex:  # complex parameters run as their real and imaginary parts, as in torch
@@ -465,6 +465,36 @@ class Optimizer(torch.optim.Optimizer):
                     lr = group["lr"]
                     apply_update(p, u, lr.item() if isinstance(lr, torch.Tensor) else lr)
         return loss
+
+    def _route_envs(self, items: Sequence[tuple[torch.Tensor, dict[str, Any]]], loss_value: float | None
+                    ) -> list[dict[str, Any]]:
+        """Per parameter of one route's step, its environment: the hyperparameters of its group,
+        ``lr``, ``step`` and ``loss`` (one dict per distinct group and step), checked for the
+        ranges that depend on the step."""
+        prog = self.program
+        envs, shared = [], {}
+        for (p, group), done in zip(items, self._steps_done([p for p, _ in items])):
+            step = done + 1
+            env = shared.get((id(group), step))
+            if env is None:
+                env = {k: group[k] for k in prog.hyperparams}
+                env.update(lr=group["lr"], step=step, loss=loss_value)
+                prog.check_step_ranges(env)
+                shared[(id(group), step)] = env
+            envs.append(env)
+        return envs
+
+    #: True while ``step()`` calls the closure with the parameters at a ``grad_at`` point (its
+    #: second call), False otherwise: a closure can leave BatchNorm's running statistics alone
+    #: then, as davda54/sam's example does for SAM's second pass
+    at_point: bool = False
+
+    @property
+    def needs_closure(self) -> bool:
+        """Whether ``step()`` needs a closure, which it calls twice: the pipeline takes the gradient
+        at another point (``grad_at``, SAM). A training loop passes one, as it does for
+        ``torch.optim.LBFGS``: ``opt.step(closure)``."""
+        return "grad_at" in self.program.reads
 
     def set_basis(self, param: torch.Tensor | str, basis: torch.Tensor) -> None:
         """Give ``param`` the protected input-space basis ``basis`` (``in × k``, orthonormal

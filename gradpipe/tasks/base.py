@@ -334,9 +334,10 @@ def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optim
     * named losses (``grads.main``, ...): ``opt.step(losses=task.losses(...))``;
       every name the pipeline reads must be one of ``task.loss_names``;
     * ``loss`` (e.g. AEGD): ``L.backward(); opt.step(lambda: L)``;
-    * otherwise ``L.backward(); opt.step()`` (``torch.optim.LBFGS`` gets a
-      closure that recomputes ``L`` and its gradient on the same batch, as it
-      requires).
+    * otherwise ``L.backward(); opt.step()`` (``torch.optim.LBFGS``, and a
+      pipeline that takes the gradient at another point, ``grad_at`` as SAM
+      does, whose ``opt.needs_closure`` is true, get a closure that recomputes
+      ``L`` and its gradient on the same batch, as they require).
 
     A step whose loss is NaN or infinite is not taken: :class:`Diverged` is
     raised. The model is evaluated (``model.eval()``, ``torch.no_grad()``,
@@ -420,7 +421,8 @@ def run_task(task: Task, make_optimizer: Callable[[nn.Module], torch.optim.Optim
                         f"{task.name!r} has the losses {', '.join(task.loss_names)}")
     per_example = "samples" in reads
     reads_loss = "loss" in reads
-    needs_closure = isinstance(opt, torch.optim.LBFGS)
+    # LBFGS re-evaluates the loss; a pipeline that reads grad_at (SAM) calls the closure twice
+    needs_closure = isinstance(opt, torch.optim.LBFGS) or bool(getattr(opt, "needs_closure", False))
 
     losses_hist: list[float] = []
     named_hist: dict[str, list[float]] = {n: [] for n in task.loss_names}
@@ -514,8 +516,8 @@ def _returning(loss: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 def _lbfgs_closure(task: Task, model: nn.Module, opt: torch.optim.Optimizer,
                    batch: Any) -> Callable[[], torch.Tensor]:
-    """The closure ``torch.optim.LBFGS`` re-evaluates: zero the gradients, recompute the
-    summed loss on the same batch and backpropagate it."""
+    """The closure ``torch.optim.LBFGS`` (and a ``grad_at`` pipeline) re-evaluates: zero the
+    gradients, recompute the summed loss on the same batch and backpropagate it."""
     def closure() -> torch.Tensor:
         opt.zero_grad()
         total = _sum(_check_losses(task, task.losses(model, batch)))

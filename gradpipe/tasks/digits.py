@@ -230,7 +230,9 @@ def train(
 
     (a gradpipe pipeline that reads ``samples`` is stepped with
     ``opt.step(samples=per_sample_grads(model, F.cross_entropy, xb, yb))`` instead,
-    and one that reads ``loss`` with ``opt.step(lambda: loss)``).
+    one that reads ``loss`` with ``opt.step(lambda: loss)``, and one whose
+    ``opt.needs_closure`` (``grad_at``, SAM) with a closure that recomputes the loss
+    and its gradient on the same batch).
 
     Args:
         make_optimizer: called once with the fresh model; returns the optimizer
@@ -259,6 +261,7 @@ def train(
     reads = getattr(getattr(opt, "program", None), "reads", ())
     per_example = "samples" in reads
     reads_loss = "loss" in reads
+    needs_closure = bool(getattr(opt, "needs_closure", False))
     if per_example:
         from ..runtime.per_sample import per_sample_grads
     start = time.perf_counter()
@@ -272,6 +275,8 @@ def train(
             opt.step(lambda: loss)
         elif per_example:
             opt.step(samples=per_sample_grads(model, F.cross_entropy, xb, yb))
+        elif needs_closure:  # grad_at (SAM): the step calls the closure twice, the second time at the point
+            opt.step(_closure(model, opt, xb, yb))
         else:
             loss.backward()
             opt.step()
@@ -295,3 +300,14 @@ def train(
         val_accuracy=val_accuracy,
         seconds=seconds,
     )
+
+
+def _closure(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor
+             ) -> Callable[[], torch.Tensor]:
+    """The closure of a step: zero the gradients, the loss on the batch, its backward pass."""
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss
+    return closure
