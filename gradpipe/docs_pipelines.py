@@ -39,11 +39,12 @@ Every file of `pipelines/` is loadable by name (`gradpipe.Optimizer(model.parame
 primitives: no optimizer below is a Python class. Each file's header cites what it
 follows and lists every difference.
 
-**torch.optim.** Every algorithm of torch 2.13's `torch.optim` is here but three:
-`Muon` (a matrix optimizer: the next language issue), `LBFGS` (a line search that calls
-the closure many times per step and keeps a history of whole-model vectors: not a
-per-parameter pipeline) and `SparseAdam` (sparse gradients, which gradpipe refuses with a
-clear error, as `torch.optim.Adam` does). The parity tests hold each pipeline to
+**torch.optim.** Every algorithm of torch 2.13's `torch.optim` is here but two: `LBFGS`
+(a line search that calls the closure many times per step and keeps a history of
+whole-model vectors: not a per-parameter pipeline) and `SparseAdam` (sparse gradients, which
+gradpipe refuses with a clear error, as `torch.optim.Adam` does). `muon` is
+`torch.optim.Muon` (matrices only, as torch's; `muon_adamw` routes the rest of a model to
+AdamW; `tests/test_muon.py`). The parity tests hold each pipeline to
 `torch.optim` to a relative 1e-9 in float64 over 50 steps on both backends, for every
 option (`tests/test_torch_optim_a.py`, `tests/test_torch_optim_b.py`,
 `tests/test_adafactor.py`), and for every configuration of torch's own OptimizerInfo

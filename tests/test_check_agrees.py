@@ -382,7 +382,9 @@ def mutate(text: str, rng: random.Random) -> tuple[str, str]:
     return f"drop line {i + 1}", "\n".join(lines[:i] + lines[i + 1:])
 
 
-_ROUTING = ("match no route", "match more than one route", "the parameters have no names")
+#: errors that depend on the parameters an optimizer is built for, which `gradpipe check` cannot
+#: know: which route takes them, and whether their shapes fit the matrix functions there
+_ROUTING = ("match no route", "match more than one route", "the parameters have no names", ": parameter(s) ")
 
 
 def _outcome(path: pathlib.Path):

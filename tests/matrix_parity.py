@@ -1,0 +1,35 @@
+"""Seeded float64 parameters and gradients for the matrix optimizers' parity tests
+(tests/test_muon.py, tests/test_shampoo.py, tests/test_soap.py), and running them."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Shapes = Sequence[tuple[int, ...]]
+
+
+def start(shapes: Shapes, seed: int = 0) -> list[torch.Tensor]:
+    """The parameters' starting values (plain tensors: wrap them in Parameters per optimizer)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+
+
+def grads(shapes: Shapes, steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
+
+
+def run(ps: Sequence[torch.Tensor], opt: torch.optim.Optimizer, steps: Sequence[Sequence[torch.Tensor]]) -> None:
+    """Step ``opt`` once per entry of ``steps``, with those gradients."""
+    for gs in steps:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+def worst(ours: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> float:
+    """The largest relative difference (against max(|theirs|, 1e-3)) over every element."""
+    return max(float(((a.detach() - b.detach()).abs() / b.detach().abs().clamp_min(1e-3)).max())
+               for a, b in zip(ours, theirs))
