@@ -49,12 +49,22 @@ def _params_after(name: str, backend: str, dtype: torch.dtype, steps: int = 20):
     return [p.detach().clone() for p in m.parameters()], opt
 
 
+#: (rtol, atol) where the default (1e-9, 1e-12) is too tight for a reason: soap takes the
+#: eigenvectors of statistics that are rank-deficient in its first steps (G Gᵀ of a tall G),
+#: whose null-space directions follow the last bit of the statistics, which the fused kernel
+#: rounds differently; their share of the update is of the order of the Adam epsilon (1e-8),
+#: so parameters agree to about 1e-11 absolute (tests/test_soap.py holds both backends to the
+#: reference at 1e-9 on full-rank shapes)
+TOLERANCE = {"soap": (1e-9, 1e-10)}
+
+
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_pipelines_match_eager_float64(name):
     a, _ = _params_after(name, "eager", torch.float64)
     b, _ = _params_after(name, "compiled", torch.float64)
+    rtol, atol = TOLERANCE.get(name, (1e-9, 1e-12))
     for x, y in zip(a, b):
-        torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(y, x, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "lion", "diffgrad",
