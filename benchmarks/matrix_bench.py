@@ -96,8 +96,17 @@ GROUPS: dict[str, dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Opt
 def make(label: str, ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     for group in GROUPS.values():
         if label in group and group[label] is not None:
-            return group[label](ps)  # type: ignore[misc]
+            opt = group[label](ps)  # type: ignore[misc]
+            opt._bench_grads = [(p, p.grad) for p in ps]  # type: ignore[attr-defined]
+            return opt
     raise KeyError(label)
+
+
+def step(opt: torch.optim.Optimizer) -> None:
+    """One step on the fixed gradients, set again first: heavyball frees ``p.grad`` in its step."""
+    for p, g in opt._bench_grads:  # type: ignore[attr-defined]
+        p.grad = g
+    opt.step()
 
 
 def _rss() -> int:
@@ -120,7 +129,7 @@ def peak_memory(name: str, layers: int, width: int, steps: int) -> None:
     t.start()
     opt = make(name, ps)
     for _ in range(steps):
-        opt.step()
+        step(opt)
     done.set()
     t.join()
     print((max(peak[0], _rss()) - base) / 2 ** 20)
@@ -149,13 +158,13 @@ def main() -> None:
         opts = {label: make(label, params(args.layers, args.width)) for label in labels}
         for opt in opts.values():  # compile and warm up
             for _ in range(2):
-                opt.step()
+                step(opt)
         times: dict[str, list[float]] = {label: [] for label in labels}
         for _ in range(args.rounds):
             for label, opt in opts.items():
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
-                    opt.step()
+                    step(opt)
                 times[label].append((time.perf_counter() - t0) / args.steps)
         del opts
         med = {label: statistics.median(ts) for label, ts in times.items()}
