@@ -13,9 +13,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor  # FSDP2's parameters
+except ImportError:  # a torch built without torch.distributed
+    DTensor = ()  # type: ignore[assignment,misc]  # isinstance(x, ()) is False
+
 from ..compiler.ir import Kind, Node, RouteIR
 from ..compiler.ops import Args, InnerNode
 from ..compiler.program import Program
+from ..dsl.diagnostics import GradError
 from .interpret import Lanes, commit_cells, compute_dtype, eval_dynamic, eval_node, structural_args
 
 __all__ = ["RouteBatch", "ParamLanes", "run_route", "eval_point", "compute_dtype", "NodeStateView", "init_node_states"]
@@ -68,11 +74,31 @@ def init_node_states(node: Node, views: Sequence[dict[str, torch.Tensor]], xs: S
         missing = [b for b in wanted if b not in view]
         if missing:
             made = op.init(tuple(x.shape), args, compute_dtype(p), x.device)
+            if isinstance(x, DTensor):  # FSDP2: the state sharded as the parameter
+                made = _sharded_like(node, made, x, args, compute_dtype(p))
             for k in missing:
                 if k in made:
                     view[k] = made[k]
         fresh.append(bool(missing) and len(missing) == len(wanted))
     return fresh
+
+
+def _sharded_like(node: Node, made: dict[str, torch.Tensor], x: torch.Tensor, args: Mapping[str, Any],
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``made`` (buffers of ``x``'s global shape) as DTensors sharded as ``x``: each rank creates its
+    own shard, as torch.optim's ``zeros_like(p)`` does. A buffer of another shape is refused."""
+    local = x.to_local()
+    mine = node.impl.init(tuple(local.shape), args, dtype, local.device)
+    out = {}
+    for k, t in made.items():
+        if tuple(t.shape) != tuple(x.shape) or k not in mine:
+            raise GradError(f"'{node.op}' keeps a buffer '{k}' of shape {tuple(t.shape)} for a parameter of shape "
+                            f"{tuple(x.shape)}, and this parameter is a DTensor (FSDP2's fully_shard): gradpipe "
+                            "shards only state of the parameter's shape", node.span,
+                            "use a pipeline whose state has the parameters' shapes under fully_shard, or DDP")
+        out[k] = DTensor.from_local(mine[k], x.device_mesh, x.placements, run_check=False, shape=x.shape,
+                                    stride=x.stride())
+    return out
 
 
 class ParamLanes(Lanes):

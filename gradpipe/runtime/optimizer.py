@@ -15,7 +15,7 @@ from ..compiler.program import Program, builtin_names, compile as compile_source
 from ..compiler.ir import Kind
 from ..dsl.diagnostics import GradError, did_you_mean
 from .compiled import CompiledRoutes
-from .eager import RouteBatch, run_route
+from .eager import DTensor, RouteBatch, run_route
 from .interpret import apply_param, apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
 from .perturb import check_closure, perturbed_grads
@@ -285,6 +285,8 @@ class Optimizer(torch.optim.Optimizer):
         named = self._named()
         labels = self.program.assign_routes(named)
         self.program.check_shapes(named, labels)
+        if self._compiled is not None:
+            self._refuse_dtensors(named)
         self._routes = {p: label for (_, p), label in zip(named, labels)}
         #: whether some parameter is listed twice (torch warns; both step it twice, see step())
         self._duplicates = len({id(p) for _, p in named}) != len(named)
@@ -292,6 +294,17 @@ class Optimizer(torch.optim.Optimizer):
         self._complex = any(p.is_complex() for _, p in named)
         if self._complex:
             self._refuse_complex_factoring(named)
+
+    def _refuse_dtensors(self, named: list[tuple[str | None, torch.Tensor]]) -> None:
+        """The compiled backend fuses over flat buffers of the parameters' gradients and state,
+        which a DTensor (FSDP2's ``fully_shard``) cannot be viewed into: refused when built."""
+        for name, p in named:
+            if isinstance(p, DTensor):
+                raise GradError(f"{'parameter ' + repr(name) if name else 'a parameter'} is a DTensor (sharded by "
+                                "FSDP2's fully_shard), and backend='compiled' fuses the step over flat buffers, "
+                                "which a DTensor has none of", self.program.file_span(),
+                                "build the optimizer with backend='eager' under fully_shard (its state is then "
+                                "sharded as the parameters); DDP works on both backends")
 
     def _refuse_complex_factoring(self, named: list[tuple[str | None, torch.Tensor]]) -> None:
         """A complex parameter runs as its real view, whose last dimension holds the real and
