@@ -31,8 +31,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from spawned import join_group, run_processes
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 import gradpipe
 from gradpipe import GradError
@@ -141,16 +142,29 @@ def test_dcp_resume_scalpel(tmp_path):
     assert same
 
 
-def test_node_state_starts_afresh_with_a_warning():
-    """noise's generator lives outside the parameters' state: DCP's dict cannot carry it."""
+def test_node_state_travels_in_the_first_param_group():
+    """noise's generator lives outside the parameters' state: the first param group carries it
+    (with the rest of the "gradpipe" entry), so the noise of the resumed run is the same. A
+    flattened dict (``flatten_optimizer_state_dict=True``) keeps only the group keys the live
+    optimizer has, so there the generator starts afresh, with a warning."""
     src = "hparam lr = 1e-2\ngrad | noise(0.1, seed=3) | adam"
     model = _model()
     opt = gradpipe.Optimizer(model.named_parameters(), src, backend="eager")
     _train(model, opt, range(2))
-    osd = get_optimizer_state_dict(model, opt)
-    opt2 = gradpipe.Optimizer(_model().named_parameters(), src, backend="eager")
+    osd = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    flat = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    other = _model(seed=1)
+    other.load_state_dict(model.state_dict())
+    opt2 = gradpipe.Optimizer(other.named_parameters(), src, backend="eager")
+    set_optimizer_state_dict(other, opt2, osd)
+    assert "gradpipe" not in opt2.param_groups[0]  # carried in the state dict only
+    _train(model, opt, range(2, 4))
+    _train(other, opt2, range(2, 4))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    third = _model()
+    opt3 = gradpipe.Optimizer(third.named_parameters(), src, backend="eager")
     with pytest.warns(StateMigrationWarning, match="no 'gradpipe' entry.*noise"):
-        opt2.load_state_dict(osd)
+        set_optimizer_state_dict(third, opt3, flat, options=StateDictOptions(flatten_optimizer_state_dict=True))
 
 
 def test_another_pipelines_dict_is_still_refused():

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ..compiler.program import Program
     from .optimizer import Optimizer
 
-__all__ = ["StateMigration", "StateMigrationWarning", "load_state", "expected_shape", "state_meta"]
+__all__ = ["StateMigration", "StateMigrationWarning", "load_state", "expected_shape", "state_meta", "saved_meta"]
 
 
 class StateMigrationWarning(UserWarning):
@@ -186,6 +186,18 @@ def _param_label(names: list[str | None], i: int) -> str:
     return f"'{names[i]}'" if names[i] else f"number {i}"
 
 
+def saved_meta(sd: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ``"gradpipe"`` entry of a state dict: at the top, or, in a dict that passed through
+    ``torch.distributed.checkpoint`` (which keeps only ``state`` and ``param_groups``), the copy the
+    first param group carries (``Optimizer.state_dict``); None for a dict with neither."""
+    meta = sd.get("gradpipe")
+    if meta is None:
+        groups = sd.get("param_groups")
+        if isinstance(groups, list) and groups and isinstance(groups[0], Mapping):
+            meta = groups[0].get("gradpipe")
+    return meta if isinstance(meta, Mapping) else None
+
+
 def _meta_of_entryless(prog: "Program", sd: Mapping[str, Any]) -> dict[str, Any] | None:
     """The ``"gradpipe"`` entry of a state dict of this pipeline that lost it, or None.
 
@@ -214,7 +226,11 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
     Everything is checked before anything changes: a refused state dict leaves the
     optimizer as it was."""
     prog = opt.program
-    meta = state_dict.get("gradpipe")
+    meta = saved_meta(state_dict)
+    if isinstance(state_dict.get("param_groups"), list):  # the entry the first group carries is no hyperparameter
+        state_dict = {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != "gradpipe"}
+                                                     if isinstance(g, Mapping) else g
+                                                     for g in state_dict["param_groups"]]}
     from .torch_state import from_torch_state_dict, is_torch_state_dict
     lost: list[str] = []
     if meta is None and is_torch_state_dict(state_dict):

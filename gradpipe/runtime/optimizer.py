@@ -723,7 +723,9 @@ class Optimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """As torch's, plus a ``"gradpipe"`` entry (the pipeline's identity, node state and the
-        non-finite counters). ``register_state_dict_pre_hook`` hooks run first, as in torch;
+        non-finite counters), also held, less the structural description, by the first param
+        group under ``"gradpipe"``: ``torch.distributed.checkpoint`` keeps only ``state`` and
+        ``param_groups``, so a DCP checkpoint carries it there (``docs/works_with.md``). ``register_state_dict_pre_hook`` hooks run first, as in torch;
         ``register_state_dict_post_hook`` hooks see the whole state dict, ``"gradpipe"`` included,
         and may return a replacement."""
         post_hooks = self._optimizer_state_dict_post_hooks
@@ -733,10 +735,13 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             self._optimizer_state_dict_post_hooks = post_hooks
         from .migration import state_meta
-        sd["gradpipe"] = {"format": _STATE_FORMAT, **state_meta(self.program), "node_state": self._saved_node_state()}
-        sd["gradpipe"]["nonfinite"] = self._nonfinite.state_dict()
+        meta = sd["gradpipe"] = {"format": _STATE_FORMAT, **state_meta(self.program),
+                                 "node_state": self._saved_node_state()}
+        meta["nonfinite"] = self._nonfinite.state_dict()
         if self.program.modes:
-            sd["gradpipe"]["mode"] = self._mode
+            meta["mode"] = self._mode
+        if sd["param_groups"]:  # DCP keeps only "state" and "param_groups": migration.saved_meta
+            sd["param_groups"][0]["gradpipe"] = {k: v for k, v in meta.items() if k != "structure"}
         for hook in list(post_hooks.values()):
             result = hook(self, sd)
             if result is not None:
@@ -756,7 +761,7 @@ class Optimizer(torch.optim.Optimizer):
         holds the report. A state dict of an unrelated pipeline (no node keeps state in
         both) is a ``GradError``. A ``torch.optim`` state dict of the same algorithm (Adam,
         AdamW, SGD, RMSprop) loads too. See ``gradpipe/runtime/migration.py``."""
-        from .migration import load_state
+        from .migration import load_state, saved_meta
         # as torch: the pre-hooks see (a shallow copy of) the state dict and may replace it, the
         # post-hooks run once everything is loaded (state, node state and counters included)
         state_dict = dict(state_dict)
@@ -767,7 +772,7 @@ class Optimizer(torch.optim.Optimizer):
         # torch casts floating state to the parameter's dtype, which would round fp32 state of
         # bf16 parameters; load_state loads the groups through torch and the state itself, keeping dtypes.
         self.last_migration = load_state(self, state_dict, self._load_groups)
-        meta = state_dict.get("gradpipe") or {}
+        meta = saved_meta(state_dict) or {}
         self._nonfinite.load_state_dict(meta.get("nonfinite"))  # counters of skipped steps
         self._mode = meta.get("mode", "train") if self.program.modes else "train"  # eval/train sequence
         for group in self.param_groups:  # a state dict saved before gradpipe kept torch's option keys
