@@ -191,7 +191,14 @@ def _fsdp(model: torch.nn.Module) -> torch.nn.Module:
 
 
 #: (wrapper, optimizer) cases of the two-process test
-CASES = [("ddp", "torch"), ("ddp", "eager"), ("ddp", "compiled"), ("fsdp", "torch"), ("fsdp", "eager")]
+#: (wrapper, optimizer, pipeline) cases of the two-process test; noisy_sgd's generator is node state,
+#: carried by the first param group through DCP
+CASES = [("ddp", "torch", "adam"), ("ddp", "eager", "adam"), ("ddp", "compiled", "adam"), ("fsdp", "torch", "adam"),
+         ("fsdp", "eager", "adam"), ("fsdp", "eager", "noisy_sgd")]
+#: pipelines stepped under FSDP2 beside one unsharded process (eager backend): elementwise state,
+#: a factored moment (rows and columns of a sharded matrix), noise drawn whole and sharded, and
+#: one that cannot run on a DTensor (error_feedback's top-k index_put_), a GradError naming it
+SHARDED = ("scalpel", "adafactor", "noisy_sgd", "econtrol_sgd")
 
 
 def _worker(rank: int, tmp: str) -> None:
@@ -201,12 +208,19 @@ def _worker(rank: int, tmp: str) -> None:
     join_group(rank, WORLD, f"{tmp}/rendezvous", tmp, DEADLINE_S)
     out: dict = {}
     try:
-        for where, kind in CASES:
+        for where, kind, pipeline in CASES:
             wrap = _ddp if where == "ddp" else _fsdp
-            same, final = _resume_matches(wrap, kind, os.path.join(tmp, f"ckpt-{where}-{kind}"), rank=rank,
-                                          world=WORLD)
-            out[f"{where}-{kind}"] = {"same": same, "params": final}
+            case = f"{where}-{kind}-{pipeline}"
+            same, final = _resume_matches(wrap, kind, os.path.join(tmp, case), pipeline, rank, WORLD)
+            out[case] = {"same": same, "params": final}
             gc.collect()
+        for pipeline in SHARDED:
+            model = _fsdp(_model())
+            try:
+                _train(model, _optimizer(model, "eager", pipeline), range(2), rank, WORLD)
+                out[f"sharded-{pipeline}"] = _params(model)
+            except GradError as e:
+                out[f"sharded-{pipeline}"] = str(e)
         model = _fsdp(_model())  # the eager backend's state is sharded as the parameters
         opt = _optimizer(model, "eager")
         _train(model, opt, range(1), rank, WORLD)
@@ -223,10 +237,14 @@ def _worker(rank: int, tmp: str) -> None:
     finally:
         dist.destroy_process_group()
     if rank == 0:  # one process on the whole batches, the reference for the sharded runs
-        for kind in ("torch", "eager"):
+        for kind, pipeline in {(kind if kind == "torch" else "eager", pipeline) for _, kind, pipeline in CASES}:
             model = _model()
-            _train(model, _optimizer(model, kind), range(STEPS))
-            out[f"single-{kind}"] = _params(model)
+            _train(model, _optimizer(model, kind, pipeline), range(STEPS))
+            out[f"single-{kind}-{pipeline}"] = _params(model)
+        for pipeline in SHARDED[:-1]:
+            model = _model()
+            _train(model, _optimizer(model, "eager", pipeline), range(2))
+            out[f"single-sharded-{pipeline}"] = _params(model)
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     faulthandler.cancel_dump_traceback_later()
 
@@ -235,9 +253,9 @@ def _worker(rank: int, tmp: str) -> None:
 def test_dcp_resume_ddp_and_fsdp2_two_processes(tmp_path):
     run_processes(_worker, (str(tmp_path),), WORLD, tmp_path, DEADLINE_S)
     runs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    for where, kind in CASES:
-        case = f"{where}-{kind}"
-        single = runs[0]["single-torch" if kind == "torch" else "single-eager"]
+    for where, kind, pipeline in CASES:
+        case = f"{where}-{kind}-{pipeline}"
+        single = runs[0][f"single-{kind if kind == 'torch' else 'eager'}-{pipeline}"]
         for rank, run in enumerate(runs):
             assert run[case]["same"], f"{case} rank {rank}: the resumed run differs from the uninterrupted one"
             # the ranks end equal, and where one process on the whole batches ends (up to the last bits:
@@ -248,4 +266,8 @@ def test_dcp_resume_ddp_and_fsdp2_two_processes(tmp_path):
     for rank, run in enumerate(runs):
         kind, same_placements, local, param_local = run["fsdp-state"]
         assert kind == "DTensor" and same_placements and local == param_local == (8, 6), (rank, run["fsdp-state"])
+    for pipeline in SHARDED[:-1]:
+        for a, b in zip(runs[0][f"sharded-{pipeline}"], runs[0][f"single-sharded-{pipeline}"]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert "'error_feedback' does not run on DTensor parameters" in runs[0]["sharded-econtrol_sgd"]
     assert "DTensor" in runs[0]["fsdp-compiled"] and "backend='eager'" in runs[0]["fsdp-compiled"]
