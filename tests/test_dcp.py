@@ -167,6 +167,26 @@ def test_node_state_travels_in_the_first_param_group():
         set_optimizer_state_dict(third, opt3, flat, options=StateDictOptions(flatten_optimizer_state_dict=True))
 
 
+def test_edited_pipeline_migrates_through_a_partial_dcp_load(tmp_path):
+    """A checkpoint of an edited pipeline: DCP needs allow_partial_load (the new node's buffers are
+    not in it), then gradpipe migrates it node by node as for its own state dicts."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    model = _model()
+    opt = gradpipe.Optimizer(model.named_parameters(), "hparam lr = 1e-2\ngrad | adam", backend="eager")
+    _train(model, opt, range(1))
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+    other = _model(seed=1)
+    edited = gradpipe.Optimizer(other.named_parameters(), "hparam lr = 1e-2\ngrad | adam | momentum(0.9)",
+                                backend="eager")
+    state = {"optim": get_optimizer_state_dict(other, edited)}
+    dcp.load(state, checkpoint_id=str(tmp_path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    with pytest.warns(StateMigrationWarning, match="2 buffer"):
+        set_optimizer_state_dict(other, edited, state["optim"])
+    assert edited.last_migration.carried == ["main/adam.m", "main/adam.v"]
+    assert edited.last_migration.new == ["main/momentum.buf"] and "main/momentum.buf" not in edited.state[other[0].weight]
+    assert torch.equal(edited.state[other[0].weight]["main/adam.m"], opt.state[model[0].weight]["main/adam.m"])
+
+
 def test_another_pipelines_dict_is_still_refused():
     """Without the "gradpipe" entry, a dict whose keys this pipeline does not keep is not taken as its own."""
     model = _model()
