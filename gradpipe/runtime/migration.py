@@ -201,8 +201,9 @@ def saved_meta(sd: Mapping[str, Any]) -> Mapping[str, Any] | None:
 def _meta_of_entryless(prog: "Program", sd: Mapping[str, Any]) -> dict[str, Any] | None:
     """The ``"gradpipe"`` entry of a state dict of this pipeline that lost it, or None.
 
-    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` (and so every DCP
-    checkpoint) keeps only ``state`` and ``param_groups``, keyed by parameter name. A dict whose
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` keeps only ``state`` and
+    ``param_groups``, keyed by parameter name, and when flattened only the group keys the live
+    optimizer has, so the copy the first group carries (:func:`saved_meta`) is lost. A dict whose
     per-parameter keys are all this pipeline's own (``node.buffer`` of a node it has, and
     ``step``) is taken as saved by it: its identity is this pipeline's. What it does not hold
     (the node state, such as ``noise``'s generator, and the non-finite counters) starts afresh.
@@ -361,10 +362,10 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
         if node in ours and (node not in carry or node in lost):  # new, reset or not saved: initialised again
             del opt._node_state[node]
     if lost:
-        warnings.warn(f"this state dict has no 'gradpipe' entry (torch.distributed.checkpoint's "
-                      f"get_optimizer_state_dict keeps only 'state' and 'param_groups'), so the state that "
-                      f"'{prog.name}' keeps outside the parameters starts afresh: {_listing(sorted(lost), 4)}",
-                      StateMigrationWarning, stacklevel=3)
+        warnings.warn(f"this state dict has no 'gradpipe' entry, at the top or in its first param group (a "
+                      f"flattened torch.distributed.checkpoint dict keeps only the live optimizer's group keys), "
+                      f"so the state that '{prog.name}' keeps outside the parameters starts afresh: "
+                      f"{_listing(sorted(lost), 4)}", StateMigrationWarning, stacklevel=3)
 
     schema_bufs = {f"{n}.{b}" for n in carry for b in ours[n]["buffers"]}
     report = StateMigration(

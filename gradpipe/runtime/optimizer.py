@@ -725,9 +725,9 @@ class Optimizer(torch.optim.Optimizer):
         """As torch's, plus a ``"gradpipe"`` entry (the pipeline's identity, node state and the
         non-finite counters), also held, less the structural description, by the first param
         group under ``"gradpipe"``: ``torch.distributed.checkpoint`` keeps only ``state`` and
-        ``param_groups``, so a DCP checkpoint carries it there (``docs/works_with.md``). ``register_state_dict_pre_hook`` hooks run first, as in torch;
-        ``register_state_dict_post_hook`` hooks see the whole state dict, ``"gradpipe"`` included,
-        and may return a replacement."""
+        ``param_groups``, so a DCP checkpoint carries it there (``docs/works_with.md``).
+        ``register_state_dict_pre_hook`` hooks run first, as in torch; ``register_state_dict_post_hook``
+        hooks see the whole state dict, ``"gradpipe"`` included, and may return a replacement."""
         post_hooks = self._optimizer_state_dict_post_hooks
         self._optimizer_state_dict_post_hooks = OrderedDict()
         try:
