@@ -222,6 +222,32 @@ CASES = [("ddp", "torch", "adam"), ("ddp", "eager", "adam"), ("ddp", "compiled",
 SHARDED = ("scalpel", "adafactor", "noisy_sgd", "econtrol_sgd")
 
 
+def _sharded_runs(rank: int) -> dict:
+    """Under FSDP2: ``SHARDED`` two steps each (final parameters, or the GradError); the eager
+    state's layout; the compiled backend's refusal."""
+    out: dict = {}
+    for pipeline in SHARDED:
+        model = _fsdp(_model())
+        try:
+            _train(model, _optimizer(model, "eager", pipeline), range(2), rank, WORLD)
+            out[f"sharded-{pipeline}"] = _params(model)
+        except GradError as e:
+            out[f"sharded-{pipeline}"] = str(e)
+    model = _fsdp(_model())  # the eager backend's state is sharded as the parameters
+    opt = _optimizer(model, "eager")
+    _train(model, opt, range(1), rank, WORLD)
+    p = model[0].weight
+    m = opt.state[p]["main/exp_avg/ema.m"]
+    out["fsdp-state"] = (type(m).__name__, m.placements == p.placements, tuple(m.to_local().shape),
+                         tuple(p.to_local().shape))
+    try:  # the compiled backend refuses DTensor parameters when built
+        _optimizer(_fsdp(_model()), "compiled")
+        out["fsdp-compiled"] = "built"
+    except GradError as e:
+        out["fsdp-compiled"] = str(e)
+    return out
+
+
 def _worker(rank: int, tmp: str) -> None:
     import faulthandler
 
@@ -235,26 +261,8 @@ def _worker(rank: int, tmp: str) -> None:
             same, final = _resume_matches(wrap, kind, os.path.join(tmp, case), pipeline, rank, WORLD)
             out[case] = {"same": same, "params": final}
             gc.collect()
-        for pipeline in SHARDED:
-            model = _fsdp(_model())
-            try:
-                _train(model, _optimizer(model, "eager", pipeline), range(2), rank, WORLD)
-                out[f"sharded-{pipeline}"] = _params(model)
-            except GradError as e:
-                out[f"sharded-{pipeline}"] = str(e)
-        model = _fsdp(_model())  # the eager backend's state is sharded as the parameters
-        opt = _optimizer(model, "eager")
-        _train(model, opt, range(1), rank, WORLD)
-        p = model[0].weight
-        m = opt.state[p]["main/exp_avg/ema.m"]
-        out["fsdp-state"] = (type(m).__name__, m.placements == p.placements, tuple(m.to_local().shape),
-                             tuple(p.to_local().shape))
-        try:  # the compiled backend refuses DTensor parameters when built
-            _optimizer(_fsdp(_model()), "compiled")
-            out["fsdp-compiled"] = "built"
-        except GradError as e:
-            out["fsdp-compiled"] = str(e)
-        gc.collect()
+        out.update(_sharded_runs(rank))
+        gc.collect()  # the wrapped models die before the group (see tests/test_ddp.py's _worker)
     finally:
         dist.destroy_process_group()
     if rank == 0:  # one process on the whole batches, the reference for the sharded runs
