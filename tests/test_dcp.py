@@ -17,7 +17,8 @@ The multi-process cases spawn two gloo processes on CPU (a ``FileStore`` rendezv
 ``tmp_path``; the parent waits on the processes, never on sleeps), as ``tests/test_ddp.py`` does.
 Under FSDP2 (``fully_shard``) the parameters are DTensors: the eager backend keeps its state as
 DTensors sharded like the parameters; the compiled backend (flat buffers) refuses to be built
-with a GradError that says to use the eager backend.
+with a GradError that says to use the eager backend, and an optimizer whose backend is left to
+the default runs on the eager one.
 """
 
 from __future__ import annotations
@@ -245,6 +246,11 @@ def _sharded_runs(rank: int) -> dict:
         out["fsdp-compiled"] = "built"
     except GradError as e:
         out["fsdp-compiled"] = str(e)
+    # left to the default, the backend is the eager one (the compiled one where nothing is a DTensor;
+    # this process's own default, as tests/conftest.py sets it to eager for the suite)
+    os.environ["GRADPIPE_BACKEND"] = "compiled"
+    out["fsdp-default"] = gradpipe.Optimizer(_fsdp(_model()).parameters(), "adam").backend
+    out["ddp-default"] = gradpipe.Optimizer(_ddp(_model()).parameters(), "adam").backend
     return out
 
 
@@ -299,4 +305,5 @@ def test_dcp_resume_ddp_and_fsdp2_two_processes(tmp_path):
         for a, b in zip(runs[0][f"sharded-{pipeline}"], runs[0][f"single-sharded-{pipeline}"]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert "'error_feedback' does not run on DTensor parameters" in runs[0]["sharded-econtrol_sgd"]
+    assert runs[0]["fsdp-default"] == "eager" and runs[0]["ddp-default"] == "compiled"
     assert "DTensor" in runs[0]["fsdp-compiled"] and "backend='eager'" in runs[0]["fsdp-compiled"]

@@ -186,7 +186,8 @@ class Optimizer(torch.optim.Optimizer):
             each step; the parameters keep their own storage, see
             ``gradpipe/runtime/compiled.py``); or
             ``"eager"``, the reference interpreter, op by op. ``None`` reads the
-            ``GRADPIPE_BACKEND`` environment variable (default ``compiled``).
+            ``GRADPIPE_BACKEND`` environment variable (default ``compiled``), except that DTensor
+            parameters (FSDP2's ``fully_shard``), which only the eager backend steps, choose ``eager``.
         **hyperparams: values for the pipeline's declared hyperparameters
             (``lr``, ``betas``, ...); they become the param groups' defaults, so
             LR schedulers and per-group overrides work as in torch. torch's options
@@ -219,6 +220,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], pipeline: Program | str | pathlib.Path = "adam", *,
                  backend: str | None = None, **hyperparams: Any) -> None:
+        #: whether the backend was left to the default (then DTensor parameters choose eager: _assign_routes)
+        self._default_backend = backend is None
         if backend is None:
             backend = os.environ.get("GRADPIPE_BACKEND", "compiled")
         if backend not in BACKENDS:
@@ -285,8 +288,11 @@ class Optimizer(torch.optim.Optimizer):
         named = self._named()
         labels = self.program.assign_routes(named)
         self.program.check_shapes(named, labels)
-        if self._compiled is not None:
-            self._refuse_dtensors(named)
+        if self._compiled is not None and any(isinstance(p, DTensor) for _, p in named):
+            if self._default_backend and not self.state:  # FSDP2, before any step: the eager backend
+                self.backend, self._compiled = "eager", None
+            else:
+                self._refuse_dtensors(named)
         self._routes = {p: label for (_, p), label in zip(named, labels)}
         #: whether some parameter is listed twice (torch warns; both step it twice, see step())
         self._duplicates = len({id(p) for _, p in named}) != len(named)
@@ -825,6 +831,7 @@ class Optimizer(torch.optim.Optimizer):
             return
         prog = self.program = _program_from_source(gp["source"], gp["path"], gp["hash"])
         self.backend = gp["backend"]
+        self._default_backend = False  # the backend it ran on
         self._compiled = CompiledRoutes(prog) if self.backend == "compiled" else None
         if self._compiled is not None and gp.get("use_compile") is False:
             self._compiled.use_compile = False
