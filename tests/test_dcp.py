@@ -214,7 +214,8 @@ def _fsdp(model: torch.nn.Module) -> torch.nn.Module:
 
 #: (wrapper, optimizer) cases of the two-process test
 #: (wrapper, optimizer, pipeline) cases of the two-process test; noisy_sgd's generator is node state,
-#: carried by the first param group through DCP
+#: carried by the first param group through DCP; the FSDP2 checkpoints of the eager backend are
+#: resumed in the parent too, in one process (DCP reshards)
 CASES = [("ddp", "torch", "adam"), ("ddp", "eager", "adam"), ("ddp", "compiled", "adam"), ("fsdp", "torch", "adam"),
          ("fsdp", "eager", "adam"), ("fsdp", "eager", "noisy_sgd")]
 #: pipelines stepped under FSDP2 beside one unsharded process (eager backend): elementwise state,
@@ -306,4 +307,15 @@ def test_dcp_resume_ddp_and_fsdp2_two_processes(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert "'error_feedback' does not run on DTensor parameters" in runs[0]["sharded-econtrol_sgd"]
     assert runs[0]["fsdp-default"] == "eager" and runs[0]["ddp-default"] == "compiled"
+    # DCP reshards: the FSDP2 checkpoint of two ranks resumes in this one process, unsharded
+    for pipeline in ("adam", "noisy_sgd"):
+        model = _model(seed=1)
+        opt = _optimizer(model, "eager", pipeline)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=str(tmp_path / f"fsdp-eager-{pipeline}"))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        _train(model, opt, range(SPLIT, STEPS))
+        for a, b in zip(_params(model), runs[0][f"single-eager-{pipeline}"]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert "DTensor" in runs[0]["fsdp-compiled"] and "backend='eager'" in runs[0]["fsdp-compiled"]
