@@ -41,14 +41,13 @@ tolerance above (the update is then applied outside the fused segment).
 
 from __future__ import annotations
 
-import datetime
 import faulthandler
 import gc
 import os
-import time
 
 import pytest
 import torch
+from spawned import join_group, run_processes
 
 import gradpipe
 
@@ -125,18 +124,9 @@ def _ddp_run(rank: int, out_dir: str, pipeline: str, backend: str, source: str) 
 
 def _worker(rank: int, init_file: str, out_dir: str, pipeline: str, backend: str) -> None:
     """One DDP process: a run per source of parameters, then (rank 0) the one-process reference."""
-    # where a process is when the parent gives up on it
-    stacks = open(os.path.join(out_dir, f"stacks-rank{rank}.txt"), "w")  # noqa: SIM115 - open until exit
-    faulthandler.dump_traceback_later(DEADLINE_S - 10, file=stacks)
-    torch.set_num_threads(1)
-    # compile in this process: a pool of compile workers in each of the two processes costs more
-    # than it saves on a 2-core machine
-    from torch._inductor import config as inductor_config
-    inductor_config.compile_threads = 1
+    join_group(rank, WORLD, init_file, out_dir, DEADLINE_S)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
     try:
         for source in SOURCES:
             _ddp_run(rank, out_dir, pipeline, backend, source)
@@ -155,25 +145,8 @@ def _worker(rank: int, init_file: str, out_dir: str, pipeline: str, backend: str
 def _spawn(tmp_path, pipeline: str, backend: str) -> tuple[dict[tuple[str, int], dict], dict]:
     """Run the two DDP processes; end them if they fail or hang; load what each rank saved, and the
     one-process reference."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), pipeline, backend),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        # join raises (with the child's traceback) as soon as one process fails, ending the other
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                stacks = "".join(f.read_text() for f in sorted(tmp_path.glob("stacks-rank*.txt")))
-                raise TimeoutError(f"the DDP processes did not finish in {DEADLINE_S} s\n{stacks}")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-            if p.is_alive():
-                p.kill()
-                p.join()
+    run_processes(_worker, (str(tmp_path / "rendezvous"), str(tmp_path), pipeline, backend), WORLD, tmp_path,
+                  DEADLINE_S, "the DDP processes")
     runs = {(s, r): torch.load(tmp_path / f"{s}-rank{r}.pt", weights_only=True)
             for s in SOURCES for r in range(WORLD)}
     return runs, torch.load(tmp_path / "single.pt", weights_only=True)

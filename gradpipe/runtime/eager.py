@@ -13,9 +13,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor  # FSDP2's parameters
+except ImportError:  # a torch built without torch.distributed
+    DTensor = ()  # type: ignore[assignment,misc]  # isinstance(x, ()) is False
+
 from ..compiler.ir import Kind, Node, RouteIR
 from ..compiler.ops import Args, InnerNode
 from ..compiler.program import Program
+from ..dsl.diagnostics import GradError
 from .interpret import Lanes, commit_cells, compute_dtype, eval_dynamic, eval_node, structural_args
 
 __all__ = ["RouteBatch", "ParamLanes", "run_route", "eval_point", "compute_dtype", "NodeStateView", "init_node_states"]
@@ -68,11 +74,32 @@ def init_node_states(node: Node, views: Sequence[dict[str, torch.Tensor]], xs: S
         missing = [b for b in wanted if b not in view]
         if missing:
             made = op.init(tuple(x.shape), args, compute_dtype(p), x.device)
+            if isinstance(x, DTensor):  # FSDP2: the state sharded as the parameter
+                made = _sharded_like(node, made, x, args, compute_dtype(p))
             for k in missing:
                 if k in made:
                     view[k] = made[k]
         fresh.append(bool(missing) and len(missing) == len(wanted))
     return fresh
+
+
+def _sharded_like(node: Node, made: dict[str, torch.Tensor], x: torch.Tensor, args: Mapping[str, Any],
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``made`` as DTensors on ``x``'s mesh: a buffer of ``x``'s shape sharded as ``x`` (each rank
+    creates its own shard, as torch.optim's ``zeros_like(p)`` does), any other (a projection, a
+    scalar) replicated whole on every rank."""
+    from torch.distributed.tensor import Replicate
+    local = x.to_local()
+    mine = node.impl.init(tuple(local.shape), args, dtype, local.device)
+    out = {}
+    for k, t in made.items():
+        if tuple(t.shape) == tuple(x.shape) and k in mine:
+            out[k] = DTensor.from_local(mine[k], x.device_mesh, x.placements, run_check=False, shape=x.shape,
+                                        stride=x.stride())
+        else:
+            out[k] = DTensor.from_local(t.to(local.device), x.device_mesh, [Replicate()] * x.device_mesh.ndim,
+                                        run_check=False)
+    return out
 
 
 class ParamLanes(Lanes):
@@ -197,6 +224,19 @@ def release_plan(prog: Program, ir: RouteIR) -> list[tuple[str, ...]]:
     return plan
 
 
+def _evaluate(node: Node, values: dict[str, list[torch.Tensor]], lanes: "ParamLanes") -> list[torch.Tensor]:
+    """One node's values; what DTensor parameters (FSDP2) cannot run is a GradError naming the op."""
+    try:
+        return lanes.source(node) if node.kind is Kind.SOURCE else eval_node(node, values, lanes)
+    except RuntimeError as e:
+        if not any(isinstance(p, DTensor) for p in lanes.batch.params):
+            raise
+        raise GradError(f"'{node.op}' does not run on DTensor parameters (FSDP2's fully_shard): "
+                        f"{str(e).splitlines()[0]}", node.span,
+                        "route these parameters to a pipeline without this op, or train this model under "
+                        "DDP (which keeps whole parameters)") from e
+
+
 def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
               order: Sequence[str] | None = None) -> list[torch.Tensor]:
     """Evaluate one route; return the update ``u`` per parameter (in the compute dtype)."""
@@ -206,7 +246,7 @@ def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[st
     for node, drop in zip(ir.nodes, release_plan(prog, ir)):
         if node.kind is Kind.OUTPUT:
             break
-        values[node.name] = lanes.source(node) if node.kind is Kind.SOURCE else eval_node(node, values, lanes)
+        values[node.name] = _evaluate(node, values, lanes)
         for name in drop:
             del values[name]
     if ir.commits:  # state cells take their new values
@@ -224,5 +264,5 @@ def eval_point(prog: Program, label: str, batch: RouteBatch, node_states: dict[s
     lanes = ParamLanes(prog, ir, batch, node_states)
     values: dict[str, list[torch.Tensor]] = {}
     for node in ir.point_nodes:
-        values[node.name] = lanes.source(node) if node.kind is Kind.SOURCE else eval_node(node, values, lanes)
+        values[node.name] = _evaluate(node, values, lanes)
     return values[ir.point]  # type: ignore[index]

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ..compiler.program import Program
     from .optimizer import Optimizer
 
-__all__ = ["StateMigration", "StateMigrationWarning", "load_state", "expected_shape", "state_meta"]
+__all__ = ["StateMigration", "StateMigrationWarning", "load_state", "expected_shape", "state_meta", "saved_meta"]
 
 
 class StateMigrationWarning(UserWarning):
@@ -186,6 +186,38 @@ def _param_label(names: list[str | None], i: int) -> str:
     return f"'{names[i]}'" if names[i] else f"number {i}"
 
 
+def saved_meta(sd: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ``"gradpipe"`` entry of a state dict: at the top, or, in a dict that passed through
+    ``torch.distributed.checkpoint`` (which keeps only ``state`` and ``param_groups``), the copy the
+    first param group carries (``Optimizer.state_dict``); None for a dict with neither."""
+    meta = sd.get("gradpipe")
+    if meta is None:
+        groups = sd.get("param_groups")
+        if isinstance(groups, list) and groups and isinstance(groups[0], Mapping):
+            meta = groups[0].get("gradpipe")
+    return meta if isinstance(meta, Mapping) else None
+
+
+def _meta_of_entryless(prog: "Program", sd: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``"gradpipe"`` entry of a state dict of this pipeline that lost it, or None.
+
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` keeps only ``state`` and
+    ``param_groups``, keyed by parameter name, and when flattened only the group keys the live
+    optimizer has, so the copy the first group carries (:func:`saved_meta`) is lost. A dict whose
+    per-parameter keys are all this pipeline's own (``node.buffer`` of a node it has, and
+    ``step``) is taken as saved by it: its identity is this pipeline's. What it does not hold
+    (the node state, such as ``noise``'s generator, and the non-finite counters) starts afresh.
+    A dict with no per-parameter state is this pipeline's only when the pipeline keeps none."""
+    keys = {k for st in sd["state"].values() for k in st if k != "step"}
+    for k in keys:
+        parts = _split(k) if isinstance(k, str) else None
+        if parts is None or prog.find_node(parts[0]) is None:
+            return None
+    if not keys and prog.state_schema():
+        return None
+    return {**state_meta(prog), "node_state": {}}
+
+
 # --------------------------------------------------------------------------- loading
 def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
                torch_load: Callable[[dict[str, Any]], None]) -> StateMigration:
@@ -195,11 +227,20 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
     Everything is checked before anything changes: a refused state dict leaves the
     optimizer as it was."""
     prog = opt.program
-    meta = state_dict.get("gradpipe")
+    meta = saved_meta(state_dict)
+    if isinstance(state_dict.get("param_groups"), list):  # the entry the first group carries is no hyperparameter
+        state_dict = {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != "gradpipe"}
+                                                     if isinstance(g, Mapping) else g
+                                                     for g in state_dict["param_groups"]]}
     from .torch_state import from_torch_state_dict, is_torch_state_dict
-    if meta is None and is_torch_state_dict(state_dict):  # torch.optim's, of the same algorithm
-        state_dict = from_torch_state_dict(prog, state_dict)
-        meta = state_dict["gradpipe"]
+    lost: list[str] = []
+    if meta is None and is_torch_state_dict(state_dict):
+        meta = _meta_of_entryless(prog, state_dict)  # gradpipe's own, through DCP
+        if meta is not None:
+            lost = [n for n in state_of_schema(prog.state_schema()) if prog.node(n).impl.has_node_state]
+        else:  # torch.optim's, of the same algorithm
+            state_dict = from_torch_state_dict(prog, state_dict)
+            meta = state_dict["gradpipe"]
     if meta is None:
         raise GradError("this state dict was not saved by a gradpipe Optimizer", prog.file_span(),
                         "load a state dict saved from gradpipe.Optimizer.state_dict()")
@@ -318,8 +359,13 @@ def load_state(opt: "Optimizer", state_dict: Mapping[str, Any],
         op.load_node_state_dict(ns, saved_ns)
         carried_ns.append(node)
     for node in list(opt._node_state):
-        if node in ours and node not in carry:  # new or reset: initialised again in the next step
+        if node in ours and (node not in carry or node in lost):  # new, reset or not saved: initialised again
             del opt._node_state[node]
+    if lost:
+        warnings.warn(f"this state dict has no 'gradpipe' entry, at the top or in its first param group (a "
+                      f"flattened torch.distributed.checkpoint dict keeps only the live optimizer's group keys), "
+                      f"so the state that '{prog.name}' keeps outside the parameters starts afresh: "
+                      f"{_listing(sorted(lost), 4)}", StateMigrationWarning, stacklevel=3)
 
     schema_bufs = {f"{n}.{b}" for n in carry for b in ours[n]["buffers"]}
     report = StateMigration(

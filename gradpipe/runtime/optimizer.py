@@ -15,7 +15,7 @@ from ..compiler.program import Program, builtin_names, compile as compile_source
 from ..compiler.ir import Kind
 from ..dsl.diagnostics import GradError, did_you_mean
 from .compiled import CompiledRoutes
-from .eager import RouteBatch, run_route
+from .eager import DTensor, RouteBatch, run_route
 from .interpret import apply_param, apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
 from .perturb import check_closure, perturbed_grads
@@ -186,7 +186,8 @@ class Optimizer(torch.optim.Optimizer):
             each step; the parameters keep their own storage, see
             ``gradpipe/runtime/compiled.py``); or
             ``"eager"``, the reference interpreter, op by op. ``None`` reads the
-            ``GRADPIPE_BACKEND`` environment variable (default ``compiled``).
+            ``GRADPIPE_BACKEND`` environment variable (default ``compiled``), except that DTensor
+            parameters (FSDP2's ``fully_shard``), which only the eager backend steps, choose ``eager``.
         **hyperparams: values for the pipeline's declared hyperparameters
             (``lr``, ``betas``, ...); they become the param groups' defaults, so
             LR schedulers and per-group overrides work as in torch. torch's options
@@ -219,6 +220,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], pipeline: Program | str | pathlib.Path = "adam", *,
                  backend: str | None = None, **hyperparams: Any) -> None:
+        #: whether the backend was left to the default (then DTensor parameters choose eager: _assign_routes)
+        self._default_backend = backend is None
         if backend is None:
             backend = os.environ.get("GRADPIPE_BACKEND", "compiled")
         if backend not in BACKENDS:
@@ -285,6 +288,11 @@ class Optimizer(torch.optim.Optimizer):
         named = self._named()
         labels = self.program.assign_routes(named)
         self.program.check_shapes(named, labels)
+        if self._compiled is not None and any(isinstance(p, DTensor) for _, p in named):
+            if self._default_backend and not self.state:  # FSDP2, before any step: the eager backend
+                self.backend, self._compiled = "eager", None
+            else:
+                self._refuse_dtensors(named)
         self._routes = {p: label for (_, p), label in zip(named, labels)}
         #: whether some parameter is listed twice (torch warns; both step it twice, see step())
         self._duplicates = len({id(p) for _, p in named}) != len(named)
@@ -292,6 +300,17 @@ class Optimizer(torch.optim.Optimizer):
         self._complex = any(p.is_complex() for _, p in named)
         if self._complex:
             self._refuse_complex_factoring(named)
+
+    def _refuse_dtensors(self, named: list[tuple[str | None, torch.Tensor]]) -> None:
+        """The compiled backend fuses over flat buffers of the parameters' gradients and state,
+        which a DTensor (FSDP2's ``fully_shard``) cannot be viewed into: refused when built."""
+        for name, p in named:
+            if isinstance(p, DTensor):
+                raise GradError(f"{'parameter ' + repr(name) if name else 'a parameter'} is a DTensor (sharded by "
+                                "FSDP2's fully_shard), and backend='compiled' fuses the step over flat buffers, "
+                                "which a DTensor has none of", self.program.file_span(),
+                                "build the optimizer with backend='eager' under fully_shard (its state is then "
+                                "sharded as the parameters); DDP works on both backends")
 
     def _refuse_complex_factoring(self, named: list[tuple[str | None, torch.Tensor]]) -> None:
         """A complex parameter runs as its real view, whose last dimension holds the real and
@@ -710,9 +729,11 @@ class Optimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """As torch's, plus a ``"gradpipe"`` entry (the pipeline's identity, node state and the
-        non-finite counters). ``register_state_dict_pre_hook`` hooks run first, as in torch;
-        ``register_state_dict_post_hook`` hooks see the whole state dict, ``"gradpipe"`` included,
-        and may return a replacement."""
+        non-finite counters), also held, less the structural description, by the first param
+        group under ``"gradpipe"``: ``torch.distributed.checkpoint`` keeps only ``state`` and
+        ``param_groups``, so a DCP checkpoint carries it there (``docs/works_with.md``).
+        ``register_state_dict_pre_hook`` hooks run first, as in torch; ``register_state_dict_post_hook``
+        hooks see the whole state dict, ``"gradpipe"`` included, and may return a replacement."""
         post_hooks = self._optimizer_state_dict_post_hooks
         self._optimizer_state_dict_post_hooks = OrderedDict()
         try:
@@ -720,10 +741,13 @@ class Optimizer(torch.optim.Optimizer):
         finally:
             self._optimizer_state_dict_post_hooks = post_hooks
         from .migration import state_meta
-        sd["gradpipe"] = {"format": _STATE_FORMAT, **state_meta(self.program), "node_state": self._saved_node_state()}
-        sd["gradpipe"]["nonfinite"] = self._nonfinite.state_dict()
+        meta = sd["gradpipe"] = {"format": _STATE_FORMAT, **state_meta(self.program),
+                                 "node_state": self._saved_node_state()}
+        meta["nonfinite"] = self._nonfinite.state_dict()
         if self.program.modes:
-            sd["gradpipe"]["mode"] = self._mode
+            meta["mode"] = self._mode
+        if sd["param_groups"]:  # DCP keeps only "state" and "param_groups": migration.saved_meta
+            sd["param_groups"][0]["gradpipe"] = {k: v for k, v in meta.items() if k != "structure"}
         for hook in list(post_hooks.values()):
             result = hook(self, sd)
             if result is not None:
@@ -743,7 +767,7 @@ class Optimizer(torch.optim.Optimizer):
         holds the report. A state dict of an unrelated pipeline (no node keeps state in
         both) is a ``GradError``. A ``torch.optim`` state dict of the same algorithm (Adam,
         AdamW, SGD, RMSprop) loads too. See ``gradpipe/runtime/migration.py``."""
-        from .migration import load_state
+        from .migration import load_state, saved_meta
         # as torch: the pre-hooks see (a shallow copy of) the state dict and may replace it, the
         # post-hooks run once everything is loaded (state, node state and counters included)
         state_dict = dict(state_dict)
@@ -754,7 +778,7 @@ class Optimizer(torch.optim.Optimizer):
         # torch casts floating state to the parameter's dtype, which would round fp32 state of
         # bf16 parameters; load_state loads the groups through torch and the state itself, keeping dtypes.
         self.last_migration = load_state(self, state_dict, self._load_groups)
-        meta = state_dict.get("gradpipe") or {}
+        meta = saved_meta(state_dict) or {}
         self._nonfinite.load_state_dict(meta.get("nonfinite"))  # counters of skipped steps
         self._mode = meta.get("mode", "train") if self.program.modes else "train"  # eval/train sequence
         for group in self.param_groups:  # a state dict saved before gradpipe kept torch's option keys
@@ -807,6 +831,7 @@ class Optimizer(torch.optim.Optimizer):
             return
         prog = self.program = _program_from_source(gp["source"], gp["path"], gp["hash"])
         self.backend = gp["backend"]
+        self._default_backend = False  # the backend it ran on
         self._compiled = CompiledRoutes(prog) if self.backend == "compiled" else None
         if self._compiled is not None and gp.get("use_compile") is False:
             self._compiled.use_compile = False

@@ -320,7 +320,7 @@ def to_torch_state_dict(opt: "Optimizer") -> dict[str, Any]:
     params = [p for g in opt.param_groups for p in g["params"]]
     groups, group_of = [], {}
     for g in sd["param_groups"]:
-        g = dict(g)
+        g = {k: v for k, v in g.items() if k != "gradpipe"}  # gradpipe's entry, carried for DCP
         for key, want in {**lay.fixed, **lay.flags}.items():
             if key not in prog.hyperparams:
                 g[key] = want

@@ -441,8 +441,15 @@ class SeededOp(Op):
 
     @staticmethod
     def randn_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Standard normal samples of ``x``'s shape and dtype, drawn on the CPU, on ``x``'s device."""
-        return torch.randn(x.shape, generator=gen, dtype=x.dtype, device="cpu").to(x.device)
+        """Standard normal samples of ``x``'s shape and dtype, drawn on the CPU, on ``x``'s device.
+        For a DTensor (FSDP2's ``fully_shard``) every rank draws the whole tensor from its copy of
+        the generator (all alike) and keeps its shard: the samples an unsharded run draws."""
+        z = torch.randn(x.shape, generator=gen, dtype=x.dtype, device="cpu")
+        mesh = getattr(x, "device_mesh", None)
+        if mesh is not None:
+            from torch.distributed.tensor import distribute_tensor
+            return distribute_tensor(z.to(x.to_local().device), mesh, x.placements, src_data_rank=None)
+        return z.to(x.device)
 
 
 class MacroOp(Op):
