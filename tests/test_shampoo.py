@@ -110,3 +110,18 @@ def test_square_matrix_functions_refuse_rectangles_when_built(source: str, match
 def test_matrix_functions_check_their_operands_when_compiled(source: str, match: str) -> None:
     with pytest.raises(GradError, match=match):
         gradpipe.compile(source)
+
+
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_a_refresh_every_k_steps_computes_its_matrix_power_once_per_k_steps(backend: str, monkeypatch) -> None:
+    """The branch of a where on a step condition that a step does not take is not computed
+    (gradpipe/compiler/guards.py): one eigendecomposition per statistic per refresh."""
+    import gradpipe.runtime.interpret as interpret
+    calls = []
+    real = interpret._power
+    monkeypatch.setattr(interpret, "_power", lambda a, p, eps: calls.append(tuple(a.shape)) or real(a, p, eps))
+    ps = [torch.nn.Parameter(x) for x in _start()]
+    opt = gradpipe.Optimizer(ps, "shampoo", lr=0.02, preconditioning_compute_steps=5, backend=backend)
+    _run(ps, opt, _grads(12))
+    # steps 5 and 10, a left and a right statistic for each of the three matrices
+    assert sorted(calls) == sorted([(6, 6), (9, 9), (9, 9), (6, 6), (7, 7), (7, 7)] * 2)

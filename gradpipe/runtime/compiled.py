@@ -58,6 +58,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..compiler.guards import needed, route_guards
 from ..compiler.ir import Kind, Node, RouteIR
 from ..compiler.lowering import Segment as _Segment, plan_route
 from ..compiler.ops import Args
@@ -360,9 +361,14 @@ class CompiledRoutes:
         """Run a plan's eager nodes and fused segments in order; return the buckets whose update a
         segment applied in place."""
         applied: set[int] = set()
+        guards = route_guards(self.prog, ir)
         for si, (kind, item) in enumerate(plan):
             if kind == "eager":
                 node = ir.node(item)
+                guard = guards.get(item)
+                if guard is not None and not needed(guard, batch.envs):  # only a branch not taken reads it
+                    vals.split[item] = [None] * vals.n
+                    continue
                 for src in ir.sources():  # a block's inner pipeline may read any of them
                     self._to_split(src.name, vals)
                 for port, src in node.inputs.items():

@@ -18,6 +18,7 @@ try:
 except ImportError:  # a torch built without torch.distributed
     DTensor = ()  # type: ignore[assignment,misc]  # isinstance(x, ()) is False
 
+from ..compiler.guards import needed, route_guards
 from ..compiler.ir import Kind, Node, RouteIR
 from ..compiler.ops import Args, InnerNode
 from ..compiler.program import Program
@@ -243,10 +244,15 @@ def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[st
     ir = prog.ir[label]
     lanes = ParamLanes(prog, ir, batch, node_states)
     values: dict[str, list[torch.Tensor]] = {}
+    guards = route_guards(prog, ir)
     for node, drop in zip(ir.nodes, release_plan(prog, ir)):
         if node.kind is Kind.OUTPUT:
             break
-        values[node.name] = _evaluate(node, values, lanes)
+        guard = guards.get(node.name)
+        if guard is not None and not needed(guard, batch.envs):  # only a branch not taken reads it
+            values[node.name] = [None] * len(batch.params)  # type: ignore[list-item]
+        else:
+            values[node.name] = _evaluate(node, values, lanes)
         for name in drop:
             del values[name]
     if ir.commits:  # state cells take their new values
