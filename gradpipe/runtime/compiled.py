@@ -63,7 +63,7 @@ from ..compiler.ir import Kind, Node, RouteIR
 from ..compiler.lowering import Segment as _Segment, plan_route
 from ..compiler.ops import Args
 from ..compiler.program import Program
-from .eager import ParamLanes, RouteBatch, compute_dtype
+from .eager import ParamLanes, RouteBatch, compute_dtype, release_plan
 from .interpret import Lanes, apply_param, apply_update, commit_cells, eval_dynamic, eval_node, structural_args
 
 __all__ = ["CompiledRoutes", "CompileFallbackWarning", "plan_route"]
@@ -285,6 +285,8 @@ class CompiledRoutes:
         self._fns: dict[tuple[str, int], tuple[Callable, Callable]] = {}
         #: route -> the state cells no fused segment commits (written after the route)
         self._late: dict[str, list[tuple[str, str]]] = {}
+        #: (route, update, plan) -> per plan item, the values freed after it (see :meth:`_drops`)
+        self._drop_plans: dict[tuple, list[tuple[str, ...]]] = {}
         #: route -> the plan of its grad_at's point and the IR it plans (see :meth:`point`)
         self._points: dict[str, tuple[list[tuple[str, Any]], RouteIR]] = {}
         #: (route, segment index, bucket key, node) -> {buffer: flat tensor}
@@ -362,7 +364,10 @@ class CompiledRoutes:
         segment applied in place."""
         applied: set[int] = set()
         guards = route_guards(self.prog, ir)
+        drops = self._drops(plan, ir)
         for si, (kind, item) in enumerate(plan):
+            for name in drops[si - 1] if si else ():  # values nothing from here on reads: freed
+                vals.split.pop(name, None)
             if kind == "eager":
                 node = ir.node(item)
                 guard = guards.get(item)
@@ -379,6 +384,27 @@ class CompiledRoutes:
             else:
                 applied |= self._run_segment(label, si, item, batch, vals)
         return applied
+
+    def _drops(self, plan: list[tuple[str, Any]], ir: RouteIR) -> list[tuple[str, ...]]:
+        """Per item of ``plan``, the per-parameter values (of eager nodes) no later item reads
+        (:func:`~gradpipe.runtime.eager.release_plan` mapped onto the plan's items): a step then
+        holds at once only the matrices still to be read, not every intermediate of the route."""
+        key = (ir.label, ir.update, id(plan))
+        out = self._drop_plans.get(key)
+        if out is None:
+            at = {n.name: i for i, n in enumerate(ir.nodes)}
+            item_of: dict[int, int] = {}
+            for k, (kind, item) in enumerate(plan):
+                for name in ([item] if kind == "eager" else item.nodes):
+                    item_of[at[name]] = k
+            per_item: list[list[str]] = [[] for _ in plan]
+            last_item = -1
+            for i, names in enumerate(release_plan(self.prog, ir)):
+                last_item = item_of.get(i, last_item)
+                if last_item >= 0:
+                    per_item[last_item].extend(names)
+            out = self._drop_plans[key] = [tuple(d) for d in per_item]
+        return out
 
     def point(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]]) -> list[torch.Tensor]:
         """The point of the route's ``grad_at`` per parameter (``gradpipe/runtime/perturb.py``): its

@@ -201,8 +201,8 @@ def release_plan(prog: Program, ir: RouteIR) -> list[tuple[str, ...]]:
     """Per top-level node of ``ir`` (in order), the values nothing after it reads: dropped once it
     has run, so a step holds only the values still to be read (not every intermediate of the
     route at once). The update and the cells' new values are kept to the end."""
-    cache = prog.__dict__.setdefault("_release_plans", {})  # per program, by route
-    plan = cache.get(ir.label)
+    cache = prog.__dict__.setdefault("_release_plans", {})  # per program, by route (or a grad_at point's part)
+    plan = cache.get((ir.label, ir.update))
     if plan is not None:
         return plan
     keep = {ir.update} | {new for _, new in ir.commits}
@@ -221,7 +221,7 @@ def release_plan(prog: Program, ir: RouteIR) -> list[tuple[str, ...]]:
     for name, i in last.items():
         if name in top and name not in keep:
             drops[i].append(name)
-    plan = cache[ir.label] = [tuple(d) for d in drops]
+    plan = cache[(ir.label, ir.update)] = [tuple(d) for d in drops]
     return plan
 
 
