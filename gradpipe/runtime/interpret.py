@@ -279,9 +279,7 @@ def matrix_view(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``x`` as a matrix: a value of the parameter's shape is its matrix view (a tensor of more than
     two dimensions as ``(shape[0], -1)``, as Muon's reference does with conv kernels); a matrix
     value (``G Gᵀ``) is itself."""
-    if x.shape == p.shape and x.dim() != 2:
-        return x.reshape(p.shape[0], -1) if x.dim() > 2 else x.reshape(1, -1) if x.dim() == 1 else x
-    return x
+    return x.reshape(p.shape[0], -1) if x.dim() > 2 and x.shape == p.shape else x
 
 
 def as_param_shape(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
