@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import io
+from typing import Callable, Sequence
 
 import torch
 
@@ -33,3 +34,21 @@ def worst(ours: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> float
     """The largest relative difference (against max(|theirs|, 1e-3)) over every element."""
     return max(float(((a.detach() - b.detach()).abs() / b.detach().abs().clamp_min(1e-3)).max())
                for a, b in zip(ours, theirs))
+
+
+def replay_from_checkpoint(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+                           ps: Sequence[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                           rest: Sequence[Sequence[torch.Tensor]]) -> list[torch.nn.Parameter]:
+    """Checkpoint ``opt`` (its state dict through ``torch.save`` and ``torch.load(weights_only=True)``)
+    and the parameters ``ps``, step ``opt`` on through ``rest``, then step a fresh optimizer from
+    ``make``, loaded from the checkpoint, through ``rest`` from the saved parameters: its parameters,
+    to compare with ``ps`` (a bitwise resume gives equal tensors)."""
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    saved = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    run(ps, opt, rest)
+    again = make(saved)
+    buf.seek(0)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    run(saved, again, rest)
+    return saved

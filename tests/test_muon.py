@@ -11,7 +11,6 @@ the optimizer is built otherwise).
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch
 import gradpipe
 from gradpipe import GradError
 from gradpipe.compiler.ops.newton_schulz import newton_schulz
+from matrix_parity import grads, replay_from_checkpoint, run, start, worst
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
 
@@ -39,22 +39,15 @@ COMPILED = (0, 2)
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+    return [torch.nn.Parameter(x) for x in start(SHAPES, seed)]
 
 
 def _follow(kwargs: dict, backend: str, steps: int = 50) -> float:
     ours, theirs = _params(), _params()
-    opt = gradpipe.Optimizer(ours, "muon", backend=backend, **kwargs)
-    ref = torch.optim.Muon(theirs, **kwargs)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape, generator=gen, dtype=torch.float64)
-            a.grad, b.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()
-    return max(float(((a.detach() - b.detach()).abs() / b.detach().abs().clamp_min(1e-3)).max()) for a, b in zip(ours, theirs))
+    gs = grads(SHAPES, steps)
+    run(ours, gradpipe.Optimizer(ours, "muon", backend=backend, **kwargs), gs)
+    run(theirs, torch.optim.Muon(theirs, **kwargs), gs)
+    return worst(ours, theirs)
 
 
 _CASES = [pytest.param(r, "eager", id=f"{i}-eager") for i, r in enumerate(ROWS)]
@@ -200,34 +193,19 @@ def test_a_matrix_cell_keeps_its_shape_and_resumes_bitwise(backend: str) -> None
     gen = torch.Generator().manual_seed(6)
     shapes = [(5, 3), (5, 3), (4,)]
     start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(6)]
+    steps = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(6)]
     prog = gradpipe.compile(SHAMPOO_LIKE)
-
-    def run(ps, opt, steps):
-        for gs in steps:
-            for p, g in zip(ps, gs):
-                p.grad = g.clone()
-            opt.step()
 
     ps = [torch.nn.Parameter(p.clone()) for p in start]
     opt = gradpipe.Optimizer(ps, prog, lr=0.1, backend=backend)
-    run(ps, opt, grads[:3])
+    run(ps, opt, steps[:3])
     cells = [v for st in opt.state.values() for k, v in st.items() if k.endswith(".value")]
     assert sorted(tuple(c.shape) for c in cells) == [(5, 5), (5, 5)]
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    run(ps, opt, grads[3:])
-    # the same three steps again, from the checkpoint, in a new optimizer
-    ps2 = [torch.nn.Parameter(p.clone()) for p in start]
-    run(ps2, gradpipe.Optimizer(ps2, prog, lr=0.1, backend=backend), grads[:3])
-    opt2 = gradpipe.Optimizer(ps2, prog, lr=0.1, backend=backend)
-    buf.seek(0)
-    opt2.load_state_dict(torch.load(buf, weights_only=True))
-    run(ps2, opt2, grads[3:])
-    for a, b in zip(ps, ps2):
-        assert torch.equal(a, b)
+    again = replay_from_checkpoint(lambda ps2: gradpipe.Optimizer(ps2, prog, lr=0.1, backend=backend), ps, opt,
+                                   steps[3:])
+    assert all(torch.equal(a, b) for a, b in zip(ps, again))
     # and the cell is the sum of G Gᵀ over the six steps
-    want = sum(g[0] @ g[0].T for g in grads)
+    want = sum(g[0] @ g[0].T for g in steps)
     got = next(v for p, st in opt.state.items() if p is ps[0] for k, v in st.items() if k.endswith(".value"))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -262,25 +240,10 @@ def test_matrix_misuse_is_refused_when_the_optimizer_is_built(source: str, match
 
 @pytest.mark.parametrize("backend", ["eager", "compiled"])
 def test_muon_resumes_bitwise_from_a_state_dict(backend: str) -> None:
-    gen = torch.Generator().manual_seed(7)
-    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES] for _ in range(6)]
-
-    def run(ps, opt, steps):
-        for gs in steps:
-            for p, g in zip(ps, gs):
-                p.grad = g.clone()
-            opt.step()
-
+    steps = grads(SHAPES, 6, seed=7)
     ps = _params()
     opt = gradpipe.Optimizer(ps, "muon", lr=0.02, backend=backend)
-    run(ps, opt, grads[:3])
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    saved = [p.detach().clone() for p in ps]
-    run(ps, opt, grads[3:])
-    ps2 = [torch.nn.Parameter(p) for p in saved]
-    opt2 = gradpipe.Optimizer(ps2, "muon", lr=0.02, backend=backend)
-    buf.seek(0)
-    opt2.load_state_dict(torch.load(buf, weights_only=True))
-    run(ps2, opt2, grads[3:])
-    assert all(torch.equal(a, b) for a, b in zip(ps, ps2))
+    run(ps, opt, steps[:3])
+    again = replay_from_checkpoint(lambda ps2: gradpipe.Optimizer(ps2, "muon", lr=0.02, backend=backend), ps, opt,
+                                   steps[3:])
+    assert all(torch.equal(a, b) for a, b in zip(ps, again))

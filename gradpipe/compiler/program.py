@@ -415,6 +415,26 @@ class ShapeMismatch(Exception):
         self.node, self.message, self.hint = node, message, hint
 
 
+def needs_matrix_text(what: str, shape: Sequence[int]) -> tuple[str, str]:
+    """The message and hint for ``what`` (a matrix function, a reduction over rows) given a
+    parameter of fewer than two dimensions: when the optimizer is built, or in a step."""
+    return (f"{what} needs a parameter of 2 or more dimensions, but this one has shape {tuple(shape)}",
+            "route matrices to it, e.g. 'route ndim >= 2: ...' with another route for the rest")
+
+
+def not_square_text(op: str, shape: Sequence[int]) -> tuple[str, str]:
+    """The message and hint for ``eigvecs`` or ``matrix_power`` given a matrix that is not square."""
+    return (f"'{op}' needs a square matrix, but this one is {tuple(shape)}",
+            "give it a symmetric matrix such as matmul(g, transpose(g)) (G Gᵀ) or a cell of one")
+
+
+def inner_sizes_text(a: Sequence[int], b: Sequence[int]) -> tuple[str, str]:
+    """The message and hint for ``matmul`` of matrices whose inner sizes differ."""
+    return (f"'matmul' of a {tuple(a)} and a {tuple(b)} matrix: the inner sizes differ",
+            "the columns of the first must match the rows of the second: G Gᵀ is matmul(g, transpose(g)), "
+            "Gᵀ G is matmul(transpose(g), g)")
+
+
 def _broadcast(shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
     """The shape ``shapes`` broadcast to (numpy's rule), or None when they do not broadcast."""
     n = max(len(s) for s in shapes)
@@ -446,6 +466,12 @@ def value_shape(ir: RouteIR, node: str, shape: tuple[int, ...], check: bool = Fa
     memo: dict[str, tuple[int, ...]] = {}
     shape = tuple(shape)
 
+    def mismatch(n: Node, text: tuple[str, str]) -> tuple[int, ...]:
+        """Shapes that do not fit: an error when checking, else the parameter's shape."""
+        if check:
+            raise ShapeMismatch(n, *text)
+        return shape
+
     def of(name: str) -> tuple[int, ...]:
         if name in memo:
             return memo[name]
@@ -466,48 +492,35 @@ def value_shape(ir: RouteIR, node: str, shape: tuple[int, ...], check: bool = Fa
             out = _matrix_value(n, [of(n.inputs[p]) for p in prims.PORTS[n.op] if p in n.inputs])
         elif n.kind is Kind.ARITH and n.op == "broadcast":
             x = of(n.inputs["lhs"])
-            if check and _broadcast([x, shape]) != shape:
-                raise ShapeMismatch(n, f"a value of shape {x} is used where a value of the parameter's shape "
-                                       f"{shape} is needed", "an op, the update and a cell of the parameter's shape "
-                                       "take values of the parameter's shape; a matrix such as G Gᵀ is m×m")
+            if _broadcast([x, shape]) != shape:
+                mismatch(n, (f"a value of shape {x} is used where a value of the parameter's shape {shape} is "
+                             "needed", "an op, the update and a cell of the parameter's shape take values of the "
+                             "parameter's shape; a matrix such as G Gᵀ is m×m"))
         elif n.kind is Kind.ARITH and n.inputs:
             shapes = [of(src) for port, src in n.inputs.items() if port != "like"]
             b = _broadcast(shapes) if shapes else out
-            if b is None:
-                if check:
-                    raise ShapeMismatch(n, f"'{prims.NODE_NAMES.get(n.op, n.op)}' of values of shapes "
-                                           f"{' and '.join(str(s) for s in shapes)}, which do not broadcast",
-                                        "elementwise arithmetic needs values of one shape (or numbers per tensor, "
-                                        "row or column): check the matrix functions' shapes")
-                b = shape
-            out = b
+            out = b if b is not None else mismatch(n, (
+                f"'{prims.NODE_NAMES.get(n.op, n.op)}' of values of shapes {' and '.join(str(s) for s in shapes)}, "
+                "which do not broadcast", "elementwise arithmetic needs values of one shape (or numbers per tensor, "
+                "row or column): check the matrix functions' shapes"))
         elif n.kind is Kind.OP and n.op == "state" and "x" in n.inputs:
             out = of(n.inputs["x"])
-        elif check and n.kind is Kind.OP and n.impl.matrix and len(shape) < 2:
-            raise ShapeMismatch(n, f"'{n.op}' needs a parameter of 2 or more dimensions, but this one has shape "
-                                   f"{shape}", "route matrices to it, e.g. 'route ndim >= 2: ...' with another "
-                                   "route for the rest")
+        elif n.kind is Kind.OP and n.impl.matrix and len(shape) < 2:
+            mismatch(n, needs_matrix_text(f"'{n.op}'", shape))
         memo[name] = out
         return out
 
     def _matrix_value(n: Node, operands: list[tuple[int, ...]]) -> tuple[int, ...]:
         if len(shape) < 2:
-            if check:
-                raise ShapeMismatch(n, f"'{n.op}' needs a parameter of 2 or more dimensions, but this one has "
-                                       f"shape {shape}", "route matrices to it, e.g. 'route ndim >= 2: ...' with "
-                                       "another route for the rest")
-            return shape
+            return mismatch(n, needs_matrix_text(f"'{n.op}'", shape))
         if n.op == "descending":
             k = math.prod(operands[0])
             return (k, k)
         views = [matrix_shape(o, shape) for o in operands]
-        for v in views:
-            if len(v) != 2:
-                if check:
-                    raise ShapeMismatch(n, f"'{n.op}' needs a matrix, but this value has shape {v}",
-                                        "matrix functions take values of the parameter's shape or matrices "
-                                        "made by them")
-                return shape
+        if any(len(v) != 2 for v in views):
+            bad = next(v for v in views if len(v) != 2)
+            return mismatch(n, (f"'{n.op}' needs a matrix, but this value has shape {bad}",
+                                "matrix functions take values of the parameter's shape or matrices made by them"))
         if n.op == "transpose":
             out = (views[0][1], views[0][0])
         elif n.op == "qr":
@@ -515,19 +528,11 @@ def value_shape(ir: RouteIR, node: str, shape: tuple[int, ...], check: bool = Fa
         elif n.op in ("eigvecs", "matrix_power"):
             out = views[0]
             if out[0] != out[1]:
-                if check:
-                    raise ShapeMismatch(n, f"'{n.op}' needs a square matrix, but this one is {out}",
-                                        "give it a symmetric matrix such as matmul(g, transpose(g)) (G Gᵀ) or a "
-                                        "cell of one")
-                return shape
+                return mismatch(n, not_square_text(n.op, out))
         else:
             a, b = views
             if a[1] != b[0]:
-                if check:
-                    raise ShapeMismatch(n, f"'matmul' of a {a} and a {b} matrix: the inner sizes differ",
-                                        "the columns of the first must match the rows of the second: G Gᵀ is "
-                                        "matmul(g, transpose(g)), Gᵀ G is matmul(transpose(g), g)")
-                return shape
+                return mismatch(n, inner_sizes_text(a, b))
             out = (a[0], b[1])
         return shape if len(shape) > 2 and out == matrix_shape(shape, shape) else out
 

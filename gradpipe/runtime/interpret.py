@@ -28,6 +28,7 @@ from ..compiler.ir import Kind, Node
 from ..compiler.ops import Args, InnerNode, NodeCtx
 from ..compiler.ops.base import RuntimeFloat
 from ..compiler.prims import PORTS, is_matrix, is_reduction, is_shape
+from ..compiler.program import inner_sizes_text, needs_matrix_text, not_square_text
 from ..dsl.diagnostics import GradError
 
 __all__ = ["Lanes", "eval_node", "arith", "eval_dynamic", "structural_args", "apply_update", "apply_param",
@@ -186,8 +187,14 @@ class Lanes(abc.ABC):
 
 
 def _needs_matrix(node: Node, what: str, shape: Sequence[int]) -> GradError:
-    return GradError(f"{what} needs a parameter of 2 or more dimensions, but this one has shape {tuple(shape)}",
-                     node.span, "route matrices to it, e.g. 'route ndim >= 2: ...' with another route for the rest")
+    return GradError(*_at(node, needs_matrix_text(what, shape)))
+
+
+def _at(node: Node, text: tuple[str, str], shape: Sequence[int] | None = None) -> tuple[Any, ...]:
+    """GradError's arguments for a shape problem found in a step: the message (naming the
+    parameter's ``shape`` when given), the node's span, the hint."""
+    message, hint = text
+    return (message if shape is None else f"{message} (for a parameter of shape {tuple(shape)})", node.span, hint)
 
 
 def _shape_value(node: Node, shape: Sequence[int]) -> int:
@@ -292,9 +299,7 @@ def as_param_shape(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def _square(node: Node, a: torch.Tensor, p: torch.Tensor) -> None:
     if a.dim() != 2 or a.shape[0] != a.shape[1]:
-        raise GradError(f"'{node.op}' needs a square matrix, but this one is {tuple(a.shape)} (for a parameter of "
-                        f"shape {tuple(p.shape)})", node.span,
-                        "give it a symmetric matrix such as matmul(g, transpose(g)) (G Gᵀ) or a cell of one")
+        raise GradError(*_at(node, not_square_text(node.op, a.shape), p.shape))
 
 
 def _power(a: torch.Tensor, power: Any, eps: Any) -> torch.Tensor:
@@ -332,10 +337,7 @@ def matrix(node: Node, values: Mapping[str, list[torch.Tensor]], lanes: "Lanes")
         else:
             b = matrix_view(y, p)
             if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-                raise GradError(f"'matmul' of a {tuple(a.shape)} and a {tuple(b.shape)} matrix: the inner sizes differ "
-                                f"(for a parameter of shape {tuple(p.shape)})", node.span,
-                                "the columns of the first must match the rows of the second: G Gᵀ is "
-                                "matmul(g, transpose(g)), Gᵀ G is matmul(transpose(g), g)")
+                raise GradError(*_at(node, inner_sizes_text(a.shape, b.shape), p.shape))
             r = a @ b
         out.append(as_param_shape(r, p))
     return out
