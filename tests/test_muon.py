@@ -247,3 +247,15 @@ def test_muon_resumes_bitwise_from_a_state_dict(backend: str) -> None:
     again = replay_from_checkpoint(lambda ps2: gradpipe.Optimizer(ps2, "muon", lr=0.02, backend=backend), ps, opt,
                                    steps[3:])
     assert all(torch.equal(a, b) for a, b in zip(ps, again))
+
+
+def test_newton_schulz_on_a_vector_inside_a_block_is_a_positioned_error_at_the_step() -> None:
+    """GaLore hands vectors to its block at full size; building the optimizer cannot see that,
+    so the step reports it at the op, as a GradError rather than a traceback."""
+    named = [("w", torch.nn.Parameter(torch.randn(6, 4))), ("b", torch.nn.Parameter(torch.randn(4)))]
+    opt = gradpipe.Optimizer(named, gradpipe.compile("grad | galore(rank=2) { newton_schulz(precision=float32) }"),
+                             backend="eager")
+    for _, p in named:
+        p.grad = torch.randn(p.shape)
+    with pytest.raises(GradError, match=r"1:25: error: 'newton_schulz' needs a parameter of 2 or more dimensions"):
+        opt.step()

@@ -27,6 +27,7 @@ import torch
 from ..compiler.ir import Kind, Node
 from ..compiler.ops import Args, InnerNode, NodeCtx
 from ..compiler.ops.base import RuntimeFloat
+from ..compiler.ops.lowrank import as_matrix
 from ..compiler.prims import PORTS, is_matrix, is_reduction, is_shape
 from ..compiler.program import inner_sizes_text, needs_matrix_text, not_square_text
 from ..dsl.diagnostics import GradError
@@ -286,7 +287,7 @@ def matrix_view(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """``x`` as a matrix: a value of the parameter's shape is its matrix view (a tensor of more than
     two dimensions as ``(shape[0], -1)``, as Muon's reference does with conv kernels); a matrix
     value (``G Gᵀ``) is itself."""
-    return x.reshape(p.shape[0], -1) if x.dim() > 2 and x.shape == p.shape else x
+    return as_matrix(x) if x.shape == p.shape else x
 
 
 def as_param_shape(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -372,6 +373,10 @@ def eval_node(node: Node, values: dict[str, list[torch.Tensor]], lanes: Lanes) -
     op = node.impl
     blocks = {p.name for p in op.params if p.kind == "block"}
     inputs = {port: values[src] for port, src in node.inputs.items() if port not in blocks}
+    if op.matrix:  # checked when the optimizer is built, except in a block's pipeline (a vector GaLore passes)
+        for x in inputs["x"]:
+            if x.dim() < 2:
+                raise _needs_matrix(node, f"'{node.op}'", x.shape)
     states, fresh = lanes.states(node, inputs["x"])
     inner, inner_nodes = lanes.inner(node, values) if blocks else (None, None)
     ctx = NodeCtx(inputs=inputs, args=lanes.args(node), states=states, steps=list(lanes.steps),

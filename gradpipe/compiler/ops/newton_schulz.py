@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .base import NodeCtx, Op, Param, register
+from .lowrank import as_matrix
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -97,25 +98,21 @@ class NewtonSchulz(Op):
         return "tensor"  # a matrix at a time
 
     def apply(self, ctx: NodeCtx) -> list[torch.Tensor]:
+        mats = [as_matrix(x) for x in ctx.x]  # every input has 2 or more dimensions (eval_node checks)
         groups: dict[tuple, list[int]] = {}
-        for i, (x, a) in enumerate(zip(ctx.x, ctx.args)):
-            if x.dim() < 2:
-                raise ValueError(f"newton_schulz needs a matrix, got a tensor of shape {tuple(x.shape)}")
-            m = x if x.dim() == 2 else x.reshape(x.shape[0], -1)
+        for i, (m, a) in enumerate(zip(mats, ctx.args)):
             key = (tuple(m.shape), m.dtype, m.device, *(_num(a.get(k)) for k in ("steps", "a", "b", "c", "eps")),
                    a.get("precision"), i if a.get("batch") == "none" else -1)
             groups.setdefault(key, []).append(i)
         out: list[Any] = [None] * len(ctx.x)
         for idxs in groups.values():
-            xs = [ctx.x[i] for i in idxs]
-            mats = [x if x.dim() == 2 else x.reshape(x.shape[0], -1) for x in xs]
             a = ctx.args[idxs[0]]
-            dtype = _DTYPES.get(a.precision)
-            g = mats[0] if len(mats) == 1 else torch.stack(mats)
-            o = newton_schulz(g, int(_num(a.steps)), _num(a.a), _num(a.b), _num(a.c), _num(a.eps), dtype)
+            g = mats[idxs[0]] if len(idxs) == 1 else torch.stack([mats[i] for i in idxs])
+            o = newton_schulz(g, int(_num(a.steps)), _num(a.a), _num(a.b), _num(a.c), _num(a.eps),
+                              _DTYPES.get(a.precision))
             for k, i in enumerate(idxs):
-                r = o if len(mats) == 1 else o[k]
-                out[i] = r.to(xs[k].dtype).reshape(xs[k].shape)
+                x = ctx.x[i]
+                out[i] = (o if len(idxs) == 1 else o[k]).to(x.dtype).reshape(x.shape)
         return out
 
 
