@@ -321,3 +321,41 @@ def test_a_second_optimizer_of_the_same_model_does_not_recompile():
     opt2 = gradpipe.Optimizer(second.named_parameters(), src, backend="compiled", lr=1e-2)
     _train(second, opt2, 3)
     assert _unique_graphs() == after_first
+
+
+def test_many_model_shapes_never_exhaust_dynamos_recompile_limit():
+    """A sweep steps one pipeline on models of many shapes: each layout compiles its own
+    function, so none of them runs uncompiled after Dynamo's per-function limit (8 graphs,
+    here lowered to 1 so three shapes would pass it with one shared function)."""
+    src = "grad | adam(0.7, 0.97) | decay(0.03)"  # a pipeline no other test compiles
+    before = _unique_graphs()
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.simplefilter("error", C.CompileFallbackWarning)
+        for n in (3, 4, 5):
+            p = torch.nn.Parameter(torch.randn(n, dtype=torch.float64))
+            opt = gradpipe.Optimizer([("w", p)], src, backend="compiled", lr=1e-2)
+            p.grad = torch.randn_like(p)
+            opt.step()
+    assert _unique_graphs() - before == 3  # each shape compiled, none fell back to eager
+
+
+def test_a_segment_past_the_recompile_limit_warns_once(monkeypatch):
+    """Within one layout a hyperparameter that is zero in one optimizer and not in another
+    compiles a second variant; past the limit Dynamo runs the function eagerly, and gradpipe
+    says so once (a CompileFallbackWarning), never silently."""
+    src = "hparam wd = 0.0 in [0, inf)\ngrad | adam(0.6, 0.96) | decay(wd)"  # no other test compiles it
+    monkeypatch.setattr(C, "_LIMIT_WARNED", [])  # a fresh process's state: the filter not yet installed
+    logger = __import__("logging").getLogger("torch._dynamo.convert_frame")
+    filters = list(logger.filters)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for wd in (0.0, 0.1, 0.2):
+                p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+                opt = gradpipe.Optimizer([("w", p)], src, backend="compiled", lr=1e-2, wd=wd)
+                p.grad = torch.randn_like(p)
+                opt.step()
+    finally:
+        logger.filters[:] = filters
+    mine = [w for w in caught if issubclass(w.category, C.CompileFallbackWarning)]
+    assert len(mine) == 1 and "recompile limit" in str(mine[0].message), [str(w.message) for w in mine]

@@ -50,6 +50,7 @@ backend warns once and runs the same segments eagerly, giving the same results.
 from __future__ import annotations
 
 import functools
+import logging
 import types
 import warnings
 import weakref
@@ -94,6 +95,12 @@ class _Bucket:
     def empty(self) -> torch.Tensor:
         """A placeholder for an output the segment does not write (a solo bucket's applied update)."""
         return torch.empty(0, dtype=self.dtype, device=self.device)
+
+    @functools.cached_property
+    def layout(self) -> tuple:
+        """What the compiled segment's guards see of the bucket: its flat size, dtype, device and
+        whether it is solo (two models with the same buckets share compiled code)."""
+        return (sum(self.sizes), self.dtype, str(self.device), self.solo)
 
     @functools.cached_property
     def key(self) -> tuple:
@@ -246,6 +253,31 @@ def _narrowed(args: Sequence[Any], idx: tuple[int, ...]) -> Sequence[Any]:
 _SHARED: dict[tuple, tuple[Callable, Callable]] = {}
 
 
+
+
+_LIMIT_WARNED: list[bool] = []
+
+
+def _warn_on_recompile_limit() -> None:
+    """Turn Dynamo's log line "hit config.recompile_limit" for a segment function into one
+    :class:`CompileFallbackWarning` per process: from then on that function runs eagerly (the
+    same results, slower), which must never happen silently. Installed once, as a filter on
+    Dynamo's logger (it lets every record through)."""
+    if _LIMIT_WARNED:
+        return
+    _LIMIT_WARNED.append(False)
+
+    def note(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not _LIMIT_WARNED[0] and "recompile_limit" in text and "run_segment" in text:
+            _LIMIT_WARNED[0] = True
+            warnings.warn("gradpipe: a compiled pipeline segment reached torch._dynamo's recompile limit "
+                          f"({torch._dynamo.config.recompile_limit}) and now runs eagerly (same results, slower); "
+                          "raise torch._dynamo.config.recompile_limit, or build fewer variants (each "
+                          "hyperparameter that is zero in some param groups compiles one more)",
+                          CompileFallbackWarning, stacklevel=2)
+        return True
+    logging.getLogger("torch._dynamo.convert_frame").addFilter(note)
 
 
 def _own_code(fn: Callable, tag: str) -> Callable:
@@ -557,7 +589,8 @@ class CompiledRoutes:
                     apply[bi] = (target, lr.detach() if isinstance(lr, torch.Tensor) else
                                  (torch.tensor(float(lr), dtype=torch.float64) if lr != 0 else 0.0))
         steps = [torch.tensor(float(env["step"]), dtype=torch.float64) for env in envs]
-        eager_fn, compiled_fn = self._fns.get((label, si)) or self._make_fns(label, si, seg)
+        layout = tuple(b.layout for b in buckets)
+        eager_fn, compiled_fn = self._fns.get((label, si, layout)) or self._make_fns(label, si, seg, layout)
         fn = compiled_fn if self.use_compile else eager_fn
         # no buffer for an update applied in the kernel (it would be the size of the parameter)
         outs = [[b.empty if n == seg.final and apply[bi] is not None else self._buffer(("out", label, n), b)
@@ -601,17 +634,28 @@ class CompiledRoutes:
                 return True
         return False
 
-    def _make_fns(self, label: str, si: int, seg: _Segment) -> tuple[Callable, Callable]:
-        # one compiled function per pipeline (its canonical hash), route and segment, shared by
-        # every optimizer in the process: a second optimizer of the same model does not recompile
-        key = (self.prog.hash, label, si, self.use_compile)
+    def _make_fns(self, label: str, si: int, seg: _Segment, layout: tuple) -> tuple[Callable, Callable]:
+        """The segment's eager and compiled functions for one layout of buckets (``_Bucket.layout``).
+
+        One compiled function per pipeline (its canonical hash), route, segment and layout, shared
+        by every optimizer in the process: a second optimizer of the same model does not recompile.
+        Each has a code object of its own (:func:`_own_code`), because Dynamo keeps at most
+        ``recompile_limit`` (8) graphs per code object and then runs the function *uncompiled*:
+        with one code object per segment, the ninth model shape a sweep or a test suite stepped
+        would silently lose compilation. Within a layout, what still recompiles is a zero-valued
+        hyperparameter (see :meth:`_scalars`); should that ever pass the limit,
+        :func:`_warn_on_recompile_limit` says so once."""
+        key = (self.prog.hash, label, si, self.use_compile, layout)
         fns = _SHARED.get(key)
         if fns is None:
             eager_fn = _segment_fn(seg)
-            compiled_fn = torch.compile(_own_code(eager_fn, f"segment{si}"), dynamic=False,
-                                        backend=_inductor_with_scalars_hoisted) if self.use_compile else eager_fn
+            compiled_fn = eager_fn
+            if self.use_compile:
+                _warn_on_recompile_limit()
+                compiled_fn = torch.compile(_own_code(eager_fn, f"segment{si}_{len(_SHARED)}"), dynamic=False,
+                                            backend=_inductor_with_scalars_hoisted)
             fns = _SHARED[key] = (eager_fn, compiled_fn)
-        self._fns[(label, si)] = fns
+        self._fns[(label, si, layout)] = fns
         return fns
 
     def _fallback(self, e: Exception) -> None:
