@@ -359,3 +359,36 @@ def test_a_segment_past_the_recompile_limit_warns_once(monkeypatch):
         logger.filters[:] = filters
     mine = [w for w in caught if issubclass(w.category, C.CompileFallbackWarning)]
     assert len(mine) == 1 and "recompile limit" in str(mine[0].message), [str(w.message) for w in mine]
+
+
+_FRESH_PROCESS_STEP = """
+import torch, gradpipe
+from torch._dynamo.utils import counters
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+opt = gradpipe.Optimizer(model.named_parameters(), "grad | adam(0.5, 0.95) | decay(0.04)", lr=1e-2,
+                        backend="compiled")
+for p in model.parameters():
+    p.grad = torch.randn_like(p)
+opt.step()
+print(dict(counters["inductor"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_fresh_process_loads_the_compiled_step_from_inductors_disk_cache(tmp_path):
+    """The second process to step a pipeline compiles nothing: Inductor's graph cache (in
+    ``TORCHINDUCTOR_CACHE_DIR``) serves its segments. Before 2026-12-06 every process missed it
+    ('Bypassing FX Graph Cache because No shape env': the segments compiled outside Dynamo)."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [ast.literal_eval(subprocess.run([sys.executable, "-c", _FRESH_PROCESS_STEP], env=env, check=True,
+                                            capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            for _ in range(2)]
+    assert runs[0].get("fxgraph_cache_miss", 0) >= 1 and not runs[0].get("fxgraph_cache_bypass"), runs
+    assert runs[1].get("fxgraph_cache_hit", 0) == runs[0]["fxgraph_cache_miss"], runs
+    assert not runs[1].get("fxgraph_cache_miss") and not runs[1].get("fxgraph_cache_bypass"), runs

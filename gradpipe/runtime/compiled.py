@@ -49,6 +49,7 @@ backend warns once and runs the same segments eagerly, giving the same results.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import types
@@ -184,25 +185,36 @@ def _inductor_with_scalars_hoisted(gm: torch.fx.GraphModule, example_inputs: lis
     Inductor inlines scalar math into the elementwise loop that uses it, so ``b1 ** step``
     would be recomputed for every vector of a 10M-element buffer (a large share of an Adam
     step). Here the 0-d subgraph runs first, eagerly (a few tiny ops), and Inductor compiles
-    the rest with its results as inputs."""
-    from torch._inductor.compile_fx import compile_fx
+    the rest with its results as inputs.
+
+    Inductor compiles here, inside Dynamo's call (its fake tensors and shape environment are
+    live), which is what lets Inductor's on-disk graph cache serve a fresh process: compiled
+    later, on the first real call, every process recompiled every segment ("Bypassing FX
+    Graph Cache because 'No shape env'")."""
     from torch.fx.passes.split_module import split_module
 
     scalars = _scalar_nodes(gm)
     if not any(n.op != "placeholder" for n in scalars):
-        return _CompiledOnFirstCall(gm)
+        return _Narrowed(gm, example_inputs)
     try:
         split = split_module(gm, None, lambda n: 0 if n in scalars else 1)
     except Exception:  # noqa: BLE001 - an unexpected graph shape: compile it whole
-        return compile_fx(gm, example_inputs)
+        return _Narrowed(gm, example_inputs)
     if not hasattr(split, "submod_1"):
-        return compile_fx(gm, example_inputs)
-    split.submod_1 = _CompiledOnFirstCall(split.submod_1)
+        return _Narrowed(gm, example_inputs)
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    fake = detect_fake_mode(example_inputs)
+    FakeTensorProp(split, mode=fake).propagate(*example_inputs)  # the 0-d part's outputs, as fake tensors
+    call = next(n for n in split.graph.nodes if n.op == "call_module" and n.target == "submod_1")
+    split.submod_1 = _Narrowed(split.submod_1, [a.meta["val"] if isinstance(a, torch.fx.Node) else a
+                                                for a in call.args], fake)
     return split
 
 
-class _CompiledOnFirstCall(torch.nn.Module):
-    """Compiles a submodule with Inductor when it first runs (its inputs are known then).
+class _Narrowed(torch.nn.Module):
+    """A graph compiled by Inductor whose 0-d float64 inputs are rounded to float32 on the way in.
 
     The scalars are computed in float64 (hyperparameters, ``1 - b2 ** step``), but a
     float64 scalar inside a float32 loop makes Inductor convert every element to double
@@ -214,19 +226,17 @@ class _CompiledOnFirstCall(torch.nn.Module):
     in, once per step (the eager backend rounds them the same way: torch computes
     ``float32 * python_float`` in float32)."""
 
-    def __init__(self, sub: torch.fx.GraphModule) -> None:
+    def __init__(self, sub: torch.fx.GraphModule, example_inputs: Sequence[Any], fake: Any = None) -> None:
+        from torch._inductor.compile_fx import compile_fx
+
         super().__init__()
-        self.sub = sub
-        self.fn: Callable | None = None
-        self.narrow: tuple[int, ...] = ()
+        self.narrow = _narrowable(example_inputs)
+        if self.narrow:
+            with fake if fake is not None else contextlib.nullcontext():
+                example_inputs = _narrowed(example_inputs, self.narrow)
+        self.fn = compile_fx(sub, list(example_inputs))
 
     def forward(self, *args: Any) -> Any:
-        if self.fn is None:
-            from torch._inductor.compile_fx import compile_fx
-            self.narrow = _narrowable(args)
-            args = _narrowed(args, self.narrow)
-            self.fn = compile_fx(self.sub, list(args))
-            return self.fn(*args)
         return self.fn(*_narrowed(args, self.narrow))
 
 
