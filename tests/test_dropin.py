@@ -131,6 +131,25 @@ def test_kernel_options_are_accepted_at_any_value_and_kept_as_given() -> None:
     gradpipe.Optimizer([{"params": _model().parameters(), "fused": True}], "adamw", backend="eager")
 
 
+@pytest.mark.parametrize("pipeline, torch_class", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_adam_and_adamw_groups_hold_the_keys_of_torchs_groups(pipeline, torch_class) -> None:
+    """torch's AdamW keeps decoupled_weight_decay=True in every group (Adam: False), and clients
+    read it (a KeyError before); adamw accepts it only at True, as it decays decoupled."""
+    ref = torch_class(_model().parameters()).param_groups[0]
+    opt = gradpipe.Optimizer(_model().parameters(), pipeline, backend="eager")
+    ours = opt.param_groups[0]
+    assert set(ours) - {"param_names"} == set(ref)
+    assert {k: ours[k] for k in ref if k != "params"} == {k: v for k, v in ref.items() if k != "params"}
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["decoupled_weight_decay"]  # a dict saved before it was kept
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["decoupled_weight_decay"] is ref["decoupled_weight_decay"]
+    gradpipe.Optimizer(_model().parameters(), "adamw", decoupled_weight_decay=True, backend="eager")
+    with pytest.raises(ValueError, match="decoupled_weight_decay=True and accepts only that value"):
+        gradpipe.Optimizer([{"params": _model().parameters(), "decoupled_weight_decay": False}], "adamw",
+                           backend="eager")
+
+
 def test_a_torch_dict_saved_with_kernel_or_gpu_options_loads() -> None:
     m = _model()
     ref = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True)

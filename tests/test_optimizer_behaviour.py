@@ -254,8 +254,6 @@ REPR_DIFFERENCES = {
     # torch's None means the parameter dtype's machine epsilon; the pipeline's default is float32's
     # (pipelines/adafactor.grad: float64 parameters pass eps=(2.22e-16, 1e-3) to match)
     ("Adafactor", "eps"): ((None, 1e-3), (torch.finfo(torch.float32).eps, 1e-3)),
-    # torch's AdamW keeps decoupled_weight_decay=True in every group; the adamw pipeline has no such key
-    ("AdamW", "decoupled_weight_decay"): (True, "missing"),
 }
 
 

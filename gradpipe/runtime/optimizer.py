@@ -45,7 +45,8 @@ _OPTION_HINTS = {
                 "or declare `hparam maximize` and use it",
     "amsgrad": "write it in the pipeline (keep the running maximum of the second moment), "
                "or declare `hparam amsgrad` and use it",
-    "decoupled_weight_decay": "use the 'adamw' pipeline, or write the decay in the pipeline",
+    "decoupled_weight_decay": "use the 'adam' pipeline, which declares it ('adamw' is Adam with it true), "
+                              "or write the decay in the pipeline",
     "nesterov": "write it in the pipeline, or declare `hparam nesterov` and use it",
     "centered": "write it in the pipeline (rms(centered=true)), or declare `hparam centered` and use it",
     "capturable": "gradpipe steps are not CUDA-graph capturable: leave capturable=False",
@@ -91,12 +92,27 @@ def translate_torch_choices(prog: Program, values: dict[str, Any]) -> dict[str, 
     return values
 
 
-def _is_noop_option(name: str, value: Any, loading: bool = False) -> bool:
+def torch_options(prog: Program) -> tuple[dict[str, Any], dict[str, Any]]:
+    """torch's options (:data:`TORCH_OPTIONS`) that ``prog`` does not declare, at the values where
+    they change nothing for it, and those its param groups keep, at those values: the
+    :data:`GROUP_OPTIONS`, and the keys of the torch.optim algorithm ``prog`` is, where it is one
+    (``gradpipe/runtime/torch_state.py``): the ``adamw`` pipeline is torch's AdamW, so its groups
+    hold ``decoupled_weight_decay=True``, as AdamW's do, and ``False`` (Adam's L2 decay) is refused."""
+    from .torch_state import torch_layout
+    lay = torch_layout(prog)
+    implied = {} if isinstance(lay, str) else {k: v for k, v in lay.flags.items() if k in TORCH_OPTIONS}
+    noop = {k: implied.get(k, v) for k, v in TORCH_OPTIONS.items() if k not in prog.hyperparams}
+    kept = {k: noop[k] for k in (*GROUP_OPTIONS, *implied) if k in noop}
+    return noop, kept
+
+
+def _is_noop_option(name: str, value: Any, default: Any, loading: bool = False) -> bool:
     if name in KERNEL_OPTIONS or loading and name in LOADABLE_OPTIONS:
         return value is None or isinstance(value, bool)
-    default = TORCH_OPTIONS[name]
     if default is None:
         return value is None or value is False
+    if default is True:
+        return value is True
     return value is False or (type(value) in (int, float) and value == 0)
 
 
@@ -105,14 +121,15 @@ def check_torch_options(prog: Program, values: Mapping[str, Any], origin: str, l
     would change what torch does, and a torch.optim hyperparameter (``weight_decay=0.1``) at a
     value that would do something, where the pipeline declares no hyperparameter of that name.
     ``loading``: the values come from a saved state dict (``capturable=True`` is then harmless)."""
+    noop = torch_options(prog)[0]
     for k, v in values.items():
         if k in prog.hyperparams:
             continue
-        if k in TORCH_OPTIONS and not _is_noop_option(k, v, loading):
-            raise ValueError(f"{k}={v!r} (in {origin}): '{prog.name}' does not implement torch.optim's "
-                             f"'{k}' option; gradpipe accepts it only at torch's default "
-                             f"({TORCH_OPTIONS[k]!r}), where it changes nothing. To get it, "
-                             f"{_OPTION_HINTS[k]}")
+        if k in TORCH_OPTIONS and not _is_noop_option(k, v, noop[k], loading):
+            has = (f"does not implement torch.optim's '{k}' option; gradpipe accepts it only at torch's "
+                   f"default ({noop[k]!r}), where it changes nothing" if noop[k] is TORCH_OPTIONS[k] else
+                   f"is the torch.optim algorithm with {k}={noop[k]!r} and accepts only that value")
+            raise ValueError(f"{k}={v!r} (in {origin}): '{prog.name}' {has}. To get it, {_OPTION_HINTS[k]}")
         if k in TORCH_HYPERPARAMS and not (TORCH_HYPERPARAMS[k] is not None and type(v) in (int, float)
                                            and v == TORCH_HYPERPARAMS[k]):
             prog.check_hyperparams({k: v}, origin)  # the "unknown hyperparameter" GradError, with its hint
@@ -235,8 +252,8 @@ class Optimizer(torch.optim.Optimizer):
         check_torch_options(prog, hyperparams, "Optimizer(...)")
         values = prog.check_hyperparams({k: v for k, v in hyperparams.items()
                                          if k not in TORCH_OPTIONS or k in prog.hyperparams}, "Optimizer(...)")
-        # torch's options that its optimizers keep in every param group, at their defaults
-        defaults = {**{k: TORCH_OPTIONS[k] for k in GROUP_OPTIONS if k not in prog.hyperparams},
+        # torch's options that its optimizers keep in every param group, at their no-op values
+        defaults = {**torch_options(prog)[1],
                     **{k: v for k, v in hyperparams.items() if k in TORCH_OPTIONS and k not in prog.hyperparams},
                     **prog.defaults(), **values}
         self._node_state: dict[str, dict[str, Any]] = {}
@@ -781,10 +798,10 @@ class Optimizer(torch.optim.Optimizer):
         meta = saved_meta(state_dict) or {}
         self._nonfinite.load_state_dict(meta.get("nonfinite"))  # counters of skipped steps
         self._mode = meta.get("mode", "train") if self.program.modes else "train"  # eval/train sequence
+        kept = torch_options(self.program)[1]
         for group in self.param_groups:  # a state dict saved before gradpipe kept torch's option keys
-            for k in GROUP_OPTIONS:
-                if k not in self.program.hyperparams:
-                    group.setdefault(k, TORCH_OPTIONS[k])
+            for k, v in kept.items():
+                group.setdefault(k, v)
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
 
