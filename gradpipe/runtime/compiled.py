@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import types
 import warnings
@@ -714,22 +715,27 @@ class CompiledRoutes:
             self._flat[key] = {}
             return self._flat[key], self._flag(key, False, b.device)
         new = [all(prefix + k not in s for k in wanted) and bool(wanted) for s in per]
-        made: dict[int, dict[str, torch.Tensor]] = {}
-        st = {}
-        for k in names:
-            if all(prefix + k in s for s in per):  # a new layout, or state loaded from a checkpoint
-                st[k] = torch.cat([s[prefix + k].reshape(-1) for s in per]) if len(per) > 1 \
-                    else per[0][prefix + k].reshape(-1).clone()
-                continue
-            pieces = []
-            for i, (s, shape) in enumerate(zip(per, b.shapes)):
-                if prefix + k in s:
-                    pieces.append(s[prefix + k].reshape(-1))
-                    continue
-                if i not in made:
-                    made[i] = node.impl.init(tuple(shape), structural_args(node, dynamic), b.dtype, b.device)
-                pieces.append(made[i][k].reshape(-1))
-            st[k] = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+        # one flat tensor per buffer, filled a parameter at a time: the state a parameter's op
+        # makes is freed before the next one's is made, so building costs one bucket's state and
+        # one parameter's, not twice the bucket's (a fresh solo bucket takes its tensor as made)
+        st: dict[str, torch.Tensor] = {}
+        ends = list(itertools.accumulate(b.sizes, initial=0))
+        for i, (s, shape) in enumerate(zip(per, b.shapes)):
+            made: dict[str, torch.Tensor] | None = None
+            for k in names:
+                piece = s.get(prefix + k)
+                if piece is None:
+                    if made is None:
+                        made = node.impl.init(tuple(shape), structural_args(node, dynamic), b.dtype, b.device)
+                    if len(per) == 1 and made[k].is_contiguous():
+                        st[k] = made[k].reshape(-1)
+                        continue
+                    piece = made[k]
+                if piece.numel() != b.sizes[i]:
+                    raise AssertionError(f"{node.name}.{k}: a flat segment's state must have its parameter's size")
+                if k not in st:
+                    st[k] = torch.empty(ends[-1], dtype=piece.dtype, device=b.device)
+                st[k][ends[i]:ends[i + 1]].copy_(piece.reshape(-1))
         self._flat[key] = st
         if all(new) or not any(new):
             return st, self._flag(key, all(new), b.device)
