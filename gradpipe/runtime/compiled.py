@@ -6,7 +6,9 @@ Lowering, per route:
    *flat* nodes (ops whose math is elementwise or a ``global`` reduction, see
    ``Op.flat_ok``, and arithmetic) and single *eager* nodes (per-tensor reductions,
    shape-dependent ops, random draws, combiners, block ops). A global reduction
-   splits nothing: Inductor fuses the pointwise work around it.
+   of a value the run computed and reads again after it starts a new segment, so that value crosses in a flat
+   buffer reused every step, not one Inductor would allocate on every call
+   (``gradpipe/compiler/lowering.py``).
 2. **Buckets.** In each step the route's parameters are grouped into buckets, one per
    param group (hyperparameters and step), dtype and device; a segment sees each
    bucket as one flat 1-D tensor, so the compiled graph has a fixed, small number
