@@ -198,6 +198,21 @@ def test_plan_fuses_elementwise_runs_and_keeps_structured_ops_eager():
     assert kinds == [("eager", "main/clip_norm"), ("segment", ["adam", "decay"]), ("eager", "main/galore")]
 
 
+def test_a_value_read_again_after_a_global_reduction_crosses_segments_in_a_reused_buffer():
+    """scalpel: clip_median reduces project_orthogonal's result and then scales it, so the
+    result ends the first segment (a buffer the backend reuses) instead of being one Inductor
+    allocates per call; project_orthogonal's EMA is state (written anyway) and a product only
+    a reduction reads (Prodigy's sum(g * (p0 - param))) is fused into the reduction's loop."""
+    prog = gradpipe.compile("grad | project_orthogonal(ema) | clip_median | scale(diffgrad)")
+    plan = C.plan_route(prog, label="main")
+    segs = [[n.rsplit("/", 1)[-1] for n in item.nodes] for k, item in plan if k == "segment"]
+    assert len(segs) == 2 and segs[1][0] == "clip_median" and "project_orthogonal" in segs[0], segs
+    assert plan[0][1].outputs == ["main/project_orthogonal"]
+    from gradpipe.compiler.program import builtin_dir
+    prodigy = gradpipe.compile((builtin_dir() / "prodigy.grad").read_text())
+    assert [k for k, _ in C.plan_route(prodigy, label="main")].count("segment") == 1
+
+
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="eager, compiled"):
         gradpipe.Optimizer(_model().parameters(), "adam", backend="jit")
