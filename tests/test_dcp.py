@@ -15,10 +15,13 @@ parameters (``noise``'s generator) starts afresh, with a warning.
 
 The multi-process cases spawn two gloo processes on CPU (a ``FileStore`` rendezvous in
 ``tmp_path``; the parent waits on the processes, never on sleeps), as ``tests/test_ddp.py`` does.
-Under FSDP2 (``fully_shard``) the parameters are DTensors: the eager backend keeps its state as
-DTensors sharded like the parameters; the compiled backend (flat buffers) refuses to be built
-with a GradError that says to use the eager backend, and an optimizer whose backend is left to
-the default runs on the eager one.
+Under FSDP2 (``fully_shard``) the parameters are DTensors, and both backends keep the state as
+DTensors sharded like the parameters: the compiled backend fuses each rank's shards and runs the
+reductions (over a tensor, its rows or columns, or the route) on the DTensors. Its runs equal the
+eager backend's and torch.optim.Adam's (to the last bits: fused kernels round differently, as in
+tests/test_compiled.py), resume bit for bit from DCP, and its two-rank checkpoint resumes in one
+process on the eager backend (the same layout); a NaN in one rank's shard skips the step on
+every rank; an op DTensors cannot run is the same GradError on both backends.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch", "ignore::Fu
 
 STEPS, SPLIT = 6, 3
 WORLD = 2
-DEADLINE_S = 120
+DEADLINE_S = 240  # the compiled backend compiles four segments in each process
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -212,43 +215,68 @@ def _fsdp(model: torch.nn.Module) -> torch.nn.Module:
     return fully_shard(model)
 
 
-#: (wrapper, optimizer) cases of the two-process test
 #: (wrapper, optimizer, pipeline) cases of the two-process test; noisy_sgd's generator is node state,
-#: carried by the first param group through DCP; the FSDP2 checkpoints of the eager backend are
-#: resumed in the parent too, in one process (DCP reshards)
+#: carried by the first param group through DCP; the FSDP2 checkpoints of gradpipe's optimizers are
+#: resumed in the parent too, in one process on the eager backend (DCP reshards)
 CASES = [("ddp", "torch", "adam"), ("ddp", "eager", "adam"), ("ddp", "compiled", "adam"), ("fsdp", "torch", "adam"),
-         ("fsdp", "eager", "adam"), ("fsdp", "eager", "noisy_sgd")]
-#: pipelines stepped under FSDP2 beside one unsharded process (eager backend): elementwise state,
-#: a factored moment (rows and columns of a sharded matrix), noise drawn whole and sharded, and
-#: one that cannot run on a DTensor (error_feedback's top-k index_put_), a GradError naming it
-SHARDED = ("scalpel", "adafactor", "noisy_sgd", "econtrol_sgd")
+         ("fsdp", "eager", "adam"), ("fsdp", "compiled", "adam"), ("fsdp", "eager", "noisy_sgd")]
+#: reductions fed to a fused segment: per row and per column of a sharded matrix (a rows value is
+#: sharded with it, a columns value is not), per tensor, and over the route (``global``, which a
+#: fused segment would sum over this rank's shards only), written in the language and as an op
+#: (clip_norm), whose result is the update
+REDUCTIONS = """hparam lr = 1e-2
+route ndim >= 2: grad / (norm(grad, over=rows) + norm(grad, over=cols) + norm(grad, over=global)) | clip_norm(0.5)
+route default: grad / (norm(grad, over=tensor) + 1) | clip_norm(0.5)
+"""
+#: pipelines stepped under FSDP2 beside one unsharded process: elementwise state and two ops that
+#: reduce over the route (scalpel's project_orthogonal and clip_median), a factored moment (rows
+#: and columns of a sharded matrix), REDUCTIONS, noise drawn whole and sharded, and one that cannot
+#: run on a DTensor (error_feedback's top-k index_put_), a GradError naming it. The compiled backend
+#: runs those of at most two fused segments (REDUCTIONS has the others' kinds of reduction): each
+#: segment costs 10 to 20 s of compiling in each process here
+SHARDED = ("scalpel", "adafactor", REDUCTIONS, "noisy_sgd", "econtrol_sgd")
+COMPILED_SHARDED = (REDUCTIONS, "noisy_sgd", "econtrol_sgd")
+
+
+def _key(pipeline: str) -> str:
+    return "reductions" if pipeline == REDUCTIONS else pipeline
 
 
 def _sharded_runs(rank: int) -> dict:
-    """Under FSDP2: ``SHARDED`` two steps each (final parameters, or the GradError); the eager
-    state's layout; the compiled backend's refusal."""
+    """Under FSDP2: ``SHARDED`` two steps each on both backends (final parameters, or the
+    GradError); the layout of each backend's state; a NaN in one rank's shard; the default backend."""
     out: dict = {}
-    for pipeline in SHARDED:
-        model = _fsdp(_model())
-        try:
-            _train(model, _optimizer(model, "eager", pipeline), range(2), rank, WORLD)
-            out[f"sharded-{pipeline}"] = _params(model)
-        except GradError as e:
-            out[f"sharded-{pipeline}"] = str(e)
-    model = _fsdp(_model())  # the eager backend's state is sharded as the parameters
-    opt = _optimizer(model, "eager")
+    for kind, pipelines in (("eager", SHARDED), ("compiled", COMPILED_SHARDED)):
+        for pipeline in pipelines:
+            model = _fsdp(_model())
+            try:
+                _train(model, _optimizer(model, kind, pipeline), range(2), rank, WORLD)
+                out[f"sharded-{kind}-{_key(pipeline)}"] = _params(model)
+            except GradError as e:
+                out[f"sharded-{kind}-{_key(pipeline)}"] = str(e)
+        model = _fsdp(_model())  # the state is sharded as the parameters, the same on both backends
+        opt = _optimizer(model, kind)
+        _train(model, opt, range(1), rank, WORLD)
+        p = model[0].weight
+        m = opt.state[p]["main/exp_avg/ema.m"]
+        saved = sorted((k, type(v).__name__, str(getattr(v, "placements", "")))
+                       for k, v in get_optimizer_state_dict(model, opt)["state"]["0.weight"].items())
+        out[f"fsdp-state-{kind}"] = (type(m).__name__, m.placements == p.placements, tuple(m.to_local().shape),
+                                     tuple(p.to_local().shape), saved)
+    # a NaN in rank 0's shard only: every rank skips the step (the ranks agree on the check)
+    model = _fsdp(_model())
+    opt = _optimizer(model, "compiled")
     _train(model, opt, range(1), rank, WORLD)
-    p = model[0].weight
-    m = opt.state[p]["main/exp_avg/ema.m"]
-    out["fsdp-state"] = (type(m).__name__, m.placements == p.placements, tuple(m.to_local().shape),
-                         tuple(p.to_local().shape))
-    try:  # the compiled backend refuses DTensor parameters when built
-        _optimizer(_fsdp(_model()), "compiled")
-        out["fsdp-compiled"] = "built"
-    except GradError as e:
-        out["fsdp-compiled"] = str(e)
-    # left to the default, the backend is the eager one (the compiled one where nothing is a DTensor;
-    # this process's own default, as tests/conftest.py sets it to eager for the suite)
+    before = _params(model)
+    x, y = _batch(1, rank, WORLD)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    if rank == 0:
+        model[0].weight.grad.to_local()[0, 0] = float("nan")
+    opt.step()
+    out["fsdp-nonfinite"] = (opt.last_step_skipped, all(torch.equal(a, b) for a, b in zip(before, _params(model))))
+    # left to the default, the backend is the compiled one, DTensors or not (this process's own
+    # default, as tests/conftest.py sets it to eager for the suite)
     os.environ["GRADPIPE_BACKEND"] = "compiled"
     out["fsdp-default"] = gradpipe.Optimizer(_fsdp(_model()).parameters(), "adam").backend
     out["ddp-default"] = gradpipe.Optimizer(_ddp(_model()).parameters(), "adam").backend
@@ -280,7 +308,7 @@ def _worker(rank: int, tmp: str) -> None:
         for pipeline in SHARDED[:-1]:
             model = _model()
             _train(model, _optimizer(model, "eager", pipeline), range(2))
-            out[f"single-sharded-{pipeline}"] = _params(model)
+            out[f"single-sharded-{_key(pipeline)}"] = _params(model)
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     faulthandler.cancel_dump_traceback_later()
 
@@ -299,23 +327,33 @@ def test_dcp_resume_ddp_and_fsdp2_two_processes(tmp_path):
             for a, b, c in zip(run[case]["params"], runs[0][case]["params"], single):
                 assert torch.equal(a, b), f"{case} rank {rank}"
                 torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
-    for rank, run in enumerate(runs):
-        kind, same_placements, local, param_local = run["fsdp-state"]
-        assert kind == "DTensor" and same_placements and local == param_local == (8, 6), (rank, run["fsdp-state"])
-    for pipeline in SHARDED[:-1]:
-        for a, b in zip(runs[0][f"sharded-{pipeline}"], runs[0][f"single-sharded-{pipeline}"]):
+    # under FSDP2 the compiled backend ends where the eager one and torch.optim.Adam end
+    for kind in ("eager", "torch"):
+        for a, b in zip(runs[0]["fsdp-compiled-adam"]["params"], runs[0][f"fsdp-{kind}-adam"]["params"]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert "'error_feedback' does not run on DTensor parameters" in runs[0]["sharded-econtrol_sgd"]
-    assert runs[0]["fsdp-default"] == "eager" and runs[0]["ddp-default"] == "compiled"
-    # DCP reshards: the FSDP2 checkpoint of two ranks resumes in this one process, unsharded
-    for pipeline in ("adam", "noisy_sgd"):
+    for rank, run in enumerate(runs):
+        for kind in ("eager", "compiled"):
+            name, same_placements, local, param_local, saved = run[f"fsdp-state-{kind}"]
+            assert name == "DTensor" and same_placements and local == param_local == (8, 6), (rank, kind, name)
+            assert saved == run["fsdp-state-eager"][4], (rank, kind, saved)  # what DCP saves: the same layout
+        assert run["fsdp-nonfinite"] == (True, True), (rank, run["fsdp-nonfinite"])
+    for kind, pipelines in (("eager", SHARDED), ("compiled", COMPILED_SHARDED)):
+        for pipeline in pipelines[:-1]:
+            got = runs[0][f"sharded-{kind}-{_key(pipeline)}"]
+            assert not isinstance(got, str), (kind, _key(pipeline), got)
+            for a, b in zip(got, runs[0][f"single-sharded-{_key(pipeline)}"]):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert "'error_feedback' does not run on DTensor parameters" in runs[0][f"sharded-{kind}-econtrol_sgd"]
+    assert runs[0]["fsdp-default"] == "compiled" and runs[0]["ddp-default"] == "compiled"
+    # DCP reshards: the FSDP2 checkpoint of two ranks resumes in this one process, unsharded, on the
+    # eager backend (the compiled backend's checkpoint too: its state has the same layout)
+    for kind, pipeline in (("eager", "adam"), ("eager", "noisy_sgd"), ("compiled", "adam")):
         model = _model(seed=1)
         opt = _optimizer(model, "eager", pipeline)
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        dcp.load(state, checkpoint_id=str(tmp_path / f"fsdp-eager-{pipeline}"))
+        dcp.load(state, checkpoint_id=str(tmp_path / f"fsdp-{kind}-{pipeline}"))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
         _train(model, opt, range(SPLIT, STEPS))
         for a, b in zip(_params(model), runs[0][f"single-eager-{pipeline}"]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert "DTensor" in runs[0]["fsdp-compiled"] and "backend='eager'" in runs[0]["fsdp-compiled"]

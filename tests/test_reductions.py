@@ -239,6 +239,20 @@ def test_compiled_plan_fuses_global_reductions_and_runs_per_tensor_values_betwee
     assert route_cost(prog, "main").kernels == len(plan) + 1  # one more pass for the global norm
 
 
+def test_sharded_plan_runs_every_reduction_on_the_dtensors():
+    """Over each rank's shards (FSDP2) a fused global reduction would miss the other ranks'
+    shards: the plan for DTensor parameters keeps reductions, written or inside an op, out of
+    the segments, and fuses the rest as before."""
+    prog = gradpipe.compile("grad / (norm(grad, over=global) + 1e-8) | clip_norm(1.0) | adam")
+    plain = plan_route(prog, label="main")
+    assert [kind for kind, _ in plain] == ["segment"]
+    sharded = plan_route(prog, label="main", sharded=True)
+    eager = [item.rsplit("/", 1)[1] for kind, item in sharded if kind == "eager"]
+    assert eager == ["norm", "clip_norm"]
+    fused = [n for kind, item in sharded if kind == "segment" for n in item.nodes]
+    assert any(n.endswith("/adam") for n in fused) and not any(n.endswith(("/norm", "/clip_norm")) for n in fused)
+
+
 def test_explain_reads_reductions_as_written():
     text = gradpipe.compile("grad - max(grad, over=tensor) + dot(grad, param, over=global) * rows").explain()
     assert "max(main/grad, over=tensor)" in text

@@ -67,10 +67,16 @@ def per_tensor_values(nodes: Sequence[Node]) -> set[str]:
     return out
 
 
-def is_flat(prog: "Program", node: Node, per_tensor: set[str] | frozenset[str] = frozenset()) -> bool:
+def is_flat(prog: "Program", node: Node, per_tensor: set[str] | frozenset[str] = frozenset(),
+            sharded: bool = False) -> bool:
     """Whether ``node`` can run on flat buffers (see ``Op.flat``). ``per_tensor``: the route's
-    :func:`per_tensor_values`, which are not flat, and neither is a ``broadcast``."""
+    :func:`per_tensor_values`, which are not flat, and neither is a ``broadcast``. ``sharded``:
+    the buffers hold each rank's shards of DTensor parameters (FSDP2), where no reduction is
+    flat: a ``global`` one over them would miss the other ranks' shards (the compiled backend
+    runs it on the DTensors, which reduce over the ranks, as it runs per-tensor ones)."""
     if node.kind is Kind.ARITH:
+        if sharded and prims.is_reduction(node.op):
+            return False
         return node.name not in per_tensor and node.op != "broadcast" and not prims.per_tensor(
             node.op, node.const.get("over"))
     if node.kind is not Kind.OP or node.name in per_tensor:
@@ -78,7 +84,10 @@ def is_flat(prog: "Program", node: Node, per_tensor: set[str] | frozenset[str] =
     op = node.impl
     if op.has_node_state or op.per_sample or any(p.kind in ("block", "signals") for p in op.params):
         return False
-    return op.flat_ok(prog.const_args(node.name, at_defaults=False))
+    const = prog.const_args(node.name, at_defaults=False)
+    if sharded and op.reduction(const) is not None:
+        return False
+    return op.flat_ok(const)
 
 
 def _global_reduction(n: Node) -> bool:
@@ -99,7 +108,7 @@ def _kept_across(prog: "Program", n: Node, src: str, run: list[Node], users: dic
 
 
 def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str | None = None,
-               ir: "RouteIR | None" = None) -> list[tuple[str, Any]]:
+               ir: "RouteIR | None" = None, sharded: bool = False) -> list[tuple[str, Any]]:
     """The route as ``("eager", node name)`` and ``("segment", Segment)`` items in evaluation
     order.
 
@@ -110,8 +119,11 @@ def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str |
     call, and at 10M parameters a fresh 40 MB block page-faults on first touch. Scalpel
     (``project_orthogonal(ema) | clip_median | scale(diffgrad)``), 10M parameters, one
     thread, interleaved in one process, 2026-12-06: 7.1x torch's fused Adam in one segment,
-    4.6x cut before ``clip_median`` (5.5x when the EMA, a state buffer, was cut out too). The route is ``label``'s, or the one of the nodes in ``order``; ``ir``: plan this
-    instead (the point of a ``grad_at``, see ``CompiledRoutes.point``)."""
+    4.6x cut before ``clip_median`` (5.5x when the EMA, a state buffer, was cut out too).
+
+    The route is ``label``'s, or the one of the nodes in ``order``; ``ir``: plan this
+    instead (the point of a ``grad_at``, see ``CompiledRoutes.point``); ``sharded``: for the
+    local shards of DTensor parameters, where reductions are not flat (:func:`is_flat`)."""
     if label is None:
         label = prog.node(next(iter(order))).route  # type: ignore[arg-type]
     ir = prog.ir[label] if ir is None else ir
@@ -152,7 +164,7 @@ def plan_route(prog: "Program", order: Sequence[str] | None = None, label: str |
     for n in ir.nodes:
         if n.kind in (Kind.SOURCE, Kind.OUTPUT):
             continue  # sources are values handed in, not work
-        if is_flat(prog, n, per_tensor):
+        if is_flat(prog, n, per_tensor, sharded):
             if run and _global_reduction(n) and any(_kept_across(prog, n, src, run, users) for src in n.inputs.values()):
                 close()  # its input crosses the cut into a buffer reused every step (see the docstring)
             run.append(n)

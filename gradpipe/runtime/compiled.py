@@ -44,6 +44,16 @@ Lowering, per route:
    (``gradpipe/runtime/interpret.py``) run over the segment's nodes with a lane per bucket;
    ``torch.compile`` traces it. Nodes that are not flat run through the same interpreter
    with a lane per parameter.
+7. **DTensor parameters** (FSDP2's ``fully_shard``). The fused segments run on each rank's
+   shards (``to_local()``, which shares the DTensor's storage, so the update lands in it), so
+   their elementwise math is the global math. Every reduction (over a tensor, its rows or
+   columns, or the route) is an eager node instead (``plan_route(..., sharded=True)``), run on
+   the DTensors, which reduce over the ranks; so are, as everywhere, random draws and matrix
+   ops, which then run as in the eager backend, and what DTensors cannot run is the same
+   ``GradError`` naming the op. Values cross between the two as shards and as DTensors sharded
+   as the parameter. The views of the flat state are published as DTensors sharded as the
+   parameters (``DTensor.from_local``), the layout the eager backend keeps, so ``state_dict``,
+   ``get_optimizer_state_dict`` and DCP see the same state from both backends.
 
 If ``torch.compile`` cannot run (no C++ compiler, an unsupported construct), the
 backend warns once and runs the same segments eagerly, giving the same results.
@@ -68,7 +78,7 @@ from ..compiler.ir import Kind, Node, RouteIR
 from ..compiler.lowering import Segment as _Segment, plan_route
 from ..compiler.ops import Args
 from ..compiler.program import Program
-from .eager import ParamLanes, RouteBatch, compute_dtype, release_plan
+from .eager import DTensor, ParamLanes, RouteBatch, compute_dtype, evaluate, release_plan
 from .interpret import Lanes, apply_param, apply_update, commit_cells, eval_dynamic, eval_node, structural_args
 
 __all__ = ["CompiledRoutes", "CompileFallbackWarning", "plan_route"]
@@ -301,6 +311,47 @@ def _own_code(fn: Callable, tag: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
+def _shards(batch: RouteBatch) -> RouteBatch | None:
+    """FSDP2: the batch of the DTensor parameters' local shards (each rank's, sharing their storage,
+    so what the segments write lands in the DTensors), with the DTensors as its ``sharded``; None
+    when no parameter is a DTensor. Its gradients and state are the DTensor batch's: sources are
+    read through the route's lanes (on the DTensors), state entries are taken local when read."""
+    if not any(isinstance(p, DTensor) for p in batch.params):
+        return None
+    local = RouteBatch([p.to_local() if isinstance(p, DTensor) else p for p in batch.params], batch.grads,
+                       batch.envs, batch.states, batch.shared)
+    local.sharded = [p if isinstance(p, DTensor) else None for p in batch.params]
+    return local
+
+
+def _local_like(v: Any, p: Any) -> Any:
+    """A value of the route for the DTensor parameter ``p`` (None: a plain tensor) as this rank's
+    part of it in a fused segment: of ``p``'s shape, its shard as ``p`` is sharded; a per-tensor
+    value (a norm, a row's or a column's), the part that broadcasts against ``p``'s shard (sharded
+    along the dimensions it has whole, replicated along the others)."""
+    if p is None or not isinstance(v, DTensor):
+        return v
+    if v.placements == p.placements and v.shape == p.shape:
+        return v.to_local()
+    from torch.distributed.tensor import Replicate
+    want = [pl if pl.is_shard() and v.dim() == p.dim() and v.shape[pl.dim] == p.shape[pl.dim] else Replicate()
+            for pl in p.placements]
+    return v.redistribute(p.device_mesh, want).to_local()
+
+
+def _dtensor_like(t: torch.Tensor, p: Any) -> torch.Tensor:
+    """This rank's part ``t`` of a value of ``p``'s shape as a DTensor sharded as ``p`` (sharing
+    ``t``'s storage); ``t`` itself when ``p`` is None (a plain tensor)."""
+    if p is None:
+        return t
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _sharded_of(batch: RouteBatch, b: _Bucket) -> list[Any]:
+    """Per parameter of the bucket, its DTensor (None for a plain tensor; see :func:`_shards`)."""
+    return [batch.sharded[i] for i in b.idxs] if batch.sharded is not None else [None] * len(b.idxs)
+
+
 def _expanded(per: list[torch.Tensor], b: _Bucket) -> list[torch.Tensor]:
     """The bucket's tensors of a per-parameter value, each in its parameter's shape: a per-tensor
     value (a reduction's 0-d, ``(..., R, 1)`` or ``(..., 1, C)`` result, a shape value) is expanded."""
@@ -315,6 +366,9 @@ class _Values:
     lanes: ParamLanes
     buckets: list[_Bucket]
     n: int
+    #: FSDP2: per parameter, its DTensor (``RouteBatch.sharded``): ``split`` holds DTensors, which
+    #: eager nodes run on, and ``flat`` the local shards
+    sharded: list[Any] | None = None
     split: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     flat: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
@@ -359,7 +413,7 @@ class CompiledRoutes:
         rest: list[torch.Tensor] = []
         for p in params:
             g = p.grad
-            if g is not None and g.layout is torch.strided and g.numel() < SOLO_MIN:
+            if g is not None and g.layout is torch.strided and g.numel() < SOLO_MIN and not isinstance(g, DTensor):
                 small.setdefault((g.dtype, g.device), []).append(g)
             else:
                 rest.append(p)
@@ -387,20 +441,26 @@ class CompiledRoutes:
     def run_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
                   order: Sequence[str] | None = None) -> list[torch.Tensor | None]:
         prog = self.prog
-        plan = self._plans.get(label)
+        local = _shards(batch)  # FSDP2: the segments run on the local shards, under a plan of their own
+        key = label if local is None else f"{label}#sharded"
+        plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[label] = plan_route(prog, label=label)
+            plan = self._plans[key] = plan_route(prog, label=label, sharded=local is not None)
         ir = prog.ir[label]
-        vals = _Values(ParamLanes(prog, ir, batch, node_states), self._buckets(batch), len(batch.params))
-        applied = self._run_plan(label, plan, ir, batch, vals)
-        late = self._late.get(label)
+        run = batch if local is None else local
+        vals = _Values(ParamLanes(prog, ir, batch, node_states), self._buckets(run), len(batch.params), run.sharded)
+        applied = self._run_plan(key, plan, ir, run, vals)
+        late = self._late.get(key)
         if late is None:  # once per route: the cells no segment commits
-            late = self._late[label] = [(cell, new) for cell, new in ir.commits if not any(
+            late = self._late[key] = [(cell, new) for cell, new in ir.commits if not any(
                 kind == "segment" and (cell, new) in item.commits for kind, item in plan)]
         if late:  # cells whose new value is computed after their segment: written now
             commit_cells(late, {new: self._to_split(new, vals) for _, new in late}, batch.states)
         if ir.update in vals.flat:  # the update came out of a fused segment: apply it here
-            return self._apply(ir.update, vals, batch, applied, ir.writes_param)
+            updates = self._apply(ir.update, vals, run, applied, ir.writes_param)
+            if run.sharded is None:
+                return updates
+            return [u if u is None else _dtensor_like(u, p) for u, p in zip(updates, run.sharded)]
         return self._to_split(ir.update, vals)
 
     def _run_plan(self, label: str, plan: list[tuple[str, Any]], ir: RouteIR, batch: RouteBatch,
@@ -425,7 +485,7 @@ class CompiledRoutes:
                     if node.is_op and any(p.name == port and p.kind == "block" for p in node.impl.params):
                         continue  # a block's output: the block op runs its inner pipeline itself
                     self._to_split(src, vals)
-                vals.split[item] = eval_node(node, vals.split, vals.lanes)
+                vals.split[item] = evaluate(node, vals.split, vals.lanes)  # (a GradError for what DTensors cannot run)
             else:
                 applied |= self._run_segment(label, si, item, batch, vals)
         return applied
@@ -456,13 +516,17 @@ class CompiledRoutes:
         nodes (``RouteIR.point_nodes``, which keep no state) planned and fused like a route of their
         own, whose result is the point instead of an update; run before the closure's second call.
         The tensors are views of buffers reused every step."""
-        entry = self._points.get(label)
+        local = _shards(batch)
+        key = f"{label}#point" if local is None else f"{label}#point#sharded"
+        entry = self._points.get(key)
         if entry is None:
             ir = self.prog.ir[label].point_ir()
-            entry = self._points[label] = (plan_route(self.prog, label=label, ir=ir), ir)
+            entry = self._points[key] = (plan_route(self.prog, label=label, ir=ir, sharded=local is not None), ir)
         plan, ir = entry
-        vals = _Values(ParamLanes(self.prog, ir, batch, node_states), self._buckets(batch), len(batch.params))
-        self._run_plan(f"{label}#point", plan, ir, batch, vals)  # its functions and buffers apart from the route's
+        run = batch if local is None else local
+        vals = _Values(ParamLanes(self.prog, ir, batch, node_states), self._buckets(run), len(batch.params),
+                       run.sharded)
+        self._run_plan(key, plan, ir, run, vals)  # its functions and buffers apart from the route's
         return self._to_split(ir.update, vals)
 
     def _apply(self, out: str, vals: _Values, batch: RouteBatch, applied: set[int],
@@ -522,6 +586,8 @@ class CompiledRoutes:
         flat = vals.flat
         if node not in flat:
             per = self._to_split(node, vals)
+            if vals.sharded is not None:  # DTensors: this rank's shards
+                per = [_local_like(v, p) for v, p in zip(per, vals.sharded)]
             n = self.prog.node(node)
             is_grad = n.kind is Kind.SOURCE and n.op == "grad"
             out = []
@@ -568,7 +634,7 @@ class CompiledRoutes:
             out: list[Any] = [None] * vals.n
             for b, t in zip(vals.buckets, vals.flat[node]):
                 for i, piece in zip(b.idxs, self._pieces(t, b)):
-                    out[i] = piece
+                    out[i] = piece if vals.sharded is None else _dtensor_like(piece, vals.sharded[i])
             split[node] = out
         return split[node]
 
@@ -591,7 +657,7 @@ class CompiledRoutes:
         self._one_param_view(seg, inputs, params, buckets)
         apply: list[tuple[torch.Tensor, Any] | None] = [None] * len(buckets)
         if seg.final is not None:  # the route's update: applied inside the kernel to a solo parameter
-            writes_param = self.prog.ir[label].writes_param  # param = EXPR: lr None, p <- value
+            writes_param = vals.lanes.ir.writes_param  # param = EXPR: lr None, p <- value
             for bi, (b, env) in enumerate(zip(buckets, envs)):
                 if b.solo:
                     lr = env["lr"]
@@ -705,6 +771,7 @@ class CompiledRoutes:
         st = self._flat.get(key)
         prefix = node.name + "."
         per = [batch.states[i] for i in b.idxs]
+        sharded = _sharded_of(batch, b)
         wanted = [buf.name for buf in node.impl.buffers_for(structural_args(node, dynamic))] if node.is_op else []
         # every parameter still holds the views handed out last step: nothing replaced or removed
         # them (load_state_dict makes new tensors)
@@ -726,7 +793,9 @@ class CompiledRoutes:
             made: dict[str, torch.Tensor] | None = None
             for k in names:
                 piece = s.get(prefix + k)
-                if piece is None:
+                if piece is not None:
+                    piece = _local_like(piece, sharded[i])
+                else:
                     if made is None:
                         made = node.impl.init(tuple(shape), structural_args(node, dynamic), b.dtype, b.device)
                     if len(per) == 1 and made[k].is_contiguous():
@@ -763,10 +832,12 @@ class CompiledRoutes:
                  batch: RouteBatch) -> None:
         """Point the optimizer's per-parameter state at views of the bucket's flat buffers."""
         key = (label, si, b.key, node)
+        sharded = _sharded_of(batch, b)
         for k, t in st.items():
             pub = self._views.get((key, k))
-            if pub is None or pub[0] is not t:
-                pub = (t, [piece.view(shape) for piece, shape in zip(torch.split(t, b.sizes), b.shapes)])
+            if pub is None or pub[0] is not t:  # FSDP2: DTensors sharded as the parameters, as in the eager backend
+                pub = (t, [_dtensor_like(piece.view(shape), p)
+                           for piece, shape, p in zip(torch.split(t, b.sizes), b.shapes, sharded)])
                 self._views[(key, k)] = pub
             for i, v in zip(b.idxs, pub[1]):
                 batch.states[i][f"{node}.{k}"] = v

@@ -25,7 +25,8 @@ from ..compiler.program import Program
 from ..dsl.diagnostics import GradError
 from .interpret import Lanes, commit_cells, compute_dtype, eval_dynamic, eval_node, structural_args
 
-__all__ = ["RouteBatch", "ParamLanes", "run_route", "eval_point", "compute_dtype", "NodeStateView", "init_node_states"]
+__all__ = ["RouteBatch", "ParamLanes", "run_route", "eval_point", "evaluate", "compute_dtype", "NodeStateView",
+           "init_node_states"]
 
 
 class RouteBatch:
@@ -38,6 +39,10 @@ class RouteBatch:
     states: per parameter, its optimizer state dict (buffers are stored under
     ``node.buffer``).
     """
+
+    #: the compiled backend's batch of DTensor parameters' local shards (FSDP2): per parameter, the
+    #: DTensor whose shard ``params`` holds (None for a plain tensor); None when none is a DTensor
+    sharded: list[Any] | None = None
 
     def __init__(self, params: Sequence[torch.Tensor], grads: Mapping[str, Sequence[torch.Tensor]],
                  envs: Sequence[Mapping[str, Any]], states: Sequence[dict[str, Any]],
@@ -225,7 +230,7 @@ def release_plan(prog: Program, ir: RouteIR) -> list[tuple[str, ...]]:
     return plan
 
 
-def _evaluate(node: Node, values: dict[str, list[torch.Tensor]], lanes: "ParamLanes") -> list[torch.Tensor]:
+def evaluate(node: Node, values: dict[str, list[torch.Tensor]], lanes: "ParamLanes") -> list[torch.Tensor]:
     """One node's values; what DTensor parameters (FSDP2) cannot run is a GradError naming the op."""
     try:
         return lanes.source(node) if node.kind is Kind.SOURCE else eval_node(node, values, lanes)
@@ -252,7 +257,7 @@ def run_route(prog: Program, label: str, batch: RouteBatch, node_states: dict[st
         if guard is not None and not needed(guard, batch.envs):  # only a branch not taken reads it
             values[node.name] = [None] * len(batch.params)  # type: ignore[list-item]
         else:
-            values[node.name] = _evaluate(node, values, lanes)
+            values[node.name] = evaluate(node, values, lanes)
         for name in drop:
             del values[name]
     if ir.commits:  # state cells take their new values
@@ -270,5 +275,5 @@ def eval_point(prog: Program, label: str, batch: RouteBatch, node_states: dict[s
     lanes = ParamLanes(prog, ir, batch, node_states)
     values: dict[str, list[torch.Tensor]] = {}
     for node in ir.point_nodes:
-        values[node.name] = _evaluate(node, values, lanes)
+        values[node.name] = evaluate(node, values, lanes)
     return values[ir.point]  # type: ignore[index]

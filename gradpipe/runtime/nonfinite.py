@@ -15,9 +15,11 @@ is one of them), over the flat gradient buffer of the compiled backend where the
 gradients are that buffer; on a GPU one fused launch per list of tensors
 (``torch._amp_foreach_non_finite_check_and_unscale_`` with a unit scale, the kernel
 ``torch.amp.GradScaler`` uses). Then one host synchronisation per device reads the
-result. The semantics follow optax's ``apply_if_finite`` (skip, keep the inner state,
-count consecutive failures) and ``torch.amp.GradScaler`` (skip ``optimizer.step()``),
-except that exceeding the limit raises instead of applying the non-finite update.
+result. DTensor gradients (FSDP2) are checked on each rank's shards, and the ranks agree
+with one all-reduce per device mesh dimension, so all of them skip the same steps. The
+semantics follow optax's ``apply_if_finite`` (skip, keep the inner state, count
+consecutive failures) and ``torch.amp.GradScaler`` (skip ``optimizer.step()``), except
+that exceeding the limit raises instead of applying the non-finite update.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from ..compiler.ops.nonfinite import DEFAULT_MAX_CONSECUTIVE, NonFinitePolicy
 from ..compiler.program import Program
+from .eager import DTensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import Optimizer
@@ -80,7 +83,33 @@ def policy_of(prog: Program) -> NonFinitePolicy:
 
 def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether any of ``tensors`` holds a NaN or an Inf: one ``aminmax`` per tensor on the CPU,
-    one fused GradScaler launch per device elsewhere, and one host synchronisation per device."""
+    one fused GradScaler launch per device elsewhere, and one host synchronisation per device.
+    DTensors (FSDP2) are checked on each rank's shards, and the answer is then agreed over their
+    device meshes (:func:`_agreed`), so every rank skips the same steps."""
+    plain = [t for t in tensors if not isinstance(t, DTensor)]
+    flag = _local_nonfinite(plain)
+    if len(plain) < len(tensors):
+        flag = _agreed([t for t in tensors if isinstance(t, DTensor)], flag)
+    return flag
+
+
+def _agreed(dtensors: Sequence[torch.Tensor], flag: bool) -> bool:
+    """Whether a shard of ``dtensors`` on any rank of their meshes holds a NaN or an Inf, or
+    ``flag`` holds on any of those ranks: this rank's shards checked, then one all-reduce (max) per
+    mesh dimension, in place of the two a DTensor's ``aminmax`` costs per tensor."""
+    import torch.distributed as dist
+    meshes: dict[Any, list[torch.Tensor]] = {}
+    for t in dtensors:
+        meshes.setdefault(t.device_mesh, []).append(t.to_local())
+    for mesh, shards in meshes.items():
+        found = torch.tensor([float(flag or _local_nonfinite(shards))], device=mesh.device_type)
+        for dim in range(mesh.ndim):
+            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+        flag = bool(found.item())
+    return flag
+
+
+def _local_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         if t.numel():

@@ -15,7 +15,7 @@ from ..compiler.program import Program, builtin_names, compile as compile_source
 from ..compiler.ir import Kind
 from ..dsl.diagnostics import GradError, did_you_mean
 from .compiled import CompiledRoutes
-from .eager import DTensor, RouteBatch, run_route
+from .eager import RouteBatch, run_route
 from .interpret import apply_param, apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
 from .perturb import check_closure, perturbed_grads
@@ -203,8 +203,10 @@ class Optimizer(torch.optim.Optimizer):
             each step; the parameters keep their own storage, see
             ``gradpipe/runtime/compiled.py``); or
             ``"eager"``, the reference interpreter, op by op. ``None`` reads the
-            ``GRADPIPE_BACKEND`` environment variable (default ``compiled``), except that DTensor
-            parameters (FSDP2's ``fully_shard``), which only the eager backend steps, choose ``eager``.
+            ``GRADPIPE_BACKEND`` environment variable (default ``compiled``). Both step DTensor
+            parameters (FSDP2's ``fully_shard``), keeping the state as DTensors sharded as the
+            parameters: the compiled backend fuses each rank's shards, and runs reductions over a
+            tensor or over the route on the DTensors (``docs/works_with.md``, "FSDP2").
         **hyperparams: values for the pipeline's declared hyperparameters
             (``lr``, ``betas``, ...); they become the param groups' defaults, so
             LR schedulers and per-group overrides work as in torch. torch's options
@@ -237,8 +239,6 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], pipeline: Program | str | pathlib.Path = "adam", *,
                  backend: str | None = None, **hyperparams: Any) -> None:
-        #: whether the backend was left to the default (then DTensor parameters choose eager: _assign_routes)
-        self._default_backend = backend is None
         if backend is None:
             backend = os.environ.get("GRADPIPE_BACKEND", "compiled")
         if backend not in BACKENDS:
@@ -305,11 +305,6 @@ class Optimizer(torch.optim.Optimizer):
         named = self._named()
         labels = self.program.assign_routes(named)
         self.program.check_shapes(named, labels)
-        if self._compiled is not None and any(isinstance(p, DTensor) for _, p in named):
-            if self._default_backend and not self.state:  # FSDP2, before any step: the eager backend
-                self.backend, self._compiled = "eager", None
-            else:
-                self._refuse_dtensors(named)
         self._routes = {p: label for (_, p), label in zip(named, labels)}
         #: whether some parameter is listed twice (torch warns; both step it twice, see step())
         self._duplicates = len({id(p) for _, p in named}) != len(named)
@@ -317,17 +312,6 @@ class Optimizer(torch.optim.Optimizer):
         self._complex = any(p.is_complex() for _, p in named)
         if self._complex:
             self._refuse_complex_factoring(named)
-
-    def _refuse_dtensors(self, named: list[tuple[str | None, torch.Tensor]]) -> None:
-        """The compiled backend fuses over flat buffers of the parameters' gradients and state,
-        which a DTensor (FSDP2's ``fully_shard``) cannot be viewed into: refused when built."""
-        for name, p in named:
-            if isinstance(p, DTensor):
-                raise GradError(f"{'parameter ' + repr(name) if name else 'a parameter'} is a DTensor (sharded by "
-                                "FSDP2's fully_shard), and backend='compiled' fuses the step over flat buffers, "
-                                "which a DTensor has none of", self.program.file_span(),
-                                "build the optimizer with backend='eager' under fully_shard (its state is then "
-                                "sharded as the parameters); DDP works on both backends")
 
     def _refuse_complex_factoring(self, named: list[tuple[str | None, torch.Tensor]]) -> None:
         """A complex parameter runs as its real view, whose last dimension holds the real and
@@ -848,7 +832,6 @@ class Optimizer(torch.optim.Optimizer):
             return
         prog = self.program = _program_from_source(gp["source"], gp["path"], gp["hash"])
         self.backend = gp["backend"]
-        self._default_backend = False  # the backend it ran on
         self._compiled = CompiledRoutes(prog) if self.backend == "compiled" else None
         if self._compiled is not None and gp.get("use_compile") is False:
             self._compiled.use_compile = False
