@@ -54,7 +54,7 @@ import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -65,6 +65,9 @@ from ..compiler.ops import Args
 from ..compiler.program import Program
 from .eager import ParamLanes, RouteBatch, compute_dtype, release_plan
 from .interpret import Lanes, apply_param, apply_update, commit_cells, eval_dynamic, eval_node, structural_args
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .rollback import StepRecord
 
 __all__ = ["CompiledRoutes", "CompileFallbackWarning", "plan_route"]
 
@@ -128,17 +131,29 @@ def _segment_fn(seg: _Segment) -> Callable[..., None]:
 
     def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]], fresh: list[list[Any]],
             params: list[torch.Tensor | None], scalars: list[list[list[Any]]], steps: list[torch.Tensor],
-            outs: list[list[torch.Tensor]], apply: list[tuple[torch.Tensor, Any] | None]) -> None:
+            outs: list[list[torch.Tensor]], apply: list[tuple[torch.Tensor, Any] | None],
+            snaps: list[list[dict[str, torch.Tensor]]] | None = None,
+            psnaps: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        if snaps is not None:  # skip_nonfinite(updates=true): the state as it was, read once with the step's read
+            for per_node, per_snap in zip(states, snaps):
+                for st, sn in zip(per_node, per_snap):
+                    for k, t in st.items():
+                        sn[k].copy_(t)
         vals = dict(zip(seg.inputs, inputs))
         lanes = _BucketLanes(seg, steps, states, fresh, params, scalars)
         for n in seg.members:
             vals[n.name] = eval_node(n, vals, lanes)
         # results go into buffers that live across steps: a fresh tensor the size of the
         # parameters per step would cost more (page faults) than the math itself
+        flags = []
         for n, bufs in zip(seg.outputs, outs):
             for b, (buf, value) in enumerate(zip(bufs, vals[n])):
+                if n == seg.final and snaps is not None:  # per bucket: is the update not finite?
+                    flags.append(torch.isfinite(value).all().logical_not())
                 if n == seg.final and apply[b] is not None:
                     p, lr = apply[b]  # p <- p - lr * u, fused: a solo bucket, the parameter's own storage
+                    if psnaps is not None:
+                        psnaps[b].copy_(p)
                     if lr is None:  # param = EXPR: the parameter's new value
                         apply_param(p, value)
                     else:
@@ -150,6 +165,7 @@ def _segment_fn(seg: _Segment) -> Callable[..., None]:
             for st, value in zip(states[index[cell]], vals[new]):
                 if "value" in st:  # (a cell no reader needs in this param group keeps no buffer)
                     st["value"].copy_(value)
+        return flags
     index = {n.name: j for j, n in enumerate(seg.members)}
     return run
 
@@ -303,6 +319,8 @@ class CompiledRoutes:
         self._views: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         #: bucket state key -> [the node's 0-d ``fresh`` flag for the bucket, the value it holds]
         self._flags: dict[tuple, list[Any]] = {}
+        #: bucket state key -> {buffer: the copy a step under skip_nonfinite(updates=true) keeps}
+        self._snaps: dict[tuple, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ gradients
     def grad_buffers(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -341,13 +359,22 @@ class CompiledRoutes:
     # ------------------------------------------------------------------ one route, one step
     def run_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
                   order: Sequence[str] | None = None) -> list[torch.Tensor | None]:
+        return self.prepare_route(label, batch, node_states)()
+
+    def prepare_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
+                      record: StepRecord | None = None) -> Callable[[], list[torch.Tensor | None]]:
+        """Run the route up to its update; return what applies it (``p <- p - lr * u`` for the
+        buckets whose update is in a flat buffer; per parameter, the update left to the caller,
+        None where applied). With ``record`` (``skip_nonfinite(updates=true)``, see
+        ``gradpipe/runtime/rollback.py``) the segments copy the state they write and report
+        whether the update is finite, and nothing is applied until the returned function runs."""
         prog = self.prog
         plan = self._plans.get(label)
         if plan is None:
             plan = self._plans[label] = plan_route(prog, label=label)
         ir = prog.ir[label]
         vals = _Values(ParamLanes(prog, ir, batch, node_states), self._buckets(batch), len(batch.params))
-        applied = self._run_plan(label, plan, ir, batch, vals)
+        applied = self._run_plan(label, plan, ir, batch, vals, record)
         late = self._late.get(label)
         if late is None:  # once per route: the cells no segment commits
             late = self._late[label] = [(cell, new) for cell, new in ir.commits if not any(
@@ -355,11 +382,22 @@ class CompiledRoutes:
         if late:  # cells whose new value is computed after their segment: written now
             commit_cells(late, {new: self._to_split(new, vals) for _, new in late}, batch.states)
         if ir.update in vals.flat:  # the update came out of a fused segment: apply it here
-            return self._apply(ir.update, vals, batch, applied, ir.writes_param)
-        return self._to_split(ir.update, vals)
+            if record is not None and not any(kind == "segment" and item.final == ir.update for kind, item in plan):
+                record.check(batch.params, self._to_split(ir.update, vals))  # (a segment's output, not its final)
+            return functools.partial(self._apply, ir.update, vals, batch, applied, ir.writes_param)
+        updates = self._to_split(ir.update, vals)
+        if record is not None:
+            record.check(batch.params, updates)
+        return lambda: updates
+
+    def flat_state_check(self) -> Callable[[torch.Tensor], bool]:
+        """Whether a per-parameter state tensor is a view of a flat state buffer (which the fused
+        segment that writes it copies itself under ``skip_nonfinite(updates=true)``)."""
+        flats = {id(t) for st in self._flat.values() for t in st.values()}
+        return lambda t: t._base is not None and id(t._base) in flats
 
     def _run_plan(self, label: str, plan: list[tuple[str, Any]], ir: RouteIR, batch: RouteBatch,
-                  vals: _Values) -> set[int]:
+                  vals: _Values, record: StepRecord | None = None) -> set[int]:
         """Run a plan's eager nodes and fused segments in order; return the buckets whose update a
         segment applied in place."""
         applied: set[int] = set()
@@ -382,7 +420,7 @@ class CompiledRoutes:
                     self._to_split(src, vals)
                 vals.split[item] = eval_node(node, vals.split, vals.lanes)
             else:
-                applied |= self._run_segment(label, si, item, batch, vals)
+                applied |= self._run_segment(label, si, item, batch, vals, record)
         return applied
 
     def _drops(self, plan: list[tuple[str, Any]], ir: RouteIR) -> list[tuple[str, ...]]:
@@ -528,9 +566,12 @@ class CompiledRoutes:
         return split[node]
 
     # ------------------------------------------------------------------ segments
-    def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, vals: _Values) -> set[int]:
+    def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, vals: _Values,
+                     record: StepRecord | None = None) -> set[int]:
         """Run one fused segment: its outputs go into flat buffers reused every step, except the
-        route's update of a solo bucket, applied in place; return the buckets so updated."""
+        route's update of a solo bucket, applied in place; return the buckets so updated. With
+        ``record``, the kernel also copies the state it writes and the parameters it updates in
+        place into snapshot buffers, and flags per bucket whether the update is finite."""
         buckets = vals.buckets
         inputs = [self._to_flat(src, vals) for src in seg.inputs]
         envs = [batch.envs[b.idxs[0]] for b in buckets]
@@ -562,20 +603,42 @@ class CompiledRoutes:
         # no buffer for an update applied in the kernel (it would be the size of the parameter)
         outs = [[b.empty if n == seg.final and apply[bi] is not None else self._buffer(("out", label, n), b)
                  for bi, b in enumerate(buckets)] for n in seg.outputs]
-        args = (inputs, states, fresh, params, scalars, steps, outs, apply)
+        args: tuple = (inputs, states, fresh, params, scalars, steps, outs, apply)
+        if record is not None:
+            snaps = [[self._snapshot((label, si, b.key, n.name), st) for b, st in zip(buckets, row)]
+                     for n, row in zip(seg.members, states)]
+            psnaps = [self._buffer(("saved param", label), b) if a is not None else None
+                      for b, a in zip(buckets, apply)]
+            record.keep([(t, sn[k]) for row, srow in zip(states, snaps) for st, sn in zip(row, srow)
+                         for k, t in st.items()])
+            record.keep([(a[0], c) for a, c in zip(apply, psnaps) if a is not None and c is not None])
+            args += (snaps, psnaps)
         try:
-            fn(*args)
+            flags = fn(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
             if fn is eager_fn:
                 raise
             self._fallback(e)
-            eager_fn(*args)
+            flags = eager_fn(*args)
+        if record is not None and seg.final is not None:
+            final = seg.outputs.index(seg.final)
+            for bi, (b, flag) in enumerate(zip(buckets, flags)):
+                record.flag([batch.params[i] for i in b.idxs], flag,
+                            None if apply[bi] is not None else self._pieces(outs[final][bi], b))
         for n, o in zip(seg.outputs, outs):
             vals.flat[n] = o
         for n, per_bucket in zip(seg.nodes, states):
             for b, st in zip(buckets, per_bucket):
                 self._publish(label, si, n, b, st, batch)
         return {bi for bi, a in enumerate(apply) if a is not None}
+
+    def _snapshot(self, key: tuple, st: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The snapshot buffers of one node's flat state in one bucket, made once and reused."""
+        snap = self._snaps.get(key)
+        if snap is None or snap.keys() != st.keys() or any(snap[k].shape != t.shape or snap[k].dtype != t.dtype
+                                                            for k, t in st.items()):
+            snap = self._snaps[key] = {k: torch.empty_like(t) for k, t in st.items()}
+        return snap
 
     def _one_param_view(self, seg: _Segment, inputs: list[list[torch.Tensor]], params: list[torch.Tensor | None],
                         buckets: list[_Bucket]) -> None:
