@@ -159,9 +159,10 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
     reduction adds a pass (a kernel) over its input. A route that gives the parameter's new
     value (``param = EXPR``) writes the parameter without reading it for the update (a read
     for its math is an input of the segment like any other). Under ``skip_nonfinite(updates=true)``
-    a fused segment also writes a copy of each state buffer (and of the parameter it updates in
-    place), an eager node's state is copied before the step (read and written), and an update
-    not checked inside a kernel is read once more (``gradpipe/runtime/rollback.py``)."""
+    a fused segment writes its new state next to the old (no more bytes) and a copy of the
+    parameter it updates in place, an eager node's state is copied before the step (read and
+    written), and an update not checked inside a kernel is read once more
+    (``gradpipe/runtime/rollback.py``)."""
     plan = plan_route(prog, label=label)
     writes_param = prog.ir[label].writes_param
     undo = prog.nonfinite.check and prog.nonfinite.updates  # copies of what the step writes
@@ -189,7 +190,7 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
             total += 1 + (2 if src in produced_eager else 0)
         reads_param = False
         for n in item.members:
-            total += (3 if undo else 2) * len(prog.node_buffers(n.name))
+            total += 2 * len(prog.node_buffers(n.name))
             if n.is_op:
                 reads_param |= n.impl.needs_param(prog.const_args(n.name))
                 if n.impl.reduction(n.args) == "global":

@@ -24,7 +24,10 @@ Lowering, per route:
    one (``docs/benchmarks.md``, "Parameter storage").
 3. **State.** A flat node's buffers live in one flat tensor per bucket; the
    optimizer's per-parameter state holds *views* into it (``state[p]["main/adam.m"]``
-   is a view), so ``state_dict`` keeps its layout and moves between backends.
+   is a view), so ``state_dict`` keeps its layout and moves between backends. Under
+   ``skip_nonfinite(updates=true)`` each flat buffer has a spare: a step reads the state and
+   writes the new one into the spare, and the two change places once the step's update is
+   known to be finite (``gradpipe/runtime/rollback.py``).
 4. **Scalars are tensors.** Every argument that is not a compile-time constant
    (hyperparameters, ``lr``, ``step``, ``loss``) enters the compiled graph as a 0-d
    float64 tensor, so LR schedulers, changed hyperparameters and the growing step
@@ -132,13 +135,13 @@ def _segment_fn(seg: _Segment) -> Callable[..., None]:
     def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]], fresh: list[list[Any]],
             params: list[torch.Tensor | None], scalars: list[list[list[Any]]], steps: list[torch.Tensor],
             outs: list[list[torch.Tensor]], apply: list[tuple[torch.Tensor, Any] | None],
-            snaps: list[list[dict[str, torch.Tensor]]] | None = None,
-            psnaps: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
-        if snaps is not None:  # skip_nonfinite(updates=true): the state as it was, read once with the step's read
-            for per_node, per_snap in zip(states, snaps):
-                for st, sn in zip(per_node, per_snap):
+            olds: list[list[dict[str, torch.Tensor]]] | None = None,
+            saved_params: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        if olds is not None:  # skip_nonfinite(updates=true): the state is written into the other buffer of
+            for per_node, per_old in zip(states, olds):  # two, the old one kept (one pass: read old, write new)
+                for st, old in zip(per_node, per_old):
                     for k, t in st.items():
-                        sn[k].copy_(t)
+                        t.copy_(old[k])
         vals = dict(zip(seg.inputs, inputs))
         lanes = _BucketLanes(seg, steps, states, fresh, params, scalars)
         for n in seg.members:
@@ -148,12 +151,12 @@ def _segment_fn(seg: _Segment) -> Callable[..., None]:
         flags = []
         for n, bufs in zip(seg.outputs, outs):
             for b, (buf, value) in enumerate(zip(bufs, vals[n])):
-                if n == seg.final and snaps is not None:  # per bucket: is the update not finite?
+                if n == seg.final and olds is not None:  # per bucket: is the update not finite?
                     flags.append(torch.isfinite(value).all().logical_not())
                 if n == seg.final and apply[b] is not None:
                     p, lr = apply[b]  # p <- p - lr * u, fused: a solo bucket, the parameter's own storage
-                    if psnaps is not None:
-                        psnaps[b].copy_(p)
+                    if saved_params is not None:
+                        saved_params[b].copy_(p)
                     if lr is None:  # param = EXPR: the parameter's new value
                         apply_param(p, value)
                     else:
@@ -315,12 +318,14 @@ class CompiledRoutes:
         self._checked: list[tuple[list[weakref.ref], torch.Tensor]] = []
         #: id of a buffer of ``_bufs`` -> its per-parameter views, made once
         self._split_views: dict[int, list[torch.Tensor]] = {}
-        #: (bucket state key, buffer) -> (its flat tensor, the per-parameter views handed out)
-        self._views: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        #: (bucket state key, buffer) -> [(its flat tensor, the per-parameter views handed out)], one per
+        #: flat tensor the buffer has had lately (two under skip_nonfinite(updates=true): its spare)
+        self._views: dict[tuple, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}
         #: bucket state key -> [the node's 0-d ``fresh`` flag for the bucket, the value it holds]
         self._flags: dict[tuple, list[Any]] = {}
-        #: bucket state key -> {buffer: the copy a step under skip_nonfinite(updates=true) keeps}
-        self._snaps: dict[tuple, dict[str, torch.Tensor]] = {}
+        #: bucket state key -> {buffer: the other flat tensor}: under skip_nonfinite(updates=true) a step
+        #: writes the new state there, and the two change places once the update is known to be finite
+        self._spares: dict[tuple, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ gradients
     def grad_buffers(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -393,7 +398,7 @@ class CompiledRoutes:
     def flat_state_check(self) -> Callable[[torch.Tensor], bool]:
         """Whether a per-parameter state tensor is a view of a flat state buffer (which the fused
         segment that writes it copies itself under ``skip_nonfinite(updates=true)``)."""
-        flats = {id(t) for st in self._flat.values() for t in st.values()}
+        flats = {id(t) for sts in (self._flat, self._spares) for st in sts.values() for t in st.values()}
         return lambda t: t._base is not None and id(t._base) in flats
 
     def _run_plan(self, label: str, plan: list[tuple[str, Any]], ir: RouteIR, batch: RouteBatch,
@@ -604,15 +609,15 @@ class CompiledRoutes:
         outs = [[b.empty if n == seg.final and apply[bi] is not None else self._buffer(("out", label, n), b)
                  for bi, b in enumerate(buckets)] for n in seg.outputs]
         args: tuple = (inputs, states, fresh, params, scalars, steps, outs, apply)
-        if record is not None:
-            snaps = [[self._snapshot((label, si, b.key, n.name), st) for b, st in zip(buckets, row)]
-                     for n, row in zip(seg.members, states)]
-            psnaps = [self._buffer(("saved param", label), b) if a is not None else None
-                      for b, a in zip(buckets, apply)]
-            record.keep([(t, sn[k]) for row, srow in zip(states, snaps) for st, sn in zip(row, srow)
-                         for k, t in st.items()])
-            record.keep([(a[0], c) for a, c in zip(apply, psnaps) if a is not None and c is not None])
-            args += (snaps, psnaps)
+        if record is not None:  # the new state into the spare buffers; the parameters updated here copied
+            olds, states = states, [[self._spare((label, si, b.key, n.name), st) for b, st in zip(buckets, row)]
+                                    for n, row in zip(seg.members, states)]
+            record.on_commit(functools.partial(self._swap, [
+                ((label, si, b.key, n.name), new) for n, row in zip(seg.members, states) for b, new in zip(buckets, row)
+                if new]))
+            saved = [self._buffer(("saved param", label), b) if a is not None else None for b, a in zip(buckets, apply)]
+            record.keep([(a[0], c) for a, c in zip(apply, saved) if a is not None and c is not None])
+            args = (inputs, states, fresh, params, scalars, steps, outs, apply, olds, saved)
         try:
             flags = fn(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
@@ -632,13 +637,19 @@ class CompiledRoutes:
                 self._publish(label, si, n, b, st, batch)
         return {bi for bi, a in enumerate(apply) if a is not None}
 
-    def _snapshot(self, key: tuple, st: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The snapshot buffers of one node's flat state in one bucket, made once and reused."""
-        snap = self._snaps.get(key)
-        if snap is None or snap.keys() != st.keys() or any(snap[k].shape != t.shape or snap[k].dtype != t.dtype
-                                                            for k, t in st.items()):
-            snap = self._snaps[key] = {k: torch.empty_like(t) for k, t in st.items()}
-        return snap
+    def _spare(self, key: tuple, st: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The other flat buffers of one node's state in one bucket (made once, then reused): a step
+        under ``skip_nonfinite(updates=true)`` reads ``st`` and writes its new state there."""
+        spare = self._spares.get(key)
+        if spare is None or spare.keys() != st.keys() or any(
+                spare[k].shape != t.shape or spare[k].dtype != t.dtype or spare[k] is t for k, t in st.items()):
+            spare = self._spares[key] = {k: torch.empty_like(t) for k, t in st.items()}
+        return spare
+
+    def _swap(self, written: list[tuple[tuple, dict[str, torch.Tensor]]]) -> None:
+        """The step's update was finite: the buffers it wrote become the state, the old ones the spares."""
+        for key, new in written:
+            self._spares[key], self._flat[key] = self._flat[key], new
 
     def _one_param_view(self, seg: _Segment, inputs: list[list[torch.Tensor]], params: list[torch.Tensor | None],
                         buckets: list[_Bucket]) -> None:
@@ -757,17 +768,18 @@ class CompiledRoutes:
         return entry[0]
 
     def _published(self, key: tuple, k: str, flat_t: torch.Tensor, held: list[torch.Tensor | None]) -> bool:
-        pub = self._views.get((key, k))
-        return pub is not None and pub[0] is flat_t and all(v is t for v, t in zip(pub[1], held))
+        pub = next((pub for pub in self._views.get((key, k), ()) if pub[0] is flat_t), None)
+        return pub is not None and all(v is t for v, t in zip(pub[1], held))
 
     def _publish(self, label: str, si: int, node: str, b: _Bucket, st: dict[str, torch.Tensor],
                  batch: RouteBatch) -> None:
         """Point the optimizer's per-parameter state at views of the bucket's flat buffers."""
         key = (label, si, b.key, node)
         for k, t in st.items():
-            pub = self._views.get((key, k))
-            if pub is None or pub[0] is not t:
+            pubs = self._views.setdefault((key, k), [])
+            pub = next((pub for pub in pubs if pub[0] is t), None)
+            if pub is None:
                 pub = (t, [piece.view(shape) for piece, shape in zip(torch.split(t, b.sizes), b.shapes)])
-                self._views[(key, k)] = pub
+                pubs[:] = [*pubs[-1:], pub]  # the views of this tensor and of the one before it
             for i, v in zip(b.idxs, pub[1]):
                 batch.states[i][f"{node}.{k}"] = v

@@ -495,6 +495,7 @@ class Optimizer(torch.optim.Optimizer):
                 record.restore()
                 self._nonfinite.skip_update(self, stepped_params, culprits)
                 return loss
+            record.commit()
             self._nonfinite.taken()
             for item in pending:
                 self._finish_route(*item)

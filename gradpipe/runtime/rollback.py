@@ -11,20 +11,26 @@ and the ops write their state in place while they run. So a step under
    the compiled backend's eager nodes), and every node's node state (random generators,
    ``gcond``'s and ``samgs``'s histories) through the op's ``node_state_dict``. The step
    counters are not copied: they are counted only once the step is taken.
-2. The routes run. On the compiled backend each fused segment copies its flat state into
-   snapshot buffers inside the kernel, before the ops write it (the kernel reads that state
-   anyway, so the copy costs one write), and copies a parameter it updates in place (a
-   solo bucket) the same way; the segment that computes the update also computes, in the
-   same kernel, whether it is finite (:meth:`StepRecord.flag`). Updates that come out of
-   eager nodes are kept to be checked (:meth:`StepRecord.check`).
+2. The routes run. On the compiled backend each fused segment reads its flat state and
+   writes the new state into a second set of flat buffers (its spares), in the same pass,
+   so the old state stays as it was; a parameter the kernel updates in place (a solo
+   bucket) is copied in that pass too. The segment that computes the update also computes,
+   in the same kernel, whether it is finite (:meth:`StepRecord.flag`). Updates that come
+   out of eager nodes are kept to be checked (:meth:`StepRecord.check`).
 3. :meth:`StepRecord.bad` reads every flag and checks the kept updates (one host
    synchronisation per device, as the gradient check). No parameter has been written yet,
    except the solo ones the kernel wrote and copied.
-4. Finite: the step counters advance and the updates are applied. Not finite:
+4. Finite: :meth:`StepRecord.commit` makes the buffers the segments wrote the state (the old
+   ones become the spares, so ``opt.state[p]`` holds views of the other set after each
+   taken step), the step counters advance and the updates are applied. Not finite:
    :meth:`StepRecord.restore` puts every copy back (one ``torch._foreach_copy_``), every
-   state dict's entries and every node state, and the step is counted as a skipped step.
+   state dict's entries (the views of the old flat state among them) and every node
+   state, and the step is counted as a skipped step.
 
-The copies live in buffers made once and reused every step (:class:`SavedCopies`).
+The copies and the spares live in buffers made once and reused every step
+(:class:`SavedCopies`, ``CompiledRoutes._spare``). Writing the new state next to the old
+one costs the compiled kernel no extra read; copying it in place first would cost a read
+and a write of every state buffer.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ class StepRecord:
     """What one step checked for a non-finite update may write (see the module docstring).
 
     ``exclude(t)``: whether the state tensor ``t`` needs no copy here (a view of the compiled
-    backend's flat state, which the kernel copies itself)."""
+    backend's flat state, which its segment leaves as it was and writes into the spares)."""
 
     def __init__(self, opt: "Optimizer", params: Sequence[torch.Tensor], saved: SavedCopies,
                  exclude: Callable[[torch.Tensor], bool] | None = None) -> None:
@@ -81,11 +87,22 @@ class StepRecord:
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = saved.copy(list(own.values()))
         self._node_state = {name: opt.program.node(name).impl.node_state_dict(st)
                             for name, st in opt._node_state.items()}
+        self._commits: list[Callable[[], None]] = []
         #: (parameters, their updates or None, a 0-d bool flag or None): what :meth:`bad` reads
         self._checks: list[tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor | None]] = []
 
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        """Something to do once the step is known to be taken (the compiled backend's swap of its
+        state buffers), before the updates are applied."""
+        self._commits.append(fn)
+
+    def commit(self) -> None:
+        """The update is finite: the step is taken."""
+        for fn in self._commits:
+            fn()
+
     def keep(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """More ``(tensor, its copy)`` pairs, copied elsewhere (inside a fused kernel)."""
+        """More ``(tensor, its copy)`` pairs, copied elsewhere (a solo parameter, inside a fused kernel)."""
         self.copies.extend(pairs)
 
     def flag(self, params: Sequence[torch.Tensor], flag: torch.Tensor,
