@@ -135,11 +135,14 @@ def test_a_nonfinite_first_step_leaves_no_state(backend):
     assert_same(snapshot(ref, ref_named), snapshot(opt, named), "after a bad first step")
 
 
+@pytest.mark.parametrize("pipeline", ["adam", "adamw", "lookahead"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_parameter_updated_inside_the_kernel_is_put_back(backend):
+def test_a_parameter_updated_inside_the_kernel_is_put_back(backend, pipeline):
     """A (512, 512) parameter is a solo bucket on the compiled backend: the fused segment writes
-    it in place, so the undo copies it back; its zero gradient makes its own update NaN."""
-    src = PIPELINES["adam"]
+    it in place (``p - lr * u``, or Lookahead's new value), so the undo copies it back; its zero
+    gradient makes its own update NaN. ``adamw``'s decay and Lookahead read the parameter in
+    the same kernel that writes it."""
+    src = PIPELINES[pipeline] if pipeline in PIPELINES else NORMALIZED + f"g | {POLICY} | adam | decay(0.1)\n"
     data = grads(SOLO, 4)
     opt, named = build(src, backend, SOLO)
     if backend == "compiled":
@@ -260,13 +263,14 @@ def test_without_the_option_the_nonfinite_update_reaches_the_parameters():
     assert torch.isnan(named[1][1]).all() and counters(opt) == (0, 0, False)
 
 
-def test_sam_grad_at_with_the_option():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sam_grad_at_with_the_option(backend):
     """grad_at's second pass runs before the routes: the update check comes after it, and an
     undone step leaves the parameters as the closure's calls found them."""
     src = ("let e = grad * (0.05 / (norm(grad, over=global) + 1e-12))\nlet h = grad_at(param + e)\n"
            f"h / norm(h, over=tensor) | {POLICY} | momentum(0.9)\n")
     named = make(SMALL)
-    opt = gradpipe.Optimizer(named, src, backend="eager", lr=1e-2)
+    opt = gradpipe.Optimizer(named, src, backend=backend, lr=1e-2)
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(2))
     w, b = (p for _, p in named)
 
@@ -282,6 +286,22 @@ def test_sam_grad_at_with_the_option():
     opt.step(closure(True))  # b's gradient at the point is zero: its update divides 0 by 0
     assert_same(before, snapshot(opt, named), "sam") and counters(opt) == (1, 1, True)
     opt.step(closure(False))
+    assert counters(opt) == (1, 0, False) and opt.state[named[0][1]]["step"].item() == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_branch_guard_skips_the_division_in_the_steps_that_do_not_take_it(backend):
+    """The per-tensor norm is read only under ``where(step % 2 == 0, ...)`` (a branch guard: it is
+    computed only in even steps), so a zero gradient gives a NaN update in even steps only."""
+    src = f"let g = where(step % 2 == 0, grad / norm(grad, over=tensor), grad)\ng | {POLICY} | momentum(0.9)\n"
+    opt, named = build(src, backend)
+    data = grads(SMALL, 4)
+    feed(opt, named, zeroed(data[0]))  # step 1 (odd): the plain gradient, finite
+    assert counters(opt) == (0, 0, False)
+    before = snapshot(opt, named)
+    feed(opt, named, zeroed(data[1]))  # step 2 (even): 0 / 0, undone
+    assert_same(before, snapshot(opt, named), f"guard [{backend}]") and counters(opt) == (1, 1, True)
+    feed(opt, named, data[1])
     assert counters(opt) == (1, 0, False) and opt.state[named[0][1]]["step"].item() == 2
 
 

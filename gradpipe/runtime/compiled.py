@@ -135,8 +135,7 @@ def _segment_fn(seg: _Segment) -> Callable[..., None]:
     def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]], fresh: list[list[Any]],
             params: list[torch.Tensor | None], scalars: list[list[list[Any]]], steps: list[torch.Tensor],
             outs: list[list[torch.Tensor]], apply: list[tuple[torch.Tensor, Any] | None],
-            olds: list[list[dict[str, torch.Tensor]]] | None = None,
-            saved_params: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+            olds: list[list[dict[str, torch.Tensor]]] | None = None) -> list[torch.Tensor]:
         if olds is not None:  # skip_nonfinite(updates=true): the state is written into the other buffer of
             for per_node, per_old in zip(states, olds):  # two, the old one kept (one pass: read old, write new)
                 for st, old in zip(per_node, per_old):
@@ -155,8 +154,6 @@ def _segment_fn(seg: _Segment) -> Callable[..., None]:
                     flags.append(torch.isfinite(value).all().logical_not())
                 if n == seg.final and apply[b] is not None:
                     p, lr = apply[b]  # p <- p - lr * u, fused: a solo bucket, the parameter's own storage
-                    if saved_params is not None:
-                        saved_params[b].copy_(p)
                     if lr is None:  # param = EXPR: the parameter's new value
                         apply_param(p, value)
                     else:
@@ -609,15 +606,16 @@ class CompiledRoutes:
         outs = [[b.empty if n == seg.final and apply[bi] is not None else self._buffer(("out", label, n), b)
                  for bi, b in enumerate(buckets)] for n in seg.outputs]
         args: tuple = (inputs, states, fresh, params, scalars, steps, outs, apply)
-        if record is not None:  # the new state into the spare buffers; the parameters updated here copied
+        if record is not None:  # the new state into the spare buffers; a parameter updated in the kernel copied
             olds, states = states, [[self._spare((label, si, b.key, n.name), st) for b, st in zip(buckets, row)]
                                     for n, row in zip(seg.members, states)]
             record.on_commit(functools.partial(self._swap, [
                 ((label, si, b.key, n.name), new) for n, row in zip(seg.members, states) for b, new in zip(buckets, row)
                 if new]))
-            saved = [self._buffer(("saved param", label), b) if a is not None else None for b, a in zip(buckets, apply)]
-            record.keep([(a[0], c) for a, c in zip(apply, saved) if a is not None and c is not None])
-            args = (inputs, states, fresh, params, scalars, steps, outs, apply, olds, saved)
+            # copied before the kernel, not in it: Inductor (torch 2.13) stored the parameter's new value into a
+            # copy taken inside the kernel where the segment also reads the parameter (decay, param = EXPR)
+            record.save([a[0] for a in apply if a is not None])
+            args = (inputs, states, fresh, params, scalars, steps, outs, apply, olds)
         try:
             flags = fn(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly

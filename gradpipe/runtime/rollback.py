@@ -14,12 +14,12 @@ and the ops write their state in place while they run. So a step under
 2. The routes run. On the compiled backend each fused segment reads its flat state and
    writes the new state into a second set of flat buffers (its spares), in the same pass,
    so the old state stays as it was; a parameter the kernel updates in place (a solo
-   bucket) is copied in that pass too. The segment that computes the update also computes,
+   bucket) is copied just before the kernel (:meth:`StepRecord.save`). The segment that computes the update also computes,
    in the same kernel, whether it is finite (:meth:`StepRecord.flag`). Updates that come
    out of eager nodes are kept to be checked (:meth:`StepRecord.check`).
 3. :meth:`StepRecord.bad` reads every flag and checks the kept updates (one host
    synchronisation per device, as the gradient check). No parameter has been written yet,
-   except the solo ones the kernel wrote and copied.
+   except the solo ones the kernel wrote, which were copied.
 4. Finite: :meth:`StepRecord.commit` makes the buffers the segments wrote the state (the old
    ones become the spares, so ``opt.state[p]`` holds views of the other set after each
    taken step), the step counters advance and the updates are applied. Not finite:
@@ -49,22 +49,37 @@ __all__ = ["StepRecord", "SavedCopies"]
 
 class SavedCopies:
     """Copies of tensors, in buffers kept across steps: a tensor copied in one step is copied
-    into the same buffer in the next (by identity; the buffers of tensors no longer copied
-    are dropped)."""
+    into the same buffer in the next (found by its storage, so a new view of a parameter finds
+    it too; the buffers a step no longer uses are dropped at the start of the step after)."""
 
     def __init__(self) -> None:
-        self._bufs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bufs: dict[tuple, torch.Tensor] = {}
+        self._last: dict[tuple, torch.Tensor] = {}
+
+    def begin(self) -> None:
+        """A new step: the buffers of the last one are reused by the tensors this one copies again."""
+        self._last, self._bufs = self._bufs, {}
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        try:
+            where: Any = t.data_ptr()
+        except RuntimeError:  # a tensor without storage of its own (a DTensor): by identity
+            where = id(t)
+        return (where, tuple(t.shape), t.dtype, t.device)
 
     def copy(self, tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(tensor, its copy)`` for each of ``tensors``, copied now with one ``_foreach_copy_``."""
-        old, self._bufs = self._bufs, {}
         pairs = []
         for t in tensors:
-            entry = old.get(id(t))
-            if entry is None or entry[0] is not t or entry[1].shape != t.shape or entry[1].dtype != t.dtype:
-                entry = (t, torch.empty_like(t, memory_format=torch.contiguous_format))
-            self._bufs[id(t)] = entry
-            pairs.append(entry)
+            key = self._key(t)
+            buf = self._bufs.get(key)
+            if buf is None:
+                buf = self._last.get(key)
+                if buf is None:
+                    buf = torch.empty_like(t, memory_format=torch.contiguous_format)
+                self._bufs[key] = buf
+            pairs.append((t, buf))
         if pairs:
             torch._foreach_copy_([c for _, c in pairs], [t for t, _ in pairs])
         return pairs
@@ -84,6 +99,8 @@ class StepRecord:
         own = {id(v): v for _, d in self._dicts if d for k, v in d.items()
                if k != "step" and isinstance(v, torch.Tensor) and not (exclude is not None and exclude(v))}
         #: (tensor, its copy): put back by :meth:`restore`
+        self._saved = saved
+        saved.begin()
         self.copies: list[tuple[torch.Tensor, torch.Tensor]] = saved.copy(list(own.values()))
         self._node_state = {name: opt.program.node(name).impl.node_state_dict(st)
                             for name, st in opt._node_state.items()}
@@ -101,9 +118,10 @@ class StepRecord:
         for fn in self._commits:
             fn()
 
-    def keep(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """More ``(tensor, its copy)`` pairs, copied elsewhere (a solo parameter, inside a fused kernel)."""
-        self.copies.extend(pairs)
+    def save(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy ``tensors`` now (one ``_foreach_copy_``), to be put back by :meth:`restore`."""
+        if tensors:
+            self.copies.extend(self._saved.copy(tensors))
 
     def flag(self, params: Sequence[torch.Tensor], flag: torch.Tensor,
              updates: Sequence[torch.Tensor] | None = None) -> None:
