@@ -159,10 +159,10 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
     reduction adds a pass (a kernel) over its input. A route that gives the parameter's new
     value (``param = EXPR``) writes the parameter without reading it for the update (a read
     for its math is an input of the segment like any other). Under ``skip_nonfinite(updates=true)``
-    a fused segment writes its new state next to the old (no more bytes) and a copy of the
-    parameter it updates in place, an eager node's state is copied before the step (read and
-    written), and an update not checked inside a kernel is read once more
-    (``gradpipe/runtime/rollback.py``)."""
+    a fused segment writes its new state next to the old (no more bytes), a parameter it
+    updates in place is copied first (read and written), an eager node's state is copied
+    before the step (read and written), and an update not checked inside a kernel is read
+    once more (``gradpipe/runtime/rollback.py``)."""
     plan = plan_route(prog, label=label)
     writes_param = prog.ir[label].writes_param
     undo = prog.nonfinite.check and prog.nonfinite.updates  # copies of what the step writes
@@ -201,7 +201,7 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
         total += len(outs)
         if item.final is not None:
             # read and write the parameter (a read for the math is the same read); param = EXPR: write it
-            total += (1 if writes_param else 2) + undo
+            total += (1 if writes_param else 2) + 2 * undo
             fused_update = True
         elif reads_param:
             total += 1

@@ -8,6 +8,10 @@ The pipeline states the policy with a policy op (``gradpipe/compiler/ops/nonfini
   raise :class:`NonFiniteError` when more than ``N`` steps in a row were skipped;
 * ``allow_nonfinite``: no check, as ``torch.optim`` (NaN and Inf reach the state).
 
+With ``skip_nonfinite(updates=true)``, a step whose update is not finite (the pipeline's own
+arithmetic, from finite gradients) is undone and counted the same way, once the routes have
+run and before any update is applied (``gradpipe/runtime/rollback.py``).
+
 The check reads every gradient tensor the step hands the pipeline (``grad``,
 ``grads.<loss>``, ``samples``) and, when the pipeline reads it, the loss, once each: on
 the CPU one ``aminmax`` per tensor (a NaN propagates into the min and the max, an Inf
@@ -34,7 +38,8 @@ from ..compiler.program import Program
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import Optimizer
 
-__all__ = ["NonFiniteError", "NonFinitePolicy", "NonFiniteGuard", "policy_of", "any_nonfinite", "param_names",
+__all__ = ["NonFiniteError", "NonFinitePolicy", "NonFiniteGuard", "policy_of", "any_nonfinite", "nonfinite_flags",
+           "param_names",
            "DEFAULT_MAX_CONSECUTIVE"]
 
 
@@ -97,6 +102,12 @@ def policy_of(prog: Program) -> NonFinitePolicy:
 def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether any of ``tensors`` holds a NaN or an Inf: one ``aminmax`` per tensor on the CPU,
     one fused GradScaler launch per device elsewhere, and one host synchronisation per device."""
+    return any(bool(f.item()) for f in nonfinite_flags(tensors))
+
+
+def nonfinite_flags(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per device of ``tensors``, a 0-d tensor on it that is nonzero where one of them holds a NaN
+    or an Inf (:func:`any_nonfinite` without the host synchronisation)."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         if t.numel():
@@ -117,7 +128,7 @@ def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
         except (RuntimeError, NotImplementedError, AttributeError):  # a device or dtype the kernel lacks
             found = torch.stack([torch.isfinite(t).all() for t in ts]).logical_not().any().to(torch.float32)
         flags.append(found)
-    return any(bool(f.item()) for f in flags)
+    return flags
 
 
 class NonFiniteGuard:

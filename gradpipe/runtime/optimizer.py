@@ -210,8 +210,9 @@ class Optimizer(torch.optim.Optimizer):
     A step whose gradients hold NaN or Inf changes nothing and is counted
     (``nonfinite_steps``, ``consecutive_nonfinite``, ``last_step_skipped``); more
     than 10 in a row raise :class:`gradpipe.NonFiniteError`. The pipeline can
-    say otherwise with ``skip_nonfinite(max_consecutive=N)`` or ``allow_nonfinite``
-    (``docs/language.md`` 5.12, ``gradpipe/runtime/nonfinite.py``).
+    say otherwise with ``skip_nonfinite(max_consecutive=N)`` or ``allow_nonfinite``, and
+    with ``skip_nonfinite(updates=true)`` a step whose update is NaN or Inf is undone and
+    counted too (``docs/language.md`` 5.12, ``gradpipe/runtime/nonfinite.py``).
 
     Example::
 
@@ -346,7 +347,8 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ non-finite steps
     @property
     def nonfinite_steps(self) -> int:
-        """Steps skipped so far because a gradient held NaN or Inf (kept in ``state_dict``)."""
+        """Steps skipped so far because a gradient held NaN or Inf, or (``skip_nonfinite(updates=true)``)
+        the update did (kept in ``state_dict``)."""
         return self._nonfinite.total
 
     @property
@@ -357,7 +359,7 @@ class Optimizer(torch.optim.Optimizer):
 
     @property
     def last_step_skipped(self) -> bool:
-        """Whether the last ``step()`` was skipped for a non-finite gradient (nothing changed)."""
+        """Whether the last ``step()`` was skipped for a non-finite gradient or update (nothing changed)."""
         return self._nonfinite.last_skipped
 
     # ------------------------------------------------------------------ step

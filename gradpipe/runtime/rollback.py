@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .nonfinite import any_nonfinite, param_names
+from .nonfinite import nonfinite_flags, param_names
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import Optimizer
@@ -136,16 +136,14 @@ class StepRecord:
             self._checks.append(([p for p, _ in kept], [u for _, u in kept], None))
 
     def bad(self) -> bool:
-        """Whether some update of the step is not finite."""
+        """Whether some update of the step is not finite: the kernels' flags and the kept updates,
+        read with one host synchronisation per device."""
         flags = [f for _, _, f in self._checks if f is not None]
-        tensors = [u for _, us, f in self._checks if f is None for u in us or ()]
-        found = False
-        if flags:
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
-            for f in flags:
-                by_device.setdefault(f.device, []).append(f)
-            found = any(bool(torch.stack(fs).any().item()) for fs in by_device.values())
-        return found or any_nonfinite(tensors)
+        flags += nonfinite_flags([u for _, us, f in self._checks if f is None for u in us or ()])
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for f in flags:
+            by_device.setdefault(f.device, []).append(f.reshape(()).to(torch.bool))
+        return any(bool(torch.stack(fs).any().item()) for fs in by_device.values())
 
     def culprits(self) -> list[str]:
         """``name (update)`` for every parameter whose update is not finite (the slow path, on
