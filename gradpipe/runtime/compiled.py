@@ -778,6 +778,8 @@ class CompiledRoutes:
             pub = next((pub for pub in pubs if pub[0] is t), None)
             if pub is None:
                 pub = (t, [piece.view(shape) for piece, shape in zip(torch.split(t, b.sizes), b.shapes)])
-                pubs[:] = [*pubs[-1:], pub]  # the views of this tensor and of the one before it
+                # the views of the state and of its spare stay; those of a replaced tensor go with it
+                live = {id(x.get(k)) for x in (self._flat.get(key, {}), self._spares.get(key, {}))}
+                pubs[:] = [p for p in pubs if id(p[0]) in live and p[0] is not t] + [pub]
             for i, v in zip(b.idxs, pub[1]):
                 batch.states[i][f"{node}.{k}"] = v
