@@ -128,9 +128,11 @@ class _BucketLanes(Lanes):
         return self._params
 
 
-def _segment_fn(seg: _Segment) -> Callable[..., None]:
+def _segment_fn(seg: _Segment) -> Callable[..., list[torch.Tensor]]:
     """The function of one segment: flat inputs, flat state and scalars in; results written into
-    the given output buffers, or, for the route's update of a solo bucket, applied to the parameter."""
+    the given output buffers, or, for the route's update of a solo bucket, applied to the parameter.
+    With ``olds`` (``skip_nonfinite(updates=true)``) the state is read from ``olds`` and written into
+    ``states``, and it returns per bucket a 0-d bool: whether the update is not finite."""
 
     def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]], fresh: list[list[Any]],
             params: list[torch.Tensor | None], scalars: list[list[list[Any]]], steps: list[torch.Tensor],
@@ -368,8 +370,9 @@ class CompiledRoutes:
         """Run the route up to its update; return what applies it (``p <- p - lr * u`` for the
         buckets whose update is in a flat buffer; per parameter, the update left to the caller,
         None where applied). With ``record`` (``skip_nonfinite(updates=true)``, see
-        ``gradpipe/runtime/rollback.py``) the segments copy the state they write and report
-        whether the update is finite, and nothing is applied until the returned function runs."""
+        ``gradpipe/runtime/rollback.py``) the segments leave the state as it was, writing the new
+        state into spare buffers, and report whether the update is finite, and nothing is applied
+        until the returned function runs (except a solo bucket's update, copied first)."""
         prog = self.prog
         plan = self._plans.get(label)
         if plan is None:
@@ -393,8 +396,8 @@ class CompiledRoutes:
         return lambda: updates
 
     def flat_state_check(self) -> Callable[[torch.Tensor], bool]:
-        """Whether a per-parameter state tensor is a view of a flat state buffer (which the fused
-        segment that writes it copies itself under ``skip_nonfinite(updates=true)``)."""
+        """Whether a per-parameter state tensor is a view of a flat state buffer (which a fused segment
+        under ``skip_nonfinite(updates=true)`` leaves as it was, writing the spare instead)."""
         flats = {id(t) for sts in (self._flat, self._spares) for st in sts.values() for t in st.values()}
         return lambda t: t._base is not None and id(t._base) in flats
 
@@ -572,8 +575,9 @@ class CompiledRoutes:
                      record: StepRecord | None = None) -> set[int]:
         """Run one fused segment: its outputs go into flat buffers reused every step, except the
         route's update of a solo bucket, applied in place; return the buckets so updated. With
-        ``record``, the kernel also copies the state it writes and the parameters it updates in
-        place into snapshot buffers, and flags per bucket whether the update is finite."""
+        ``record``, the kernel reads the state and writes the new state into its spare buffers, a
+        parameter it updates in place is copied first, and it flags per bucket whether the update
+        is finite."""
         buckets = vals.buckets
         inputs = [self._to_flat(src, vals) for src in seg.inputs]
         envs = [batch.envs[b.idxs[0]] for b in buckets]

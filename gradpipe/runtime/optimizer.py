@@ -492,7 +492,7 @@ class Optimizer(torch.optim.Optimizer):
                 if record is None:
                     self._finish_route(*pending.pop())
         if record is not None:
-            if record.bad():  # a non-finite update: undo the step (nothing was applied) and count it
+            if record.bad():  # a non-finite update: undo the step (what the kernels wrote is put back), count it
                 culprits = record.culprits()
                 record.restore()
                 self._nonfinite.skip_update(self, stepped_params, culprits)
