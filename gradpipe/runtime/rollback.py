@@ -14,9 +14,10 @@ and the ops write their state in place while they run. So a step under
 2. The routes run. On the compiled backend each fused segment reads its flat state and
    writes the new state into a second set of flat buffers (its spares), in the same pass,
    so the old state stays as it was; a parameter the kernel updates in place (a solo
-   bucket) is copied just before the kernel (:meth:`StepRecord.save`). The segment that computes the update also computes,
-   in the same kernel, whether it is finite (:meth:`StepRecord.flag`). Updates that come
-   out of eager nodes are kept to be checked (:meth:`StepRecord.check`).
+   bucket) is copied just before the kernel (:meth:`StepRecord.save`). The segment that
+   computes the update also computes, in the same kernel, whether it is finite
+   (:meth:`StepRecord.flag`). Updates that come out of eager nodes are kept to be checked
+   (:meth:`StepRecord.check`).
 3. :meth:`StepRecord.bad` reads every flag and checks the kept updates (one host
    synchronisation per device, as the gradient check). No parameter has been written yet,
    except the solo ones the kernel wrote, which were copied.
@@ -29,8 +30,8 @@ and the ops write their state in place while they run. So a step under
 
 The copies and the spares live in buffers made once and reused every step
 (:class:`SavedCopies`, ``CompiledRoutes._spare``). Writing the new state next to the old
-one costs the compiled kernel no extra read; copying it in place first would cost a read
-and a write of every state buffer.
+one costs the compiled kernel no extra read or write (``docs/reliability.md`` has what it
+costs in time).
 """
 
 from __future__ import annotations
