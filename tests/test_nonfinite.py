@@ -148,8 +148,9 @@ def test_a_nonfinite_step_changes_nothing(pipeline, backend, value, monkeypatch)
     real = optimizer_module.run_route
     monkeypatch.setattr(optimizer_module, "run_route", lambda *a, **k: ran.append("eager") or real(*a, **k))
     if opt._compiled is not None:
-        real_compiled = opt._compiled.run_route
-        monkeypatch.setattr(opt._compiled, "run_route", lambda *a, **k: ran.append("compiled") or real_compiled(*a, **k))
+        real_compiled = opt._compiled.prepare_route
+        monkeypatch.setattr(opt._compiled, "prepare_route",
+                            lambda *a, **k: ran.append("compiled") or real_compiled(*a, **k))
 
     feed(opt, named, poison(data[3], mode, value), mode)
     assert ran == [], "a route (a fused segment) ran in a non-finite step"

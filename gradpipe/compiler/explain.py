@@ -117,7 +117,8 @@ def explain(prog: "Program") -> str:
         lines.append(f"  {r.label}: {cost.segments} fused segment{'s' if cost.segments != 1 else ''}{eager}; "
                      f"about {cost.kernels} kernel{'s' if cost.kernels != 1 else ''}; "
                      f"{cost.bytes_per_param} bytes read and written per fp32 parameter per step "
-                     "(torch's fused Adam: 28)")
+                     + ("(with the copies skip_nonfinite(updates=true) keeps; " if prog.nonfinite.updates else "(")
+                     + "torch's fused Adam: 28)")
         if prog.ir[r.label].grad_at is not None:
             plan = plan_route(prog, label=r.label, ir=prog.ir[r.label].point_ir())
             segs = sum(kind == "segment" for kind, _ in plan)

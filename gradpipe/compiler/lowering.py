@@ -199,9 +199,14 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
     writes its result, and feeding a segment costs a gather (a copy). Every global
     reduction adds a pass (a kernel) over its input. A route that gives the parameter's new
     value (``param = EXPR``) writes the parameter without reading it for the update (a read
-    for its math is an input of the segment like any other)."""
+    for its math is an input of the segment like any other). Under ``skip_nonfinite(updates=true)``
+    a fused segment writes its new state next to the old (no more bytes), a parameter it
+    updates in place is copied first (read and written), an eager node's state is copied
+    before the step (read and written), and an update not checked inside a kernel is read
+    once more (``gradpipe/runtime/rollback.py``)."""
     plan = plan_route(prog, label=label)
     writes_param = prog.ir[label].writes_param
+    undo = prog.nonfinite.check and prog.nonfinite.updates  # copies of what the step writes
     per_tensor = per_tensor_values(prog.ir[label].nodes)
     total = kernels = segments = 0
     eager: list[str] = []
@@ -216,7 +221,7 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
             if item in per_tensor:  # a few numbers per tensor: a reduction reads its operands, nothing else counts
                 total += sum(src not in per_tensor for src in n.inputs.values()) if prims.is_reduction(n.op) else 0
                 continue
-            total += len(n.inputs) + 1 + 2 * len(prog.node_buffers(item))
+            total += len(n.inputs) + 1 + (4 if undo else 2) * len(prog.node_buffers(item))
             if n.is_op and n.impl.needs_param(prog.const_args(item)):
                 total += 1
             continue
@@ -237,10 +242,10 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
         total += len(outs)
         if item.final is not None:
             # read and write the parameter (a read for the math is the same read); param = EXPR: write it
-            total += 1 if writes_param else 2
+            total += (1 if writes_param else 2) + 2 * undo
             fused_update = True
         elif reads_param:
             total += 1
     if not fused_update:  # the optimizer applies p <- p - lr * u: read u and p, write p (p <- value: 2)
-        total += 2 if writes_param else 3
+        total += (2 if writes_param else 3) + undo  # (and the check reads u)
     return RouteCost(segments, eager, kernels, total * itemsize)

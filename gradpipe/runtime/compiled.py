@@ -26,7 +26,10 @@ Lowering, per route:
    one (``docs/benchmarks.md``, "Parameter storage").
 3. **State.** A flat node's buffers live in one flat tensor per bucket; the
    optimizer's per-parameter state holds *views* into it (``state[p]["main/adam.m"]``
-   is a view), so ``state_dict`` keeps its layout and moves between backends.
+   is a view), so ``state_dict`` keeps its layout and moves between backends. Under
+   ``skip_nonfinite(updates=true)`` each flat buffer has a spare: a step reads the state and
+   writes the new one into the spare, and the two change places once the step's update is
+   known to be finite (``gradpipe/runtime/rollback.py``).
 4. **Scalars are tensors.** Every argument that is not a compile-time constant
    (hyperparameters, ``lr``, ``step``, ``loss``) enters the compiled graph as a 0-d
    float64 tensor, so LR schedulers, changed hyperparameters and the growing step
@@ -69,7 +72,7 @@ import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -80,6 +83,9 @@ from ..compiler.ops import Args
 from ..compiler.program import Program
 from .eager import DTensor, ParamLanes, RouteBatch, compute_dtype, evaluate, release_plan
 from .interpret import Lanes, apply_param, apply_update, commit_cells, eval_dynamic, eval_node, structural_args
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .rollback import StepRecord
 
 __all__ = ["CompiledRoutes", "CompileFallbackWarning", "plan_route"]
 
@@ -143,21 +149,32 @@ class _BucketLanes(Lanes):
         return self._params
 
 
-def _segment_fn(seg: _Segment) -> Callable[..., None]:
+def _segment_fn(seg: _Segment) -> Callable[..., list[torch.Tensor]]:
     """The function of one segment: flat inputs, flat state and scalars in; results written into
-    the given output buffers, or, for the route's update of a solo bucket, applied to the parameter."""
+    the given output buffers, or, for the route's update of a solo bucket, applied to the parameter.
+    With ``olds`` (``skip_nonfinite(updates=true)``) the state is read from ``olds`` and written into
+    ``states``, and it returns per bucket a 0-d bool: whether the update is not finite."""
 
     def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]], fresh: list[list[Any]],
             params: list[torch.Tensor | None], scalars: list[list[list[Any]]], steps: list[torch.Tensor],
-            outs: list[list[torch.Tensor]], apply: list[tuple[torch.Tensor, Any] | None]) -> None:
+            outs: list[list[torch.Tensor]], apply: list[tuple[torch.Tensor, Any] | None],
+            olds: list[list[dict[str, torch.Tensor]]] | None = None) -> list[torch.Tensor]:
+        if olds is not None:  # skip_nonfinite(updates=true): the state is written into the other buffer of
+            for per_node, per_old in zip(states, olds):  # two, the old one kept (one pass: read old, write new)
+                for st, old in zip(per_node, per_old):
+                    for k, t in st.items():
+                        t.copy_(old[k])
         vals = dict(zip(seg.inputs, inputs))
         lanes = _BucketLanes(seg, steps, states, fresh, params, scalars)
         for n in seg.members:
             vals[n.name] = eval_node(n, vals, lanes)
         # results go into buffers that live across steps: a fresh tensor the size of the
         # parameters per step would cost more (page faults) than the math itself
+        flags = []
         for n, bufs in zip(seg.outputs, outs):
             for b, (buf, value) in enumerate(zip(bufs, vals[n])):
+                if n == seg.final and olds is not None:  # per bucket: is the update not finite?
+                    flags.append(torch.isfinite(value).all().logical_not())
                 if n == seg.final and apply[b] is not None:
                     p, lr = apply[b]  # p <- p - lr * u, fused: a solo bucket, the parameter's own storage
                     if lr is None:  # param = EXPR: the parameter's new value
@@ -171,6 +188,7 @@ def _segment_fn(seg: _Segment) -> Callable[..., None]:
             for st, value in zip(states[index[cell]], vals[new]):
                 if "value" in st:  # (a cell no reader needs in this param group keeps no buffer)
                     st["value"].copy_(value)
+        return flags
     index = {n.name: j for j, n in enumerate(seg.members)}
     return run
 
@@ -398,10 +416,14 @@ class CompiledRoutes:
         self._checked: list[tuple[list[weakref.ref], torch.Tensor]] = []
         #: id of a buffer of ``_bufs`` -> its per-parameter views, made once
         self._split_views: dict[int, list[torch.Tensor]] = {}
-        #: (bucket state key, buffer) -> (its flat tensor, the per-parameter views handed out)
-        self._views: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        #: (bucket state key, buffer) -> [(its flat tensor, the per-parameter views handed out)], one per
+        #: flat tensor the buffer has had lately (two under skip_nonfinite(updates=true): its spare)
+        self._views: dict[tuple, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}
         #: bucket state key -> [the node's 0-d ``fresh`` flag for the bucket, the value it holds]
         self._flags: dict[tuple, list[Any]] = {}
+        #: bucket state key -> {buffer: the other flat tensor}: under skip_nonfinite(updates=true) a step
+        #: writes the new state there, and the two change places once the update is known to be finite
+        self._spares: dict[tuple, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ gradients
     def grad_buffers(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -440,6 +462,16 @@ class CompiledRoutes:
     # ------------------------------------------------------------------ one route, one step
     def run_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
                   order: Sequence[str] | None = None) -> list[torch.Tensor | None]:
+        return self.prepare_route(label, batch, node_states)()
+
+    def prepare_route(self, label: str, batch: RouteBatch, node_states: dict[str, dict[str, Any]],
+                      record: StepRecord | None = None) -> Callable[[], list[torch.Tensor | None]]:
+        """Run the route up to its update; return what applies it (``p <- p - lr * u`` for the
+        buckets whose update is in a flat buffer; per parameter, the update left to the caller,
+        None where applied). With ``record`` (``skip_nonfinite(updates=true)``, see
+        ``gradpipe/runtime/rollback.py``) the segments leave the state as it was, writing the new
+        state into spare buffers, and report whether the update is finite, and nothing is applied
+        until the returned function runs (except a solo bucket's update, copied first)."""
         prog = self.prog
         local = _shards(batch)  # FSDP2: the segments run on the local shards, under a plan of their own
         key = label if local is None else f"{label}#sharded"
@@ -449,7 +481,7 @@ class CompiledRoutes:
         ir = prog.ir[label]
         run = batch if local is None else local
         vals = _Values(ParamLanes(prog, ir, batch, node_states), self._buckets(run), len(batch.params), run.sharded)
-        applied = self._run_plan(key, plan, ir, run, vals)
+        applied = self._run_plan(key, plan, ir, run, vals, record)
         late = self._late.get(key)
         if late is None:  # once per route: the cells no segment commits
             late = self._late[key] = [(cell, new) for cell, new in ir.commits if not any(
@@ -457,14 +489,25 @@ class CompiledRoutes:
         if late:  # cells whose new value is computed after their segment: written now
             commit_cells(late, {new: self._to_split(new, vals) for _, new in late}, batch.states)
         if ir.update in vals.flat:  # the update came out of a fused segment: apply it here
-            updates = self._apply(ir.update, vals, run, applied, ir.writes_param)
+            if record is not None and not any(kind == "segment" and item.final == ir.update for kind, item in plan):
+                record.check(batch.params, self._to_split(ir.update, vals))  # (a segment's output, not its final)
+            apply = functools.partial(self._apply, ir.update, vals, run, applied, ir.writes_param)
             if run.sharded is None:
-                return updates
-            return [u if u is None else _dtensor_like(u, p) for u, p in zip(updates, run.sharded)]
-        return self._to_split(ir.update, vals)
+                return apply
+            return lambda: [u if u is None else _dtensor_like(u, p) for u, p in zip(apply(), run.sharded)]
+        updates = self._to_split(ir.update, vals)
+        if record is not None:
+            record.check(batch.params, updates)
+        return lambda: updates
+
+    def flat_state_check(self) -> Callable[[torch.Tensor], bool]:
+        """Whether a per-parameter state tensor is a view of a flat state buffer (which a fused segment
+        under ``skip_nonfinite(updates=true)`` leaves as it was, writing the spare instead)."""
+        flats = {id(t) for sts in (self._flat, self._spares) for st in sts.values() for t in st.values()}
+        return lambda t: t._base is not None and id(t._base) in flats
 
     def _run_plan(self, label: str, plan: list[tuple[str, Any]], ir: RouteIR, batch: RouteBatch,
-                  vals: _Values) -> set[int]:
+                  vals: _Values, record: StepRecord | None = None) -> set[int]:
         """Run a plan's eager nodes and fused segments in order; return the buckets whose update a
         segment applied in place."""
         applied: set[int] = set()
@@ -487,7 +530,7 @@ class CompiledRoutes:
                     self._to_split(src, vals)
                 vals.split[item] = evaluate(node, vals.split, vals.lanes)  # (a GradError for what DTensors cannot run)
             else:
-                applied |= self._run_segment(label, si, item, batch, vals)
+                applied |= self._run_segment(label, si, item, batch, vals, record)
         return applied
 
     def _drops(self, plan: list[tuple[str, Any]], ir: RouteIR) -> list[tuple[str, ...]]:
@@ -639,9 +682,13 @@ class CompiledRoutes:
         return split[node]
 
     # ------------------------------------------------------------------ segments
-    def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, vals: _Values) -> set[int]:
+    def _run_segment(self, label: str, si: int, seg: _Segment, batch: RouteBatch, vals: _Values,
+                     record: StepRecord | None = None) -> set[int]:
         """Run one fused segment: its outputs go into flat buffers reused every step, except the
-        route's update of a solo bucket, applied in place; return the buckets so updated."""
+        route's update of a solo bucket, applied in place; return the buckets so updated. With
+        ``record``, the kernel reads the state and writes the new state into its spare buffers, a
+        parameter it updates in place is copied first, and it flags per bucket whether the update
+        is finite."""
         buckets = vals.buckets
         inputs = [self._to_flat(src, vals) for src in seg.inputs]
         envs = [batch.envs[b.idxs[0]] for b in buckets]
@@ -674,20 +721,49 @@ class CompiledRoutes:
         # no buffer for an update applied in the kernel (it would be the size of the parameter)
         outs = [[b.empty if n == seg.final and apply[bi] is not None else self._buffer(("out", label, n), b)
                  for bi, b in enumerate(buckets)] for n in seg.outputs]
-        args = (inputs, states, fresh, params, scalars, steps, outs, apply)
+        args: tuple = (inputs, states, fresh, params, scalars, steps, outs, apply)
+        if record is not None:  # the new state into the spare buffers; a parameter updated in the kernel copied
+            olds, states = states, [[self._spare((label, si, b.key, n.name), st) for b, st in zip(buckets, row)]
+                                    for n, row in zip(seg.members, states)]
+            record.on_commit(functools.partial(self._swap, [
+                ((label, si, b.key, n.name), new) for n, row in zip(seg.members, states) for b, new in zip(buckets, row)
+                if new]))
+            # copied before the kernel, not in it: Inductor (torch 2.13) stored the parameter's new value into a
+            # copy taken inside the kernel where the segment also reads the parameter (decay, param = EXPR)
+            record.save([a[0] for a in apply if a is not None])
+            args = (inputs, states, fresh, params, scalars, steps, outs, apply, olds)
         try:
-            fn(*args)
+            flags = fn(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to the same math, eagerly
             if fn is eager_fn:
                 raise
             self._fallback(e)
-            eager_fn(*args)
+            flags = eager_fn(*args)
+        if record is not None and seg.final is not None:
+            final = seg.outputs.index(seg.final)
+            for bi, (b, flag) in enumerate(zip(buckets, flags)):
+                record.flag([batch.params[i] for i in b.idxs], flag,
+                            None if apply[bi] is not None else self._pieces(outs[final][bi], b))
         for n, o in zip(seg.outputs, outs):
             vals.flat[n] = o
         for n, per_bucket in zip(seg.nodes, states):
             for b, st in zip(buckets, per_bucket):
                 self._publish(label, si, n, b, st, batch)
         return {bi for bi, a in enumerate(apply) if a is not None}
+
+    def _spare(self, key: tuple, st: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The other flat buffers of one node's state in one bucket (made once, then reused): a step
+        under ``skip_nonfinite(updates=true)`` reads ``st`` and writes its new state there."""
+        spare = self._spares.get(key)
+        if spare is None or spare.keys() != st.keys() or any(
+                spare[k].shape != t.shape or spare[k].dtype != t.dtype or spare[k] is t for k, t in st.items()):
+            spare = self._spares[key] = {k: torch.empty_like(t) for k, t in st.items()}
+        return spare
+
+    def _swap(self, written: list[tuple[tuple, dict[str, torch.Tensor]]]) -> None:
+        """The step's update was finite: the buffers it wrote become the state, the old ones the spares."""
+        for key, new in written:
+            self._spares[key], self._flat[key] = self._flat[key], new
 
     def _one_param_view(self, seg: _Segment, inputs: list[list[torch.Tensor]], params: list[torch.Tensor | None],
                         buckets: list[_Bucket]) -> None:
@@ -825,8 +901,8 @@ class CompiledRoutes:
         return entry[0]
 
     def _published(self, key: tuple, k: str, flat_t: torch.Tensor, held: list[torch.Tensor | None]) -> bool:
-        pub = self._views.get((key, k))
-        return pub is not None and pub[0] is flat_t and all(v is t for v, t in zip(pub[1], held))
+        pub = next((pub for pub in self._views.get((key, k), ()) if pub[0] is flat_t), None)
+        return pub is not None and all(v is t for v, t in zip(pub[1], held))
 
     def _publish(self, label: str, si: int, node: str, b: _Bucket, st: dict[str, torch.Tensor],
                  batch: RouteBatch) -> None:
@@ -834,10 +910,14 @@ class CompiledRoutes:
         key = (label, si, b.key, node)
         sharded = _sharded_of(batch, b)
         for k, t in st.items():
-            pub = self._views.get((key, k))
-            if pub is None or pub[0] is not t:  # FSDP2: DTensors sharded as the parameters, as in the eager backend
+            pubs = self._views.setdefault((key, k), [])
+            pub = next((pub for pub in pubs if pub[0] is t), None)
+            if pub is None:
+                # FSDP2: DTensors sharded as the parameters, as in the eager backend
                 pub = (t, [_dtensor_like(piece.view(shape), p)
                            for piece, shape, p in zip(torch.split(t, b.sizes), b.shapes, sharded)])
-                self._views[(key, k)] = pub
+                # the views of the state and of its spare stay; those of a replaced tensor go with it
+                live = {id(x.get(k)) for x in (self._flat.get(key, {}), self._spares.get(key, {}))}
+                pubs[:] = [p for p in pubs if id(p[0]) in live and p[0] is not t] + [pub]
             for i, v in zip(b.idxs, pub[1]):
                 batch.states[i][f"{node}.{k}"] = v

@@ -8,6 +8,10 @@ The pipeline states the policy with a policy op (``gradpipe/compiler/ops/nonfini
   raise :class:`NonFiniteError` when more than ``N`` steps in a row were skipped;
 * ``allow_nonfinite``: no check, as ``torch.optim`` (NaN and Inf reach the state).
 
+With ``skip_nonfinite(updates=true)``, a step whose update is not finite (the pipeline's own
+arithmetic, from finite gradients) is undone and counted the same way, once the routes have
+run and before any update is applied (``gradpipe/runtime/rollback.py``).
+
 The check reads every gradient tensor the step hands the pipeline (``grad``,
 ``grads.<loss>``, ``samples``) and, when the pipeline reads it, the loss, once each: on
 the CPU one ``aminmax`` per tensor (a NaN propagates into the min and the max, an Inf
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -37,7 +41,8 @@ from .eager import DTensor
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import Optimizer
 
-__all__ = ["NonFiniteError", "NonFinitePolicy", "NonFiniteGuard", "policy_of", "any_nonfinite",
+__all__ = ["NonFiniteError", "NonFinitePolicy", "NonFiniteGuard", "policy_of", "any_nonfinite", "nonfinite_flags",
+           "param_names",
            "DEFAULT_MAX_CONSECUTIVE"]
 
 
@@ -51,16 +56,31 @@ class NonFiniteError(FloatingPointError):
     ``total`` (skipped steps in the run so far) and ``params`` (the parameters, by name where
     the optimizer was built from ``named_parameters()``, whose gradients were not finite in
     this step, each with the source: ``grad``, ``grads.<loss>``, ``samples``).
+
+
+    With ``skip_nonfinite(updates=true)``, a step whose gradients were finite but whose update
+    was not (the pipeline's own arithmetic) counts too; ``update`` is then true and ``params``
+    names the parameters whose update was not finite, each with the source ``update``.
     """
 
     def __init__(self, step: int, consecutive: int, max_consecutive: float, total: int,
-                 params: Sequence[str] = (), loss: float | None = None) -> None:
+                 params: Sequence[str] = (), loss: float | None = None, update: bool = False) -> None:
         self.step, self.consecutive, self.max_consecutive = int(step), int(consecutive), float(max_consecutive)
-        self.total, self.params, self.loss = int(total), list(params), loss
+        self.total, self.params, self.loss, self.update = int(total), list(params), loss, bool(update)
         limit = int(max_consecutive) if math.isfinite(max_consecutive) else max_consecutive
+        shown = ", ".join(self.params[:10]) + (f" and {len(self.params) - 10} more" if len(self.params) > 10 else "")
+        if self.update:
+            super().__init__(
+                f"step {self.step}: the pipeline's update is not finite (NaN or Inf) for {shown or 'a parameter'}, "
+                f"from finite gradients; {self.consecutive} skipped steps in a row, more than "
+                f"skip_nonfinite(max_consecutive={limit}, updates=true) allows ({self.total} skipped in this run). "
+                "The parameters and the optimizer state are those after the last finite step.\n"
+                "hint: look for a division by zero, a log or a square root of a negative number, or an overflow in "
+                "the pipeline's arithmetic or its hyperparameters, or raise the limit: "
+                "grad | skip_nonfinite(max_consecutive=..., updates=true) | ...")
+            return
         what = []
         if self.params:
-            shown = ", ".join(self.params[:10]) + (f" and {len(self.params) - 10} more" if len(self.params) > 10 else "")
             what.append(f"non-finite gradients (NaN or Inf) in {shown}")
         if loss is not None and not math.isfinite(loss):
             what.append(f"loss {loss}")
@@ -72,7 +92,8 @@ class NonFiniteError(FloatingPointError):
             "limit: grad | skip_nonfinite(max_consecutive=...) | ...")
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (Dask workers)
-        return (type(self), (self.step, self.consecutive, self.max_consecutive, self.total, self.params, self.loss))
+        return (type(self), (self.step, self.consecutive, self.max_consecutive, self.total, self.params, self.loss,
+                             self.update))
 
 
 def policy_of(prog: Program) -> NonFinitePolicy:
@@ -110,6 +131,14 @@ def _agreed(dtensors: Sequence[torch.Tensor], flag: bool) -> bool:
 
 
 def _local_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether one of ``tensors`` (plain tensors) holds a NaN or an Inf: :func:`nonfinite_flags`,
+    read with one host synchronisation per device."""
+    return any(bool(f.item()) for f in nonfinite_flags(tensors))
+
+
+def nonfinite_flags(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per device of ``tensors``, a 0-d tensor on it that is nonzero where one of them holds a NaN
+    or an Inf (:func:`any_nonfinite` without the host synchronisation)."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         if t.numel():
@@ -130,7 +159,7 @@ def _local_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
         except (RuntimeError, NotImplementedError, AttributeError):  # a device or dtype the kernel lacks
             found = torch.stack([torch.isfinite(t).all() for t in ts]).logical_not().any().to(torch.float32)
         flags.append(found)
-    return any(bool(f.item()) for f in flags)
+    return flags
 
 
 class NonFiniteGuard:
@@ -153,22 +182,37 @@ class NonFiniteGuard:
              by_sample: Mapping[torch.Tensor, torch.Tensor] | None, loss_value: float | None) -> bool:
         """Check this step's inputs before anything runs (``loss_value``: the loss when the pipeline
         reads it, else None). True: skip the step (counted); raises :class:`NonFiniteError` past
-        the limit. False: take it (the consecutive count restarts)."""
+        the limit. False: take it (the consecutive count restarts, unless the update is still to
+        be checked: ``skip_nonfinite(updates=true)``, then :meth:`taken` or :meth:`skip_update`)."""
         if not self.policy.check or not params:  # no gradient this step: nothing to count
             return False
         bad = (loss_value is not None and not math.isfinite(loss_value)) or \
             any_nonfinite(self._tensors(opt, params, named_grads, by_sample))
         if not bad:
-            self.consecutive = 0
-            self.last_skipped = False
+            if not self.policy.updates:
+                self.taken()
             return False
+        self._count(opt, params, lambda: self._culprits(opt, params, named_grads, by_sample), loss_value)
+        return True
+
+    def taken(self) -> None:
+        """The step was taken: the consecutive count restarts."""
+        self.consecutive = 0
+        self.last_skipped = False
+
+    def skip_update(self, opt: "Optimizer", params: Sequence[torch.Tensor], culprits: list[str]) -> None:
+        """Count a step undone for a non-finite update (``culprits``: ``name (update)`` per
+        parameter); raises :class:`NonFiniteError` past the limit."""
+        self._count(opt, params, lambda: culprits, None, update=True)
+
+    def _count(self, opt: "Optimizer", params: Sequence[torch.Tensor], culprits: Callable[[], list[str]],
+               loss_value: float | None, update: bool = False) -> None:
         self.total += 1
         self.consecutive += 1
         self.last_skipped = True
         if self.consecutive > self.policy.max_consecutive:
             raise NonFiniteError(_step_number(opt, params), self.consecutive, self.policy.max_consecutive,
-                                 self.total, self._culprits(opt, params, named_grads, by_sample), loss_value)
-        return True
+                                 self.total, culprits(), loss_value, update)
 
     @staticmethod
     def _sources(opt: "Optimizer", params: Sequence[torch.Tensor],
@@ -211,14 +255,12 @@ class NonFiniteGuard:
                   named_grads: Mapping[str, Mapping[torch.Tensor, torch.Tensor]] | None,
                   by_sample: Mapping[torch.Tensor, torch.Tensor] | None) -> list[str]:
         """``name (source)`` for every gradient that is not finite (the slow path, on the error only)."""
-        names = {p: name for name, p in opt._named() if name is not None}
-        index = {p: i for i, (_, p) in enumerate(opt._named())}
+        who = param_names(opt)
         out = []
         for source, pairs in self._sources(opt, params, named_grads, by_sample):
             for p, t in pairs:
                 if not bool(torch.isfinite(t).all()):
-                    who = names.get(p) or f"parameter {index.get(p, '?')} of shape {tuple(p.shape)}"
-                    out.append(f"{who} ({source})")
+                    out.append(f"{who(p)} ({source})")
         return out
 
     # ------------------------------------------------------------------ state
@@ -231,6 +273,13 @@ class NonFiniteGuard:
         self.total = int(saved.get("total", 0))
         self.consecutive = int(saved.get("consecutive", 0))
         self.last_skipped = bool(saved.get("last_step_skipped", False))
+
+
+def param_names(opt: "Optimizer") -> Callable[[torch.Tensor], str]:
+    """How an error names a parameter: its name from ``named_parameters``, else its position and shape."""
+    names = {p: name for name, p in opt._named() if name is not None}
+    index = {p: i for i, (_, p) in enumerate(opt._named())}
+    return lambda p: names.get(p) or f"parameter {index.get(p, '?')} of shape {tuple(p.shape)}"
 
 
 def _step_number(opt: "Optimizer", params: Sequence[torch.Tensor]) -> int:

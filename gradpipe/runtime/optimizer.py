@@ -19,6 +19,7 @@ from .eager import RouteBatch, run_route
 from .interpret import apply_param, apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
 from .perturb import check_closure, perturbed_grads
+from .rollback import SavedCopies, StepRecord
 
 __all__ = ["Optimizer", "as_program", "BACKENDS", "TORCH_OPTIONS"]
 
@@ -228,8 +229,9 @@ class Optimizer(torch.optim.Optimizer):
     A step whose gradients hold NaN or Inf changes nothing and is counted
     (``nonfinite_steps``, ``consecutive_nonfinite``, ``last_step_skipped``); more
     than 10 in a row raise :class:`gradpipe.NonFiniteError`. The pipeline can
-    say otherwise with ``skip_nonfinite(max_consecutive=N)`` or ``allow_nonfinite``
-    (``docs/language.md`` 5.12, ``gradpipe/runtime/nonfinite.py``).
+    say otherwise with ``skip_nonfinite(max_consecutive=N)`` or ``allow_nonfinite``, and
+    with ``skip_nonfinite(updates=true)`` a step whose update is NaN or Inf is undone and
+    counted too (``docs/language.md`` 5.12, ``gradpipe/runtime/nonfinite.py``).
 
     Example::
 
@@ -260,6 +262,8 @@ class Optimizer(torch.optim.Optimizer):
         self._routes: dict[torch.Tensor, str] = {}
         #: ids of the parameters of one route's step -> (flat counters, their 0-d views)
         self._counters: dict[tuple[int, ...], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        #: the copies a step under skip_nonfinite(updates=true) keeps (runtime/rollback.py)
+        self._saved = SavedCopies()
         super().__init__(params, defaults)
         self._assign_routes()
         self._orders = {r.label: prog.route_nodes(r.label) for r in prog.routes}
@@ -344,7 +348,8 @@ class Optimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ non-finite steps
     @property
     def nonfinite_steps(self) -> int:
-        """Steps skipped so far because a gradient held NaN or Inf (kept in ``state_dict``)."""
+        """Steps skipped so far because a gradient held NaN or Inf, or (``skip_nonfinite(updates=true)``)
+        the update did (kept in ``state_dict``)."""
         return self._nonfinite.total
 
     @property
@@ -355,7 +360,7 @@ class Optimizer(torch.optim.Optimizer):
 
     @property
     def last_step_skipped(self) -> bool:
-        """Whether the last ``step()`` was skipped for a non-finite gradient (nothing changed)."""
+        """Whether the last ``step()`` was skipped for a non-finite gradient or update (nothing changed)."""
         return self._nonfinite.last_skipped
 
     # ------------------------------------------------------------------ step
@@ -442,14 +447,19 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError("step(samples=...) does not support complex parameters")
             plain = named_grads or {"grad": {p: p.grad for items in by_route.values() for p, _ in items}}
             checked = {k: {p: _real(g) for p, g in v.items()} for k, v in plain.items()}
-        if self._nonfinite.skip(self, [p for items in by_route.values() for p, _ in items], checked,
-                                by_sample, loss_value):
+        stepped_params = [p for items in by_route.values() for p, _ in items]
+        if self._nonfinite.skip(self, stepped_params, checked, by_sample, loss_value):
             return loss
         perturbed = None
         if self.needs_closure:  # grad_at(point): the closure's second call, at the points (runtime/perturb.py)
             perturbed = perturbed_grads(self, by_route, closure, loss_value)
             if perturbed is None:  # a non-finite gradient at the point: skipped, nothing written
                 return loss
+        # skip_nonfinite(updates=true): keep what the step writes, check the updates before applying
+        # any, and undo the step if one is not finite (runtime/rollback.py)
+        record = self._step_record(stepped_params, passes)
+        pending: list[tuple[list[torch.Tensor], list[dict[str, Any]], Callable[[], list[Any]], list[torch.Tensor],
+                            Sequence[tuple[torch.Tensor, dict[str, Any]]], bool]] = []
         for by_route in passes:
             # Build every environment and check it before any state changes: a step that
             # fails leaves parameters, state and step counters as they were.
@@ -471,20 +481,57 @@ class Optimizer(torch.optim.Optimizer):
                 if self._complex:  # complex parameters run as their real and imaginary parts, as in torch
                     stepped = [_real(p) for p in params]
                     grads = {k: [_real(g) for g in v] for k, v in grads.items()}
-                run = self._compiled.run_route if self._compiled is not None else partial(run_route, prog)
-                updates = run(label, RouteBatch(stepped, grads, envs, states, shared), self._node_state,
-                              self._orders[label])
-                self._count_step(params, states)  # the ops read the step from the environment
-                writes_param = prog.ir[label].writes_param  # param = EXPR: p <- value, not p - lr * u
-                for p, u, (_, group) in zip(stepped, updates, items):  # p: the real view of a complex one
-                    if u is None:  # updated in place by the compiled backend
-                        continue
-                    if writes_param:
-                        apply_param(p, u)
-                        continue
-                    lr = group["lr"]
-                    apply_update(p, u, lr.item() if isinstance(lr, torch.Tensor) else lr)
+                batch = RouteBatch(stepped, grads, envs, states, shared)
+                if self._compiled is not None:
+                    finish = self._compiled.prepare_route(label, batch, self._node_state, record)
+                else:
+                    updates = run_route(prog, label, batch, self._node_state, self._orders[label])
+                    if record is not None:
+                        record.check(stepped, updates)
+                    finish = partial(list, updates)
+                pending.append((params, states, finish, stepped, items, prog.ir[label].writes_param))
+                if record is None:
+                    self._finish_route(*pending.pop())
+        if record is not None:
+            if record.bad():  # a non-finite update: undo the step (what the kernels wrote is put back), count it
+                culprits = record.culprits()
+                record.restore()
+                self._nonfinite.skip_update(self, stepped_params, culprits)
+                return loss
+            record.commit()
+            self._nonfinite.taken()
+            for item in pending:
+                self._finish_route(*item)
         return loss
+
+    def _step_record(self, params: Sequence[torch.Tensor], passes: Sequence[Any]) -> StepRecord | None:
+        """Under ``skip_nonfinite(updates=true)``, a record of what this step may write (None otherwise,
+        or when no parameter has a gradient); a parameter listed twice is refused."""
+        policy = self._nonfinite.policy
+        if not (policy.check and policy.updates and params):
+            return None
+        if len(passes) > 1:
+            raise ValueError("skip_nonfinite(updates=true) cannot step a parameter listed twice in the param groups "
+                             "(its second step would read the first one's update before it is checked): list each "
+                             "parameter once")
+        exclude = self._compiled.flat_state_check() if self._compiled is not None else None
+        return StepRecord(self, params, self._saved, exclude)
+
+    def _finish_route(self, params: list[torch.Tensor], states: list[dict[str, Any]],
+                      finish: Callable[[], list[Any]], stepped: list[torch.Tensor],
+                      items: Sequence[tuple[torch.Tensor, dict[str, Any]]], writes_param: bool) -> None:
+        """Count the step of one route's parameters and apply its updates (``p <- p - lr * u``, or
+        ``p <- value`` for ``param = EXPR``; ``finish`` applies what the compiled backend applies itself)."""
+        updates = finish()
+        self._count_step(params, states)  # the ops read the step from the environment
+        for p, u, (_, group) in zip(stepped, updates, items):  # p: the real view of a complex one
+            if u is None:  # updated in place by the compiled backend
+                continue
+            if writes_param:
+                apply_param(p, u)
+                continue
+            lr = group["lr"]
+            apply_update(p, u, lr.item() if isinstance(lr, torch.Tensor) else lr)
 
     def _route_envs(self, items: Sequence[tuple[torch.Tensor, dict[str, Any]]], loss_value: float | None
                     ) -> list[dict[str, Any]]:
@@ -844,6 +891,7 @@ class Optimizer(torch.optim.Optimizer):
             ns = self._node_state[node] = n.impl.init_node_state(Args(n.const))
             n.impl.load_node_state_dict(ns, saved)
         self._counters = {}
+        self._saved = SavedCopies()
         self._warned_capturable_if_run_uncaptured = True
         self._assign_routes()
         self._orders = {r.label: prog.route_nodes(r.label) for r in prog.routes}
