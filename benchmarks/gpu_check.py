@@ -199,8 +199,12 @@ def _pooled(tasks: Sequence[tuple[str, str, str]], jobs: int, deadline: float) -
 
 
 def _worker_init(jobs: int) -> None:
+    """A worker's share of the cores, for torch's threads and for Inductor's compile
+    subprocesses (by default each process would start one per core); before torch is imported."""
+    share = max(1, (os.cpu_count() or 1) // jobs)
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(share))
     import torch
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    torch.set_num_threads(share)
 
 
 def run_parity(names: Sequence[str], device: str, jobs: int, budget_s: float,
