@@ -59,8 +59,22 @@ Layouts: ``"1+K"`` is one large matrix holding 90% of the parameters (``(n/1000,
 shapes of a GPT-2-style transformer scaled to about ``n`` parameters
 (:func:`gpt_shapes`).
 
-heavyball and pytorch-optimizer are timed when importable (``heavyball.ForeachAdamW``,
+heavyball and pytorch-optimizer are timed when importable (``heavyball.AdamW``,
 ``pytorch_optimizer.DiffGrad``) and reported as ``not installed`` otherwise.
+
+``run_peers`` (``gradpipe bench --peers``) times the pipelines next to the other
+implementations of their algorithms (:data:`PEERS`): torch's Adam as a for-loop, foreach,
+fused and with its ``step`` under ``torch.compile``, ``torch.optim.Muon``, heavyball's
+AdamW, Muon and SOAP, pytorch-optimizer's DiffGrad and Grams, each with its library's
+defaults but ``lr``. Matrix optimizers (and gradpipe's ``muon`` and ``soap``,
+:data:`MATRIX_PIPELINES`) are given the layout's 2-D parameters only (``given``,
+``given_params``, ``given_tensors``), and their fused Adam runs over those same tensors.
+A gradient a step frees (heavyball sets ``p.grad = None``) is given back, untimed, before
+the next step. ``peers_markdown`` prints the table.
+
+``device="cuda"`` runs the same cases on a GPU: every timed call is bracketed by
+``torch.cuda.synchronize()``, the bandwidth is the device's, and
+``peak_cuda_delta_bytes`` is the peak allocation growth (``benchmarks/gpu_check.py``).
 """
 
 from __future__ import annotations
@@ -81,7 +95,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-__all__ = ["PIPELINES", "SIZES", "TORCH_BASELINES", "run_bench", "parse_size", "size_label", "gpt_shapes",
+__all__ = ["PIPELINES", "SIZES", "TORCH_BASELINES", "PEERS", "PEER_PIPELINES", "PEER_COLUMNS", "MATRIX_PIPELINES",
+           "run_bench", "run_peers", "peers_markdown", "check_peer_keys", "parse_size", "size_label", "gpt_shapes",
            "layout_shapes", "measure_bandwidth", "machine_info", "to_markdown", "check_targets",
            "write_json", "targets_markdown", "storage_costs", "pivot_markdown"]
 
@@ -92,7 +107,7 @@ SIZES = ("100K", "1M", "10M", "100M")
 #: ``torch.optim.Adam`` implementations
 TORCH_BASELINES = ("forloop", "foreach", "fused")
 #: third-party optimizers timed when their package imports: (module, class, comparable pipeline)
-OTHERS = (("heavyball", "ForeachAdamW", "adamw"), ("pytorch_optimizer", "DiffGrad", "diffgrad"))
+OTHERS = (("heavyball", "AdamW", "adamw"), ("pytorch_optimizer", "DiffGrad", "diffgrad"))
 
 LR = 1e-3
 _ITEM = 4  # fp32
@@ -189,9 +204,11 @@ def machine_info() -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def measure_bandwidth(mbytes: int = 256, repeats: int = 10) -> dict[str, float]:
-    """Streaming bandwidth in GB/s (1e9 B/s) on fp32 buffers of ``mbytes`` MB each, far
-    larger than the caches, with torch's current thread count (medians of ``repeats``):
+def measure_bandwidth(mbytes: int = 256, repeats: int = 10, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Streaming bandwidth in GB/s (1e9 B/s) on fp32 buffers of ``mbytes`` MB each on
+    ``device``, far larger than the caches (CPU caches, a GPU's L2), with torch's current
+    thread count (medians of ``repeats``; on CUDA each call is timed between two
+    ``torch.cuda.synchronize()``):
 
     * ``stream_gbs``: ``a += b`` (read ``a`` and ``b``, write ``a`` in place: 12 B per
       element). An optimizer step updates its parameter and state in place and reads
@@ -200,23 +217,32 @@ def measure_bandwidth(mbytes: int = 256, repeats: int = 10) -> dict[str, float]:
       the hardware also reads ``c`` before writing it, write-allocate; McCalpin's STREAM).
     * ``copy_gbs``: ``b = a`` (8 B counted).
     """
+    dev = torch.device(device)
+    sync = _synchronizer(dev)
     n = mbytes * 2**20 // 4
-    a, b, c = torch.rand(n), torch.rand(n), torch.empty(n)
-    stream = _stream_gbs((a, b), repeats)
-    add = _median_gbs(lambda: torch.add(a, b, out=c), 3 * 4 * n, repeats)
-    copy = _median_gbs(lambda: c.copy_(a), 2 * 4 * n, repeats)
+    a, b, c = torch.rand(n, device=dev), torch.rand(n, device=dev), torch.empty(n, device=dev)
+    stream = _stream_gbs((a, b), repeats, sync)
+    add = _median_gbs(lambda: torch.add(a, b, out=c), 3 * 4 * n, repeats, sync)
+    copy = _median_gbs(lambda: c.copy_(a), 2 * 4 * n, repeats, sync)
     return {"stream_gbs": stream, "add_gbs": add, "copy_gbs": copy, "buffer_mb": float(mbytes)}
 
 
-def _median_gbs(fn: Callable[[], Any], moved: int, repeats: int) -> float:
+def _synchronizer(device: torch.device) -> Callable[[], None] | None:
+    """What makes a timer see the device's work finished: ``torch.cuda.synchronize`` on
+    CUDA (kernels run asynchronously), nothing on the CPU."""
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+def _median_gbs(fn: Callable[[], Any], moved: int, repeats: int, sync: Callable[[], None] | None = None) -> float:
     fn()
-    return moved / statistics.median(_block(lambda: _timed(fn), repeats, 0)) / 1e9
+    return moved / statistics.median(_block(lambda: _timed(fn, sync), repeats, 0)) / 1e9
 
 
-def _stream_gbs(bufs: tuple[torch.Tensor, torch.Tensor], repeats: int = 5) -> float:
+def _stream_gbs(bufs: tuple[torch.Tensor, torch.Tensor], repeats: int = 5,
+                sync: Callable[[], None] | None = None) -> float:
     """``a += b`` in place on two large buffers: GB/s at 12 B per element."""
     a, b = bufs
-    return _median_gbs(lambda: a.add_(b, alpha=1e-30), 3 * a.element_size() * a.numel(), repeats)
+    return _median_gbs(lambda: a.add_(b, alpha=1e-30), 3 * a.element_size() * a.numel(), repeats, sync)
 
 
 def _rss() -> tuple[int, int] | None:
@@ -242,40 +268,101 @@ def _reset_peak() -> bool:
 
 
 # ---------------------------------------------------------------------------------- cases
-@dataclass
+@dataclass(frozen=True)
 class _Case:
     library: str  # gradpipe | torch | heavyball | pytorch_optimizer
     pipeline: str  # gradpipe pipeline, or the algorithm of a baseline
-    backend: str  # eager | compiled | forloop | foreach | fused | the class name
+    backend: str  # eager | compiled | forloop | foreach | fused | compile | the class name
+    matrices: bool = False  # given only the layout's matrices (2-D parameters)
 
     @property
     def name(self) -> str:
         if self.library == "gradpipe":
             return f"gradpipe {self.pipeline} [{self.backend}]"
-        if self.library == "torch":
-            return f"torch Adam ({self.backend})"
+        if self.library == "torch" and self.pipeline == "adam":
+            return f"torch Adam ({'torch.compile' if self.backend == 'compile' else self.backend})"
         return f"{self.library} {self.backend}"
+
+
+#: gradpipe pipelines given only the layout's matrices: Muon is defined for matrices only
+#: (``pipelines/muon.grad`` matches no vector), and SOAP is compared there with heavyball's
+MATRIX_PIPELINES = frozenset({"muon", "soap"})
+#: the gradpipe pipelines of ``gradpipe bench --peers``
+PEER_PIPELINES = ("adam", "adamw", "diffgrad", "grams", "muon", "soap")
+#: the peers of ``gradpipe bench --peers`` by key, in the order of the table: torch's Adams,
+#: then each algorithm's other implementations (library defaults but ``lr``). Matrix
+#: optimizers get the layout's 2-D parameters only, as gradpipe's muon and soap do
+PEERS: dict[str, _Case] = {
+    "torch_fused": _Case("torch", "adam", "fused"),
+    "torch_foreach": _Case("torch", "adam", "foreach"),
+    "torch_forloop": _Case("torch", "adam", "forloop"),
+    "torch_compile": _Case("torch", "adam", "compile"),
+    "heavyball_adamw": _Case("heavyball", "adamw", "AdamW"),
+    "pytorch_optimizer_diffgrad": _Case("pytorch_optimizer", "diffgrad", "DiffGrad"),
+    "pytorch_optimizer_grams": _Case("pytorch_optimizer", "grams", "Grams"),
+    "torch_muon": _Case("torch", "muon", "Muon", matrices=True),
+    "heavyball_muon": _Case("heavyball", "muon", "Muon", matrices=True),
+    "heavyball_soap": _Case("heavyball", "soap", "SOAP", matrices=True),
+}
+
+
+def _gradpipe_case(pipeline: str, backend: str) -> _Case:
+    return _Case("gradpipe", pipeline, backend, matrices=pipeline in MATRIX_PIPELINES)
 
 
 def _cases(pipelines: Sequence[str], backends: Sequence[str], baselines: Sequence[str],
            others: bool) -> list[_Case]:
     out = [_Case("torch", "adam", b) for b in baselines]
-    out += [_Case("gradpipe", p, b) for p in pipelines for b in backends]
+    out += [_gradpipe_case(p, b) for p in pipelines for b in backends]
     if others:
         out += [_Case(mod, algo, cls) for mod, cls, algo in OTHERS]
     return out
 
 
+def check_peer_keys(keys: Iterable[str]) -> None:
+    """``ValueError`` naming the first key that is not in :data:`PEERS`."""
+    unknown = [k for k in keys if k not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peer {unknown[0]!r}: choose from {', '.join(PEERS)}")
+
+
+def _peer_cases(pipelines: Sequence[str], backends: Sequence[str], peers: Sequence[str] | None = None) -> list[_Case]:
+    """The peers named (every one of :data:`PEERS` when ``None``; an unknown key is a
+    ``ValueError``) and the gradpipe pipelines, each after the peers of its algorithm."""
+    keys = list(PEERS) if peers is None else list(peers)
+    check_peer_keys(keys)
+    chosen = [PEERS[k] for k in PEERS if k in keys]
+    ours = [_gradpipe_case(p, b) for p in pipelines for b in backends]
+    out = [c for c in chosen if c.library == "torch" and c.pipeline == "adam"]
+    for algo in dict.fromkeys([c.pipeline for c in chosen] + [c.pipeline for c in ours]):
+        out += [c for c in chosen if c.pipeline == algo and c not in out]
+        out += [c for c in ours if c.pipeline == algo]
+    return out
+
+
 def _make_optimizer(case: _Case, named: list[tuple[str, torch.Tensor]]) -> torch.optim.Optimizer:
     params = [p for _, p in named]
-    if case.library == "torch":
-        kw = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[case.backend]
-        return torch.optim.Adam(params, lr=LR, **kw)
     if case.library == "gradpipe":
         from .runtime.optimizer import Optimizer
         return Optimizer(named, case.pipeline, backend=case.backend, lr=LR)
-    cls = getattr(importlib.import_module(case.library), case.backend)
-    return cls(params, lr=LR)
+    if case.library == "torch" and case.pipeline == "adam":
+        if case.backend == "compile":
+            return _compiled_adam(params)
+        kw = {"forloop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[case.backend]
+        return torch.optim.Adam(params, lr=LR, **kw)
+    module = torch.optim if case.library == "torch" else importlib.import_module(case.library)
+    return getattr(module, case.backend)(params, lr=LR)
+
+
+def _compiled_adam(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """``torch.optim.Adam`` (its default implementation) whose ``step`` runs a function
+    calling the original ``opt.step()`` under ``torch.compile(fullgraph=False)``, torch's
+    recipe (the tutorial "Compiling the optimizer with torch.compile"). Its first steps
+    compile (and recompile once the state exists): the warm-up before the timed steps."""
+    opt = torch.optim.Adam(params, lr=LR)
+    plain = opt.step
+    opt.step = torch.compile(lambda: plain(), fullgraph=False)  # type: ignore[method-assign]
+    return opt
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -328,9 +415,15 @@ def _linear_losses(named: list[tuple[str, torch.Tensor]], dirs: Sequence[list[to
                 for k, gs in zip(("main", "aux"), dirs)}
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def _timed(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> float:
+    """Seconds ``fn()`` takes; with ``sync`` (CUDA) the device's queued work is finished
+    before the clock starts and waited for before it stops."""
+    if sync is not None:
+        sync()
     t0 = time.perf_counter()
     fn()
+    if sync is not None:
+        sync()
     return time.perf_counter() - t0
 
 
@@ -346,6 +439,28 @@ def _block(fn: Callable[[], float], n: int, warmup: int, deadline: float | None 
     return out
 
 
+_Master = list[tuple[str, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """How a run times its cases (the keyword arguments of :func:`run_bench`)."""
+
+    repeats: int | None = None
+    warmup: int = 2
+    max_case_s: float = 120.0
+    retries: int = 2
+    max_spread: float = 1.3
+    retry_sleep_s: float = 1.0
+    bandwidth_mb: int = 256
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def sync(self) -> Callable[[], None] | None:
+        return _synchronizer(self.device)
+
+
 def _fresh(master: Sequence[tuple[str, torch.Tensor, torch.Tensor]]
            ) -> tuple[list[tuple[str, torch.Tensor]], torch.optim.Optimizer]:
     """Copies of the parameters with their gradients set, and a torch fused Adam over them."""
@@ -359,15 +474,30 @@ def _fresh(master: Sequence[tuple[str, torch.Tensor, torch.Tensor]]
     return named, base
 
 
-def _calibrate(base: torch.optim.Optimizer, repeats: int, retries: int, sleep_s: float) -> float:
-    """The fused-Adam step time of a quiet machine: block medians until two in a row agree
-    within 10% (at most ``retries + 2`` blocks); the smallest."""
-    meds = [statistics.median(_block(lambda: _timed(base.step), repeats, 2))]
-    for _ in range(retries + 1):
-        meds.append(statistics.median(_block(lambda: _timed(base.step), repeats, 1)))
+def _stepper(step: Callable[[], Any], grads: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+             sync: Callable[[], None] | None) -> Callable[[], float]:
+    """``step`` timed, after giving back, untimed, every gradient a step freed (heavyball
+    sets ``p.grad = None`` in its step; the next step, or the fused Adam timed around
+    the case, would skip those parameters)."""
+    def timed() -> float:
+        for p, g in grads:
+            if p.grad is None:
+                p.grad = g
+        return _timed(step, sync)
+    return timed
+
+
+def _calibrate(master: _Master, repeats: int, t: _Timing) -> float:
+    """The fused-Adam step time of a quiet machine on fresh copies of ``master``: block
+    medians until two in a row agree within 10% (at most ``retries + 2`` blocks); the smallest."""
+    _, base = _fresh(master)
+    step = _stepper(base.step, (), t.sync)
+    meds = [statistics.median(_block(step, repeats, 2))]
+    for _ in range(t.retries + 1):
+        meds.append(statistics.median(_block(step, repeats, 1)))
         if max(meds[-2:]) / min(meds[-2:]) <= 1.1:
             break
-        time.sleep(sleep_s)
+        time.sleep(t.retry_sleep_s)
     return min(meds)
 
 
@@ -375,63 +505,95 @@ def _auto_repeats(n: int) -> int:
     return 20 if n <= 2 * 10**6 else 7 if n <= 2 * 10**7 else 3
 
 
-def _run_case(case: _Case, named: list[tuple[str, torch.Tensor]], base: torch.optim.Optimizer,
-              dirs: Sequence[list[torch.Tensor]] | None, repeats: int, warmup: int, max_case_s: float,
-              stream: tuple[torch.Tensor, torch.Tensor], retries: int, max_spread: float, retry_sleep_s: float,
-              ref: list[float]) -> dict[str, Any]:
-    row: dict[str, Any] = {"impl": case.name, "library": case.library, "pipeline": case.pipeline,
-                           "backend": case.backend, "status": "ok", "error": None}
-    if case.library == "gradpipe" and case.backend == "compiled":
-        from torch import _dynamo
-        _dynamo.reset()  # a fresh compilation per case (and no growing recompile cache)
+def _step_fns(opt: torch.optim.Optimizer, named: list[tuple[str, torch.Tensor]],
+              dirs: Sequence[list[torch.Tensor]] | None, multi: bool, sync: Callable[[], None] | None
+              ) -> tuple[Callable[[], float], Callable[[], float] | None]:
+    """The timed step and, for a multi-loss pipeline, its two ``autograd.grad`` calls timed alone."""
+    if not multi:
+        return _stepper(opt.step, [(p, p.grad) for _, p in named], sync), None
+    if dirs is None:
+        raise RuntimeError("internal: multi-loss case without loss directions")
+    params = [p for _, p in named]
+
+    def step() -> float:
+        losses = _linear_losses(named, dirs)  # the forward pass, not timed
+        return _timed(lambda: opt.step(losses=losses), sync)  # type: ignore[call-arg]
+
+    def autograd_only() -> float:
+        losses = _linear_losses(named, dirs)
+        return _timed(lambda: (torch.autograd.grad(losses["main"], params, retain_graph=True),
+                               torch.autograd.grad(losses["aux"], params)), sync)
+    return step, autograd_only
+
+
+def _attempts(step: Callable[[], float], base_step: Callable[[], float], autograd_only: Callable[[], float] | None,
+              repeats: int, t: _Timing, ref: list[float]) -> tuple[float, list[float], list[float], list[float], int]:
+    """Blocks of fused Adam, the case, its autograd calls, fused Adam again, until the fused
+    blocks are within ``max_spread`` of the quiet step ``ref[0]`` (lowered when a block is
+    faster) or the retries or ``max_case_s`` run out; the quietest attempt's
+    ``(spread, fused times, step times, autograd times)`` and the number of attempts."""
+    t_case = time.perf_counter()
+    attempts = []
+    for attempt in range(1 + t.retries):
+        before = _block(base_step, repeats, 1)
+        times = _block(step, repeats, t.warmup if attempt == 0 else 1,
+                       deadline=time.perf_counter() + t.max_case_s / (1 + t.retries))
+        auto_times = _block(autograd_only, len(times), 1) if autograd_only is not None else []
+        after = _block(base_step, repeats, 1)
+        mb, ma = statistics.median(before), statistics.median(after)
+        ref[0] = min(ref[0], mb, ma)
+        spread = max(mb, ma) / ref[0]
+        attempts.append((spread, before + after, times, auto_times))
+        if spread <= t.max_spread or time.perf_counter() - t_case > t.max_case_s:
+            break
+        time.sleep(t.retry_sleep_s)  # let a burst of other work pass
+    return (*min(attempts, key=lambda a: a[0]), len(attempts))
+
+
+def _memory_mark(device: torch.device) -> tuple[tuple[int, int] | None, bool, int | None]:
+    """Before a case: the resident set, whether its peak could be reset, and on CUDA the
+    allocated bytes (the device's peak statistics reset)."""
     rss0 = _rss()
     peak_ok = rss0 is not None and _reset_peak()
-    multi = False
+    if device.type != "cuda":
+        return rss0, peak_ok, None
+    torch.cuda.reset_peak_memory_stats(device)
+    return rss0, peak_ok, torch.cuda.memory_allocated(device)
+
+
+def _memory_peaks(mark: tuple[tuple[int, int] | None, bool, int | None], device: torch.device
+                  ) -> tuple[int | None, int | None]:
+    """Peak resident-set growth and peak CUDA allocation growth since :func:`_memory_mark`."""
+    rss0, peak_ok, cuda0 = mark
+    rss1 = _rss()
+    host = (rss1[1] - rss0[0]) if peak_ok and rss0 and rss1 else None
+    dev = torch.cuda.max_memory_allocated(device) - cuda0 if cuda0 is not None else None
+    return host, dev
+
+
+def _run_case(case: _Case, named: list[tuple[str, torch.Tensor]], base: torch.optim.Optimizer,
+              dirs: Sequence[list[torch.Tensor]] | None, repeats: int, t: _Timing,
+              stream: tuple[torch.Tensor, torch.Tensor], ref: list[float]) -> dict[str, Any]:
+    row: dict[str, Any] = {"impl": case.name, "library": case.library, "pipeline": case.pipeline,
+                           "backend": case.backend, "status": "ok", "error": None}
+    if case.backend in ("compiled", "compile"):
+        from torch import _dynamo
+        _dynamo.reset()  # a fresh compilation per case (and no growing recompile cache)
+    mark = _memory_mark(t.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         opt = _make_optimizer(case, named)
         init_s = time.perf_counter() - t0
         multi = case.library == "gradpipe" and bool(opt.program.losses)  # type: ignore[attr-defined]
-        if multi and dirs is None:
-            raise RuntimeError("internal: multi-loss case without loss directions")
-
-        if multi:
-            def step() -> float:
-                losses = _linear_losses(named, dirs)  # the forward pass, not timed
-                return _timed(lambda: opt.step(losses=losses))
-
-            def autograd_only() -> float:
-                losses = _linear_losses(named, dirs)
-                params = [p for _, p in named]
-                return _timed(lambda: (torch.autograd.grad(losses["main"], params, retain_graph=True),
-                                       torch.autograd.grad(losses["aux"], params)))
-        else:
-            def step() -> float:
-                return _timed(opt.step)
-            autograd_only = step  # unused: only multi-loss cases time autograd alone
-
+        step, autograd_only = _step_fns(opt, named, dirs, multi, t.sync)
+        base_step = _stepper(base.step, [(p, p.grad) for _, p in named], t.sync)
         step1 = step()
         step2 = step()
-        t_case = time.perf_counter()
-        bw_before = _stream_gbs(stream)
-        attempts = []
-        for attempt in range(1 + retries):
-            before = _block(lambda: _timed(base.step), repeats, 1)
-            times = _block(step, repeats, warmup if attempt == 0 else 1,
-                           deadline=time.perf_counter() + max_case_s / (1 + retries))
-            auto_times = _block(autograd_only, len(times), 1) if multi else []
-            after = _block(lambda: _timed(base.step), repeats, 1)
-            mb, ma = statistics.median(before), statistics.median(after)
-            ref[0] = min(ref[0], mb, ma)
-            spread = max(mb, ma) / ref[0]
-            attempts.append((spread, before + after, times, auto_times))
-            if spread <= max_spread or time.perf_counter() - t_case > max_case_s:
-                break
-            time.sleep(retry_sleep_s)  # let a burst of other work pass
-        spread, base_times, times, auto_times = min(attempts, key=lambda a: a[0])
-        rss1 = _rss()
-        bandwidth = max(bw_before, _stream_gbs(stream))  # other processes only ever lower it
+        bw_before = _stream_gbs(stream, sync=t.sync)
+        spread, base_times, times, auto_times, attempts = _attempts(step, base_step, autograd_only, repeats, t, ref)
+        peak_host, peak_dev = _memory_peaks(mark, t.device)
+        bandwidth = max(bw_before, _stream_gbs(stream, sync=t.sync))  # other processes only ever lower it
     fallback = [str(w.message) for w in caught if type(w.message).__name__ == "CompileFallbackWarning"]
     n = sum(p.numel() for _, p in named)
     step_s = statistics.median(times)
@@ -444,29 +606,34 @@ def _run_case(case: _Case, named: list[tuple[str, torch.Tensor]], base: torch.op
                fused_step_s=fused_s, ratio_to_fused=net / fused_s,
                init_s=init_s, step1_s=step1, step2_s=step2, first_two_s=step1 + step2,
                state_bytes=state, state_bytes_per_param=state / n,
-               peak_rss_delta_bytes=(rss1[1] - rss0[0]) if peak_ok and rss1 else None,
+               peak_rss_delta_bytes=peak_host, peak_cuda_delta_bytes=peak_dev,
                traffic_bytes_per_param=traffic / n if traffic is not None else None,
                roofline_s=roof_s, roofline_pct=100.0 * roof_s / net if roof_s is not None and net > 0 else None,
                bandwidth_gbs=bandwidth,
                includes_autograd=multi, autograd_s=statistics.median(auto_times) if multi else None,
-               compile_fallback=fallback[0] if fallback else None, attempts=len(attempts),
-               fused_spread=spread, noisy=spread > max_spread)
+               compile_fallback=fallback[0] if fallback else None, attempts=attempts,
+               fused_spread=spread, noisy=spread > t.max_spread)
     return row
 
 
 def _empty_row(case: _Case, status: str, error: str | None) -> dict[str, Any]:
     keys = ("repeats", "step_s", "step_min_s", "step_times_s", "fused_step_s", "ratio_to_fused", "init_s", "step1_s",
             "step2_s", "first_two_s", "state_bytes", "state_bytes_per_param", "peak_rss_delta_bytes",
-            "traffic_bytes_per_param", "roofline_s", "roofline_pct", "bandwidth_gbs", "autograd_s", "compile_fallback",
-            "attempts",
-            "fused_spread", "noisy")
+            "peak_cuda_delta_bytes", "traffic_bytes_per_param", "roofline_s", "roofline_pct", "bandwidth_gbs",
+            "autograd_s", "compile_fallback", "attempts", "fused_spread", "noisy")
     return {"impl": case.name, "library": case.library, "pipeline": case.pipeline, "backend": case.backend,
             "status": status, "error": error, "includes_autograd": False, **dict.fromkeys(keys)}
 
 
 def _available(case: _Case) -> tuple[bool, str | None]:
-    if case.library in ("torch", "gradpipe"):
+    """Whether the case can run here, and the row's status when it cannot: ``not installed``
+    (the package does not import) or ``no <name> in this version``."""
+    if case.library == "gradpipe":
         return True, None
+    if case.library == "torch":
+        owner, name = ((torch, "compile") if case.backend == "compile" else
+                       (torch.optim, "Adam" if case.pipeline == "adam" else case.backend))
+        return (True, None) if hasattr(owner, name) else (False, f"no {name} in torch {torch.__version__}")
     try:
         mod = importlib.import_module(case.library)
     except ImportError:
@@ -477,18 +644,96 @@ def _available(case: _Case) -> tuple[bool, str | None]:
 
 
 # ---------------------------------------------------------------------------------- the run
+def _master(shapes: list[tuple[str, tuple[int, ...]]], t: _Timing, needs_dirs: bool
+            ) -> tuple[_Master, list[list[torch.Tensor]] | None]:
+    """Parameters and gradients drawn from ``seed`` (on the CPU, then moved to the run's
+    device), and for multi-loss cases the two loss directions (the gradients and a second draw)."""
+    g = torch.Generator().manual_seed(t.seed)
+    master = [(name, torch.randn(shape, generator=g).to(t.device), torch.randn(shape, generator=g).to(t.device))
+              for name, shape in shapes]
+    dirs = ([[gr for _, _, gr in master], [torch.randn(p.shape, generator=g).to(t.device) for _, p, _ in master]]
+            if needs_dirs else None)
+    return master, dirs
+
+
+def _case_row(case: _Case, master: _Master, dirs: list[list[torch.Tensor]] | None, repeats: int, t: _Timing,
+              stream: tuple[torch.Tensor, torch.Tensor], refs: dict[bool, list[float]]) -> dict[str, Any]:
+    """One case's row on its own copies of the parameters (all of them, or the matrices
+    for a matrix optimizer: its ratio is to fused Adam on those same matrices)."""
+    subset = [m for m in master if m[1].dim() == 2] if case.matrices else master
+    given = {"given": "matrices" if case.matrices else "all", "given_params": sum(p.numel() for _, p, _ in subset),
+             "given_tensors": len(subset)}
+    ok, why = _available(case)
+    if not ok or not subset:
+        return {**_empty_row(case, why or "no matrices in this layout", None), **given}
+    if case.matrices not in refs:
+        refs[case.matrices] = [_calibrate(subset, repeats, t)]
+    named, base = _fresh(subset)  # each case its own tensors: optimizers may adopt them
+    try:
+        row = _run_case(case, named, base, None if case.matrices else dirs, repeats, t, stream, refs[case.matrices])
+    except Exception as e:  # noqa: BLE001 - a failing case is a result, not the end of the run
+        row = _empty_row(case, "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return {**row, **given}
+
+
+def _run_group(cases: Sequence[_Case], n: int, layout: str, t: _Timing,
+               progress: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+    """Every case at one (size, layout); the quiet fused step is calibrated per parameter set."""
+    needs_dirs = any(c.library == "gradpipe" and c.pipeline == "pcgrad_adam" for c in cases)
+    master, dirs = _master(layout_shapes(n, layout), t, needs_dirs)
+    total = sum(p.numel() for _, p, _ in master)
+    reps = t.repeats if t.repeats is not None else _auto_repeats(total)
+    nbw = t.bandwidth_mb * 2**20 // 4
+    stream = (torch.rand(nbw, device=t.device), torch.rand(nbw, device=t.device))  # measured around every case
+    refs: dict[bool, list[float]] = {}
+    rows = []
+    for case in cases:
+        row = {"size": size_label(n), "n_params": total, "layout": layout, "n_tensors": len(master),
+               "threads": torch.get_num_threads(), "device": t.device.type,
+               **_case_row(case, master, dirs, reps, t, stream, refs)}
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return rows
+
+
+def _run(cases: Sequence[_Case], sizes: Iterable[str | int], layouts: Sequence[str], threads: int | None,
+         t: _Timing, out_json: str | os.PathLike[str] | None, config: dict[str, Any],
+         progress: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+    """Every (size, layout) group, the streaming bandwidth at the start and after each group,
+    the run's best bandwidth on every row; the JSON when ``out_json`` is given."""
+    ns = [parse_size(s) for s in sizes]
+    machine = machine_info()  # before the run: the source hash of the code that is timed
+    rows: list[dict[str, Any]] = []
+    with _threads(threads):
+        bws = [measure_bandwidth(t.bandwidth_mb, device=t.device)]
+        for n in ns:
+            for layout in layouts:
+                rows += _run_group(cases, n, layout, t, progress)
+                bws.append(measure_bandwidth(t.bandwidth_mb, device=t.device))
+    best = max([bw["stream_gbs"] for bw in bws] + [r["bandwidth_gbs"] for r in rows if r.get("bandwidth_gbs")])
+    for row in rows:
+        row.update(run_bandwidth_gbs=best, bandwidth_samples_gbs=[round(bw["stream_gbs"], 2) for bw in bws])
+    if out_json is not None:
+        write_json(out_json, rows, {"measurements": bws, "best_gbs": best},
+                   {"sizes": ns, "layouts": list(layouts), "repeats": t.repeats, "threads": threads,
+                    "warmup": t.warmup, "device": t.device.type, **config}, machine=machine)
+    return rows
+
+
 def run_bench(sizes: Iterable[str | int] = SIZES, pipelines: Sequence[str] = PIPELINES,
               backends: Sequence[str] = ("eager", "compiled"), layouts: Sequence[str] = ("1+50",),
               repeats: int | None = None, threads: int | None = 2, out_json: str | os.PathLike[str] | None = None,
               *, baselines: Sequence[str] = TORCH_BASELINES, others: bool = True, warmup: int = 2,
               max_case_s: float = 120.0, bandwidth_mb: int = 256, seed: int = 0, retries: int = 2,
-              max_spread: float = 1.3, retry_sleep_s: float = 1.0,
+              max_spread: float = 1.3, retry_sleep_s: float = 1.0, device: str | torch.device = "cpu",
               progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Time one optimizer step of every case; the rows as a list of dicts (see the module docstring).
 
     Args:
         sizes: parameter counts (``"100K"``, ``"1M"``, ints).
-        pipelines: gradpipe pipeline names (or `.grad` paths).
+        pipelines: gradpipe pipeline names (or `.grad` paths); those of
+            :data:`MATRIX_PIPELINES` are given the layout's matrices only.
         backends: gradpipe backends to time each pipeline with.
         layouts: ``"1+K"`` and/or ``"model"``.
         repeats: timed steps per case (the median is reported); ``None``: 20 up to 2M
@@ -507,58 +752,40 @@ def run_bench(sizes: Iterable[str | int] = SIZES, pipelines: Sequence[str] = PIP
             and keep the attempt with the quietest blocks (``fused_spread``; ``noisy``
             when even that one is over), pausing ``retry_sleep_s`` between attempts.
         bandwidth_mb: buffer size of the bandwidth measurement.
+        device: where the parameters live (``"cpu"``, ``"cuda"``); on CUDA every timed call
+            is bracketed by ``torch.cuda.synchronize()`` and ``peak_cuda_delta_bytes`` is
+            the peak allocation growth.
         progress: called with each row as it is finished.
     """
-    sizes = [parse_size(s) for s in sizes]
-    machine = machine_info()  # before the run: the source hash of the code that is timed
-    cases = _cases(pipelines, backends, baselines, others)
-    rows: list[dict[str, Any]] = []
-    with _threads(threads):
-        bws = [measure_bandwidth(bandwidth_mb)]
-        for n in sizes:
-            for layout in layouts:
-                shapes = layout_shapes(n, layout)
-                g = torch.Generator().manual_seed(seed)
-                master = [(name, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-                          for name, shape in shapes]
-                needs_dirs = any(c.library == "gradpipe" and c.pipeline == "pcgrad_adam" for c in cases)
-                dirs = ([[gr for _, _, gr in master], [torch.randn(p.shape, generator=g) for _, p, _ in master]]
-                        if needs_dirs else None)
-                total = sum(p.numel() for _, p, _ in master)
-                reps = repeats if repeats is not None else _auto_repeats(total)
-                named, base = _fresh(master)
-                ref = [_calibrate(base, reps, retries, retry_sleep_s)]
-                del named, base
-                nbw = bandwidth_mb * 2**20 // 4
-                stream = (torch.rand(nbw), torch.rand(nbw))  # measured around every case
-                for case in cases:
-                    ok, why = _available(case)
-                    if not ok:
-                        row = _empty_row(case, why or "unavailable", None)
-                    else:
-                        named, base = _fresh(master)  # each case its own tensors: optimizers may adopt them
-                        try:
-                            row = _run_case(case, named, base, dirs, reps, warmup, max_case_s, stream,
-                                            retries, max_spread, retry_sleep_s, ref)
-                        except Exception as e:  # noqa: BLE001 - a failing case is a result, not the end of the run
-                            row = _empty_row(case, "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                        del named, base
-                    row = {"size": size_label(n), "n_params": total, "layout": layout, "n_tensors": len(master),
-                           "threads": torch.get_num_threads(), **row}
-                    rows.append(row)
-                    if progress is not None:
-                        progress(row)
-                del master, dirs, stream
-                bws.append(measure_bandwidth(bandwidth_mb))
-    best = max([bw["stream_gbs"] for bw in bws] + [r["bandwidth_gbs"] for r in rows if r.get("bandwidth_gbs")])
-    for row in rows:
-        row.update(run_bandwidth_gbs=best, bandwidth_samples_gbs=[round(bw["stream_gbs"], 2) for bw in bws])
-    if out_json is not None:
-        write_json(out_json, rows, {"measurements": bws, "best_gbs": best},
-                   {"sizes": sizes, "pipelines": list(pipelines), "backends": list(backends), "layouts": list(layouts),
-                    "repeats": repeats, "threads": threads, "warmup": warmup, "baselines": list(baselines)},
-                   machine=machine)
-    return rows
+    t = _Timing(repeats, warmup, max_case_s, retries, max_spread, retry_sleep_s, bandwidth_mb, seed,
+                torch.device(device))
+    config = {"pipelines": list(pipelines), "backends": list(backends), "baselines": list(baselines), "peers": None}
+    return _run(_cases(pipelines, backends, baselines, others), sizes, layouts, threads, t, out_json, config,
+                progress)
+
+
+def run_peers(sizes: Iterable[str | int] = ("1M",), pipelines: Sequence[str] = PEER_PIPELINES,
+              backends: Sequence[str] = ("compiled",), layouts: Sequence[str] = ("1+50",),
+              repeats: int | None = None, threads: int | None = 2, out_json: str | os.PathLike[str] | None = None,
+              *, peers: Sequence[str] | None = None, warmup: int = 2, max_case_s: float = 120.0,
+              bandwidth_mb: int = 256, seed: int = 0, retries: int = 2, max_spread: float = 1.3,
+              retry_sleep_s: float = 1.0, device: str | torch.device = "cpu",
+              progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """gradpipe's pipelines next to the other implementations of their algorithms
+    (:data:`PEERS`: torch's Adam as a for-loop, foreach, fused and under ``torch.compile``,
+    torch's Muon, heavyball's AdamW, Muon and SOAP, pytorch-optimizer's DiffGrad and Grams),
+    timed as :func:`run_bench` times its cases (same rows, same keyword arguments), each
+    as a ratio to torch fused Adam on the same parameters in the same process. Matrix
+    optimizers (``given == "matrices"``) get the layout's 2-D parameters only, and their
+    fused Adam runs over those. ``peers``: keys of :data:`PEERS` (default: all); a peer
+    whose package does not import is a ``not installed`` row. ``ValueError`` on an
+    unknown key."""
+    cases = _peer_cases(pipelines, backends, peers)
+    t = _Timing(repeats, warmup, max_case_s, retries, max_spread, retry_sleep_s, bandwidth_mb, seed,
+                torch.device(device))
+    config = {"pipelines": list(pipelines), "backends": list(backends), "baselines": [],
+              "peers": list(peers) if peers is not None else list(PEERS)}
+    return _run(cases, sizes, layouts, threads, t, out_json, config, progress)
 
 
 _B1, _B2, _EPS = 0.9, 0.999, 1e-8
@@ -696,14 +923,47 @@ def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
 
+def _groups(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str], list[Mapping[str, Any]]]:
+    """The rows by (parameter count, layout), in run order."""
+    groups: dict[tuple[int, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["n_params"], r["layout"]), []).append(r)
+    return groups
+
+
+def _label(r: Mapping[str, Any]) -> str:
+    """The implementation with its footnote marks."""
+    return (r["impl"] + (" ¹" if r.get("includes_autograd") else "") + (" ²" if r.get("compile_fallback") else "")
+            + (" ³" if r.get("noisy") else "") + (" ⁴" if r.get("given") == "matrices" else ""))
+
+
+def _status(r: Mapping[str, Any]) -> str:
+    """Why a row has no measurement (``not installed``, ``error: ...``), table-safe."""
+    return (r["status"] + (f": {r['error']}" if r.get("error") else "")).replace("|", "/")
+
+
+def _notes(rs: Sequence[Mapping[str, Any]]) -> str:
+    """The footnotes the rows use, as a paragraph (empty when none)."""
+    notes = []
+    if any(r.get("includes_autograd") for r in rs):
+        notes.append("¹ step includes two `autograd.grad` calls (multi-loss); the ratio and roofline use "
+                     "the step minus those calls timed alone")
+    if any(r.get("compile_fallback") for r in rs):
+        notes.append("² torch.compile failed; the backend ran eagerly")
+    if any(r.get("noisy") for r in rs):
+        notes.append("³ noisy: in every attempt the fused-Adam blocks around the case were more than "
+                     "30% slower than the quiet fused step (other processes used the cores)")
+    if any(r.get("given") == "matrices" for r in rs):
+        notes.append("⁴ a matrix optimizer, given only the layout's 2-D parameters; its ratio is to fused "
+                     "Adam on those same parameters")
+    return "\n" + "; ".join(notes) + "\n" if notes else ""
+
+
 def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """One Markdown table per (size, layout): step time, ratio to torch fused Adam, % of
     roofline, first two steps, state and peak memory."""
     out: list[str] = []
-    groups: dict[tuple, list[Mapping[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["n_params"], r["layout"]), []).append(r)
-    for (n, layout), rs in groups.items():
+    for (n, layout), rs in _groups(rows).items():
         r0 = rs[0]
         out.append(f"**{r0['size']} parameters** ({n:,}), layout `{layout}` ({r0['n_tensors']} tensors), "
                    f"{r0['threads']} threads\n")
@@ -712,27 +972,49 @@ def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rs:
             if r["status"] != "ok":
-                why = r["status"] + (f": {r['error']}" if r.get("error") else "")
-                out.append(f"| {r['impl']} | {why.replace('|', '/')} | | | | | | | |")
+                out.append(f"| {r['impl']} | {_status(r)} | | | | | | | |")
                 continue
-            name = (r["impl"] + (" ¹" if r.get("includes_autograd") else "") + (" ²" if r.get("compile_fallback") else "")
-                    + (" ³" if r.get("noisy") else ""))
             peak = r.get("peak_rss_delta_bytes")
-            out.append(f"| {name} | {_fmt_time(r['step_s'])} | {r['ratio_to_fused']:.2f}x | "
+            out.append(f"| {_label(r)} | {_fmt_time(r['step_s'])} | {r['ratio_to_fused']:.2f}x | "
                        f"{_fmt(r.get('roofline_pct'), '.0f', '%')} | {_fmt(r.get('traffic_bytes_per_param'), '.0f')} | "
                        f"{_fmt(r.get('bandwidth_gbs'), '.0f')} | "
                        f"{_fmt_time(_startup(r))} | {r['state_bytes'] / 2**20:.1f} | "
                        f"{_fmt(None if peak is None else peak / 2**20, '.0f')} |")
-        notes = []
-        if any(r.get("includes_autograd") for r in rs):
-            notes.append("¹ step includes two `autograd.grad` calls (multi-loss); the ratio and roofline use "
-                         "the step minus those calls timed alone")
-        if any(r.get("compile_fallback") for r in rs):
-            notes.append("² torch.compile failed; the backend ran eagerly")
-        if any(r.get("noisy") for r in rs):
-            notes.append("³ noisy: in every attempt the fused-Adam blocks around the case were more than "
-                         "30% slower than the quiet fused step (other processes used the cores)")
-        out.append("\n" + "; ".join(notes) + "\n" if notes else "")
+        out.append(_notes(rs))
+    return "\n".join(out).rstrip() + "\n"
+
+
+#: the columns of :func:`peers_markdown`
+PEER_COLUMNS = ("implementation", "parameters", "step (median)", "vs fused Adam", "% roofline", "B/param",
+                "stream GB/s", "build + 2 steps", "state MB")
+
+
+def peers_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A :func:`run_peers` run as one Markdown table per (size, layout): each
+    implementation, the parameters it was given, its median step, its ratio to torch fused
+    Adam on those parameters, % of its roofline (gradpipe pipelines and torch's Adam, from
+    the B/param of their math; no model for the other libraries), the streaming bandwidth
+    measured around it, building plus two steps (compilation) and its state."""
+    out: list[str] = []
+    for (n, layout), rs in _groups(rows).items():
+        r0 = rs[0]
+        bws = [r["bandwidth_gbs"] for r in rs if r.get("bandwidth_gbs")]
+        bw = f"{min(bws):.0f} to {max(bws):.0f} GB/s" if bws else "not measured"
+        out.append(f"**{r0['size']} parameters** ({n:,}), layout `{layout}` ({r0['n_tensors']} tensors), "
+                   f"{r0.get('device', 'cpu')}, {r0['threads']} threads; streaming bandwidth (`a += b`) "
+                   f"measured around the cases: {bw} (each row's roofline uses its own)\n")
+        out.append("| " + " | ".join(PEER_COLUMNS) + " |")
+        out.append("| --- | --- |" + " ---: |" * (len(PEER_COLUMNS) - 2))
+        for r in rs:
+            given = "all" if r.get("given") != "matrices" else f"matrices: {r['given_tensors']}, {r['given_params']:,}"
+            if r["status"] != "ok":
+                out.append(f"| {r['impl']} | {given} | {_status(r)} |" + " |" * (len(PEER_COLUMNS) - 3))
+                continue
+            out.append(f"| {_label(r)} | {given} | {_fmt_time(r['step_s'])} | {r['ratio_to_fused']:.2f}x | "
+                       f"{_fmt(r.get('roofline_pct'), '.0f', '%')} | {_fmt(r.get('traffic_bytes_per_param'), '.0f')} | "
+                       f"{_fmt(r.get('bandwidth_gbs'), '.0f')} | {_fmt_time(_startup(r))} | "
+                       f"{r['state_bytes'] / 2**20:.1f} |")
+        out.append(_notes(rs))
     return "\n".join(out).rstrip() + "\n"
 
 

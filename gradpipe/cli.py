@@ -7,6 +7,7 @@
     gradpipe diff A B                 structural difference of two pipelines; exit 1 if they differ
     gradpipe ops                      the op library
     gradpipe bench [--quick] ...      time optimizer steps against torch.optim.Adam
+    gradpipe bench --peers ...        the same next to torch, heavyball and pytorch-optimizer peers
     gradpipe train FILE|NAME --task T one training run, recorded in MLflow
     gradpipe compare FILE|NAME|DIR... pipelines x seeds x grid as a Prefect flow, ranked
     gradpipe serve DIR --cron "..."   a Prefect deployment re-running the comparison on a schedule
@@ -183,31 +184,43 @@ def cmd_ops(args: argparse.Namespace) -> int:
 
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _bench_options(args: argparse.Namespace) -> dict:
+    """``gradpipe bench``'s sizes, pipelines, backends, layouts and repeats from the flags and
+    the mode's defaults (``--quick``, ``--peers``); ``ValueError`` on a bad size, layout or backend."""
     from . import bench
-    if args.quick:
-        sizes, pipelines, repeats = ["100K"], ["adam", "diffgrad"], 3
-    else:
-        sizes, pipelines, repeats = list(bench.SIZES), list(bench.PIPELINES), None
-    sizes = _csv(args.sizes) or sizes
-    pipelines = _csv(args.pipelines) or pipelines
-    backends = _csv(args.backends) or ["eager", "compiled"]
-    layouts = _csv(args.layouts) or ["1+50"]
-    repeats = args.repeats if args.repeats is not None else repeats
+    from .runtime.optimizer import BACKENDS
+    sizes, repeats = (["100K"], 3) if args.quick else (["1M", "10M"] if args.peers else list(bench.SIZES), None)
+    pipelines = bench.PEER_PIPELINES if args.peers else ("adam", "diffgrad") if args.quick else bench.PIPELINES
+    opts = {"sizes": _csv(args.sizes) or sizes, "pipelines": _csv(args.pipelines) or list(pipelines),
+            "backends": _csv(args.backends) or (["compiled"] if args.peers else ["eager", "compiled"]),
+            "layouts": _csv(args.layouts) or ["1+50"],
+            "repeats": args.repeats if args.repeats is not None else repeats}
+    for s in opts["sizes"]:
+        bench.parse_size(s)
+    for lay in opts["layouts"]:
+        bench.layout_shapes(10**6, lay)
+    bad = [b for b in opts["backends"] if b not in BACKENDS]
+    if bad:
+        raise ValueError(f"unknown backend {bad[0]!r}: choose from {', '.join(BACKENDS)}")
+    peers = None if args.peers in (None, "all") else _csv(args.peers)
+    bench.check_peer_keys(peers or ())
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: torch sees no CUDA device here")
+    return {**opts, "peers": peers}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time optimizer steps; with ``--peers`` next to torch's, heavyball's and
+    pytorch-optimizer's implementations of the same algorithms."""
+    from . import bench
     try:
-        for s in sizes:
-            bench.parse_size(s)
-        for lay in layouts:
-            bench.layout_shapes(10**6, lay)
+        o = _bench_options(args)
     except ValueError as e:
         print(f"gradpipe bench: {e}", file=sys.stderr)
         return 2
-    from .runtime.optimizer import BACKENDS
-    bad = [b for b in backends if b not in BACKENDS]
-    if bad:
-        print(f"gradpipe bench: unknown backend {bad[0]!r}: choose from {', '.join(BACKENDS)}", file=sys.stderr)
-        return 2
-    for name in pipelines:
+    for name in o["pipelines"]:
         _resolve(name)  # a typo is a GradError, before any timing
 
     def progress(row: dict) -> None:
@@ -216,13 +229,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  {row['size']} {row['layout']} {row['impl']}: "
                   + (f"{t * 1e3:.3f} ms" if t is not None else row["status"]), file=sys.stderr, flush=True)
 
-    rows = bench.run_bench(sizes, pipelines, backends, layouts, repeats, threads=args.threads or None,
-                           out_json=args.json, bandwidth_mb=args.bandwidth_mb or (64 if args.quick else 256), retries=args.retries,
-                           progress=progress)
-    table = bench.to_markdown(rows)
+    common = dict(threads=args.threads or None, out_json=args.json, retries=args.retries, device=args.device,
+                  bandwidth_mb=args.bandwidth_mb or (64 if args.quick else 256), progress=progress)
+    grid = (o["sizes"], o["pipelines"], o["backends"], o["layouts"], o["repeats"])
+    if args.peers:
+        rows = bench.run_peers(*grid, peers=o["peers"], **common)
+        table = bench.peers_markdown(rows)
+    else:
+        rows = bench.run_bench(*grid, **common)
+        table = bench.to_markdown(rows)
     sys.stdout.write(table)
     if args.markdown:
-        pathlib.Path(args.markdown).write_text(table + "\n" + bench.targets_markdown(rows))
+        pathlib.Path(args.markdown).write_text(table if args.peers else table + "\n" + bench.targets_markdown(rows))
     if args.json:
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
@@ -286,8 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 256; 64 with --quick)")
     p.add_argument("--retries", type=int, default=2,
                    help="time a case again when other processes slowed it (default 2)")
+    p.add_argument("--peers", nargs="?", const="all", metavar="KEYS",
+                   help="the peers table: torch Adam (for-loop, foreach, fused, torch.compile), torch Muon, "
+                   "heavyball AdamW, Muon and SOAP and pytorch-optimizer DiffGrad and Grams next to the pipelines "
+                   "(default adam,adamw,diffgrad,grams,muon,soap, compiled, at 1M,10M), as ratios to torch fused "
+                   "Adam; a peer that does not import is a 'not installed' row. KEYS: a comma-separated subset "
+                   "(torch_fused, torch_foreach, torch_forloop, torch_compile, torch_muon, heavyball_adamw, "
+                   "heavyball_muon, heavyball_soap, pytorch_optimizer_diffgrad, pytorch_optimizer_grams)")
+    p.add_argument("--device", default="cpu", help="where the parameters live: cpu (default) or cuda")
     p.add_argument("--json", metavar="OUT.json", help="write every measurement, the machine and the bandwidth")
-    p.add_argument("--markdown", metavar="OUT.md", help="write the table and the targets check")
+    p.add_argument("--markdown", metavar="OUT.md", help="write the table (and, without --peers, the targets check)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each case as it finishes")
     p.set_defaults(func=cmd_bench)
 

@@ -28,18 +28,27 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def _model(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A 6-8-3 MLP, initialised on the CPU from ``seed`` (the same weights on every device)."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(device, dtype)
 
 
-def _data(t: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(t: int, dtype: torch.dtype = torch.float32,
+          device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + t)
-    return torch.randn(16, 6, generator=gen).to(dtype), torch.randint(0, 3, (16,), generator=gen)
+    x, y = torch.randn(16, 6, generator=gen).to(dtype), torch.randint(0, 3, (16,), generator=gen)
+    return x.to(device), y.to(device)
+
+
+def _batch(model: torch.nn.Module, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``t``'s batch in the model's dtype, on its device."""
+    p = next(model.parameters())
+    return _data(t, p.dtype, p.device)
 
 
 def _loss(model: torch.nn.Module, t: int) -> torch.Tensor:
-    x, y = _data(t, next(model.parameters()).dtype)
+    x, y = _batch(model, t)
     return torch.nn.functional.cross_entropy(model(x).float(), y)
 
 
@@ -52,11 +61,11 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, start
         opt.zero_grad()
         loss = _loss(model, t)
         if prog is not None and prog.losses:
-            x, _ = _data(t, next(model.parameters()).dtype)
+            x, _ = _batch(model, t)
             aux = 0.1 * model(x).float().pow(2).mean()
             opt.step(losses={"main": loss, "aux": aux})
         elif prog is not None and "samples" in prog.reads:
-            x, y = _data(t, next(model.parameters()).dtype)
+            x, y = _batch(model, t)
             per = gradpipe.per_sample_grads(model, torch.nn.functional.cross_entropy, x, y)
             opt.step(samples=dict(zip(model.parameters(), per.values())))  # keyed by tensor: works unnamed
         elif getattr(opt, "needs_closure", False):  # grad_at (SAM): a closure that step() calls twice
