@@ -216,9 +216,31 @@ def _start(home: Path, log_path: Path, timeout: float) -> tuple[subprocess.Popen
         time.sleep(0.2)
 
 
+_CHAINED = ("The above exception was the direct cause", "During handling of the above exception")
+
+
+def _tracebacks(text: str) -> list[str]:
+    """The log's tracebacks, one string per chain of exceptions (a block whose end says
+    "The above exception was the direct cause ..." continues into the next)."""
+    chains: list[str] = []
+    continues = False
+    for block in text.split("Traceback (most recent call last)")[1:]:
+        if continues:
+            chains[-1] += block
+        else:
+            chains.append(block)
+        continues = any(marker in block[-300:] for marker in _CHAINED)
+    return chains
+
+
 def _check_log(log_path: Path) -> None:
+    """A Traceback in the server's log fails the test session, except SQLite's "database is
+    locked": Prefect's SQLite store raises it when a read transaction upgrades to a write while
+    another connection writes (the comment above ``PRAGMA journal_mode = WAL`` in Prefect's
+    ``server/database/configurations.py``), which a machine loaded by other jobs makes likely;
+    the request fails on the server, and the test decides by its own assertions."""
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    if "Traceback" in text:
+    if any("database is locked" not in chain for chain in _tracebacks(text)):
         raise ServerError(f"the prefect server log {log_path} contains a Traceback:\n{_tail(log_path, 80)}")
 
 

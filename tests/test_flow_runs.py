@@ -11,7 +11,7 @@ import math
 import pathlib
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gradpipe import GradError
 from gradpipe.flows import tracking
@@ -56,6 +56,7 @@ def test_malformed_set_is_one_clear_error(bad):
         parse_sets([bad])
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a loaded machine draws slowly
 @given(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True),
                        st.lists(st.one_of(st.integers(-5, 5), st.floats(1e-6, 10, allow_nan=False)),
                                 min_size=1, max_size=3), min_size=1, max_size=3))
