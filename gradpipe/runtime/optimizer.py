@@ -19,6 +19,7 @@ from .eager import DTensor, RouteBatch, run_route
 from .interpret import apply_param, apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
 from .perturb import check_closure, perturbed_grads
+from .step_plan import plan_next_step, planned_step
 
 __all__ = ["Optimizer", "as_program", "BACKENDS", "TORCH_OPTIONS"]
 
@@ -300,6 +301,12 @@ class Optimizer(torch.optim.Optimizer):
         self._complex = any(p.is_complex() for _, p in named)
         if self._complex:
             self._refuse_complex_factoring(named)
+        #: whether steps that read only ``p.grad`` run from step plans (``gradpipe/runtime/step_plan.py``)
+        prog = self.program
+        self._plannable = self._compiled is not None and not self._duplicates and not self._complex and \
+            not prog.losses and "samples" not in prog.reads and not self.needs_closure
+        if self._compiled is not None:
+            self._compiled.step_plans.clear()
 
     def _refuse_dtensors(self, named: list[tuple[str | None, torch.Tensor]]) -> None:
         """The compiled backend fuses over flat buffers of the parameters' gradients and state,
@@ -404,6 +411,9 @@ class Optimizer(torch.optim.Optimizer):
             loss_value = float(loss)
         else:
             loss_value = None  # float(loss) would synchronise with the device for nothing
+        plannable = self._plannable and named_grads is None and by_sample is None
+        if plannable and planned_step(self, loss_value):  # the layout of an earlier step: its plan
+            return loss
         # A parameter listed twice (torch warns when the group is added) is stepped twice, as
         # torch.optim does: each repeat goes into a later pass, which sees the state the earlier left.
         passes: list[dict[str, list[tuple[torch.Tensor, dict[str, Any]]]]] = [defaultdict(list)]
@@ -474,16 +484,24 @@ class Optimizer(torch.optim.Optimizer):
                 updates = run(label, RouteBatch(stepped, grads, envs, states, shared), self._node_state,
                               self._orders[label])
                 self._count_step(params, states)  # the ops read the step from the environment
-                writes_param = prog.ir[label].writes_param  # param = EXPR: p <- value, not p - lr * u
-                for p, u, (_, group) in zip(stepped, updates, items):  # p: the real view of a complex one
-                    if u is None:  # updated in place by the compiled backend
-                        continue
-                    if writes_param:
-                        apply_param(p, u)
-                        continue
-                    lr = group["lr"]
-                    apply_update(p, u, lr.item() if isinstance(lr, torch.Tensor) else lr)
+                self._apply_updates(label, stepped, updates, items)
+        if plannable:  # the next step of this layout runs from a plan
+            plan_next_step(self, passes[0], loss_value)
         return loss
+
+    def _apply_updates(self, label: str, params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor | None],
+                       items: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """``p <- p - lr * u`` (or ``p <- u`` for ``param = EXPR``) for each update a route returned
+        (None: the compiled backend applied it in place); ``p`` may be a complex one's real view."""
+        writes_param = self.program.ir[label].writes_param
+        for p, u, (_, group) in zip(params, updates, items):
+            if u is None:
+                continue
+            if writes_param:
+                apply_param(p, u)
+                continue
+            lr = group["lr"]
+            apply_update(p, u, lr.item() if isinstance(lr, torch.Tensor) else lr)
 
     def _route_envs(self, items: Sequence[tuple[torch.Tensor, dict[str, Any]]], loss_value: float | None
                     ) -> list[dict[str, Any]]:
@@ -777,6 +795,8 @@ class Optimizer(torch.optim.Optimizer):
                 state_dict = result
         # torch casts floating state to the parameter's dtype, which would round fp32 state of
         # bf16 parameters; load_state loads the groups through torch and the state itself, keeping dtypes.
+        if self._compiled is not None:
+            self._compiled.step_plans.clear()  # new state: the next step plans again
         self.last_migration = load_state(self, state_dict, self._load_groups)
         meta = saved_meta(state_dict) or {}
         self._nonfinite.load_state_dict(meta.get("nonfinite"))  # counters of skipped steps
