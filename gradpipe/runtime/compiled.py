@@ -572,6 +572,9 @@ class CompiledRoutes:
         self.step_plans: dict[tuple, Any] = {}
         #: step plans built so far (what tests count)
         self.plan_builds = 0
+        #: general steps to take before planning again, and the wait after the next wasted plan
+        #: (``gradpipe/runtime/step_plan.py``: layouts that alternate replace each other's plans)
+        self.plan_wait = self.plan_backoff = 0
         #: the step plan whose step is being checked for non-finite gradients (see grad_buffers)
         self._active: Any = None
 

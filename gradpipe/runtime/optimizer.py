@@ -19,7 +19,7 @@ from .eager import DTensor, RouteBatch, run_route
 from .interpret import apply_param, apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
 from .perturb import check_closure, perturbed_grads
-from .step_plan import plan_next_step, planned_step
+from .step_plan import counter_mask, plan_next_step, planned_step
 
 __all__ = ["Optimizer", "as_program", "BACKENDS", "TORCH_OPTIONS"]
 
@@ -573,8 +573,10 @@ class Optimizer(torch.optim.Optimizer):
     # Step counters. Each parameter's ``state[p]["step"]`` is a 0-d float32 tensor, as in
     # torch.optim; here the counters of the parameters a route steps together are 0-d views of
     # one tensor, so reading them is one ``tolist()`` and counting a step one ``add_``, not one
-    # tensor op per parameter. Anything that replaces a counter (load_state_dict, a parameter
-    # joining or leaving the set) is seen by identity, and the set is rebuilt from the values.
+    # tensor op per parameter. A step of some of a set's parameters (the others without a
+    # gradient) counts them in the set with one masked ``add_``, so that the set, which the step
+    # plan of the other layout holds, stays. Anything that replaces a counter (load_state_dict,
+    # a parameter joining the set) is seen by identity, and the set is rebuilt from the values.
     _MAX_COUNTER_SETS = 8
 
     def _counter_set(self, params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]] | None = None
@@ -587,11 +589,27 @@ class Optimizer(torch.optim.Optimizer):
         states = states if states is not None else [self.state.get(p, {}) for p in params]
         return flat if all(st.get("step") is v for st, v in zip(states, views)) else None
 
-    def _count_step(self, params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]) -> None:
-        """Add one to the step counter of every parameter of ``params`` (creating it at 0)."""
+    def _covering_counters(self, params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]
+                           ) -> tuple[torch.Tensor, list[int] | None] | None:
+        """A counter set whose views ``params`` hold: its flat tensor, and the places of ``params``
+        in it (None when the set is exactly ``params``)."""
         flat = self._counter_set(params, states)
         if flat is not None:
-            flat.add_(1)
+            return flat, None
+        for key, (flat, views) in self._counters.items():
+            if len(key) > len(params):
+                at = {k: i for i, k in enumerate(key)}
+                idx = [at.get(id(p), -1) for p in params]
+                if all(st.get("step") is views[i] for st, i in zip(states, idx) if i >= 0) and min(idx) >= 0:
+                    return flat, idx
+        return None
+
+    def _count_step(self, params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]) -> None:
+        """Add one to the step counter of every parameter of ``params`` (creating it at 0)."""
+        covering = self._covering_counters(params, states)
+        if covering is not None:
+            flat, idx = covering
+            flat.add_(1) if idx is None else flat.add_(counter_mask(flat, idx))
             return
         done = self._steps_done(params)
         flat = torch.tensor([d + 1 for d in done], dtype=torch.float32)

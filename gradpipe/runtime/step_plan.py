@@ -27,10 +27,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .compiled import CompiledRoutes, _RoutePlan
     from .optimizer import Optimizer
 
-__all__ = ["StepPlan", "planned_step", "plan_next_step"]
+__all__ = ["StepPlan", "planned_step", "plan_next_step", "counter_mask"]
 
 #: step plans kept per optimizer (one per layout)
 MAX_PLANS = 8
+#: the most general steps to wait before planning again after plans were replaced before they
+#: ran (the wait doubles each time, and ends when a plan runs twice)
+MAX_BACKOFF = 64
 #: what ``CompiledRoutes.step_plans`` holds for a layout whose gradients did not fit its plan (a
 #: solo bucket's gradient that is not contiguous, a sparse gradient): the general path takes its steps
 UNFIT = None
@@ -38,6 +41,14 @@ UNFIT = None
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
 _PTR = torch.Tensor.data_ptr
+
+
+def counter_mask(flat: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+    """1 at the places ``idx`` of a counter set's flat tensor, 0 elsewhere: adding it counts a step
+    of those parameters (``Optimizer._count_step``)."""
+    mask = torch.zeros_like(flat)
+    mask[list(idx)] = 1
+    return mask
 
 
 def _key(groups: Sequence[dict[str, Any]], params: Sequence[torch.Tensor], grads: Sequence[Any]) -> tuple:
@@ -68,13 +79,32 @@ class _Route:
     and its :class:`_RoutePlan` (None: the route runs through ``CompiledRoutes.run_route``)."""
 
     def __init__(self, label: str, items: list[tuple[torch.Tensor, dict[str, Any]]], states: list[dict[str, Any]],
-                 envs: list[dict[str, Any]], pos: list[int], counter: torch.Tensor, plan: _RoutePlan | None) -> None:
+                 envs: list[dict[str, Any]], pos: list[int], counters: tuple[torch.Tensor, list[int] | None],
+                 plan: _RoutePlan | None) -> None:
         self.label, self.items, self.states, self.envs, self.pos, self.plan = label, items, states, envs, pos, plan
         self.params = [p for p, _ in items]
-        self.counter = counter
-        #: the counters' values the plan expects before the step (a counter written in place is seen)
-        self.expect = counter.clone()
+        #: the counter set holding the parameters' step counters, their places in it, and what
+        #: counting a step adds (1, or a mask where the set also holds parameters of another layout)
+        self.counter, at = counters
+        self.at = list(range(len(self.params))) if at is None else at
+        self.count: Any = 1 if at is None else counter_mask(self.counter, at)
+        #: the counters' values the plan's environments were made for (another layout's step, a
+        #: counter written in place: the environments are made again from the values)
+        self.expect = self.counter.clone()
         self.grads: list[torch.Tensor] = []
+
+    def resync(self) -> bool:
+        """The environments' step numbers from the counters' values; False where parameters that
+        share an environment no longer share a count (the step's buckets change: a new plan)."""
+        values = self.counter.tolist()
+        done: dict[int, float] = {}
+        for env, i in zip(self.envs, self.at):
+            if done.setdefault(id(env), values[i]) != values[i]:
+                return False
+        for env in {id(e): e for e in self.envs}.values():
+            env["step"] = int(done[id(env)]) + 1
+        self.expect.copy_(self.counter)
+        return True
 
 
 class StepPlan:
@@ -83,6 +113,8 @@ class StepPlan:
     def __init__(self, opt: "Optimizer", key: tuple, routes: list[_Route]) -> None:
         prog = opt.program
         self.key, self.routes = key, routes
+        #: planned steps taken
+        self.runs = 0
         self.state = opt.state
         self.stepped = [p for r in routes for p in r.params]
         # the parameters' storage and dtype: ``p.data = ...`` (``model.to()``, ``.half()``) changes them
@@ -125,7 +157,7 @@ class StepPlan:
             and all(map(operator.is_, st, self.state_keys)) and all(map(operator.is_, st.values(), self.state_values)) \
             and all(map(operator.is_, map(dict.get, self.e_dicts, self.e_keys), self.e_objs)) \
             and list(map(_PTR, self.stepped)) == self.ptrs and list(map(_DTYPE, self.stepped)) == self.dtypes \
-            and all(torch.equal(r.counter, r.expect) for r in self.routes)
+            and all(torch.equal(r.counter, r.expect) or r.resync() for r in self.routes)
 
     def regroup(self, opt: "Optimizer") -> bool:
         """Follow changed param group values (an LR scheduler, a hand edit, an lr tensor changed in
@@ -193,8 +225,8 @@ class StepPlan:
                     updates = compiled.run_route(r.label, RouteBatch(r.params, {"grad": r.grads}, r.envs, r.states),
                                                  opt._node_state, opt._orders[r.label])
                     opt._apply_updates(r.label, r.params, updates, r.items)
-                r.counter.add_(1)
-                r.expect.add_(1)
+                r.counter.add_(r.count)
+                r.expect.add_(r.count)
                 r.grads = []
         except BaseException:
             compiled.step_plans.pop(self.key, None)  # the next step takes the general path
@@ -219,8 +251,14 @@ def planned_step(opt: "Optimizer", loss_value: float | None) -> bool:
         return False
     if not plan.holds(opt) or not plan.regroup(opt):
         del compiled.step_plans[key]
+        if not plan.runs:  # replaced before it ran (layouts that alternate: each re-gathers the state)
+            compiled.plan_backoff = min(2 * compiled.plan_backoff + 1, MAX_BACKOFF)
+            compiled.plan_wait = compiled.plan_backoff
         return False
     if plan.run(opt, grads, loss_value):
+        plan.runs += 1
+        if plan.runs == 2:
+            compiled.plan_backoff = 0
         return True
     compiled.step_plans[key] = UNFIT  # not planned again until the plans are cleared
     return False
@@ -240,19 +278,22 @@ def plan_next_step(opt: "Optimizer", by_route: dict[str, list[tuple[torch.Tensor
     key = _key(groups, params, list(map(_GRAD, params)))
     if key in compiled.step_plans:  # UNFIT
         return None
+    if compiled.plan_wait:
+        compiled.plan_wait -= 1
+        return None
     routes = []
     try:
         for label, items in by_route.items():
             ps = [p for p, _ in items]
             states = [opt.state[p] for p in ps]
-            counter = opt._counter_set(ps, states)
-            if counter is None:
+            counters = opt._covering_counters(ps, states)
+            if counters is None:
                 return None
             envs = opt._route_envs(items, loss_value)  # the next step's: the counters were just counted
             rp = compiled.route_plan(label, RouteBatch(ps, {"grad": [p.grad for p in ps]}, envs, states))
             if rp is False:
                 return None
-            routes.append(_Route(label, items, states, envs, [pos[id(p)] for p in ps], counter, rp))
+            routes.append(_Route(label, items, states, envs, [pos[id(p)] for p in ps], counters, rp))
     except GradError:
         return None
     plan = StepPlan(opt, key, routes)
