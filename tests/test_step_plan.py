@@ -206,3 +206,28 @@ def test_a_change_in_dynamo_s_global_state_goes_through_dynamo(calls):
     # direct in steps 3, 4 and 6; step 5 through Dynamo (which compiles another variant for it,
     # or runs the segment eagerly once it holds as many variants as its cache allows)
     assert calls["direct"] == 3
+
+
+def test_the_zero_d_part_that_reads_only_group_values_runs_when_they_change():
+    """Adam's hoisted ``1 - beta`` reads only the betas: in planned steps it runs again only after
+    the betas change (the plan writes their 0-d tensors, which bumps their version)."""
+    opt, params = _run(plan=True, steps=3)
+    plan, = opt._compiled.step_plans.values()
+    hoisted = plan.routes[0].plan.segs[0].direct.graph.fn
+    assert isinstance(hoisted, C._Hoisted)
+    runs = []
+    pre = hoisted.pre
+    hoisted.pre = lambda *a: runs.append(1) or pre(*a)
+    g = torch.Generator().manual_seed(2)
+
+    def step():
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    step()
+    step()
+    assert runs == []
+    opt.param_groups[0]["betas"] = (0.8, 0.99)
+    step()
+    step()
+    assert runs == [1]

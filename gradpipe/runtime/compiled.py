@@ -50,6 +50,7 @@ backend warns once and runs the same segments eagerly, giving the same results.
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 import types
 import warnings
@@ -194,7 +195,82 @@ def _inductor_with_scalars_hoisted(gm: torch.fx.GraphModule, example_inputs: lis
     if not hasattr(split, "submod_1"):
         return compile_fx(gm, example_inputs)
     split.submod_1 = _CompiledOnFirstCall(split.submod_1)
-    return split
+    return _Hoisted.of(split)
+
+
+class _Hoisted:
+    """The split graph of :func:`_inductor_with_scalars_hoisted` as one plain callable: the 0-d
+    part (``pre``, run eagerly) and the compiled rest (``main``), without the split module's
+    layers of ``nn.Module`` calls. ``pre``'s results are kept while its inputs are the same
+    tensors at the same version (``fill_`` and ``copy_`` bump it): in a planned step, whose
+    group scalars are written only when the group's values change, the 0-d math that reads only
+    them (Adam's ``1 - beta``) runs once, not every step."""
+
+    def __init__(self, split: torch.fx.GraphModule, pre_in: list[int], main_src: list[int]) -> None:
+        self.split = split  # keeps the submodules alive
+        self.pre = split.submod_0.forward
+        self.main = split.submod_1.forward
+        #: the graph arguments ``pre`` reads; per argument of ``main``, the graph argument's
+        #: position, or ``~k`` for ``pre``'s result ``k``
+        self.pre_in, self.main_src = pre_in, main_src
+        self._kept: tuple[list[torch.Tensor], list[int], Any] | None = None
+
+    @classmethod
+    def of(cls, split: torch.fx.GraphModule) -> Any:
+        """``split`` as a :class:`_Hoisted`, or ``split`` itself where its graph is not the
+        expected ``pre``, ``main``, no outputs."""
+        nodes = list(split.graph.nodes)
+        at = {n: i for i, n in enumerate(n for n in nodes if n.op == "placeholder")}
+        calls = [n for n in nodes if n.op == "call_module"]
+        if [n.target for n in calls] != ["submod_0", "submod_1"] or nodes[-1].op != "output" \
+                or nodes[-1].args[0] not in ((), []) or any(a not in at for a in calls[0].args):
+            return split
+        pre, main = calls
+        src = []
+        single = False  # pre has one result, not a tuple
+        for a in main.args:
+            if a in at:
+                src.append(at[a])
+            elif a is pre:
+                src.append(~0)
+                single = True
+            elif isinstance(a, torch.fx.Node) and a.op == "call_function" and a.args[0] is pre \
+                    and isinstance(a.args[1], int):
+                src.append(~a.args[1])
+            else:
+                return split
+        if single:
+            if any(i < -1 for i in src):
+                return split
+            split.submod_0 = _FirstOf(split.submod_0)
+        return cls(split, [at[a] for a in pre.args], src)
+
+    def __call__(self, *args: Any) -> tuple:
+        ins = [args[i] for i in self.pre_in]
+        kept = self._kept
+        try:
+            versions = [t._version for t in ins]
+        except RuntimeError:  # inference-mode tensors keep no version: nothing is kept
+            versions = None
+        if kept is not None and versions is not None and kept[1] == versions and \
+                all(map(operator.is_, ins, kept[0])):
+            pre = kept[2]
+        else:
+            pre = self.pre(*ins)
+            self._kept = (ins, versions, pre) if versions is not None else None
+        self.main(*[args[i] if i >= 0 else pre[~i] for i in self.main_src])
+        return ()
+
+
+class _FirstOf(torch.nn.Module):
+    """A module of one result as one of one tuple (so that :class:`_Hoisted` indexes it)."""
+
+    def __init__(self, sub: torch.nn.Module) -> None:
+        super().__init__()
+        self.sub = sub
+
+    def forward(self, *args: Any) -> tuple:
+        return (self.sub(*args),)
 
 
 class _CompiledOnFirstCall(torch.nn.Module):
