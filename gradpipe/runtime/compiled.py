@@ -42,6 +42,52 @@ Lowering, per route:
    (``gradpipe/runtime/interpret.py``) run over the segment's nodes with a lane per bucket;
    ``torch.compile`` traces it. Nodes that are not flat run through the same interpreter
    with a lane per parameter.
+7. **Step plan.** Items 2 to 5 are worked out in every step of the general path
+   (:meth:`CompiledRoutes.run_route`). After such a step, ``Optimizer.step`` plans the next
+   steps of the same *layout* (``gradpipe/runtime/step_plan.py``): which parameters have a
+   gradient, in which param groups and routes, with which environments (next step number)
+   and step counters, and per route whose nodes are all in fused segments a
+   :class:`_RoutePlan` (:meth:`CompiledRoutes.route_plan`): the buckets, the gather buffers and
+   their per-parameter views, each segment's argument lists (flat state, ``fresh`` flags,
+   output buffers), the 0-d scalars (``step``, the arguments computed from ``step`` or
+   ``loss``, the group values), the views the update is applied through. A step whose layout
+   key (the param groups and their parameters by identity and order, which have a gradient)
+   has a plan checks that nothing the plan holds was replaced (the state dicts and their
+   entries, which ``load_state_dict`` and hand edits replace; the parameters' storage and
+   dtype, which ``p.data = ...`` changes; the step counters' values, re-read when another
+   layout's step moved them) and follows changed group values (an LR scheduler, an lr tensor
+   written in place: checked, and the 0-d tensors that read them written with ``fill_``; a
+   value that crosses zero, a flipped boolean or another buffer list is a new plan). Then it
+   gathers the gradients with one ``torch._foreach_copy_`` into the buffers the segments read,
+   runs the non-finite check on those same buffers (one gather), writes the per-step scalars
+   in place (the step, Adam's bias corrections: evaluated in Python in float64, as before, and
+   rounded to float32 on the way into the kernel), calls the compiled code, applies the
+   update and counts the step with one ``add_``. Routes with eager nodes run through
+   :meth:`CompiledRoutes.run_route` inside the plan. Layouts that alternate (a parameter
+   without a gradient every other step) each gather the state into their own flat buffers, so
+   they replace each other's plans; planning then backs off.
+
+   The compiled code is called **without Dynamo's per-call work**. A segment's first planned
+   step calls it through Dynamo, and the backend's :class:`_Recorded` notes the call: the
+   compiled graph and its flat arguments, each of which is one of the plan's tensors or a
+   tensor the step makes (a solo bucket's gradient and parameter). Later steps call that graph
+   with those arguments (:class:`_Direct`), skipping the frame evaluation, the guards over the
+   nested argument lists and ``compile_wrapper``. That is safe because the plan's key and
+   checks cover what the guards check: the plan's tensors are fixed objects of fixed shapes,
+   dtypes and devices, the Python values among the scalars (zeros, booleans) and the list
+   lengths are part of the plan's structure, and a solo bucket's gradient is used in place
+   only when it is a contiguous tensor of the bucket's dtype that does not require grad (else
+   the general path takes the step). Dynamo's global state (grad mode, default dtype, thread
+   count, deterministic algorithms, ...) is checked with its own ``GlobalStateGuard`` before
+   each direct call; under a torch function or dispatch mode, inside ``torch.compile``d code,
+   or while a graph break left more than one graph, the call goes through Dynamo. Measured
+   (``docs/benchmarks.md``, "Targets"; 1 thread, a loaded machine): the whole planned Adam
+   step at 100K parameters in 51 tensors takes 1.4x to 1.5x torch's fused Adam calling the
+   graph directly, 2.1x to 2.2x through Dynamo, and 1.8x through Dynamo under
+   ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, which still enters the frame
+   and evaluates the guards that tell cache entries apart. The split graph of
+   :func:`_inductor_with_scalars_hoisted` is one plain callable (:class:`_Hoisted`) that keeps
+   the 0-d results that read only group values (Adam's ``1 - beta``) while they are unchanged.
 
 If ``torch.compile`` cannot run (no C++ compiler, an unsupported construct), the
 backend warns once and runs the same segments eagerly, giving the same results.

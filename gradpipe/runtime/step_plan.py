@@ -270,7 +270,7 @@ def plan_next_step(opt: "Optimizer", by_route: dict[str, list[tuple[torch.Tensor
     step of the same layout; None where it cannot be planned now (a step range that fails at the
     next step, a counter that is not shared, state that starts now): the next step plans again."""
     compiled = opt._compiled
-    if torch.compiler.is_compiling():
+    if not by_route or torch.compiler.is_compiling():
         return None
     groups = opt.param_groups
     params = [p for g in groups for p in g["params"]]
