@@ -231,3 +231,16 @@ def test_the_zero_d_part_that_reads_only_group_values_runs_when_they_change():
     step()
     step()
     assert runs == [1]
+
+
+def test_a_stance_other_than_the_default_is_for_dynamo_to_follow(calls):
+    """Under ``torch.compiler.set_stance("force_eager")`` the plan does not call the compiled graph."""
+    opt, params = _run(plan=True, steps=3)
+    before = calls["direct"]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with torch.compiler.set_stance("force_eager"):
+        opt.step()
+    assert calls["direct"] == before
+    opt.step()
+    assert calls["direct"] == before + 1

@@ -433,7 +433,8 @@ class _Direct:
     which tensors are the same object); the global state Dynamo guards (grad mode, default dtype,
     thread count, deterministic algorithms, ...) is checked with Dynamo's own
     ``GlobalStateGuard`` before each call, and a torch function or dispatch mode, a frame under
-    ``torch.compile`` or a compile in progress send the call through Dynamo instead."""
+    ``torch.compile``, a compile in progress or a stance other than the default
+    (``torch.compiler.set_stance("force_eager")``) send the call through Dynamo instead."""
 
     def __init__(self, graph: _Recorded, template: list[Any], slots: list[tuple[int, int]]) -> None:
         from torch._C._dynamo.guards import GlobalStateGuard
@@ -472,7 +473,7 @@ class _Direct:
     def ready(self) -> bool:
         """Whether the graph may be called directly now (see the class docstring)."""
         return self.guard.check() and not torch._C._len_torch_function_stack() and \
-            not torch._C._len_torch_dispatch_stack() and _eval_frame_callback() is None
+            not torch._C._len_torch_dispatch_stack() and _eval_frame_callback() is None and _default_stance()
 
     def __call__(self, var: list[torch.Tensor]) -> None:
         flat = list(self.template)
@@ -486,6 +487,14 @@ try:
 except ImportError:  # pragma: no cover - another torch: never call a graph directly
     def _eval_frame_callback() -> Any:
         return True
+
+
+def _default_stance() -> bool:
+    """Whether ``torch.compiler.set_stance`` is at its default (``force_eager`` and the others are
+    for Dynamo to follow)."""
+    from torch._dynamo import eval_frame
+    stance = getattr(eval_frame, "_stance", None)
+    return stance is not None and stance.stance == "default" and stance.backend is None
 
 
 
