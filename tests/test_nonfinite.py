@@ -151,6 +151,8 @@ def test_a_nonfinite_step_changes_nothing(pipeline, backend, value, monkeypatch)
         real_compiled = opt._compiled.prepare_route
         monkeypatch.setattr(opt._compiled, "prepare_route",
                             lambda *a, **k: ran.append("compiled") or real_compiled(*a, **k))
+        real_planned = opt._compiled.run_plan  # a step of a planned layout (runtime/step_plan.py)
+        monkeypatch.setattr(opt._compiled, "run_plan", lambda *a, **k: ran.append("planned") or real_planned(*a, **k))
 
     feed(opt, named, poison(data[3], mode, value), mode)
     assert ran == [], "a route (a fused segment) ran in a non-finite step"
@@ -326,12 +328,15 @@ def test_the_compiled_backend_checks_small_gradients_in_one_gathered_buffer(monk
     real_gather = opt._compiled._gather
     monkeypatch.setattr(opt._compiled, "_gather", lambda purpose, b, ts: gathered.append(purpose) or
                         real_gather(purpose, b, ts))
-    feed(opt, named, batches("grad", 1)[0], "grad")
-    # the parameters keep their own gradients (DESIGN 5); the small ones are gathered into one
-    # buffer, reused every step, for one reduction, and the step reads that buffer (no second gather)
-    grads = torch.cat([p.grad.reshape(-1) for _, p in named])
-    assert len(seen) == 1 and len(seen[0]) == 1 and torch.equal(seen[0][0], grads)
-    assert gathered == []
+    for batch in batches("grad", 2):  # the first step takes the general path, the second the plan it made
+        seen.clear()
+        feed(opt, named, batch, "grad")
+        # the parameters keep their own gradients (DESIGN 5); the small ones are gathered into one
+        # buffer, reused every step, for one reduction, and the step reads that buffer (no second gather)
+        grads = torch.cat([p.grad.reshape(-1) for _, p in named])
+        assert len(seen) == 1 and len(seen[0]) == 1 and torch.equal(seen[0][0], grads)
+        assert gathered == []
+    assert opt._compiled.plan_builds == 1
     buf = seen[0][0]
 
     # hand-set gradients are read the same way, and a NaN among them skips the step

@@ -118,14 +118,14 @@ def _what(node: Node, k: str) -> str:
     return f"argument '{k}' of '{node.op}'" if node.kind is Kind.OP else f"'{node.op}'"
 
 
-def eval_dynamic(node: Node, env: Mapping[str, Any]) -> dict[str, Any]:
+def eval_dynamic(node: Node, env: Mapping[str, Any], keys: Sequence[str] | None = None) -> dict[str, Any]:
     """The values of ``node``'s per-step arguments in one parameter group's environment
     (hyperparameters, ``lr``, ``step``, ``loss``). Values computed from ``step`` or ``loss``
     are :class:`RuntimeFloat`, so ops never take them for constants. An argument that cannot
     be computed in this step (``1 / (step - 1)`` at step 1, a negative number to a fractional
-    power) is a GradError at the node."""
+    power) is a GradError at the node. ``keys``: only these of ``node.dynamic``."""
     out: dict[str, Any] = {}
-    for k in node.dynamic:
+    for k in node.dynamic if keys is None else keys:
         try:
             v = node.args[k].eval(env)
         except (ZeroDivisionError, OverflowError, TypeError, ValueError) as e:

@@ -15,11 +15,12 @@ from ..compiler.program import Program, builtin_names, compile as compile_source
 from ..compiler.ir import Kind
 from ..dsl.diagnostics import GradError, did_you_mean
 from .compiled import CompiledRoutes
-from .eager import RouteBatch, run_route
+from .eager import DTensor, RouteBatch, run_route
 from .interpret import apply_param, apply_update, compute_dtype
 from .nonfinite import NonFiniteGuard
 from .perturb import check_closure, perturbed_grads
 from .rollback import SavedCopies, StepRecord
+from .step_plan import counter_mask, plan_next_step, planned_step
 
 __all__ = ["Optimizer", "as_program", "BACKENDS", "TORCH_OPTIONS"]
 
@@ -316,6 +317,15 @@ class Optimizer(torch.optim.Optimizer):
         self._complex = any(p.is_complex() for _, p in named)
         if self._complex:
             self._refuse_complex_factoring(named)
+        #: whether steps that read only ``p.grad`` run from step plans (``gradpipe/runtime/step_plan.py``)
+        prog = self.program
+        # (not under skip_nonfinite(updates=true), whose steps keep a record to undo, nor for FSDP2's
+        # DTensors, whose segments run on each rank's shards: both take the general path)
+        self._plannable = self._compiled is not None and not self._duplicates and not self._complex and \
+            not prog.losses and "samples" not in prog.reads and not self.needs_closure and \
+            not prog.nonfinite.updates and not any(isinstance(p, DTensor) for _, p in named)
+        if self._compiled is not None:
+            self._compiled.step_plans.clear()
 
     def _refuse_complex_factoring(self, named: list[tuple[str | None, torch.Tensor]]) -> None:
         """A complex parameter runs as its real view, whose last dimension holds the real and
@@ -410,6 +420,9 @@ class Optimizer(torch.optim.Optimizer):
             loss_value = float(loss)
         else:
             loss_value = None  # float(loss) would synchronise with the device for nothing
+        plannable = self._plannable and named_grads is None and by_sample is None
+        if plannable and planned_step(self, loss_value):  # the layout of an earlier step: its plan
+            return loss
         # A parameter listed twice (torch warns when the group is added) is stepped twice, as
         # torch.optim does: each repeat goes into a later pass, which sees the state the earlier left.
         passes: list[dict[str, list[tuple[torch.Tensor, dict[str, Any]]]]] = [defaultdict(list)]
@@ -489,7 +502,7 @@ class Optimizer(torch.optim.Optimizer):
                     if record is not None:
                         record.check(stepped, updates)
                     finish = partial(list, updates)
-                pending.append((params, states, finish, stepped, items, prog.ir[label].writes_param))
+                pending.append((label, params, states, finish, stepped, items))
                 if record is None:
                     self._finish_route(*pending.pop())
         if record is not None:
@@ -502,6 +515,8 @@ class Optimizer(torch.optim.Optimizer):
             self._nonfinite.taken()
             for item in pending:
                 self._finish_route(*item)
+        if plannable:  # the next step of this layout runs from a plan
+            plan_next_step(self, passes[0], loss_value)
         return loss
 
     def _step_record(self, params: Sequence[torch.Tensor], passes: Sequence[Any]) -> StepRecord | None:
@@ -517,15 +532,22 @@ class Optimizer(torch.optim.Optimizer):
         exclude = self._compiled.flat_state_check() if self._compiled is not None else None
         return StepRecord(self, params, self._saved, exclude)
 
-    def _finish_route(self, params: list[torch.Tensor], states: list[dict[str, Any]],
+    def _finish_route(self, label: str, params: list[torch.Tensor], states: list[dict[str, Any]],
                       finish: Callable[[], list[Any]], stepped: list[torch.Tensor],
-                      items: Sequence[tuple[torch.Tensor, dict[str, Any]]], writes_param: bool) -> None:
-        """Count the step of one route's parameters and apply its updates (``p <- p - lr * u``, or
-        ``p <- value`` for ``param = EXPR``; ``finish`` applies what the compiled backend applies itself)."""
+                      items: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """Count the step of one route's parameters and apply its updates (``finish`` applies what
+        the compiled backend applies itself)."""
         updates = finish()
         self._count_step(params, states)  # the ops read the step from the environment
-        for p, u, (_, group) in zip(stepped, updates, items):  # p: the real view of a complex one
-            if u is None:  # updated in place by the compiled backend
+        self._apply_updates(label, stepped, updates, items)
+
+    def _apply_updates(self, label: str, params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor | None],
+                       items: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        """``p <- p - lr * u`` (or ``p <- u`` for ``param = EXPR``) for each update a route returned
+        (None: the compiled backend applied it in place); ``p`` may be a complex one's real view."""
+        writes_param = self.program.ir[label].writes_param
+        for p, u, (_, group) in zip(params, updates, items):
+            if u is None:
                 continue
             if writes_param:
                 apply_param(p, u)
@@ -603,8 +625,10 @@ class Optimizer(torch.optim.Optimizer):
     # Step counters. Each parameter's ``state[p]["step"]`` is a 0-d float32 tensor, as in
     # torch.optim; here the counters of the parameters a route steps together are 0-d views of
     # one tensor, so reading them is one ``tolist()`` and counting a step one ``add_``, not one
-    # tensor op per parameter. Anything that replaces a counter (load_state_dict, a parameter
-    # joining or leaving the set) is seen by identity, and the set is rebuilt from the values.
+    # tensor op per parameter. A step of some of a set's parameters (the others without a
+    # gradient) counts them in the set with one masked ``add_``, so that the set, which the step
+    # plan of the other layout holds, stays. Anything that replaces a counter (load_state_dict,
+    # a parameter joining the set) is seen by identity, and the set is rebuilt from the values.
     _MAX_COUNTER_SETS = 8
 
     def _counter_set(self, params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]] | None = None
@@ -617,11 +641,27 @@ class Optimizer(torch.optim.Optimizer):
         states = states if states is not None else [self.state.get(p, {}) for p in params]
         return flat if all(st.get("step") is v for st, v in zip(states, views)) else None
 
-    def _count_step(self, params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]) -> None:
-        """Add one to the step counter of every parameter of ``params`` (creating it at 0)."""
+    def _covering_counters(self, params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]
+                           ) -> tuple[torch.Tensor, list[int] | None] | None:
+        """A counter set whose views ``params`` hold: its flat tensor, and the places of ``params``
+        in it (None when the set is exactly ``params``)."""
         flat = self._counter_set(params, states)
         if flat is not None:
-            flat.add_(1)
+            return flat, None
+        for key, (flat, views) in self._counters.items():
+            if len(key) > len(params):
+                at = {k: i for i, k in enumerate(key)}
+                idx = [at.get(id(p), -1) for p in params]
+                if all(st.get("step") is views[i] for st, i in zip(states, idx) if i >= 0) and min(idx) >= 0:
+                    return flat, idx
+        return None
+
+    def _count_step(self, params: Sequence[torch.Tensor], states: Sequence[dict[str, Any]]) -> None:
+        """Add one to the step counter of every parameter of ``params`` (creating it at 0)."""
+        covering = self._covering_counters(params, states)
+        if covering is not None:
+            flat, idx = covering
+            flat.add_(1) if idx is None else flat.add_(counter_mask(flat, idx))
             return
         done = self._steps_done(params)
         flat = torch.tensor([d + 1 for d in done], dtype=torch.float32)
@@ -825,6 +865,8 @@ class Optimizer(torch.optim.Optimizer):
                 state_dict = result
         # torch casts floating state to the parameter's dtype, which would round fp32 state of
         # bf16 parameters; load_state loads the groups through torch and the state itself, keeping dtypes.
+        if self._compiled is not None:
+            self._compiled.step_plans.clear()  # new state: the next step plans again
         self.last_migration = load_state(self, state_dict, self._load_groups)
         meta = saved_meta(state_dict) or {}
         self._nonfinite.load_state_dict(meta.get("nonfinite"))  # counters of skipped steps
