@@ -984,7 +984,8 @@ class CompiledRoutes:
                             a.slots.append(v)
             for n, o in zip(seg.outputs, outs):
                 flat[n] = o
-            fns = self._fns.get((label, si)) or self._make_fns(label, si, seg)
+            layout = tuple(b.layout for b in buckets)
+            fns = self._fns.get((label, si, layout)) or self._make_fns(label, si, seg, layout)
             rp.segs.append(_SegPlan(si, seg, fns, (inputs, states, fresh, params, scalars, steps, outs, apply),
                                     sets, applies))
         rp.per_step = [(env, n, tuple(keys), slots) for env, n, keys, slots in per_step.values()]
