@@ -30,6 +30,18 @@ def run(ps: Sequence[torch.Tensor], opt: torch.optim.Optimizer, steps: Sequence[
         opt.step()
 
 
+def both_after(shapes: Shapes, steps: int,
+               ours: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+               theirs: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]) -> float:
+    """Two optimizers, each on its own parameters from :func:`start`, stepped through the same
+    ``steps`` gradients from :func:`grads`: the :func:`worst` difference of their parameters."""
+    mine, ref = ([torch.nn.Parameter(x) for x in start(shapes)] for _ in range(2))
+    gs = grads(shapes, steps)
+    run(mine, ours(mine), gs)
+    run(ref, theirs(ref), gs)
+    return worst(mine, ref)
+
+
 def worst(ours: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> float:
     """The largest relative difference (against max(|theirs|, 1e-3)) over every element."""
     return max(float(((a.detach() - b.detach()).abs() / b.detach().abs().clamp_min(1e-3)).max())

@@ -13,7 +13,7 @@ import torch
 from pytorch_optimizer import Shampoo
 
 import gradpipe
-from matrix_parity import grads, replay_from_checkpoint, run as _run, start, worst
+from matrix_parity import both_after, grads, replay_from_checkpoint, run as _run, start
 from gradpipe import GradError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
@@ -40,12 +40,8 @@ def _grads(steps: int) -> list[list[torch.Tensor]]:
 
 @pytest.mark.parametrize("kwargs,backend", _CASES)
 def test_shampoo_follows_pytorch_optimizer_on_matrices(kwargs: dict, backend: str) -> None:
-    ours = [torch.nn.Parameter(x) for x in _start()]
-    theirs = [torch.nn.Parameter(x) for x in _start()]
-    grads = _grads(50)
-    _run(ours, gradpipe.Optimizer(ours, "shampoo", backend=backend, **kwargs), grads)
-    _run(theirs, Shampoo(theirs, **kwargs), grads)
-    assert worst(ours, theirs) < 1e-9
+    assert both_after(SHAPES, 50, lambda ps: gradpipe.Optimizer(ps, "shampoo", backend=backend, **kwargs),
+                      lambda ps: Shampoo(ps, **kwargs)) < 1e-9
 
 
 def test_shampoo_keeps_its_statistics_as_matrices_and_resumes_bitwise() -> None:

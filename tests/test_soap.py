@@ -15,7 +15,7 @@ import torch
 from pytorch_optimizer import SOAP
 
 import gradpipe
-from matrix_parity import grads, replay_from_checkpoint, run as _run, start, worst as _worst
+from matrix_parity import both_after, grads, replay_from_checkpoint, run as _run, start, worst as _worst
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:torch")
 
@@ -63,12 +63,8 @@ def _grads(steps: int) -> list[list[torch.Tensor]]:
 
 @pytest.mark.parametrize("kwargs,backend", _CASES)
 def test_soap_follows_pytorch_optimizer(kwargs: dict, backend: str) -> None:
-    ours = [torch.nn.Parameter(x) for x in _start()]
-    theirs = [torch.nn.Parameter(x) for x in _start()]
-    grads = _grads(50)
-    _run(ours, gradpipe.Optimizer(ours, "soap", backend=backend, **kwargs), grads)
-    _run(theirs, SOAP64(theirs, **kwargs), grads)
-    assert _worst(ours, theirs) < 1e-9
+    assert both_after(SHAPES, 50, lambda ps: gradpipe.Optimizer(ps, "soap", backend=backend, **kwargs),
+                      lambda ps: SOAP64(ps, **kwargs)) < 1e-9
 
 
 def test_soap_against_the_unpatched_reference_differs_by_its_float32_qr_only() -> None:
