@@ -23,6 +23,7 @@ import gradpipe
 import gradpipe.runtime.nonfinite as nonfinite_module
 import gradpipe.runtime.optimizer as optimizer_module
 from gradpipe import GradError, NonFiniteError
+from gradpipe.compiler.lowering import fused_check
 
 SHAPES = ((3, 4), (5,))
 NAMES = ("w", "b")
@@ -155,7 +156,11 @@ def test_a_nonfinite_step_changes_nothing(pipeline, backend, value, monkeypatch)
         monkeypatch.setattr(opt._compiled, "run_plan", lambda *a, **k: ran.append("planned") or real_planned(*a, **k))
 
     feed(opt, named, poison(data[3], mode, value), mode)
-    assert ran == [], "a route (a fused segment) ran in a non-finite step"
+    if opt._compiled is not None and fused_check(opt.program, "main"):
+        # the planned step's check runs inside the kernel (lowering.fused_check), which writes nothing back
+        assert ran == ["planned"] and not opt._compiled._oks[("main", "cpu")].item()
+    else:
+        assert ran == [], "a route (a fused segment) ran in a non-finite step"
     assert_same(before, snapshot(opt, named), f"{pipeline} [{backend}]")
     assert counters(opt) == (1, 1, True)
 
@@ -319,8 +324,11 @@ def test_a_gradient_the_pipeline_does_not_read_is_not_checked():
     assert counters(opt) == (0, 0, False)
 
 
-def test_the_compiled_backend_checks_small_gradients_in_one_gathered_buffer(monkeypatch):
-    opt, named = build("adam", "compiled")
+@pytest.mark.parametrize("pipeline", ["adam", "scalpel"])
+def test_the_compiled_backend_checks_small_gradients_in_one_gathered_buffer(pipeline, monkeypatch):
+    opt, named = build(pipeline, "compiled")
+    fused = fused_check(opt.program, "main")
+    assert fused == (pipeline == "adam")  # scalpel's plan has two fused segments: the check runs before them
     seen = []
     real = nonfinite_module.any_nonfinite
     monkeypatch.setattr(nonfinite_module, "any_nonfinite", lambda ts: seen.append(list(ts)) or real(ts))
@@ -328,23 +336,32 @@ def test_the_compiled_backend_checks_small_gradients_in_one_gathered_buffer(monk
     real_gather = opt._compiled._gather
     monkeypatch.setattr(opt._compiled, "_gather", lambda purpose, b, ts: gathered.append(purpose) or
                         real_gather(purpose, b, ts))
-    for batch in batches("grad", 2):  # the first step takes the general path, the second the plan it made
+    for t, batch in enumerate(batches("grad", 2)):  # the first step takes the general path, the second its plan
         seen.clear()
         feed(opt, named, batch, "grad")
+        assert gathered == []
+        if fused and t:  # the planned step's check ran inside the kernel, over the plan's gathered buffer
+            assert seen == [] and opt._compiled._oks[("main", "cpu")].item()
+            continue
         # the parameters keep their own gradients (DESIGN 5); the small ones are gathered into one
         # buffer, reused every step, for one reduction, and the step reads that buffer (no second gather)
         grads = torch.cat([p.grad.reshape(-1) for _, p in named])
         assert len(seen) == 1 and len(seen[0]) == 1 and torch.equal(seen[0][0], grads)
-        assert gathered == []
     assert opt._compiled.plan_builds == 1
-    buf = seen[0][0]
+    buf = opt._compiled.step_plans[next(iter(opt._compiled.step_plans))].routes[0].plan.check[0]
 
     # hand-set gradients are read the same way, and a NaN among them skips the step
     seen.clear()
     w, b = (p for _, p in named)
     w.grad, b.grad = torch.ones(3, 4), torch.full((5,), math.nan)
+    before = snapshot(opt, named)
     opt.step()
-    assert len(seen[0]) == 1 and seen[0][0] is buf and counters(opt) == (1, 1, True)
+    assert counters(opt) == (1, 1, True)
+    assert_same(before, snapshot(opt, named), pipeline)
+    if fused:
+        assert seen == [] and not opt._compiled._oks[("main", "cpu")].item()
+    else:
+        assert len(seen[0]) == 1 and seen[0][0] is buf
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -430,3 +447,48 @@ def test_policy_ops_are_the_identity_on_the_stream_and_keep_no_state():
             runs.append(snapshot(opt, named))
         assert_same(runs[0], runs[2], f"skip_nonfinite [{backend}]")
         assert_same(runs[1], runs[2], f"allow_nonfinite [{backend}]")
+
+
+@pytest.mark.parametrize("source,check_bytes,fused", [
+    ("adam", 4, True),  # one route, one fused segment: the kernel checks
+    ("scalpel", 4, False),  # two segments: the check runs before them
+    ("bloop_adam", 8, False),  # two losses' gradients, each read once more
+    ("grad | allow_nonfinite | adam", 0, False),  # no check
+    ("grad | skip_nonfinite(updates=true) | adam", 4, False),  # the update is checked too: spares, not a gate
+])
+def test_explain_counts_the_checks_bytes_and_says_where_it_runs(source, check_bytes, fused):
+    from gradpipe.compiler.lowering import route_cost
+    prog = gradpipe.load(source) if "|" not in source else gradpipe.compile(source)
+    cost = route_cost(prog, "main")
+    assert (cost.check_bytes_per_param, cost.check_fused) == (check_bytes, fused)
+    text = prog.explain()
+    assert (f"+ {check_bytes} bytes per fp32 parameter for the non-finite check" in text) == bool(check_bytes)
+    assert ("inside the fused kernel" in text) == fused
+
+
+@pytest.mark.parametrize("where", [0, 1], ids=["solo-bucket", "gathered-bucket"])
+def test_the_kernels_own_check_writes_back_every_bit(where):
+    """A planned step whose check runs inside the kernel (adam: lowering.fused_check): a NaN in the
+    gradient of a parameter updated in place by the kernel (a solo bucket, over 2^18 elements) or
+    of a gathered one leaves every bit as it was, and the next finite step proceeds."""
+    gen = torch.Generator().manual_seed(3)
+    named = [("big", torch.nn.Parameter(torch.randn(300, 1000, generator=gen))),
+             ("small", torch.nn.Parameter(torch.randn(7, generator=gen)))]
+    opt = gradpipe.Optimizer(named, "adam", lr=1e-2, backend="compiled")
+    for _ in range(3):
+        for _, p in named:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    plan = next(iter(opt._compiled.step_plans.values()))
+    assert plan.fused and plan.runs == 2 and plan.routes[0].plan.solo  # planned, checked in the kernel
+    before = snapshot(opt, named)
+    grads = [torch.randn(p.shape, generator=gen) for _, p in named]
+    grads[where].view(-1)[5] = math.nan
+    for (_, p), g in zip(named, grads):
+        p.grad = g
+    opt.step()
+    assert plan.runs == 3 and counters(opt) == (1, 1, True)
+    assert_same(before, snapshot(opt, named), "adam [compiled]")
+    grads[where].view(-1)[5] = 0.5
+    opt.step()
+    assert counters(opt) == (1, 0, False) and not torch.equal(before["param big"], _bits(named[0][1]))

@@ -119,6 +119,10 @@ def explain(prog: "Program") -> str:
                      f"{cost.bytes_per_param} bytes read and written per fp32 parameter per step "
                      + ("(with the copies skip_nonfinite(updates=true) keeps; " if prog.nonfinite.updates else "(")
                      + "torch's fused Adam: 28)")
+        if cost.check_bytes_per_param:
+            lines.append(f"  {r.label}: + {cost.check_bytes_per_param} bytes per fp32 parameter for the non-finite "
+                         "check (each gradient read once more), "
+                         + ("inside the fused kernel" if cost.check_fused else "a reduction before the kernels"))
         if prog.ir[r.label].grad_at is not None:
             plan = plan_route(prog, label=r.label, ir=prog.ir[r.label].point_ir())
             segs = sum(kind == "segment" for kind, _ in plan)

@@ -189,6 +189,30 @@ class RouteCost:
     eager_nodes: list[str]
     kernels: int
     bytes_per_param: int
+    #: what the non-finite check reads per parameter (each gradient once more), not in ``bytes_per_param``
+    check_bytes_per_param: int = 0
+    #: whether that check runs inside the fused kernel (:func:`fused_check`), not as a pass before it
+    check_fused: bool = False
+
+
+def fused_check(prog: "Program", label: str) -> bool:
+    """Whether a planned step of the compiled backend runs the non-finite check inside the
+    route's fused kernel: the kernel first reduces its gradient inputs to one flag,
+    ``all(isfinite(g))`` (one pass; ``sum(0 * g)`` would be as exact, but Inductor folds ``0 * g``
+    to 0), then writes the state and a parameter it updates in place only where
+    the flag allows (``where(ok, new, old)``, which writes back the old bits). That takes the
+    whole step being one compiled call over every gradient the check reads: the check is on and
+    does not also check the update (``skip_nonfinite(updates=true)``), the program has one route,
+    whose plan is a single fused segment, and it reads no ``grad_at``. Elsewhere the check is a
+    reduction over the gathered gradient buffers before the kernels (``runtime/nonfinite.py``)."""
+    if not prog.nonfinite.check or prog.nonfinite.updates or len(prog.routes) != 1 or label not in prog.ir \
+            or prog.ir[label].grad_at is not None:
+        return False
+    plan = plan_route(prog, label=label)
+    if len(plan) != 1 or plan[0][0] != "segment":
+        return False
+    srcs = [prog.node(s) for s in plan[0][1].inputs]
+    return any(n.op == "grad" for n in srcs) and all(n.kind is Kind.SOURCE and n.op in ("grad", "param") for n in srcs)
 
 
 def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
@@ -248,4 +272,7 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
             total += 1
     if not fused_update:  # the optimizer applies p <- p - lr * u: read u and p, write p (p <- value: 2)
         total += (2 if writes_param else 3) + undo  # (and the check reads u)
-    return RouteCost(segments, eager, kernels, total * itemsize)
+    checked = 0
+    if prog.nonfinite.check:  # each gradient the step hands the route, read once more
+        checked = sum(1 for n in prog.ir[label].sources() if n.op in ("grad", "grad_at") or n.op.startswith("grads."))
+    return RouteCost(segments, eager, kernels, total * itemsize, checked * itemsize, fused_check(prog, label))

@@ -74,7 +74,8 @@ Lowering, per route:
    written in place: checked, and the 0-d tensors that read them written with ``fill_``; a
    value that crosses zero, a flipped boolean or another buffer list is a new plan). Then it
    gathers the gradients with one ``torch._foreach_copy_`` into the buffers the segments read,
-   runs the non-finite check on those same buffers (one gather), writes the per-step scalars
+   runs the non-finite check on those same buffers (one gather; inside the kernel itself where the
+   step is one fused segment, see :func:`_segment_fn` and ``lowering.fused_check``), writes the per-step scalars
    in place (the step, Adam's bias corrections: evaluated in Python in float64, as before, and
    rounded to float32 on the way into the kernel), calls the compiled code, applies the
    update and counts the step with one ``add_``. Routes with eager nodes run through
@@ -126,7 +127,7 @@ import torch
 
 from ..compiler.guards import needed, route_guards
 from ..compiler.ir import Kind, Node, RouteIR
-from ..compiler.lowering import Segment as _Segment, plan_route
+from ..compiler.lowering import Segment as _Segment, fused_check, plan_route
 from ..compiler.ops import Args
 from ..compiler.program import Program
 from ..compiler.scalars import leaves
@@ -199,16 +200,31 @@ class _BucketLanes(Lanes):
         return self._params
 
 
-def _segment_fn(seg: _Segment) -> Callable[..., list[torch.Tensor]]:
+def _segment_fn(seg: _Segment, gate: tuple[int, ...] = ()) -> Callable[..., list[torch.Tensor]]:
     """The function of one segment: flat inputs, flat state and scalars in; results written into
     the given output buffers, or, for the route's update of a solo bucket, applied to the parameter.
     With ``olds`` (``skip_nonfinite(updates=true)``) the state is read from ``olds`` and written into
-    ``states``, and it returns per bucket a 0-d bool: whether the update is not finite."""
+    ``states``, and it returns per bucket a 0-d bool: whether the update is not finite.
+
+    With ``ok`` (a 0-d bool tensor; ``gate``: the positions in ``seg.inputs`` of the gradients),
+    the step's non-finite check runs inside the kernel (``lowering.fused_check``): first one
+    reduction over every gradient, ``ok = all(isfinite(g))``, written into ``ok``; then the
+    ops work on copies of the state, and the state and a parameter updated in place take
+    ``where(ok, new, old)``, so a step with a NaN or an Inf in a gradient writes back the bits it
+    read. The copies are values of the traced graph, which Inductor fuses into the same loop (no
+    buffer, no extra traffic beyond the one read of the gradients)."""
 
     def run(inputs: list[list[torch.Tensor]], states: list[list[dict[str, torch.Tensor]]], fresh: list[list[Any]],
             params: list[torch.Tensor | None], scalars: list[list[list[Any]]], steps: list[torch.Tensor],
             outs: list[list[torch.Tensor]], apply: list[tuple[torch.Tensor, Any] | None],
-            olds: list[list[dict[str, torch.Tensor]]] | None = None) -> list[torch.Tensor]:
+            olds: list[list[dict[str, torch.Tensor]]] | None = None, ok: torch.Tensor | None = None
+            ) -> list[torch.Tensor]:
+        finite = None
+        if ok is not None:  # the non-finite check, fused: decided before anything is written
+            alls = [torch.isfinite(g).all() for i in gate for g in inputs[i] if g is not None and g.numel()]
+            finite = torch.stack(alls).all() if alls else torch.ones((), dtype=torch.bool)
+            ok.copy_(finite)
+            real, states = states, [[{k: t.clone() for k, t in st.items()} for st in row] for row in states]
         if olds is not None:  # skip_nonfinite(updates=true): the state is written into the other buffer of
             for per_node, per_old in zip(states, olds):  # two, the old one kept (one pass: read old, write new)
                 for st, old in zip(per_node, per_old):
@@ -227,7 +243,9 @@ def _segment_fn(seg: _Segment) -> Callable[..., list[torch.Tensor]]:
                     flags.append(torch.isfinite(value).all().logical_not())
                 if n == seg.final and apply[b] is not None:
                     p, lr = apply[b]  # p <- p - lr * u, fused: a solo bucket, the parameter's own storage
-                    if lr is None:  # param = EXPR: the parameter's new value
+                    if finite is not None:
+                        _gated_apply(p, value, lr, finite)
+                    elif lr is None:  # param = EXPR: the parameter's new value
                         apply_param(p, value)
                     else:
                         apply_update(p, value, lr)
@@ -238,9 +256,26 @@ def _segment_fn(seg: _Segment) -> Callable[..., list[torch.Tensor]]:
             for st, value in zip(states[index[cell]], vals[new]):
                 if "value" in st:  # (a cell no reader needs in this param group keeps no buffer)
                     st["value"].copy_(value)
+        if finite is not None:  # the state takes its new value where the gradients were finite
+            for row_old, row_new in zip(real, states):
+                for old, new in zip(row_old, row_new):
+                    for k, t in old.items():
+                        t.copy_(torch.where(finite, new[k], t))
         return flags
     index = {n.name: j for j, n in enumerate(seg.members)}
     return run
+
+
+def _gated_apply(p: torch.Tensor, u: torch.Tensor, lr: Any, ok: torch.Tensor) -> None:
+    """:func:`~gradpipe.runtime.interpret.apply_update` (``lr`` None: ``apply_param``), written
+    only where ``ok``: the same arithmetic out of place, then ``p <- where(ok, new, p)``."""
+    if lr is None:
+        new = u
+    elif p.dtype == u.dtype:
+        new = p - u * lr if isinstance(lr, torch.Tensor) else p.add(u, alpha=-lr)
+    else:
+        new = p.to(u.dtype) - u * lr if isinstance(lr, torch.Tensor) else p.to(u.dtype).add(u, alpha=-lr)
+    p.copy_(torch.where(ok, new, p))
 
 
 def _scalar_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
@@ -724,6 +759,9 @@ class _RoutePlan:
         self.lr: list[tuple[torch.Tensor | None, dict[str, Any], Any]] = []
         #: the update of the other buckets: (how, parameters, views of the update, environment)
         self.applies: list[tuple[str, list[torch.Tensor], list[torch.Tensor], dict[str, Any]]] = []
+        #: where the step's non-finite check runs inside the kernel (``lowering.fused_check``): the
+        #: 0-d bool it writes, false when a gradient held a NaN or an Inf (and nothing was written)
+        self.ok: torch.Tensor | None = None
 
     def prepare(self, grads: Sequence[torch.Tensor]) -> bool:
         """Gather this step's gradients into the plan's buffers and take the solo buckets'
@@ -829,6 +867,10 @@ class CompiledRoutes:
         self.plan_wait = self.plan_backoff = 0
         #: the step plan whose step is being checked for non-finite gradients (see grad_buffers)
         self._active: Any = None
+        #: route -> the positions of its segment's gradient inputs, where the check is fused (see :meth:`_gate`)
+        self._gates: dict[str, tuple[int, ...]] = {}
+        #: (route, device) -> the 0-d bool a kernel with the fused check writes its verdict into
+        self._oks: dict[tuple[str, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ gradients
     def grad_buffers(self, params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -986,8 +1028,11 @@ class CompiledRoutes:
                 flat[n] = o
             layout = tuple(b.layout for b in buckets)
             fns = self._fns.get((label, si, layout)) or self._make_fns(label, si, seg, layout)
-            rp.segs.append(_SegPlan(si, seg, fns, (inputs, states, fresh, params, scalars, steps, outs, apply),
-                                    sets, applies))
+            args = (inputs, states, fresh, params, scalars, steps, outs, apply)
+            if self._gate(label, seg, layout):  # the step's non-finite check runs in this kernel
+                rp.ok = self._ok(label, buckets[0].device)
+                args += (None, rp.ok)
+            rp.segs.append(_SegPlan(si, seg, fns, args, sets, applies))
         rp.per_step = [(env, n, tuple(keys), slots) for env, n, keys, slots in per_step.values()]
         rp.group_args = list(group_args.values())
         applied = {bi for sp in rp.segs for _, bi, _, _ in sp.applies}
@@ -1000,9 +1045,11 @@ class CompiledRoutes:
         rp.writes_param = ir.writes_param
         return rp
 
-    def run_plan(self, rp: _RoutePlan) -> None:
+    def run_plan(self, rp: _RoutePlan) -> bool:
         """One step of a planned route (after :meth:`_RoutePlan.prepare`): the 0-d scalars written
-        in place, the parameters gathered where a segment reads them, the fused segments, the update."""
+        in place, the parameters gathered where a segment reads them, the fused segments, the update.
+        False where the kernel's own non-finite check (``rp.ok``) found a NaN or an Inf in a
+        gradient: the kernel wrote back the state and parameters it read, and nothing is applied."""
         for t, env in rp.steps:
             t.fill_(env["step"])
         for env, node, keys, slots in rp.per_step:
@@ -1017,6 +1064,8 @@ class CompiledRoutes:
         for sp in rp.segs:
             self._run_planned(sp, rp.var)
         rp.var = []  # the step's gradients are not held past it
+        if rp.ok is not None and not rp.ok.item():
+            return False
         for how, ps, views, env in rp.applies:
             lr = env["lr"]
             lr = lr.item() if isinstance(lr, torch.Tensor) else lr
@@ -1027,6 +1076,7 @@ class CompiledRoutes:
             else:  # fp16/bf16 parameters: the update rounded once per parameter
                 for p, v in zip(ps, views):
                     apply_param(p, v) if rp.writes_param else apply_update(p, v, lr)
+        return True
 
     def _run_planned(self, sp: _SegPlan, var: list[torch.Tensor]) -> None:
         """Run one planned segment: its compiled graph directly where a call through Dynamo was
@@ -1329,6 +1379,8 @@ class CompiledRoutes:
         outs = [[b.empty if n == seg.final and apply[bi] is not None else self._buffer(("out", label, n), b)
                  for bi, b in enumerate(buckets)] for n in seg.outputs]
         args: tuple = (inputs, states, fresh, params, scalars, steps, outs, apply)
+        if self._gate(label, seg, layout):  # the kernel checks too (its verdict agrees with the check that just ran)
+            args += (None, self._ok(label, buckets[0].device))
         if record is not None:  # the new state into the spare buffers; a parameter updated in the kernel copied
             olds, states = states, [[self._spare((label, si, b.key, n.name), st) for b, st in zip(buckets, row)]
                                     for n, row in zip(seg.members, states)]
@@ -1396,6 +1448,23 @@ class CompiledRoutes:
                 return True
         return False
 
+    def _gate(self, label: str, seg: _Segment, layout: tuple) -> tuple[int, ...]:
+        """The positions in ``seg.inputs`` of the gradients that the segment's kernel checks itself
+        (``lowering.fused_check``); () where the check is not fused: another plan, or buckets on more
+        than one device (one flag cannot cover them)."""
+        gate = self._gates.get(label)
+        if gate is None:
+            gate = self._gates[label] = tuple(i for i, src in enumerate(seg.inputs) if self.prog.node(src).op == "grad") \
+                if fused_check(self.prog, label) else ()
+        return gate if len({lay[2] for lay in layout}) == 1 else ()
+
+    def _ok(self, label: str, device: torch.device) -> torch.Tensor:
+        """The 0-d bool a kernel with the fused check writes its verdict into (made once)."""
+        ok = self._oks.get((label, str(device)))
+        if ok is None:
+            ok = self._oks[(label, str(device))] = torch.ones((), dtype=torch.bool, device=device)
+        return ok
+
     def _make_fns(self, label: str, si: int, seg: _Segment, layout: tuple) -> tuple[Callable, Callable]:
         """The segment's eager and compiled functions for one layout of buckets (``_Bucket.layout``).
 
@@ -1410,7 +1479,7 @@ class CompiledRoutes:
         key = (self.prog.hash, label, si, self.use_compile, layout)
         fns = _SHARED.get(key)
         if fns is None:
-            eager_fn = _segment_fn(seg)
+            eager_fn = _segment_fn(seg, self._gate(label, seg, layout))
             compiled_fn = eager_fn
             if self.use_compile:
                 _warn_on_recompile_limit()

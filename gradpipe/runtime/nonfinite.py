@@ -16,7 +16,8 @@ The check reads every gradient tensor the step hands the pipeline (``grad``,
 ``grads.<loss>``, ``samples``) and, when the pipeline reads it, the loss, once each: on
 the CPU one ``aminmax`` per tensor (a NaN propagates into the min and the max, an Inf
 is one of them), over the flat gradient buffer of the compiled backend where the step's
-gradients are that buffer; on a GPU one fused launch per list of tensors
+gradients are that buffer, and inside the fused kernel where a planned compiled step is one
+kernel (``lowering.fused_check``; :meth:`NonFiniteGuard.found` counts what it finds); on a GPU one fused launch per list of tensors
 (``torch._amp_foreach_non_finite_check_and_unscale_`` with a unit scale, the kernel
 ``torch.amp.GradScaler`` uses). Then one host synchronisation per device reads the
 result. DTensor gradients (FSDP2) are checked on each rank's shards, and the ranks agree
@@ -194,6 +195,12 @@ class NonFiniteGuard:
             return False
         self._count(opt, params, lambda: self._culprits(opt, params, named_grads, by_sample), loss_value)
         return True
+
+    def found(self, opt: "Optimizer", params: Sequence[torch.Tensor]) -> None:
+        """Count a step whose gradients the fused kernel found not finite (its check ran inside the
+        kernel, which wrote nothing: ``lowering.fused_check``); raises :class:`NonFiniteError`
+        past the limit."""
+        self._count(opt, params, lambda: self._culprits(opt, params, None, None), None)
 
     def taken(self) -> None:
         """The step was taken: the consecutive count restarts."""

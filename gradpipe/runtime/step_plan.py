@@ -6,13 +6,15 @@ their per-parameter environments (with the next step number), the step counters,
 route whose nodes all run in fused segments a :class:`~gradpipe.runtime.compiled._RoutePlan`
 (buckets, gather buffers, argument lists, 0-d scalars). A planned step then checks that the
 plan still holds, gathers the gradients (one ``torch._foreach_copy_`` into the buffers the
-fused segments read), runs the non-finite check on those buffers, writes the per-step scalars
+fused segments read), runs the non-finite check on those buffers (or lets the kernel run it,
+where the step is one fused segment: ``lowering.fused_check``), writes the per-step scalars
 in place, runs the segments and applies the update. ``gradpipe/runtime/compiled.py``'s module
 docstring ("Step plan") says what the plan covers and how a planned step calls the compiled code.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, Sequence
@@ -143,6 +145,8 @@ class StepPlan:
                 self.envs_of.setdefault(id(group), {})[id(env)] = env
         self.envs = [env for envs in self.envs_of.values() for env in envs.values()]
         self.step_checks = _reads_step(prog)
+        #: whether the step's non-finite check runs inside the kernel (one route, planned, ``ok`` set)
+        self.fused = len(routes) == 1 and routes[0].plan is not None and routes[0].plan.ok is not None
 
     def _sig(self, group: dict[str, Any]) -> tuple:
         return tuple(map(_snapshot, map(group.__getitem__, self.names)))
@@ -206,21 +210,28 @@ class StepPlan:
             if r.plan is not None and not r.plan.prepare(r.grads):
                 return False
         compiled = opt._compiled
-        compiled._active = self
-        try:
-            skipped = opt._nonfinite.skip(opt, self.stepped, None, None, loss_value)
-        finally:
-            compiled._active = None
-        if skipped:
+        # the check inside the kernel (one route, one fused segment: lowering.fused_check); a loss that is
+        # not finite is the check's before the kernel
+        fused = self.fused and (loss_value is None or math.isfinite(loss_value))
+        if not fused and self._skipped(opt, loss_value):
             return True
         try:
             for env in self.envs:
                 env["loss"] = loss_value
                 if self.step_checks:
                     opt.program.check_step_ranges(env)
+        except GradError:  # a step the check would have skipped raises nothing, as on the general path
+            if fused and self._skipped(opt, loss_value):
+                return True
+            compiled.step_plans.pop(self.key, None)
+            raise
+        try:
             for r in self.routes:
                 if r.plan is not None:
-                    compiled.run_plan(r.plan)
+                    if not compiled.run_plan(r.plan):  # the kernel found a NaN or an Inf and wrote nothing
+                        r.grads = []
+                        opt._nonfinite.found(opt, self.stepped)
+                        return True
                 else:
                     updates = compiled.run_route(r.label, RouteBatch(r.params, {"grad": r.grads}, r.envs, r.states),
                                                  opt._node_state, opt._orders[r.label])
@@ -231,9 +242,21 @@ class StepPlan:
         except BaseException:
             compiled.step_plans.pop(self.key, None)  # the next step takes the general path
             raise
+        if fused:
+            opt._nonfinite.taken()
         for env in self.envs:
             env["step"] += 1
         return True
+
+    def _skipped(self, opt: "Optimizer", loss_value: float | None) -> bool:
+        """The non-finite check before the kernels, over the plan's gathered gradient buffers: True
+        (counted) where the step is skipped."""
+        compiled = opt._compiled
+        compiled._active = self
+        try:
+            return opt._nonfinite.skip(opt, self.stepped, None, None, loss_value)
+        finally:
+            compiled._active = None
 
 
 def planned_step(opt: "Optimizer", loss_value: float | None) -> bool:

@@ -138,7 +138,9 @@ class SkipNonfinite(_Policy):
     consecutive failures); ``torch.amp.GradScaler`` (skip ``optimizer.step()`` when an
     unscaled gradient holds an Inf or a NaN). The check itself: ``torch.aminmax`` per
     gradient on the CPU, GradScaler's ``torch._amp_foreach_non_finite_check_and_unscale_``
-    on a GPU (``gradpipe/runtime/nonfinite.py``).
+    on a GPU (``gradpipe/runtime/nonfinite.py``); inside the fused kernel, as
+    ``all(isfinite(g))`` before gated writes, where a planned step of the compiled backend is
+    one kernel (``gradpipe/compiler/lowering.py``, ``fused_check``).
     """
 
     name = "skip_nonfinite"
