@@ -9,16 +9,18 @@ optimizer search (``gradpipe.search``) keys candidates by it, as the program sea
 Chen et al. 2023 ("Symbolic Discovery of Optimization Algorithms", section 2) deduplicates
 programs after removing redundant statements.
 
-Method: Weisfeiler-Lehman colour refinement on the graph (Shervashidze et al. 2011,
-"Weisfeiler-Lehman Graph Kernels"). A node's colour is the hash of its label (kind, op,
-arguments with numbers normalised, hyperparameters by name; the route for nodes without
-inputs and for outputs) and of its inputs' colours by port, computed in topological order,
-so a node's colour describes the whole expression below it. The two back references a
-pipeline graph has, a block input's wrapper and a state cell's new value, are folded in
-from the previous round, and rounds repeat until the colours split the nodes no further.
-The hash is then that of the sorted multiset of colours (so two draws of a random op are
-not one draw used twice), the routes' outputs, the hyperparameters the graph reads (name,
-default, range; ``lr`` always) and the ``eval:``/``train:`` sequences.
+Method: a Merkle hash of the DAG (the first round of Weisfeiler-Lehman colour refinement
+on a directed graph, Shervashidze et al. 2011, "Weisfeiler-Lehman Graph Kernels", which on
+a DAG in topological order already names each node by the whole expression below it). A
+node's colour is the hash of its label (kind, op, arguments with numbers normalised,
+hyperparameters by name; the route for nodes without inputs and for outputs) and of its
+inputs' colours by port. The graph's two cycles in meaning enter through ports: a block
+reaches its wrapper on the wrapper's ``inner`` port, and the output pairs each state cell
+with its new value on a ``cell:`` port (named here by the cell's colour; a cell's value
+before the step is read only by its own update, so the pair says all there is). The hash
+is that of the sorted multiset of colours (so two draws of a random op are not one draw
+used twice), the routes' outputs, the hyperparameters the graph reads (name, default,
+range; ``lr`` always) and the ``eval:``/``train:`` sequences.
 """
 
 from __future__ import annotations
@@ -76,25 +78,16 @@ def _hparams_read(g: nx.MultiDiGraph, modes: Mapping[str, "ModeSeq"]) -> set[str
     return names
 
 
-def _colours(g: nx.MultiDiGraph, order: list[str], labels: Mapping[str, Any],
-             back: Mapping[str, str | None]) -> dict[str, str]:
-    """WL refinement until the number of colour classes stops growing."""
-    previous: dict[str, str] = {n: "" for n in order}
-    classes = -1
-    for _ in range(len(order) + 1):
-        colour: dict[str, str] = {}
-        for n in order:
-            ins = sorted((d["port"] if not d["port"].startswith(COMMIT_PORT) else
-                          COMMIT_PORT + colour.get(d["port"][len(COMMIT_PORT):], ""), colour[u])
-                         for u, _, d in g.in_edges(n, data=True))
-            ref = back.get(n)
-            colour[n] = _digest(labels[n], ins, previous[ref] if ref is not None else None)
-        n_classes = len(set(colour.values()))
-        previous = colour
-        if n_classes == classes:
-            break
-        classes = n_classes
-    return previous
+def _colours(g: nx.MultiDiGraph, order: list[str], labels: Mapping[str, Any]) -> dict[str, str]:
+    """Each node's colour, in topological order: its label and its inputs' colours by port
+    (a state cell's commit port named by the cell's colour, not its node name)."""
+    colour: dict[str, str] = {}
+    for n in order:
+        ins = sorted((d["port"] if not d["port"].startswith(COMMIT_PORT) else
+                      COMMIT_PORT + colour[d["port"][len(COMMIT_PORT):]], colour[u])
+                     for u, _, d in g.in_edges(n, data=True))
+        colour[n] = _digest(labels[n], ins)
+    return colour
 
 
 def structure_hash(graph: nx.MultiDiGraph, hyperparams: Mapping[str, "HyperParam"],
@@ -105,18 +98,12 @@ def structure_hash(graph: nx.MultiDiGraph, hyperparams: Mapping[str, "HyperParam
     modes = modes or {}
     order = list(nx.lexicographical_topological_sort(graph))
     labels: dict[str, Any] = {}
-    back: dict[str, str | None] = {}
     for n in order:
         d = graph.nodes[n]
         has_inputs = graph.in_degree(n) > 0
         labels[n] = (d["kind"], d["op"], _canon(d["args"]),
                      d["route"] if d["kind"] == "output" or not has_inputs else None)
-        back[n] = d.get("block")
-    for n in order:  # a state cell's new value: the output's commit port for it
-        for u, _, e in graph.in_edges(n, data=True):
-            if e["port"].startswith(COMMIT_PORT):
-                back[e["port"][len(COMMIT_PORT):]] = u
-    colour = _colours(graph, order, labels, back)
+    colour = _colours(graph, order, labels)
     hps = tuple((name, _canon(hp.default), _canon(hp.low), _canon(hp.high), hp.low_closed, hp.high_closed)
                 for name, hp in sorted(hyperparams.items()) if name in _hparams_read(graph, modes))
     outputs = sorted(colour[n] for n in order if graph.nodes[n]["kind"] == "output")
