@@ -18,7 +18,7 @@ from gradpipe.dsl.formatter import format_module, format_source
 from gradpipe.dsl.parser import parse
 from gradpipe.search import Candidate, Evolution
 from gradpipe.search import evolution as evolution_mod
-from gradpipe.search.mutate import MUTATIONS, MutationContext, mutate
+from gradpipe.search.mutate import MUTATIONS, Mutation, MutationContext, mutate
 from gradpipe.search.vocabulary import stages
 
 PIPELINES = ("adam", "sgd", "lion", "diffgrad", "scalpel")
@@ -176,40 +176,29 @@ def test_a_seed_with_an_unused_let_is_the_seed() -> None:
     assert evo.duplicates == 1
 
 
-def test_an_equivalent_mutant_counts_as_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A mutation that only adds an unused let is counted and drawn again, never returned."""
-    from gradpipe.search.mutate import Mutation
-
-    def add_unused(module, rng, ctx):
-        if rng.random() < 0.5:
-            let = ast.Let(f"unused{rng.randrange(1000)}", ast.Name(("grad",)))
-            return Mutation(ast.Module((let,) + module.stmts), "add an unused let")
-        return mutate(module, rng, ctx)
-    monkeypatch.setattr(evolution_mod, "mutate", add_unused)
-    evo = run({"lion": SOURCES["lion"]}, 3, n=8)
-    assert evo.duplicates > 0
-    assert all(c.mutation != "add an unused let" for c, _ in evo.history)
+def _unused_let(module: ast.Module, rng: random.Random) -> Mutation:
+    let = ast.Let(f"unused{rng.randrange(1000)}", ast.Name(("grad",)))
+    return Mutation(ast.Module((let,) + module.stmts), "injected")
 
 
-def test_invalid_mutants_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A mutation the compiler rejects (a misspelled op) is counted and drawn again."""
-    from gradpipe.search.mutate import Mutation
-
-    def typo(module, rng, ctx):
-        if rng.random() < 0.5:
-            return Mutation(parse("grad | adamm"), "misspell adam")
-        return mutate(module, rng, ctx)
-    monkeypatch.setattr(evolution_mod, "mutate", typo)
-    evo = run({"sgd": SOURCES["sgd"]}, 5, n=8)
-    assert evo.invalid > 0
-    assert all(c.mutation != "misspell adam" for c, _ in evo.history)
+#: a mutation that always gives the same thing, and the (invalid, duplicates) counts after
+#: five draws of it
+INJECTED = {
+    "nothing applies": (lambda module, rng: None, (0, 0)),
+    "an unused let (the parent's key)": (_unused_let, (0, 5)),
+    "a misspelled op (rejected by the compiler)": (lambda module, rng: Mutation(parse("grad | adamm"), "injected"),
+                                                   (5, 0)),
+}
 
 
-def test_ask_gives_none_when_nothing_new_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(evolution_mod, "mutate", lambda module, rng, ctx: None)
+@pytest.mark.parametrize("case", sorted(INJECTED))
+def test_invalid_and_equivalent_mutants_are_counted_never_returned(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    injected, counts = INJECTED[case]
+    monkeypatch.setattr(evolution_mod, "mutate", lambda module, rng, ctx: injected(module, rng))
     evo = Evolution({"sgd": SOURCES["sgd"]}, seed=0, max_tries=5)
-    assert evo.ask() is not None
-    assert evo.ask() is None
+    assert evo.ask() is not None  # the seed
+    assert evo.ask() is None  # five draws, nothing new
+    assert (evo.invalid, evo.duplicates) == counts
 
 
 def test_same_seed_same_history_other_seed_differs() -> None:
