@@ -160,7 +160,7 @@ class SyntheticTask(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         seed = model_seed(model)
-        x = model.flat()
+        x = model.flat().detach()
         return {"suboptimality": float(self.objective(x, seed)),
                 "distance": float(torch.linalg.vector_norm(x - self.minimiser(seed)))}
 
