@@ -81,6 +81,8 @@ def test_registered_with_options(name: str, cls: type, options: dict, lr: float,
 def test_same_seed_same_numbers_different_seed_different(name: str) -> None:
     task = small(name)
     rng = torch.get_rng_state()
+    m1, m2, m3 = (list(task.make_model(s).parameters()) for s in (1, 1, 2))
+    assert all(torch.equal(p, q) for p, q in zip(m1, m2)) and not all(torch.equal(p, q) for p, q in zip(m1, m3))
     a, b, c = (run_task(task, pipe("adam", lr=1e-2), steps=4, seed=s, eval_every=2) for s in (1, 1, 2))
     assert torch.equal(torch.get_rng_state(), rng)
     assert a.losses == b.losses and [e.metrics for e in a.evals] == [e.metrics for e in b.evals]
@@ -278,6 +280,8 @@ def test_quadratic_gradient_descent_converges_at_the_rate_the_condition_number_p
         task = QuadraticTask(dim=dim, condition=kappa)
         eig, q, xstar = quadratic_problem(dim, kappa, 0)
         assert float(eig.min()) == pytest.approx(1 / kappa) and float(eig.max()) == pytest.approx(1.0)
+        torch.testing.assert_close(eig.log().diff(), torch.full((dim - 1,), math.log(kappa) / (dim - 1),
+                                                                 dtype=torch.float64))  # log-spaced
         assert float(torch.linalg.cond((q * eig) @ q.T)) == pytest.approx(kappa, rel=1e-6)
         losses = run_task(task, pipe("sgd", lr=1.0), steps=steps, eval_every=0).losses
         c = q.T @ (task.initial_point(0).double() - xstar)
