@@ -3,14 +3,15 @@
 **Problem.** Next-character prediction on the ``charlm`` task's corpus: the
 source of a fixed list of standard-library modules read from the running
 Python (:func:`gradpipe.tasks.charlm.load_corpus`; nothing downloaded), its
-character vocabulary (about 100 ids) and its contiguous 90/10 split into
+character vocabulary (95 ids on Python 3.11) and its contiguous 90/10 split into
 training and validation text. Where ``charlm`` is an MLP over a fixed window,
 this is the model family optimizers for language models are tuned on: layer
 norms, attention and embeddings, whose gradients are heavy-tailed and
-badly scaled across parameters, which is where Adam's per-coordinate scaling
-is known to matter most (J. Zhang, S. P. Karimireddy, A. Veit et al., "Why
-are Adaptive Methods Good for Attention Models?", NeurIPS 2020); plain SGD
-trails it by a wide margin here.
+badly scaled across parameters, where adaptive methods are known to help (J.
+Zhang, S. P. Karimireddy, A. Veit et al., "Why are Adaptive Methods Good for
+Attention Models?", NeurIPS 2020). Measured at the defaults (seed 0, 500
+steps): Adam at lr 3e-3 reaches a ``val_loss`` of 1.80, SGD with momentum 0.9
+at lr 0.3 1.90, plain SGD at lr 0.1 2.50 (the untrained model: 4.4).
 
 **Model** (a GPT-style pre-norm decoder: A. Vaswani, N. Shazeer, N. Parmar et
 al., "Attention Is All You Need", NeurIPS 2017; A. Radford, J. Wu, R. Child et
@@ -22,9 +23,9 @@ al., "Language Models are Unsupervised Multitask Learners", 2019)::
     logits = U LN(h)
 
 ``layers`` blocks, no dropout, no weight tying. Defaults: d = 64, 4 heads, 2
-layers, context 32: 114k parameters with the stdlib vocabulary. Every layer has PyTorch's default
-initialisation (:func:`gradpipe.tasks.init.reset_default`), drawn from a
-generator seeded by the run's seed.
+layers, context 32: 114k parameters with 95 characters. Every layer has
+PyTorch's default initialisation (:func:`gradpipe.tasks.init.reset_default`),
+drawn from a generator seeded by the run's seed.
 
 **Training.** Each batch is ``batch_size`` (64) windows of ``context + 1``
 characters at seeded random positions of the training text; the loss is the
