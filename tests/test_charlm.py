@@ -129,7 +129,8 @@ def test_sample_grads_average_to_the_batch_gradient() -> None:
 def test_options() -> None:
     task = get_task("charlm", batch_size="32", context=8)
     assert isinstance(task, CharLMTask) and task.batch_size == 32 and task.context == 8
-    assert task.options() == {"batch_size": 32, "context": 8, "embed": 16, "hidden": 128, "eval_windows": 2048}
+    assert task.options() == {"batch_size": 32, "context": 8, "embed": 16, "hidden": 128, "eval_windows": 2048,
+                              "holdout": "val"}
     assert (task.name, task.metric, task.higher_is_better, task.loss_names) == ("charlm", "val_loss", False, ("loss",))
     for bad in ({"context": 0}, {"batch_size": "many"}, {"hidden": 2.5}):
         with pytest.raises(TaskError):

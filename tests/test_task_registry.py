@@ -23,7 +23,8 @@ from gradpipe.tasks.registry import BUILTIN_TASKS, ENTRY_POINT_GROUP
 
 from example_tasks import LINREG, LinearRegressionTask
 
-BUILTINS = ["charlm", "digits", "digits-multitask"]
+BUILTINS = ["charlm", "digits", "digits-cnn", "digits-multitask", "noisy-quadratic", "quadratic", "rosenbrock",
+            "tinylm"]
 
 
 def task_error(spec: str, **options) -> str:
@@ -49,11 +50,11 @@ def test_builtin_options() -> None:
     assert get_task("digits", batch_size=32).batch_size == 32
     assert get_task("digits", batch_size="32").batch_size == 32  # command-line strings
     assert get_task("digits-multitask", aux_weight="0.25").aux_weight == 0.25
-    assert task_options("digits") == {"batch_size": 128, "hidden": 64}
-    assert task_options("digits-multitask") == {"batch_size": 64, "hidden": 64, "aux_weight": 1.0}
-    assert "its options are batch_size, hidden" in task_error("digits", batch=3)
+    assert task_options("digits") == {"batch_size": 128, "hidden": 64, "holdout": "val"}
+    assert task_options("digits-multitask") == {"batch_size": 64, "hidden": 64, "aux_weight": 1.0, "holdout": "val"}
+    assert "its options are batch_size, hidden, holdout" in task_error("digits", batch=3)
     assert task_error("digits", foo=1, bar=2) == \
-        "task 'digits' has no option bar, foo; its options are batch_size, hidden"
+        "task 'digits' has no option bar, foo; its options are batch_size, hidden, holdout"
     assert "batch_size must be an integer" in task_error("digits", batch_size="lots")
     assert "aux_weight must be finite and at least 0" in task_error("digits-multitask", aux_weight=-1)
 
@@ -121,7 +122,7 @@ def test_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
         _ep("broken", "no_such_module_xyz:Task"),
         _ep("digits", "example_tasks:make_linreg"),  # a built-in name wins
     ))
-    assert available_tasks() == ["broken", "charlm", "digits", "digits-multitask", "linreg"]
+    assert available_tasks() == sorted(BUILTINS + ["broken", "linreg"])
     task = get_task("linreg", dim=2)
     assert isinstance(task, LinearRegressionTask) and task.dim == 2
     assert task_options("linreg") == {"dim": 4, "batch_size": 16}

@@ -338,7 +338,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--resume", metavar="RUN_ID", help="go on with an interrupted run from its latest checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="K",
                    help="log model and optimizer state every K steps and at the end (default 50; 0: never)")
-    p.add_argument("--task", default="digits", help="digits, digits-multitask, charlm, or package.module:factory")
+    p.add_argument("--task", default="digits", help="a built-in task (digits, digits-cnn, charlm, tinylm, quadratic, "
+                   "...: docs/orchestration.md section 7) or package.module:factory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a hyperparameter (repeatable)")
     _common(p)
@@ -346,7 +347,8 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("compare", help="compare pipelines over seeds and a grid (a Prefect flow, MLflow runs)")
     p.add_argument("pipelines", nargs="+", metavar="FILE|NAME|DIR")
-    p.add_argument("--task", default="digits", help="digits, digits-multitask, charlm, or package.module:factory")
+    p.add_argument("--task", default="digits", help="a built-in task (digits, digits-cnn, charlm, tinylm, quadratic, "
+                   "...: docs/orchestration.md section 7) or package.module:factory")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds per pipeline (default 1)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="set a hyperparameter for every run")

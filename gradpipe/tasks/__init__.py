@@ -1,7 +1,8 @@
 """Small, fast, deterministic training tasks for trying out optimizers.
 
-Each task trains a tiny model on data shipped with an installed package (no
-downloads), so a run takes about a second on a laptop CPU and gives the same
+Each task trains a small model on data shipped with an installed package (no
+downloads) or minimises a synthetic objective, so a run takes seconds on a
+laptop CPU (``tinylm``, a transformer, under a minute) and gives the same
 numbers every time for a given seed.
 
 Tasks (``gradpipe.tasks.get_task(name)``):
@@ -14,6 +15,18 @@ Tasks (``gradpipe.tasks.get_task(name)``):
     ``charlm`` (:class:`CharLMTask`, :mod:`gradpipe.tasks.charlm`): a
         character-level language model of Python standard-library source;
         metric ``val_loss`` (nats per character).
+    ``digits-cnn`` (:class:`DigitsCNNTask`, :mod:`gradpipe.tasks.digits_cnn`):
+        a small conv net on the same 8x8 digits; metric ``val_accuracy``.
+    ``tinylm`` (:class:`TinyLMTask`, :mod:`gradpipe.tasks.tinylm`): a tiny
+        decoder-only transformer on charlm's text; metric ``val_loss``.
+    ``quadratic``, ``rosenbrock``, ``noisy-quadratic``
+        (:mod:`gradpipe.tasks.synthetic`): objectives of known difficulty (an
+        ill-conditioned quadratic, Rosenbrock's valley, Zhang et al.'s noisy
+        quadratic model), hundreds of steps a second; metric ``suboptimality``.
+
+Every built-in task takes the option ``holdout``: ``"val"`` (the default)
+evaluates on the validation split, ``"tune"`` on a seeded fifth of the
+training split that it then does not train on (:mod:`gradpipe.tasks.options`).
 
 Any task is trained with :func:`run_task`::
 
@@ -62,12 +75,16 @@ from .base import Checkpoint, Diverged, EvalRecord, StepRecord, Task, TaskError,
 from .charlm import CharLMTask
 from .digits import DigitsData, TrainResult, load_digits_split, make_mlp, train
 from .digits_multitask import MultiTaskModel, MultiTaskResult, make_multitask_model, train_multitask
+from .digits_cnn import DigitsCNNTask
 from .digits_task import DigitsMultitaskTask, DigitsTask
 from .registry import available_tasks, get_task, task_options
+from .synthetic import NoisyQuadraticTask, QuadraticTask, RosenbrockTask
+from .tinylm import TinyLMTask
 
 __all__ = ["DigitsData", "TrainResult", "load_digits_split", "make_mlp", "train",
            "MultiTaskModel", "MultiTaskResult", "make_multitask_model", "train_multitask",
            "Task", "TaskError", "TaskResult", "StepRecord", "EvalRecord", "Diverged", "run_task", "check_task",
            "Checkpoint",
            "get_task", "available_tasks", "task_options",
-           "DigitsTask", "DigitsMultitaskTask", "CharLMTask"]
+           "DigitsTask", "DigitsMultitaskTask", "CharLMTask", "DigitsCNNTask", "TinyLMTask",
+           "QuadraticTask", "RosenbrockTask", "NoisyQuadraticTask"]

@@ -53,6 +53,8 @@ __all__ = [
     "TaskError",
     "run_task",
     "check_task",
+    "tag_seed",
+    "model_seed",
 ]
 
 
@@ -229,6 +231,22 @@ class Task(abc.ABC):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"{type(self).__name__}({opts})"
+
+
+#: The attribute :func:`tag_seed` sets on a model.
+_SEED_ATTR = "_gradpipe_seed"
+
+
+def tag_seed(model: nn.Module, seed: int) -> nn.Module:
+    """``model``, marked with the run seed it was built for (``make_model(seed)``), so that
+    :meth:`Task.evaluate`, which gets only the model, can score it on that seed's data."""
+    setattr(model, _SEED_ATTR, int(seed))
+    return model
+
+
+def model_seed(model: nn.Module) -> int:
+    """The seed :func:`tag_seed` marked ``model`` with; 0 for a model that was not marked."""
+    return int(getattr(model, _SEED_ATTR, 0))
 
 
 def check_task(task: Any) -> Task:

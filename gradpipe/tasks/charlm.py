@@ -36,6 +36,14 @@ character, the headline metric, lower is better), ``val_bpc``
 (``val_loss / ln 2``, bits per character) and ``val_accuracy`` (top-1
 next-character accuracy).
 
+**Holdout.** ``holdout="tune"`` (for tuning hyperparameters without reading
+the validation text) cuts the training text into :data:`TUNE_BLOCKS` equal
+blocks and holds out a fifth of them, chosen by a generator seeded from the
+run's seed: training windows are drawn only from the other blocks and
+:meth:`CharLMTask.evaluate` scores ``eval_windows`` windows that lie wholly in
+the held-out blocks, under the same metric names. No window touches both
+parts.
+
 Everything is seeded, the initial weights are drawn from a generator (the
 process-wide torch RNG is never used), and two runs with the same seed give
 bit-identical losses on CPU with the same number of torch threads.
@@ -55,10 +63,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Task, TaskError
-from .digits_task import int_option
+from .base import Task, TaskError, model_seed
+from .init import reset_default, seeded
+from .options import TUNE_FRACTION, holdout_option, int_option
 
-__all__ = ["CORPUS_MODULES", "MIN_COUNT", "VAL_FRACTION", "CharCorpus", "CharMLP", "CharLMTask", "load_corpus"]
+__all__ = ["CORPUS_MODULES", "MIN_COUNT", "VAL_FRACTION", "TUNE_BLOCKS", "CharCorpus", "CharMLP", "CharLMTask",
+           "load_corpus", "windows", "window_ends", "tune_mask", "next_token_loss"]
 
 #: The standard-library modules whose source is the corpus, in the order they are concatenated.
 CORPUS_MODULES: tuple[str, ...] = ("argparse", "calendar", "difflib", "heapq", "json.decoder",
@@ -67,12 +77,15 @@ CORPUS_MODULES: tuple[str, ...] = ("argparse", "calendar", "difflib", "heapq", "
 MIN_COUNT = 10
 #: The last this fraction of the corpus is the validation text.
 VAL_FRACTION = 0.1
+#: ``holdout="tune"`` cuts the training text into this many blocks and holds out a seeded fifth of them.
+TUNE_BLOCKS = 20
 #: Fewer characters than this (every source missing) is an error.
 _MIN_CORPUS_CHARS = 20_000
 
 _BATCH_SEED_OFFSET = 0xC4A2_1B7E
 _INIT_SEED_OFFSET = 0x1217_0C4A
 _EVAL_SEED = 0xE7A1_5EED
+_TUNE_SEED_OFFSET = 0x70E5_B10C
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,30 @@ def windows(ids: torch.Tensor, positions: torch.Tensor, context: int) -> tuple[t
     return ids[positions.unsqueeze(1) + offsets], ids[positions]
 
 
+def window_ends(allowed: torch.Tensor, context: int) -> torch.Tensor:
+    """The positions ``p >= context`` whose whole window ``ids[p - context : p + 1]`` (the
+    context and the character predicted after it) lies where the bool mask ``allowed`` is True."""
+    inside = torch.cat([torch.zeros(1, dtype=torch.int64), allowed.to(torch.int64).cumsum(0)])
+    p = torch.arange(context, allowed.numel(), dtype=torch.int64)
+    return p[inside[p + 1] - inside[p - context] == context + 1]
+
+
+@functools.lru_cache(maxsize=8)
+def tune_mask(n: int, seed: int) -> torch.Tensor:
+    """True on the characters of an ``n``-character training text that ``holdout="tune"``
+    holds out: :data:`TUNE_BLOCKS` equal blocks, a fifth of them chosen by a generator seeded
+    from ``seed`` (cached; do not modify)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed((int(seed) + _TUNE_SEED_OFFSET) % (2**63))
+    held = torch.randperm(TUNE_BLOCKS, generator=gen)[:round(TUNE_BLOCKS * TUNE_FRACTION)]
+    return torch.isin(torch.arange(n, dtype=torch.int64) * TUNE_BLOCKS // n, held)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats) of ``logits`` ``(..., vocab)`` against ``targets`` ``(...)``."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
 class CharMLP(nn.Module):
     """Bengio et al. (2003)'s neural language model: ``softmax(U tanh(W [E c_1; ..; E c_n] + b) + d)``.
 
@@ -173,12 +210,7 @@ class CharMLP(nn.Module):
     def reset_parameters(self, generator: torch.Generator) -> None:
         """PyTorch's default initialisation (``N(0, 1)`` embeddings; ``nn.Linear``'s
         ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` weights and biases), drawn from ``generator``."""
-        with torch.no_grad():
-            nn.init.normal_(self.embed.weight, generator=generator)
-            for lin in (self.hidden, self.out):
-                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5), generator=generator)
-                bound = 1.0 / math.sqrt(lin.in_features)
-                nn.init.uniform_(lin.bias, -bound, bound, generator=generator)
+        reset_default(self, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.embed(x).flatten(start_dim=-2)
@@ -194,6 +226,7 @@ class CharLMTask(Task):
         embed: embedding width per character (default 16).
         hidden: width of the tanh layer (default 128).
         eval_windows: validation windows scored by :meth:`evaluate` (default 2048).
+        holdout: ``"val"`` or ``"tune"`` (see the module docstring).
     """
 
     name = "charlm"
@@ -203,16 +236,17 @@ class CharLMTask(Task):
     loss_names = ("loss",)
 
     def __init__(self, batch_size: int = 64, context: int = 32, embed: int = 16, hidden: int = 128,
-                 eval_windows: int = 2048) -> None:
+                 eval_windows: int = 2048, holdout: str = "val") -> None:
         self.batch_size = int_option(self.name, "batch_size", batch_size)
         self.context = int_option(self.name, "context", context)
         self.embed = int_option(self.name, "embed", embed)
         self.hidden = int_option(self.name, "hidden", hidden)
         self.eval_windows = int_option(self.name, "eval_windows", eval_windows)
+        self.holdout = holdout_option(self.name, holdout)
 
     def options(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "context": self.context, "embed": self.embed,
-                "hidden": self.hidden, "eval_windows": self.eval_windows}
+                "hidden": self.hidden, "eval_windows": self.eval_windows, "holdout": self.holdout}
 
     @property
     def corpus(self) -> CharCorpus:
@@ -220,59 +254,80 @@ class CharLMTask(Task):
         corpus = load_corpus()
         for part, ids in (("validation", corpus.val), ("training", corpus.train)):
             if ids.numel() <= self.context:
-                raise TaskError(f"task 'charlm': option context must be less than the {part} text's "
+                raise TaskError(f"task {self.name!r}: option context must be less than the {part} text's "
                                 f"{ids.numel()} characters, got {self.context}")
         return corpus
 
     def make_model(self, seed: int) -> nn.Module:
-        model = CharMLP(self.corpus.vocab_size, self.context, self.embed, self.hidden)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed((int(seed) + _INIT_SEED_OFFSET) % (2**63))
-        model.reset_parameters(gen)
-        return model
+        return seeded(CharMLP(self.corpus.vocab_size, self.context, self.embed, self.hidden), seed,
+                      _INIT_SEED_OFFSET)
+
+    def pair(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The example ``(x, y)`` of each window end in ``positions``: :func:`windows`, the
+        context and the one character after it (a subclass predicting more overrides this)."""
+        return windows(ids, positions, self.context)
+
+    def _train_ends(self, seed: int) -> torch.Tensor | None:
+        """The window ends training may draw from with ``holdout="tune"`` (None: any)."""
+        if self.holdout == "val":
+            return None
+        train = self.corpus.train
+        ends = window_ends(~tune_mask(train.numel(), int(seed)), self.context)
+        if ends.numel() == 0:
+            raise TaskError(f"task {self.name!r}: option context {self.context} is too long for "
+                            f"holdout='tune' (blocks of {train.numel() // TUNE_BLOCKS} characters)")
+        return ends
 
     def batches(self, seed: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         train = self.corpus.train
+        ends = self._train_ends(seed)
         gen = torch.Generator(device="cpu")
         gen.manual_seed((int(seed) + _BATCH_SEED_OFFSET) % (2**63))
-        return self._batches(train, gen, steps)
+        return self._batches(train, gen, steps, ends)
 
-    def _batches(self, train: torch.Tensor, gen: torch.Generator,
-                 steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, train: torch.Tensor, gen: torch.Generator, steps: int,
+                 ends: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for _ in range(steps):
-            pos = torch.randint(self.context, train.numel(), (self.batch_size,), generator=gen)
-            yield windows(train, pos, self.context)
+            if ends is None:
+                pos = torch.randint(self.context, train.numel(), (self.batch_size,), generator=gen)
+            else:
+                pos = ends[torch.randint(ends.numel(), (self.batch_size,), generator=gen)]
+            yield self.pair(train, pos)
 
     def losses(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = batch
-        return {"loss": F.cross_entropy(model(x), y)}
+        return {"loss": next_token_loss(model(x), y)}
 
-    def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fixed validation windows ``(x, y)`` that :meth:`evaluate` scores (the same for
-        every seed): ``min(eval_windows, available)`` distinct positions, in text order."""
-        return _eval_set(self.context, self.eval_windows)
+    def eval_set(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows ``(x, y)`` that :meth:`evaluate` scores: ``min(eval_windows, available)``
+        distinct positions, in text order, chosen by a generator with a fixed seed. With
+        ``holdout="val"`` they are validation windows, the same for every run ``seed``; with
+        ``"tune"``, windows in the training blocks that ``seed`` holds out."""
+        if self.holdout == "val":
+            ids = self.corpus.val
+            ends = torch.arange(self.context, ids.numel(), dtype=torch.int64)
+        else:
+            ids = self.corpus.train
+            ends = window_ends(tune_mask(ids.numel(), int(seed)), self.context)
+        return self.pair(ids, _pick(ends, self.eval_windows))
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        x, y = self.eval_set()
+        x, y = self.eval_set(model_seed(model))
         with torch.no_grad():
             logits = model(x)
-            loss = float(F.cross_entropy(logits, y))
-            accuracy = float((logits.argmax(dim=1) == y).to(torch.float64).mean())
+            loss = float(next_token_loss(logits, y))
+            accuracy = float((logits.argmax(dim=-1) == y).to(torch.float64).mean())
         return {"val_loss": loss, "val_bpc": loss / math.log(2.0), "val_accuracy": accuracy}
 
     def sample_grads(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         from ..runtime.per_sample import per_sample_grads
 
         x, y = batch
-        return per_sample_grads(model, F.cross_entropy, x, y)
+        return per_sample_grads(model, next_token_loss, x, y)
 
 
-@functools.lru_cache(maxsize=8)
-def _eval_set(context: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    val = load_corpus().val
-    available = val.numel() - context
+def _pick(ends: torch.Tensor, count: int) -> torch.Tensor:
+    """``min(count, len(ends))`` of ``ends``, drawn by a generator with a fixed seed, sorted."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(_EVAL_SEED)
-    pos = torch.randperm(available, generator=gen)[:count].sort().values + context
-    x, y = windows(val, pos, context)
-    return x, y
+    return ends[torch.randperm(ends.numel(), generator=gen)[:count].sort().values]

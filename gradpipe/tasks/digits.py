@@ -39,6 +39,7 @@ __all__ = [
     "DigitsData",
     "TrainResult",
     "load_digits_split",
+    "load_digits_holdout",
     "minibatches",
     "make_mlp",
     "train",
@@ -51,6 +52,7 @@ NUM_CLASSES = 10
 
 # Offsets that decorrelate the per-purpose generators derived from one seed.
 _BATCH_SEED_OFFSET = 0x5EED_BA7C
+_TUNE_SEED_OFFSET = 0x7E4E_0D16
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,48 @@ def load_digits_split(
         y_train=torch.tensor(y[train_idx], dtype=torch.int64),
         x_val=torch.tensor(x[val_idx], dtype=dtype),
         y_val=torch.tensor(y[val_idx], dtype=torch.int64),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _tune_indices(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions, within seed's training split, of the part trained on and of the tuning
+    part that ``holdout="tune"`` holds out: a stratified fifth, seeded (cached, read-only)."""
+    from sklearn.model_selection import train_test_split
+
+    from .options import TUNE_FRACTION
+
+    _, y = _raw_digits()
+    train_idx, _ = _split_indices(seed, 0.2)
+    pos = np.arange(len(train_idx))
+    fit, tune = train_test_split(pos, test_size=TUNE_FRACTION, random_state=(seed + _TUNE_SEED_OFFSET) % 2**32,
+                                 shuffle=True, stratify=y[train_idx])
+    fit, tune = np.sort(fit), np.sort(tune)
+    fit.setflags(write=False)
+    tune.setflags(write=False)
+    return fit, tune
+
+
+def load_digits_holdout(seed: int = 0, holdout: str = "val") -> DigitsData:
+    """The data a task trains and evaluates on for its ``holdout`` option.
+
+    ``"val"``: :func:`load_digits_split` (1437 training, 360 validation images).
+    ``"tune"``: the training split of ``seed`` cut, stratified by class and
+    seeded by ``seed``, into 1149 images to train on (``x_train``) and 288
+    held-out tuning images (``x_val``); the validation images are not read.
+    """
+    if holdout == "val":
+        return load_digits_split(seed)
+    if holdout != "tune":
+        raise ValueError(f"holdout must be 'val' or 'tune', got {holdout!r}")
+    x, y = _raw_digits()
+    train_idx, _ = _split_indices(int(seed), 0.2)
+    fit, tune = _tune_indices(int(seed))
+    return DigitsData(
+        x_train=torch.tensor(x[train_idx[fit]], dtype=torch.float32),
+        y_train=torch.tensor(y[train_idx[fit]], dtype=torch.int64),
+        x_val=torch.tensor(x[train_idx[tune]], dtype=torch.float32),
+        y_val=torch.tensor(y[train_idx[tune]], dtype=torch.int64),
     )
 
 

@@ -7,7 +7,8 @@
    works too); it is a :class:`~gradpipe.tasks.base.Task` subclass, a callable
    returning a Task, or a Task instance (which takes no options);
 2. a built-in name (:data:`BUILTIN_TASKS`: ``digits``, ``digits-multitask``,
-   ``charlm``);
+   ``charlm``, ``digits-cnn``, ``tinylm``, ``quadratic``, ``rosenbrock``,
+   ``noisy-quadratic``);
 3. the name of an entry point in the group ``"gradpipe.tasks"`` (a plugin
    package declares ``[project.entry-points."gradpipe.tasks"] mytask =
    "mypkg.tasks:MyTask"`` in its ``pyproject.toml``). A built-in name wins over
@@ -39,6 +40,11 @@ BUILTIN_TASKS: dict[str, str] = {
     "digits": "gradpipe.tasks.digits_task:DigitsTask",
     "digits-multitask": "gradpipe.tasks.digits_task:DigitsMultitaskTask",
     "charlm": "gradpipe.tasks.charlm:CharLMTask",
+    "digits-cnn": "gradpipe.tasks.digits_cnn:DigitsCNNTask",
+    "tinylm": "gradpipe.tasks.tinylm:TinyLMTask",
+    "quadratic": "gradpipe.tasks.synthetic:QuadraticTask",
+    "rosenbrock": "gradpipe.tasks.synthetic:RosenbrockTask",
+    "noisy-quadratic": "gradpipe.tasks.synthetic:NoisyQuadraticTask",
 }
 
 
@@ -137,7 +143,7 @@ def get_task(spec: str, **options: Any) -> Task:
     """The task ``spec`` names, built with ``options``.
 
     Args:
-        spec: a built-in name (``"digits"``, ``"digits-multitask"``, ``"charlm"``),
+        spec: a built-in name (``"digits"``, ``"charlm"``, ``"quadratic"``, ...: :data:`BUILTIN_TASKS`),
             the name of a ``gradpipe.tasks`` entry point, or
             ``"package.module:factory"`` where ``factory`` is a :class:`Task`
             subclass, a callable returning a :class:`Task`, or a Task instance.
