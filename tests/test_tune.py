@@ -26,7 +26,7 @@ from gradpipe import GradError
 from gradpipe.flows.bootstrap import bootstrap_ci, median_steps, steps_to_target
 from gradpipe.flows.spec import RunSpec, SpecError
 from gradpipe.flows.train import RunOutcome
-from gradpipe.flows.tuning import (TUNE_SEED_BASE, Trial, TuneRange, best_trials, parse_range, parse_tune,
+from gradpipe.flows.tuning import (TUNE_SEED_BASE, Trial, TuneRange, best_trials, group_trials, parse_range, parse_tune,
                                    plan_tuning, trial_points, tuned_compare, tuned_markdown, tuned_rank)
 from gradpipe.tasks import Task, TaskError
 
@@ -200,6 +200,17 @@ def test_the_best_trial(higher, scores, best):
     assert best_trials(trials[::-1], higher)["p"].index == best
 
 
+def test_a_trial_with_one_failed_tuning_seed_scores_nan_and_the_others_average():
+    def run(i, seed, status, v=0.0):
+        spec = RunSpec("sgd", seed=seed, hyperparams={"lr": 0.1 * (i + 1)})
+        return i, RunOutcome(spec=spec, run_id=f"{i}-{seed}", status=status, metrics={"val_loss": v})
+    trials = {t.index: t for t in group_trials([run(0, 1, "FINISHED", 0.2), run(0, 2, "FAILED"),
+                                                run(1, 1, "FINISHED", 0.5), run(1, 2, "FINISHED", 0.7)])}
+    assert math.isnan(trials[0].score) and trials[0].run_ids == ["0-1", "0-2"]
+    assert trials[1].score == pytest.approx(0.6) and trials[1].hyperparams == {"lr": 0.2}
+    assert best_trials(list(trials.values()), False)["sgd"].index == 1
+
+
 def test_a_pipeline_whose_every_trial_failed_has_no_best_and_ranks_last():
     trials = [_trial("a", 0, 0.5), _trial("b", 0, math.nan), _trial("b", 1, math.nan)]
     assert set(best_trials(trials, False)) == {"a"}
@@ -225,6 +236,17 @@ def test_the_bootstrap_interval_covers_the_true_mean_about_95_percent_of_the_tim
     assert 0.89 <= hits / reps <= 0.99
     # the normal-theory width 2 * 1.96 * sigma / sqrt(n), which the bootstrap estimates
     assert statistics.fmean(widths) == pytest.approx(2 * 1.96 * 2.0 / math.sqrt(n), rel=0.1)
+
+
+def test_the_bootstrap_interval_is_the_exact_bootstrap_distributions_quantiles():
+    """All 5**5 resamples of 5 values, enumerated: the exact percentile interval that the random
+    resamples estimate (up to one step, 0.2, of the possible means)."""
+    import itertools
+    xs = [0.0, 1.0, 2.0, 3.0, 10.0]
+    means = [statistics.fmean(c) for c in itertools.product(xs, repeat=5)]
+    for confidence in (0.95, 0.8):
+        exact = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+        assert bootstrap_ci(xs, confidence=confidence, resamples=20_000) == pytest.approx(tuple(exact), abs=0.21)
 
 
 def test_the_bootstrap_interval_is_fixed_by_its_seed():
@@ -317,3 +339,36 @@ def test_a_tuned_comparison_chooses_on_held_out_data_and_reports_on_val(prefect_
     assert len(trials["trials"]) == 6
     png = c.download_artifacts(result.parent_run_id, "plots/tuned_curves.png", str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cli_warns_and_tags_when_the_task_cannot_hold_out(prefect_server, tmp_path, capsys):
+    from gradpipe.cli import main
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    code = main(["compare", "sgd", "--task", "test_tune:NoHoldoutTask", "--tune", "lr=0.01,0.1", "--steps", "4",
+                 "--tracking-uri", uri, "--experiment", "noholdout"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if line.startswith("gradpipe compare: warning:")]
+    assert len(warning) == 1 and "has no holdout option" in warning[0], err
+    assert "usual evaluation" in out and "│ 1 │ sgd      │ lr=0.1 │  1/1 │" in out, out
+    _, parents, children = _runs(uri, "noholdout")
+    assert parents[0].data.tags["gradpipe.tune_holdout"] == "none"
+    assert len(children) == 3 and not any("task.holdout" in r.data.params for r in children)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--tune", "lr=1e-3..1e-1:cubic:3"], "neither log nor lin"),
+    (["--tune-budget", "2"], "--tune-budget needs --tune"),
+    (["--tune", "lr=0.1,0.2", "--grid", "lr=0.1"], "--grid or --tune"),
+    (["--tune", "lr=0.1,0.2", "--tune-budget", "3"], "more than the 2 points"),
+    (["--tune", "momentum=0.0,0.9"], "adam has no hyperparameter 'momentum'"),
+    (["--tune", "lr=0.1,0.2", "--seed", str(TUNE_SEED_BASE)], "is a tuning seed"),
+    (["--tune", "lr=0.1,0.2", "--task", "digitz"], "unknown task 'digitz'"),
+])
+def test_bad_tuning_input_is_one_message_and_nothing_written(tmp_path, capsys, argv, needle):
+    from gradpipe.cli import main
+    code = main(["compare", "sgd", "adam", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir()), "nothing written"
+

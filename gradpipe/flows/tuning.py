@@ -61,7 +61,7 @@ from .spec import RunSpec, SpecError, _split_pair, _top_level_split, parse_value
 from .train import RunOutcome, load_pipeline
 
 __all__ = ["TUNE_SEED_BASE", "TuneRange", "TuneWarning", "Trial", "TunedRow", "TunedComparison", "parse_range",
-           "parse_tune", "trial_points", "plan_tuning", "best_trials", "tuned_rank", "tuned_markdown",
+           "parse_tune", "trial_points", "plan_tuning", "group_trials", "best_trials", "tuned_rank", "tuned_markdown",
            "tuned_compare", "tuned_compare_flow"]
 
 #: The first tuning seed (then ``+1``, ``+2``...): far from the reporting seeds ``--seed``, ``--seed+1``, ...
@@ -283,16 +283,16 @@ class Trial:
     reasons: list[str] = field(default_factory=list)
 
 
-def _trials(tagged: Sequence[tuple[int, RunOutcome]]) -> list[Trial]:
+def group_trials(tagged: Sequence[tuple[int, RunOutcome]]) -> list[Trial]:
+    """The tuning runs ``(trial index, outcome)`` grouped into one :class:`Trial` per pipeline and
+    index; a trial's score is NaN if any of its runs failed or has a NaN metric."""
     groups: dict[tuple[str, int], list[RunOutcome]] = {}
     for i, o in tagged:
         groups.setdefault((pipeline_label(o.spec.pipeline), i), []).append(o)
     out = []
     for (label, i), runs in groups.items():
-        scores = [o.score for o in runs]
-        bad = any(math.isnan(s) for s in scores)
         out.append(Trial(pipeline=label, index=i, hyperparams=dict(runs[0].spec.hyperparams),
-                         run_ids=[o.run_id for o in runs], score=math.nan if bad else statistics.fmean(scores),
+                         run_ids=[o.run_id for o in runs], score=statistics.fmean(o.score for o in runs),  # NaN stays
                          reasons=sorted({o.reason for o in runs if o.reason})))
     return out
 
@@ -495,7 +495,7 @@ def tuned_compare_flow(tune_plan: list[tuple[int, RunSpec]], final_template: lis
             create_children([s], uri, experiment_id, parent, first.default_steps, into=children,
                             tags={"gradpipe.phase": "tune", "gradpipe.trial": str(i)}, prefix="tune: ")
         tuned = run_children(specs, children, uri, checkpoint_every, metric, higher)
-        trials = _trials([(i, o) for (i, _), o in zip(tune_plan, tuned)])
+        trials = group_trials([(i, o) for (i, _), o in zip(tune_plan, tuned)])
         best = best_trials(trials, higher)
         finals = [dataclasses.replace(s, hyperparams={**dict(s.hyperparams), **best[pipeline_label(s.pipeline)]
                                                       .hyperparams})
