@@ -28,7 +28,8 @@ def _new_figure() -> tuple[Figure, Axes]:
 
 
 def _finish(fig: Figure, ax: Axes, title: str, xlabel: str, ylabel: str, finite: list[np.ndarray],
-            n_lines: int, legend_title: str | None = None, log_y: bool = True) -> Figure:
+            n_lines: int, legend_title: str | None = None, log_y: bool = True,
+            legend_loc: str = "upper right") -> Figure:
     vals = np.concatenate(finite) if finite else np.empty(0)
     if log_y and vals.size and (vals > 0).all():
         ax.set_yscale("log")
@@ -42,7 +43,7 @@ def _finish(fig: Figure, ax: Axes, title: str, xlabel: str, ylabel: str, finite:
     if ax.get_yscale() == "log":
         ax.grid(True, which="minor", alpha=0.12)
     if n_lines:
-        ax.legend(fontsize="small", loc="upper right", ncol=1 if n_lines <= 8 else 2, framealpha=0.85,
+        ax.legend(fontsize="small", loc=legend_loc, ncol=1 if n_lines <= 8 else 2, framealpha=0.85,
                   title=legend_title, title_fontsize="small")
     return fig
 
@@ -138,7 +139,8 @@ def eval_band_curves(groups: Mapping[str, list[Sequence[tuple[int, float]]]], ti
 
     Seeds are aligned on their evaluation steps (the union of the group's steps;
     a seed without a value at a step counts as missing there). ``target`` draws
-    a dashed horizontal line; ``log_y=False`` keeps a linear y axis (accuracies).
+    a dashed horizontal line; ``log_y=False`` keeps a linear y axis, with the legend at the
+    lower right (accuracies, which rise).
     """
     fig, ax = _new_figure()
     finite: list[np.ndarray] = []
@@ -162,7 +164,8 @@ def eval_band_curves(groups: Mapping[str, list[Sequence[tuple[int, float]]]], ti
         ax.axhline(target, ls="--", lw=1.0, color="0.3", label=f"target {target:g}")
         lines += 1
     return _finish(fig, ax, title, "step", ylabel, finite, lines,
-                   "bold: mean over seeds, thin: each run, band: min to max" if banded else None, log_y)
+                   "bold: mean over seeds, thin: each run, band: min to max" if banded else None, log_y,
+                   "upper right" if log_y else "lower right")
 
 
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
