@@ -13,9 +13,13 @@ Modules, in the order data flows through them:
 - :mod:`~gradpipe.flows.train`: one run (:func:`execute_run`), as a Prefect task with retries.
 - :mod:`~gradpipe.flows.comparison`: pipelines x seeds x grid on a Prefect task runner
   (threads, or Dask), ranked.
+- :mod:`~gradpipe.flows.tuning`: a fair comparison: every pipeline tuned with the same budget on
+  held-out training data, then its seeds at its best setting, ranked with bootstrap intervals
+  (:mod:`~gradpipe.flows.bootstrap`).
 - :mod:`~gradpipe.flows.schedule`: a cron-scheduled deployment re-running a comparison.
 - :mod:`~gradpipe.flows.server`, :mod:`~gradpipe.flows.ui`: a local Prefect server, the MLflow UI.
-- :mod:`~gradpipe.flows.commands`: the CLI's ``train``, ``compare``, ``serve``, ``ui``, ``demo``.
+- :mod:`~gradpipe.flows.commands`: the CLI's ``train``, ``compare``, ``serve``, ``ui``, ``demo``
+  (:mod:`~gradpipe.flows.tune_command`: ``compare --tune``).
 
 Importing this package sets Prefect's analytics off and a start-up timeout
 that suits small machines, unless the environment already sets them
@@ -31,6 +35,7 @@ _LAZY = {
     "rank": "comparison", "serve": "schedule", "scheduled_compare": "schedule", "RunSpec": "spec", "SpecError": "spec",
     "parse_grid": "spec", "parse_sets": "spec", "TrackingError": "tracking", "RunOutcome": "train",
     "execute_run": "train", "train_flow": "train", "train_task": "train",
+    "tuned_compare": "tuning", "TunedComparison": "tuning", "TuneRange": "tuning", "parse_range": "tuning",
 }
 
 __all__ = [*_LAZY, "apply_prefect_defaults"]

@@ -10,11 +10,12 @@ comparison exits 1 only if every run failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .server import apply_prefect_defaults
 
@@ -88,14 +89,12 @@ def _default_uri() -> str:
     return resolve_tracking_uri(None)
 
 
-def _run_compare(args: argparse.Namespace, pipelines: Sequence[str], task: str, seeds: Sequence[int], *,
-                 per_pipeline: dict[str, dict[str, Any]] | None = None, name: str | None = None):
+@contextlib.contextmanager
+def progress_bar(args: argparse.Namespace, task: str, planned: int) -> Iterator[None]:
+    """A progress bar on stderr while a comparison's ``planned`` runs go (a red line for each run
+    that fails): on a terminal, or anywhere with ``--progress``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from .comparison import compare, progress_hook
-    from .spec import parse_grid, parse_sets
-    sets = parse_sets(getattr(args, "set", None))
-    grid = parse_grid(getattr(args, "grid", None))
-    _end_runs_on_sigterm()
+    from .comparison import progress_hook
     console = _console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False, disable=not console.is_terminal and not args.progress) as bar:
@@ -103,20 +102,31 @@ def _run_compare(args: argparse.Namespace, pipelines: Sequence[str], task: str, 
 
         def done(outcome) -> None:
             if bar.tasks[job].total is None:
-                bar.update(job, total=args._planned)
+                bar.update(job, total=planned)
             mark = "" if outcome.ok else f"  FAILED: {outcome.reason}"
             bar.update(job, advance=1, description=f"{task}: {outcome.spec.run_name}")
             if mark:
                 console.print(f"[red]{outcome.spec.run_name}{mark}[/red]")
 
-        args._planned = len(pipelines) * len(seeds) * max(1, math.prod(len(v) for v in grid.values()) if grid else 1)
         with progress_hook(done):
-            return compare(pipelines, task, seeds, steps=args.steps, grid=grid, sets=sets,
-                           per_pipeline=per_pipeline, runner=getattr(args, "runner", "local"),
-                           address=getattr(args, "address", None), workers=args.workers,
-                           tracking_uri=args.tracking_uri, experiment=args.experiment, backend=args.backend,
-                           name=name, threads=args.threads, baseline=getattr(args, "baseline", None),
-                           checkpoint_every=getattr(args, "checkpoint_every", 0))
+            yield
+
+
+def _run_compare(args: argparse.Namespace, pipelines: Sequence[str], task: str, seeds: Sequence[int], *,
+                 per_pipeline: dict[str, dict[str, Any]] | None = None, name: str | None = None):
+    from .comparison import compare
+    from .spec import parse_grid, parse_sets
+    sets = parse_sets(getattr(args, "set", None))
+    grid = parse_grid(getattr(args, "grid", None))
+    _end_runs_on_sigterm()
+    planned = len(pipelines) * len(seeds) * max(1, math.prod(len(v) for v in grid.values()) if grid else 1)
+    with progress_bar(args, task, planned):
+        return compare(pipelines, task, seeds, steps=args.steps, grid=grid, sets=sets,
+                       per_pipeline=per_pipeline, runner=getattr(args, "runner", "local"),
+                       address=getattr(args, "address", None), workers=args.workers,
+                       tracking_uri=args.tracking_uri, experiment=args.experiment, backend=args.backend,
+                       name=name, threads=args.threads, baseline=getattr(args, "baseline", None),
+                       checkpoint_every=getattr(args, "checkpoint_every", 0))
 
 
 def _end_runs_on_sigterm() -> None:
@@ -147,11 +157,20 @@ def _pipelines(targets: Sequence[str], task: str) -> list[str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from .tune_command import cmd_tuned_compare, tune_requested
+    if tune_requested(args):
+        return cmd_tuned_compare(args)
     try:
         result = _run_compare(args, _pipelines(args.pipelines, args.task), args.task, list(range(args.seed, args.seed + args.seeds)))
     except _user_errors() as e:
         return _fail("compare", e)
-    print_ranking(result)
+    return report_comparison(result, print_ranking)
+
+
+def report_comparison(result: Any, print_table: Any) -> int:
+    """Print a comparison's table, its failed runs (stderr) and where to look at it in the
+    MLflow UI; the exit status: 1 if every run failed, else 0."""
+    print_table(result)
     failed = result.failed
     if failed:
         print(f"{len(failed)} of {len(result.outcomes)} runs failed:", file=sys.stderr)
@@ -362,6 +381,8 @@ def add_commands(sub: Any) -> None:
                    help="log each run's model and optimizer state every K steps (default 0: never); "
                    "a retried run goes on from it")
     _common(p)
+    from .tune_command import add_tune_arguments
+    add_tune_arguments(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("serve", help="serve a Prefect deployment that re-runs a comparison on a cron schedule")

@@ -268,24 +268,9 @@ def compare_flow(specs: list[RunSpec], uri: str, experiment_id: str, name: str =
             parent_log.text(text, "diff_vs_baseline.txt")
             parent_log.dict(data, "diff_vs_baseline.json")
             parent_log.tags({"gradpipe.baseline": pipeline_label(baseline)})
-        children = []
-        for spec in specs:
-            program = load_pipeline(spec.pipeline)
-            steps = spec.steps or first.default_steps
-            children.append(tracking.create_child_run(uri, experiment_id, parent, spec.run_name,
-                                                      run_params(spec, program, steps), run_tags(spec)))
-        futures = [train_task.submit(spec, uri, rid, checkpoint_every) for spec, rid in zip(specs, children)]
-        outcomes: list[RunOutcome] = []
-        for spec, rid, fut in zip(specs, children, futures):
-            try:
-                out = fut.result()
-            except Exception as e:  # retries exhausted: the run is FAILED in MLflow already
-                out = RunOutcome(spec=spec, run_id=rid, status="FAILED",
-                                 reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                                 metric=metric, higher_is_better=higher)
-                tracking.RunLogger(uri, rid).finish("FAILED", out.reason)
-            outcomes.append(out)
-            _notify(out)
+        children: list[str] = []
+        create_children(specs, uri, experiment_id, parent, first.default_steps, into=children)
+        outcomes = run_children(specs, children, uri, checkpoint_every, metric, higher)
         ranking = rank(outcomes, higher)
         table = ranking_markdown(ranking, metric)
         parent_log.text(table, "comparison.md")
@@ -316,6 +301,39 @@ def compare_flow(specs: list[RunSpec], uri: str, experiment_id: str, name: str =
         parent_log.finish("FAILED", reason)
         _end_unfinished(uri, children if "children" in locals() else [], f"the comparison stopped ({reason})")
         raise
+
+
+def create_children(specs: Sequence[RunSpec], uri: str, experiment_id: str, parent: str, default_steps: int, *,
+                    into: list[str], tags: Mapping[str, str] | None = None, prefix: str = "") -> list[str]:
+    """Create one SCHEDULED child run of ``parent`` per spec (named ``prefix`` + the run name, with
+    the extra ``tags``), appending each id to ``into`` as it is made: a flow that stops halfway
+    knows which runs exist (:func:`_end_unfinished`). Returns ``into``."""
+    for spec in specs:
+        program = load_pipeline(spec.pipeline)
+        steps = spec.steps or default_steps
+        into.append(tracking.create_child_run(uri, experiment_id, parent, prefix + spec.run_name,
+                                              run_params(spec, program, steps), run_tags(spec, dict(tags or {}))))
+    return into
+
+
+def run_children(specs: Sequence[RunSpec], children: Sequence[str], uri: str, checkpoint_every: int, metric: str,
+                 higher: bool) -> list[RunOutcome]:
+    """Submit one :data:`train_task` per (spec, child run) to the flow's task runner and wait for
+    them all; a run whose retries ran out is a FAILED outcome (and FAILED in MLflow), never an
+    exception. Outcomes come back in ``specs`` order; each is passed to the progress hooks."""
+    futures = [train_task.submit(spec, uri, rid, checkpoint_every) for spec, rid in zip(specs, children)]
+    outcomes: list[RunOutcome] = []
+    for spec, rid, fut in zip(specs, children, futures):
+        try:
+            out = fut.result()
+        except Exception as e:  # retries exhausted: the run is FAILED in MLflow already
+            out = RunOutcome(spec=spec, run_id=rid, status="FAILED",
+                             reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                             metric=metric, higher_is_better=higher)
+            tracking.RunLogger(uri, rid).finish("FAILED", out.reason)
+        outcomes.append(out)
+        _notify(out)
+    return outcomes
 
 
 def _end_unfinished(uri: str, run_ids: Sequence[str], reason: str) -> None:
