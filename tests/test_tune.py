@@ -372,3 +372,10 @@ def test_bad_tuning_input_is_one_message_and_nothing_written(tmp_path, capsys, a
     assert code == 2 and needle in err and err.count("\n") == 1, err
     assert not list(tmp_path.iterdir()), "nothing written"
 
+
+
+@pytest.mark.parametrize("x,text", [(0.97501, "0.9750"), (1.31e-08, "1.31e-08"), (4e-05, "4e-05"), (0.0, "0.0000"),
+                                    (12.5, "12.5000"), (float("nan"), "")])
+def test_a_small_metric_is_not_printed_as_zero(x, text):
+    from gradpipe.flows.commands import _fmt
+    assert _fmt(x) == text

@@ -53,7 +53,13 @@ def _console():
 
 
 def _fmt(x: float, digits: int = 4) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    """``x`` with ``digits`` decimals, or ``digits - 1`` significant digits where those decimals would
+    show only zeros (a suboptimality of 1.3e-08 is not 0.0000); "" for None or NaN."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    if x != 0 and math.isfinite(x) and abs(x) < 0.5 * 10 ** -(digits - 1):
+        return f"{x:.{digits - 1}g}"
+    return f"{x:.{digits}f}"
 
 
 def print_ranking(result: Any, out=None) -> None:

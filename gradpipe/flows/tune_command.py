@@ -88,6 +88,7 @@ def print_tuned_ranking(result: Any, out=None) -> None:
     """The tuned ranking on stdout: chosen setting, mean [95% CI], steps to the target."""
     from rich.console import Console
     from rich.table import Table
+    from .commands import _fmt
     from .tuning import steps_text
     console = Console(file=out or sys.stdout, width=160)
     where = "held-out training data" if result.held_out else "the task's usual evaluation"
@@ -101,11 +102,11 @@ def print_tuned_ranking(result: Any, out=None) -> None:
     for col, just in cols:
         t.add_column(col, justify=just)
     for i, r in enumerate(result.ranking, 1):
-        score = "failed" if math.isnan(r.score_mean) else f"{r.score_mean:.4f} [{r.ci_lo:.4f}, {r.ci_hi:.4f}]"
+        score = "failed" if math.isnan(r.score_mean) else f"{_fmt(r.score_mean)} [{_fmt(r.ci_lo)}, {_fmt(r.ci_hi)}]"
         cells = [str(i), r.pipeline, r.chosen_text or "-", f"{r.finished}/{r.finished + r.failed}", score]
         if result.target is not None:
             cells.append(steps_text(r))
-        cells += ["" if math.isnan(r.loss_mean) else f"{r.loss_mean:.4f}", f"{r.trials_ok}/{r.trials}",
+        cells += ["" if math.isnan(r.loss_mean) else _fmt(r.loss_mean), f"{r.trials_ok}/{r.trials}",
                   "; ".join(r.notes)[:70]]
         t.add_row(*cells)
     console.print(t)

@@ -405,6 +405,7 @@ def steps_text(r: TunedRow) -> str:
 
 def tuned_markdown(rows: Sequence[TunedRow], metric: str, target: float | None = None) -> str:
     """The ranked table as Markdown (the parent run's ``tuned_comparison.md``)."""
+    from .commands import _fmt
     head = f"| rank | pipeline | chosen | runs | {metric} mean [95% CI] |"
     rule = "|---:|---|---|---:|---:|"
     if target is not None:
@@ -413,11 +414,11 @@ def tuned_markdown(rows: Sequence[TunedRow], metric: str, target: float | None =
     lines = [head + " final loss | tuning trials ok | note |", rule + "---:|---:|---|"]
     for i, r in enumerate(rows, 1):
         score = ("failed" if math.isnan(r.score_mean)
-                 else f"{r.score_mean:.4f} [{r.ci_lo:.4f}, {r.ci_hi:.4f}]")
+                 else f"{_fmt(r.score_mean)} [{_fmt(r.ci_lo)}, {_fmt(r.ci_hi)}]")
         cells = [str(i), r.pipeline, r.chosen_text or "-", f"{r.finished}/{r.finished + r.failed}", score]
         if target is not None:
             cells.append(steps_text(r))
-        cells += ["" if math.isnan(r.loss_mean) else f"{r.loss_mean:.4f}", f"{r.trials_ok}/{r.trials}",
+        cells += ["" if math.isnan(r.loss_mean) else _fmt(r.loss_mean), f"{r.trials_ok}/{r.trials}",
                   "; ".join(r.notes)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
