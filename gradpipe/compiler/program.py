@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import math
 import pathlib
@@ -90,6 +91,14 @@ class Program:
 
     def defaults(self) -> dict[str, Any]:
         return {n: hp.default for n, hp in self.hyperparams.items()}
+
+    @functools.cached_property
+    def structure_hash(self) -> str:
+        """A hash of what the program computes, after the passes: equal for two files that
+        compile to the same graph up to names (an unused ``let``, a renamed one, another
+        layout), unlike :attr:`hash`, which hashes the text (:mod:`~gradpipe.compiler.structure`)."""
+        from .structure import structure_hash
+        return structure_hash(self.graph, self.hyperparams, self.modes)
 
     def check_hyperparams(self, values: Mapping[str, Any], origin: str = "Optimizer(...)") -> dict[str, Any]:
         """Validate hyperparameter values (names and declared ranges) and every range
