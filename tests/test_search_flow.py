@@ -23,8 +23,6 @@ import time
 import pytest
 
 from gradpipe.flows import tracking
-
-pytest.importorskip("gradpipe.search", reason="the search engine (branch engine) is not merged yet")
 from gradpipe.flows.search_eval import EvalJob, evaluate, signed, sweep_lrs
 
 PROXY = ["--task", "digits", "--task-option", "hidden=16", "--task-option", "batch_size=32", "--steps", "30",
@@ -35,8 +33,8 @@ SEEDS = "adam,sgd"
 GRADPIPE = [sys.executable, "-m", "gradpipe"]
 
 
-def _argv(uri, out, *extra):
-    return ["search", *PROXY, *FUNNEL, "--seed-pipelines", SEEDS, "--budget", str(BUDGET), "--seed", "0",
+def _argv(uri, out, *extra, budget=BUDGET):
+    return ["search", *PROXY, *FUNNEL, "--seed-pipelines", SEEDS, "--budget", str(budget), "--seed", "0",
             "--workers", "2", "--tracking-uri", uri, "--experiment", "search", "--out", str(out), *extra]
 
 
@@ -275,41 +273,37 @@ def test_the_top_programs_compile_and_carry_their_lineage(straight):
     assert {f"top/{f.name}" for f in files} | {f"top/{f.stem}.diff.txt" for f in files} == arts
 
 
-def test_the_same_seed_gives_the_same_candidates_and_scores(straight, tmp_path):
-    from gradpipe.flows.search import search
-    uri, parent, _, _ = straight
-    again = search(_config(12), tracking_uri=uri, out_dir=tmp_path / "top")
-    mine = [(c.index, c.key, c.parent, c.mutation, r.score) for c, r in again.history]
-    assert mine == _lineage(_summary(uri, parent))[:12]
-
-
 def test_a_killed_search_resumes_to_the_same_history_without_evaluating_a_candidate_twice(straight, prefect_server,
                                                                                            tmp_path):
+    """A second search with the same seed, in another process, SIGKILLed a third of the way and
+    resumed: its candidates and scores are the uninterrupted search's (the same seed gives the
+    same search: the budget only cuts it short), and no candidate or learning rate is evaluated twice."""
     from prefect_server import prefect_env
     from gradpipe.cli import main
-    uri0, parent0, _, _ = straight
-    uri = uri0
+    uri, parent0, _, _ = straight
+    budget = 16
     log = open(tmp_path / "search.log", "w")
-    proc = subprocess.Popen([*GRADPIPE, *_argv(uri, tmp_path / "top")], env=prefect_env(prefect_server),
+    proc = subprocess.Popen([*GRADPIPE, *_argv(uri, tmp_path / "top", budget=budget)], env=prefect_env(prefect_server),
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
                             start_new_session=True)
     parent, scored = None, 0
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:  # until a third of the budget is scored
-            time.sleep(0.2)
+            time.sleep(0.1)
             text = (tmp_path / "search.log").read_text()
             if parent is None and "MLflow parent run " in text:
                 parent = text.split("MLflow parent run ", 1)[1].split()[0]
             if parent is not None:
                 scored = sum("score" in r.data.metrics for r in _children(uri, parent)[1])
-                if scored >= BUDGET // 3:
+                if scored >= budget // 3:
                     break
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
-    assert parent is not None and BUDGET // 3 <= scored < BUDGET, (scored, (tmp_path / "search.log").read_text())
+    assert parent is not None and budget // 3 <= scored < budget, (scored, (tmp_path / "search.log").read_text())
+    assert tracking.open_client(uri).get_run(parent).info.status == "RUNNING", "killed, not finished"
     before = {r.data.tags["gradpipe.search.key"]: (r.info.run_id, r.data.metrics.get("score"))
               for r in _children(uri, parent)[1]}
     import contextlib
@@ -319,65 +313,68 @@ def test_a_killed_search_resumes_to_the_same_history_without_evaluating_a_candid
         assert main(["search", "--resume", parent, "--tracking-uri", uri, "--out", str(tmp_path / "top")]) == 0
     read_back = int(buf.getvalue().split(" read from MLflow")[0].rsplit(", ", 1)[1])
     assert read_back >= scored
-    assert _lineage(_summary(uri, parent)) == _lineage(_summary(uri0, parent0))
+    summary = _summary(uri, parent)
+    assert _lineage(summary) == _lineage(_summary(uri, parent0))[:budget]
+    straight_counts = tracking.open_client(uri).get_metric_history(parent0, "search/invalid")
+    assert summary["invalid"] == {m.step: m.value for m in straight_counts}[budget], "restored counts"
     seen = _assert_each_evaluated_once(uri, parent)
-    assert len(seen) == BUDGET + 3
+    assert len(seen) == budget + 3
     for key, (run_id, score) in before.items():  # each run from before the kill was reused, not duplicated
         assert seen[("proxy", key)].info.run_id == run_id
         if score is not None:
             assert seen[("proxy", key)].data.metrics["score"] == score or math.isnan(score)
     assert tracking.open_client(uri).get_run(parent).info.status == "FINISHED"
-    assert [f.read_text() for f in sorted((tmp_path / "top").glob("*.grad"))] == [
-        f.read_text().replace(parent0, parent) for f in sorted(straight[2].glob("*.grad"))]
+    assert main(["check", str(tmp_path / "top")]) == 0
 
 
 # --- Dask -------------------------------------------------------------------------------------
 
-def _cluster():
+@pytest.fixture(scope="module")
+def cluster():
+    """One Dask LocalCluster of 2 worker processes for both Dask tests (starting one, and the
+    workers' first imports, cost more than a small search); the worker-killing test runs last."""
     from distributed import LocalCluster
     from gradpipe.flows.comparison import local_cluster_kwargs
-    return LocalCluster(**local_cluster_kwargs(2))
+    with LocalCluster(**local_cluster_kwargs(2)) as c:
+        yield c
 
 
 @pytest.mark.slow
-def test_a_search_on_a_dask_cluster_of_two_workers_matches_the_local_one(straight, tmp_path):
+def test_a_search_on_a_dask_cluster_of_two_workers_matches_the_local_one(straight, cluster, tmp_path):
     from gradpipe.flows.search import search
     uri = straight[0]
-    with _cluster() as cluster:
-        result = search(_config(12), runner="dask", address=cluster.scheduler_address, tracking_uri=uri,
-                        out_dir=tmp_path / "top")
+    result = search(_config(8), runner="dask", address=cluster.scheduler_address, tracking_uri=uri,
+                    out_dir=tmp_path / "top")
     mine = [(c.index, c.key, c.parent, c.mutation, r.score) for c, r in result.history]
-    assert mine == _lineage(_summary(straight[0], straight[1]))[:12]
+    assert mine == _lineage(_summary(straight[0], straight[1]))[:8]
     _assert_each_evaluated_once(uri, result.parent_run_id)
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_search_loses_no_candidate_and_evaluates_none_twice(straight, tmp_path):
+def test_a_worker_killed_mid_search_loses_no_candidate_and_evaluates_none_twice(straight, cluster, tmp_path):
+    from distributed import Client
     from gradpipe.flows.search import search
     uri = straight[0]
     parents: list[str] = []
-    with _cluster() as cluster:
-        out: dict = {}
-        t = threading.Thread(target=lambda: out.setdefault("result", search(
-            _config(16), runner="dask", address=cluster.scheduler_address, tracking_uri=uri,
-            out_dir=tmp_path / "top", on_parent=parents.append)))
-        t.start()
-        killed = None
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and killed is None and t.is_alive():
-            time.sleep(0.1)
-            if not parents:
-                continue
-            runs = _children(uri, parents[0])[1]
-            if sum("score" in r.data.metrics for r in runs) >= 4 and any(
-                    r.info.status == "RUNNING" for r in runs):
-                from distributed import Client
-                with Client(cluster.scheduler_address, set_as_default=False) as client:
-                    killed = sorted(client.run(os.getpid).values())[0]
-                os.kill(killed, signal.SIGKILL)
-        t.join(300)
-        assert killed is not None, "the search ended before a worker could be killed"
-        assert not t.is_alive()
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("result", search(
+        _config(16), runner="dask", address=cluster.scheduler_address, tracking_uri=uri,
+        out_dir=tmp_path / "top", on_parent=parents.append)))
+    t.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and killed is None and t.is_alive():
+        time.sleep(0.1)
+        if not parents:
+            continue
+        runs = _children(uri, parents[0])[1]
+        if sum("score" in r.data.metrics for r in runs) >= 4 and any(r.info.status == "RUNNING" for r in runs):
+            with Client(cluster.scheduler_address, set_as_default=False) as client:
+                killed = sorted(client.run(os.getpid).values())[0]
+            os.kill(killed, signal.SIGKILL)
+    t.join(300)
+    assert killed is not None, "the search ended before a worker could be killed"
+    assert not t.is_alive()
     result = out["result"]
     mine = [(c.index, c.key, c.parent, c.mutation, r.score) for c, r in result.history]
     assert mine == _lineage(_summary(straight[0], straight[1]))[:16]

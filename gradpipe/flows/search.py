@@ -20,18 +20,16 @@ order, and every evaluation is (seeded tasks, one torch thread).
 **Resume.** Every child run is created, with the candidate's key, before its
 evaluation is submitted, and an evaluation writes its ``score`` last. A
 search resumed with ``--resume PARENT_RUN_ID`` rebuilds its configuration
-from the parent's ``search_config.json`` and replays the evolution from its
-seed with the same batches: a candidate whose child run has a score is told
-that score, read from MLflow, and trains nothing; one whose child run has no
-score yet (killed mid-sweep) is evaluated in that same run, skipping the
-learning rates it already logged; the rest are new. Replaying through
-``ask``/``tell`` (compiling each mutant again, training none) instead of
-``Evolution.restore`` keeps the batches: ``restore`` tells one candidate
-after each ask, but a batched search asked ``batch`` candidates before
-telling any, and which population a mutant is drawn from depends on that.
-The replay also checks each asked candidate against the recorded index of
-its key, so a search that does not replay as recorded stops with an error
-instead of mixing two searches.
+from the parent's ``search_config.json``, reads the scored candidates of its
+children (lineage from their tags and params, source from their
+``pipeline/pipeline.grad``) and hands them to ``Evolution.restore`` (with the
+same ``batch``), which makes each again from its recorded parent and checks
+it against the record: nothing is trained for them. Candidates asked but not
+scored before the stop are handed out again first and evaluated in the child
+run they already have, skipping the learning rates it already logged; the
+round after them ends where their batch ends, so every later candidate is
+drawn from the same population as in the uninterrupted search, and the
+history comes out the same.
 
 **Dask.** Child runs exist before their tasks are submitted, and an
 evaluation that runs again (a worker died and Dask re-ran its task) reads
@@ -169,10 +167,42 @@ def _roots(candidates: Sequence[Any], roots: dict[str, str]) -> dict[str, str]:
     return roots
 
 
+def _evolution(config: SearchConfig, evals: _Evaluations) -> Any:
+    """A new :class:`gradpipe.search.Evolution`, or the one the parent run's scored children restore."""
+    from ..search import Evolution
+    settings = dict(seed=config.seed, population=config.population, tournament=config.tournament,
+                    max_tries=config.max_tries, batch=config.batch)
+    told = sorted((r for (stage, _), r in evals.recorded.items() if stage == "proxy" and r.score is not None),
+                  key=lambda r: r.index)
+    if not told:
+        return Evolution(dict(config.seeds), **settings)
+    try:
+        return Evolution.restore(dict(config.seeds), [(r.candidate(evals.uri), r.score) for r in told], **settings)
+    except ValueError as e:
+        raise SearchResumeError(f"run {evals.parent_id} does not restore ({str(e).splitlines()[0]}); "
+                                f"start a new search instead of --resume") from None
+
+
+def _rounds(evo: Any, config: SearchConfig) -> Iterator[list[Any]]:
+    """The candidates to evaluate, a round at a time. First those a restored search hands out
+    again (asked, never scored, before the search stopped), then rounds that end where a batch
+    ends, so every candidate is drawn from the population the uninterrupted search had."""
+    again = [c for c, score in evo.history if score is None]
+    if again:
+        yield _ask_batch(evo, len(again))
+    while (n := len(evo.history)) < config.budget:
+        want = min(config.batch - n % config.batch, config.budget - n)
+        batch = _ask_batch(evo, want)
+        if batch:
+            yield batch
+        if len(batch) < want:
+            _say(f"the engine found no new candidate after {config.max_tries} tries: stopping early")
+            return
+
+
 @flow(name="gradpipe-search", persist_result=False, log_prints=False)
 def search_flow(config: SearchConfig, uri: str, experiment_id: str, parent_id: str, out_dir: str) -> SearchResult:
     """Prefect flow: the search whose parent run ``parent_id`` exists (new, or resumed); see the module docstring."""
-    from ..search import Evolution
     from .train import _clear_failure
     log = tracking.RunLogger(uri, parent_id)
     log.start()  # RUNNING again when resumed
@@ -180,28 +210,25 @@ def search_flow(config: SearchConfig, uri: str, experiment_id: str, parent_id: s
     evals = None
     try:
         evals = _Evaluations(config, uri, experiment_id, parent_id)
-        if evals.recorded:
-            log.tags({"gradpipe.search.resumed_with": str(sum(r.score is not None for r in evals.recorded.values()))})
-        evo = Evolution(dict(config.seeds), seed=config.seed, population=config.population,
-                        tournament=config.tournament, max_tries=config.max_tries)
-        history: list[tuple[Any, EvalResult]] = []
-        roots: dict[str, str] = {}
-        while len(history) < config.budget:
-            want = min(config.batch, config.budget - len(history))
-            batch = _ask_batch(evo, want)
-            results = evals.run(batch, "proxy", _roots(batch, roots))
-            for c, r in zip(batch, results):
+        evo = _evolution(config, evals)
+        results: dict[str, EvalResult] = {}
+        roots = _roots([c for c, _ in evo.history], {})
+        if evo.history:
+            told = [c for c, score in evo.history if score is not None]
+            log.tags({"gradpipe.search.resumed_with": str(len(told))})
+            results.update(zip([c.key for c in told], evals.run(told, "proxy", roots)))  # read back
+        for batch in _rounds(evo, config):
+            for c, r in zip(batch, evals.run(batch, "proxy", _roots(batch, roots))):
                 evo.tell(c.key, r.score)
-                history.append((c, r))
-            best = max((r.score for _, r in history), default=-math.inf)
-            log.metrics({"search/evaluated": len(history), "search/invalid": evo.invalid,
-                         "search/duplicates": evo.duplicates, "search/failed": sum(not r.ok for _, r in history),
-                         **({"best/score": best} if math.isfinite(best) else {})}, len(history))
-            _say(f"{len(history)}/{config.budget} evaluated, best score {best:.4g}, "
+                results[c.key] = r
+            done = [results[c.key] for c, _ in evo.history]
+            best = max((r.score for r in done), default=-math.inf)
+            log.metrics({"search/evaluated": len(done), "search/invalid": evo.invalid,
+                         "search/duplicates": evo.duplicates, "search/failed": sum(not r.ok for r in done),
+                         **({"best/score": best} if math.isfinite(best) else {})}, len(done))
+            _say(f"{len(done)}/{config.budget} evaluated, best score {best:.4g}, "
                  f"{evo.invalid} invalid, {evo.duplicates} duplicate mutants")
-            if len(batch) < want:
-                _say(f"the engine found no new candidate after {config.max_tries} tries: stopping early")
-                break
+        history = [(c, results[c.key]) for c, _ in evo.history]
         finalists, funnel = _funnel(config, history, evals, roots)
         by_key = {c.key: c for c, _ in history}
         scores = {c.key: r.score for c, r in history}

@@ -148,12 +148,24 @@ def candidate_tags(candidate: Any, stage: str, root: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Recorded:
-    """A child run found under a search's parent: its id, candidate index and score (None: not scored)."""
+    """A child run found under a search's parent: its id, its candidate's lineage and its score
+    (None: not scored yet)."""
 
     run_id: str
     index: int
+    key: str
+    parent: str | None
+    mutation: str
     score: float | None
     status: str
+
+    def candidate(self, uri: str) -> Any:
+        """The :class:`gradpipe.search.Candidate` it evaluated (its source read from the run's artifact)."""
+        from ..search import Candidate
+        with tempfile.TemporaryDirectory() as tmp:
+            source = pathlib.Path(tracking.open_client(uri).download_artifacts(
+                self.run_id, "pipeline/pipeline.grad", tmp)).read_text()
+        return Candidate(source=source, key=self.key, parent=self.parent, mutation=self.mutation, index=self.index)
 
 
 def recorded_children(uri: str, experiment_id: str, parent_id: str) -> dict[tuple[str, str], Recorded]:
@@ -168,9 +180,12 @@ def recorded_children(uri: str, experiment_id: str, parent_id: str) -> dict[tupl
             tags = r.data.tags
             if "gradpipe.search.key" not in tags:
                 continue
+            parent = tags.get("gradpipe.search.parent", "none")
             out[(tags["gradpipe.search.stage"], tags["gradpipe.search.key"])] = Recorded(
                 run_id=r.info.run_id, index=int(tags.get("gradpipe.search.index", "-1")),
-                score=read_score(r.data.metrics), status=r.info.status)
+                key=tags["gradpipe.search.key"], parent=None if parent == "none" else parent,
+                mutation=r.data.params.get("search.mutation", ""), score=read_score(r.data.metrics),
+                status=r.info.status)
         token = page.token
         if not token:
             return out
