@@ -96,6 +96,47 @@ def test_a_score_is_higher_better_and_failures_are_minus_inf(value, higher, scor
     assert signed(value, higher) == score
 
 
+def _fake_score(c):
+    """A deterministic stand-in for training: a number from the candidate's key (some fail)."""
+    x = int(c.key[:8], 16) / 16**8
+    return -math.inf if x < 0.15 else x
+
+
+def _run_rounds(evo, batch, budget, stop_after=None):
+    from gradpipe.flows.search import rounds
+    told = 0
+    for got in rounds(evo, batch, budget):
+        for c in got:
+            if stop_after is not None and told == stop_after:
+                return evo
+            evo.tell(c.key, _fake_score(c))
+            told += 1
+    return evo
+
+
+@pytest.mark.parametrize("batch, budget, told, lost", [
+    (2, 14, 7, ()),        # killed mid-batch: candidate 7 asked, never scored
+    (3, 14, 8, (6,)),      # a gap: 6 never scored, 7 scored, 8 asked
+    (3, 14, 9, (7, 8)),    # a whole batch lost but its first member
+    (4, 13, 4, ()),        # killed right after a batch
+    (1, 10, 5, (2,)),
+    (2, 12, 7, (2, 4)),    # scores of earlier batches lost from the record: made again, asked again
+])
+def test_a_restored_search_goes_on_in_the_rounds_the_uninterrupted_one_had(batch, budget, told, lost):
+    """Restored from the candidates scored before a stop (minus ``lost`` ones whose scores never
+    reached the record), the search re-asks the unscored ones first and then ends each round
+    where a batch ends: its history equals the uninterrupted search's, candidates and counts."""
+    import gradpipe
+    from gradpipe.search import Evolution
+    seeds = {"adam": gradpipe.load("adam").source, "sgd": gradpipe.load("sgd").source}
+    straight = _run_rounds(Evolution(seeds, seed=3, batch=batch), batch, budget)
+    stopped = _run_rounds(Evolution(seeds, seed=3, batch=batch), batch, budget, stop_after=told)
+    record = [(c, s) for c, s in stopped.history if s is not None and c.index not in lost]
+    resumed = _run_rounds(Evolution.restore(seeds, record, seed=3, batch=batch), batch, budget)
+    assert resumed.history == straight.history
+    assert (resumed.invalid, resumed.duplicates) == (straight.invalid, straight.duplicates)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One MLflow store for the module (a new SQLite store costs seconds of schema migrations); every

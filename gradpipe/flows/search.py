@@ -56,7 +56,7 @@ from .search_records import (Recorded, SearchConfig, SearchResumeError, candidat
 from .spec import SpecError, pipeline_label
 
 __all__ = ["SearchConfig", "SearchResult", "SearchResumeError", "search", "search_flow", "search_progress",
-           "make_config"]
+           "make_config", "rounds"]
 
 _progress: list[Callable[[str], None]] = []
 
@@ -183,20 +183,21 @@ def _evolution(config: SearchConfig, evals: _Evaluations) -> Any:
                                 f"start a new search instead of --resume") from None
 
 
-def _rounds(evo: Any, config: SearchConfig) -> Iterator[list[Any]]:
-    """The candidates to evaluate, a round at a time. First those a restored search hands out
-    again (asked, never scored, before the search stopped), then rounds that end where a batch
-    ends, so every candidate is drawn from the population the uninterrupted search had."""
-    again = [c for c, score in evo.history if score is None]
-    if again:
-        yield _ask_batch(evo, len(again))
-    while (n := len(evo.history)) < config.budget:
-        want = min(config.batch - n % config.batch, config.budget - n)
-        batch = _ask_batch(evo, want)
-        if batch:
-            yield batch
-        if len(batch) < want:
-            _say(f"the engine found no new candidate after {config.max_tries} tries: stopping early")
+def rounds(evo: Any, batch: int, budget: int) -> Iterator[list[Any]]:
+    """The candidates to evaluate, a round at a time, until ``budget`` were asked; the caller
+    tells each round's scores, in ask order, before taking the next round.
+
+    Every round ends where a batch of ``batch`` ends, so that every candidate is drawn from
+    the population the uninterrupted search had when it drew it. A restored search first
+    hands out again the candidates asked but never scored before it stopped; they belong to
+    batches not finished then, so they go in the rounds that finish those batches."""
+    while (n := len(evo.history)) < budget:
+        want = min(batch - n % batch, budget - n)
+        got = _ask_batch(evo, want)
+        if got:
+            yield got
+        if len(got) < want:
+            _say(f"the engine found no new candidate after {evo.max_tries} tries: stopping early")
             return
 
 
@@ -217,7 +218,7 @@ def search_flow(config: SearchConfig, uri: str, experiment_id: str, parent_id: s
             told = [c for c, score in evo.history if score is not None]
             log.tags({"gradpipe.search.resumed_with": str(len(told))})
             results.update(zip([c.key for c in told], evals.run(told, "proxy", roots)))  # read back
-        for batch in _rounds(evo, config):
+        for batch in rounds(evo, config.batch, config.budget):
             for c, r in zip(batch, evals.run(batch, "proxy", _roots(batch, roots))):
                 evo.tell(c.key, r.score)
                 results[c.key] = r
