@@ -13,6 +13,9 @@ Modules, in the order data flows through them:
 - :mod:`~gradpipe.flows.train`: one run (:func:`execute_run`), as a Prefect task with retries.
 - :mod:`~gradpipe.flows.comparison`: pipelines x seeds x grid on a Prefect task runner
   (threads, or Dask), ranked.
+- :mod:`~gradpipe.flows.search` (with ``search_eval``, ``search_records``, ``search_output``,
+  ``search_command``): ``gradpipe search``, regularized evolution over programs, each candidate
+  scored by a learning-rate sweep and recorded as a child run; resumable, on Dask too.
 - :mod:`~gradpipe.flows.schedule`: a cron-scheduled deployment re-running a comparison.
 - :mod:`~gradpipe.flows.server`, :mod:`~gradpipe.flows.ui`: a local Prefect server, the MLflow UI.
 - :mod:`~gradpipe.flows.commands`: the CLI's ``train``, ``compare``, ``serve``, ``ui``, ``demo``.
@@ -31,6 +34,7 @@ _LAZY = {
     "rank": "comparison", "serve": "schedule", "scheduled_compare": "schedule", "RunSpec": "spec", "SpecError": "spec",
     "parse_grid": "spec", "parse_sets": "spec", "TrackingError": "tracking", "RunOutcome": "train",
     "execute_run": "train", "train_flow": "train", "train_task": "train",
+    "make_config": "search", "SearchResult": "search",  # the function: gradpipe.flows.search.search
 }
 
 __all__ = [*_LAZY, "apply_prefect_defaults"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import Any, Callable
 
@@ -48,6 +49,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         else:
             config = _config(args)
         _end_runs_on_sigterm()
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a resume reads the sources back
         with search_progress(lambda line: print(line, file=sys.stderr, flush=True)):
             result = search(config, resume=args.resume, runner=args.runner, address=args.address,
                             workers=args.workers, tracking_uri=args.tracking_uri, experiment=args.experiment,
