@@ -10,6 +10,7 @@
     gradpipe bench --peers ...        the same next to torch, heavyball and pytorch-optimizer peers
     gradpipe train FILE|NAME --task T one training run, recorded in MLflow
     gradpipe compare FILE|NAME|DIR... pipelines x seeds x grid as a Prefect flow, ranked
+    gradpipe search --task T --seed-pipelines adam,sgd --budget N  evolve new pipelines (MLflow, resumable)
     gradpipe serve DIR --cron "..."   a Prefect deployment re-running the comparison on a schedule
     gradpipe ui                       the MLflow UI on 127.0.0.1
     gradpipe demo                     compare the standard and seed pipelines on digits

@@ -16,6 +16,9 @@ Modules, in the order data flows through them:
 - :mod:`~gradpipe.flows.tuning`: a fair comparison: every pipeline tuned with the same budget on
   held-out training data, then its seeds at its best setting, ranked with bootstrap intervals
   (:mod:`~gradpipe.flows.bootstrap`).
+- :mod:`~gradpipe.flows.search` (with ``search_eval``, ``search_records``, ``search_output``,
+  ``search_command``): ``gradpipe search``, regularized evolution over programs, each candidate
+  scored by a learning-rate sweep and recorded as a child run; resumable, on Dask too.
 - :mod:`~gradpipe.flows.schedule`: a cron-scheduled deployment re-running a comparison.
 - :mod:`~gradpipe.flows.server`, :mod:`~gradpipe.flows.ui`: a local Prefect server, the MLflow UI.
 - :mod:`~gradpipe.flows.commands`: the CLI's ``train``, ``compare``, ``serve``, ``ui``, ``demo``
@@ -36,6 +39,7 @@ _LAZY = {
     "parse_grid": "spec", "parse_sets": "spec", "TrackingError": "tracking", "RunOutcome": "train",
     "execute_run": "train", "train_flow": "train", "train_task": "train",
     "tuned_compare": "tuning", "TunedComparison": "tuning", "TuneRange": "tuning", "parse_range": "tuning",
+    "make_config": "search", "SearchResult": "search",  # the function: gradpipe.flows.search.search
 }
 
 __all__ = [*_LAZY, "apply_prefect_defaults"]

@@ -416,3 +416,6 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2)
     _common(p, steps_default=200)
     p.set_defaults(func=cmd_demo, experiment="gradpipe-demo")
+
+    from .search_command import add_search_command
+    add_search_command(sub, _common)

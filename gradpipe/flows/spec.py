@@ -121,13 +121,14 @@ def _split_pair(item: str, flag: str) -> tuple[str, str]:
     return key, value
 
 
-def parse_sets(items: Iterable[str] | None) -> dict[str, Any]:
-    """``["lr=1e-3", "betas=(0.9, 0.99)"]`` -> ``{"lr": 0.001, "betas": (0.9, 0.99)}``."""
+def parse_sets(items: Iterable[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """``["lr=1e-3", "betas=(0.9, 0.99)"]`` -> ``{"lr": 0.001, "betas": (0.9, 0.99)}``
+    (``flag`` names the option in error messages)."""
     out: dict[str, Any] = {}
     for item in items or ():
-        key, value = _split_pair(item, "--set")
+        key, value = _split_pair(item, flag)
         if key in out:
-            raise SpecError(f"--set {key} given twice")
+            raise SpecError(f"{flag} {key} given twice")
         out[key] = parse_value(value)
     return out
 
