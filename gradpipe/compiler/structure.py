@@ -9,18 +9,23 @@ optimizer search (``gradpipe.search``) keys candidates by it, as the program sea
 Chen et al. 2023 ("Symbolic Discovery of Optimization Algorithms", section 2) deduplicates
 programs after removing redundant statements.
 
-Method: a Merkle hash of the DAG (the first round of Weisfeiler-Lehman colour refinement
-on a directed graph, Shervashidze et al. 2011, "Weisfeiler-Lehman Graph Kernels", which on
-a DAG in topological order already names each node by the whole expression below it). A
-node's colour is the hash of its label (kind, op, arguments with numbers normalised,
-hyperparameters by name; the route for nodes without inputs and for outputs) and of its
-inputs' colours by port. The graph's two cycles in meaning enter through ports: a block
-reaches its wrapper on the wrapper's ``inner`` port, and the output pairs each state cell
-with its new value on a ``cell:`` port (named here by the cell's colour; a cell's value
-before the step is read only by its own update, so the pair says all there is). The hash
-is that of the sorted multiset of colours (so two draws of a random op are not one draw
-used twice), the routes' outputs, the hyperparameters the graph reads (name, default,
-range; ``lr`` always) and the ``eval:``/``train:`` sequences.
+Method: a Merkle hash of the DAG (Weisfeiler-Lehman colour refinement on a directed graph,
+Shervashidze et al. 2011, "Weisfeiler-Lehman Graph Kernels", which on a DAG in topological
+order names each node by the whole expression below it in one round). A node's colour is
+the hash of its label (kind, op, arguments with numbers normalised, hyperparameters by
+name; the route for nodes without inputs and for outputs) and of its inputs' colours by
+port. The graph's two cycles in meaning enter through ports: a block reaches its wrapper on
+the wrapper's ``inner`` port, and the output pairs each state cell with its new value on a
+``cell:`` port (named here by the cell's colour). A cell's value before the step is read
+by its own update and, through ``previous(NAME)`` (``docs/language.md`` section 4.7), by
+other cells' updates and the output, so the DAG's colours alone give ``state a ... then
+0.9 * a + grad`` and ``... then 0.9 * previous(b) + grad`` one colour. So the cells are
+refined around that cycle: a cell's colour also holds the last round's colour of its new
+value, and the rounds repeat until the number of colours stops growing (the partition is
+then stable; at most one round more than there are cells). The hash is that of the sorted
+multiset of colours (so two draws of a random op are not one draw used twice), the routes'
+outputs, the hyperparameters the graph reads (name, default, range; ``lr`` always) and the
+``eval:``/``train:`` sequences.
 """
 
 from __future__ import annotations
@@ -78,15 +83,47 @@ def _hparams_read(g: nx.MultiDiGraph, modes: Mapping[str, "ModeSeq"]) -> set[str
     return names
 
 
-def _colours(g: nx.MultiDiGraph, order: list[str], labels: Mapping[str, Any]) -> dict[str, str]:
+def _commits(g: nx.MultiDiGraph) -> dict[str, list[str]]:
+    """Each state cell's new values: the nodes on the outputs' ``cell:<cell>`` ports."""
+    commits: dict[str, list[str]] = {}
+    for u, _, d in g.edges(data=True):
+        if d["port"].startswith(COMMIT_PORT):
+            commits.setdefault(d["port"][len(COMMIT_PORT):], []).append(u)
+    return commits
+
+
+def _colours(g: nx.MultiDiGraph, order: list[str], labels: Mapping[str, Any],
+             last: Mapping[str, str] | None = None,
+             commits: Mapping[str, list[str]] | None = None) -> dict[str, str]:
     """Each node's colour, in topological order: its label and its inputs' colours by port
-    (a state cell's commit port named by the cell's colour, not its node name)."""
+    (a state cell's commit port named by the cell's colour, not its node name). After the
+    first round (``last``, the previous round's colours), a state cell's colour also holds
+    its new values' colours from ``last``: the one edge of the cycle the DAG leaves out."""
     colour: dict[str, str] = {}
     for n in order:
         ins = sorted((d["port"] if not d["port"].startswith(COMMIT_PORT) else
                       COMMIT_PORT + colour[d["port"][len(COMMIT_PORT):]], colour[u])
                      for u, _, d in g.in_edges(n, data=True))
-        colour[n] = _digest(labels[n], ins)
+        if last is not None and commits and n in commits:
+            colour[n] = _digest(labels[n], ins, sorted(last[u] for u in commits[n]))
+        else:
+            colour[n] = _digest(labels[n], ins)
+    return colour
+
+
+def _refined_colours(g: nx.MultiDiGraph, order: list[str], labels: Mapping[str, Any]) -> dict[str, str]:
+    """The colours once the refinement around the state cells is stable: each round
+    refines the last, and the first round that does not split a colour ends it (so the
+    number of rounds depends only on the graph's structure, and its colours name the stable
+    partition's cells by their new values). A graph without cells needs one round."""
+    commits = _commits(g)
+    colour = _colours(g, order, labels)
+    for _ in range(len(commits) + 1 if commits else 0):
+        new = _colours(g, order, labels, colour, commits)
+        stable = len(set(new.values())) == len(set(colour.values()))
+        colour = new
+        if stable:
+            break
     return colour
 
 
@@ -103,7 +140,7 @@ def structure_hash(graph: nx.MultiDiGraph, hyperparams: Mapping[str, "HyperParam
         has_inputs = graph.in_degree(n) > 0
         labels[n] = (d["kind"], d["op"], _canon(d["args"]),
                      d["route"] if d["kind"] == "output" or not has_inputs else None)
-    colour = _colours(graph, order, labels)
+    colour = _refined_colours(graph, order, labels)
     hps = tuple((name, _canon(hp.default), _canon(hp.low), _canon(hp.high), hp.low_closed, hp.high_closed)
                 for name, hp in sorted(hyperparams.items()) if name in _hparams_read(graph, modes))
     outputs = sorted(colour[n] for n in order if graph.nodes[n]["kind"] == "output")
