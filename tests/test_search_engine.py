@@ -143,6 +143,22 @@ def test_each_mutation_kind_makes_its_change_and_compiles(kind: str, name: str) 
             assert [s for s in m.module.stmts if isinstance(s, ast.HParam)] == hparams
 
 
+def test_set_hparam_draws_only_tuples_of_literals() -> None:
+    """A tuple default with a computed item (``1 - 1e-3``) is left alone: drawing it used to
+    compare a float with the whole tuple default, and Evolution.ask() raised TypeError."""
+    source = ("hparam b = (0.9, 1 - 1e-3) in [0, 1)\nhparam c = (0.9, 0.99) in [0, 1)\n"
+              "grad | ema(b[1]) | ema(c[0])\n")
+    module, ctx = parse(source), MutationContext(compile_grad(source).hyperparams)
+    for t in range(20):
+        m = MUTATIONS["set_hparam"](module, random.Random(t), ctx)
+        assert m is not None and m.description.startswith("set hparam c["), m.description
+        assert m.module.stmts[0] == module.stmts[0]
+    alone = "hparam b = (0.9, 1 - 1e-3) in [0, 1)\ngrad | ema(b[1])\n"
+    assert MUTATIONS["set_hparam"](parse(alone), random.Random(0),
+                                   MutationContext(compile_grad(alone).hyperparams)) is None
+    run({"s": alone}, seed=0, n=12)
+
+
 def test_vocabulary_stages_compile_alone() -> None:
     from gradpipe.search.mutate import _new_stage
     for spec in stages():

@@ -254,20 +254,32 @@ def swap_signal(module: ast.Module, rng: random.Random, ctx: MutationContext) ->
                     f"swap {spec.name} {p.name} {_text(_arg_expr(node, where))} -> {_text(new)}")
 
 
+def _number_literal(e: ast.Expr) -> bool:
+    """Whether ``e`` is a number or bool literal (``0.9``, ``-1``, ``true``): a tuple item
+    :func:`set_hparam` can draw anew (``1 - 1e-3`` is not: its value is not read here)."""
+    v = literal_value(e)
+    return isinstance(v, (int, float))
+
+
 def set_hparam(module: ast.Module, rng: random.Random, ctx: MutationContext) -> Mutation | None:
+    """A hyperparameter's default (one item of a tuple's) drawn anew in its range; tuples
+    qualify only when all their items are number or bool literals, so the drawn item's
+    kind and current value are known."""
     choices = [(i, st) for i, st in enumerate(module.stmts) if isinstance(st, ast.HParam)
-               and st.name in ctx.hparams and (isinstance(st.default, (ast.Bool, ast.Tuple))
-                                                or literal_value(st.default) is not None)]
+               and st.name in ctx.hparams
+               and (all(_number_literal(x) for x in st.default.items) if isinstance(st.default, ast.Tuple)
+                    else isinstance(st.default, ast.Bool) or literal_value(st.default) is not None)]
     if not choices:
         return None
     i, st = rng.choice(choices)
     hp = ctx.hparams[st.name]
-    kind = "bool" if isinstance(st.default, ast.Bool) else "scalar"
-    spec = ArgSpec(st.name, kind, hp.default, bounds_of(hp))  # type: ignore[arg-type]
     label, path, old_expr = st.name, (("stmts", i), ("default", None)), st.default
     if isinstance(st.default, ast.Tuple):
         j = rng.randrange(len(st.default.items))
         label, old_expr, path = f"{st.name}[{j}]", st.default.items[j], path + (("items", j),)
+    kind = "bool" if isinstance(old_expr, ast.Bool) else "scalar"
+    default = literal_value(old_expr) if old_expr is not st.default else hp.default
+    spec = ArgSpec(st.name, kind, default, bounds_of(hp))  # type: ignore[arg-type]
     value = draw_value(spec, literal_value(old_expr), rng)
     if value is None:
         return None
