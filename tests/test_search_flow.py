@@ -208,6 +208,21 @@ def test_the_lineage_runs_back_to_the_seed_pipeline():
     assert [x.key for x in lineage("ka", by)] == ["ka"]
 
 
+def test_a_seed_that_imports_a_file_is_refused_before_the_search_starts(tmp_path):
+    """The search keeps a seed's text alone (Evolution compiles it as ``<seed NAME>``), so an
+    import would fail only once the parent run exists: make_config refuses it in one line."""
+    from gradpipe.flows.search import make_config
+    from gradpipe.flows.spec import SpecError
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "blocks.grad").write_text("let m = grad | ema(0.9)\n")
+    (tmp_path / "sub" / "seed.grad").write_text('import "blocks.grad"\nm | sign\n')
+    with pytest.raises(SpecError, match="inline its imports") as info:
+        make_config([str(tmp_path / "sub" / "seed.grad"), "adam"], "digits", 4)
+    assert "\n" not in str(info.value) and "blocks.grad" in str(info.value)
+    (tmp_path / "sub" / "alone.grad").write_text("let m = grad | ema(0.9)\nm | sign\n")
+    assert list(make_config([str(tmp_path / "sub" / "alone.grad"), "adam"], "digits", 4).seeds) == ["alone", "adam"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "digits", "--seed-pipelines", "adam,nope", "--budget", "4"], "no pipeline file or built-in"),
     (["--task", "digits", "--seed-pipelines", "adam", "--budget", "0"], "--budget must be at least 1"),

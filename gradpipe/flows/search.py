@@ -292,11 +292,14 @@ def make_config(seed_pipelines: Sequence[str], task: str, budget: int, *, seed: 
     Raises:
         GradError: a seed pipeline does not compile.
         TaskError: a task is unknown or an option wrong.
-        SpecError: a count out of range, no seed pipelines, one given twice, or a
-            task with named losses (a search trains single-loss programs).
+        SpecError: a count out of range, no seed pipelines, one given twice, one that
+            compiles only with the files it imports (the search keeps its text alone), or
+            a task with named losses (a search trains single-loss programs).
     """
     from ..runtime.optimizer import BACKENDS
     from ..tasks import get_task
+    from ..dsl.diagnostics import GradError
+    from ..search.evolution import compile_seed
     from .train import load_pipeline
     checks = [(budget >= 1, "--budget must be at least 1"), (batch >= 1, "--batch must be at least 1"),
               (lrs >= 1, "--lrs must be at least 1"), (lr_spread >= 1.0, "--lr-spread must be at least 1"),
@@ -318,6 +321,12 @@ def make_config(seed_pipelines: Sequence[str], task: str, budget: int, *, seed: 
         raise SpecError(f"task {task!r} has several named losses; a search needs a single-loss task such as digits")
     funnel = get_task(funnel_task, **dict(funnel_options or {})) if funnel_task else None
     seeds = {label: load_pipeline(ref).source for label, ref in zip(labels, seed_pipelines)}
+    for label, text in seeds.items():  # the search compiles the stored text alone: an import finds no file
+        try:
+            compile_seed(label, text)
+        except GradError as e:
+            raise SpecError(f"seed pipeline {label!r} does not compile from its text alone, as the search "
+                            f"stores it ({str(e).splitlines()[0]}): inline its imports into one file") from None
     return SearchConfig(seeds=seeds, task=task, budget=budget, seed=seed, batch=batch,
                         steps=steps or proxy.default_steps, task_options=dict(task_options or {}), lrs=lrs,
                         lr_spread=float(lr_spread), funnel_task=funnel_task, funnel_options=dict(funnel_options or {}),

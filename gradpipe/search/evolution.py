@@ -60,6 +60,14 @@ def _strip_comments(module: ast.Module) -> ast.Module:
     return dataclasses.replace(module, stmts=stmts, trailing_comments=())
 
 
+def compile_seed(name: str, text: str) -> tuple[ast.Module, Program]:
+    """A seed's module (comments dropped) and program, compiled as :class:`Evolution`
+    compiles it: from its text alone, named ``<seed NAME>`` (so an ``import`` finds no file;
+    a GradError then). :func:`gradpipe.flows.search.make_config` checks the stored seeds with it."""
+    module = _strip_comments(parse(text, f"<seed {name}>"))
+    return module, compile_grad(format_module(module), f"<seed {name}>")
+
+
 def _finite(score: float | None) -> bool:
     return score is not None and not math.isnan(score) and score != -math.inf
 
@@ -95,8 +103,7 @@ class Evolution:
         self._seeds: list[Candidate] = []
         self._reask: list[Candidate] = []
         for name, text in seeds.items():
-            module = _strip_comments(parse(text, f"<seed {name}>"))
-            prog = compile_grad(format_module(module), f"<seed {name}>")
+            module, prog = compile_seed(name, text)
             self._seeds.append(Candidate(format_module(module), prog.structure_hash, None, f"seed {name}", -1))
             self._parsed.setdefault(prog.structure_hash, (module, prog))
         largest = max(size(m) for m, _ in self._parsed.values())
