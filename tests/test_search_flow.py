@@ -121,6 +121,7 @@ def _run_rounds(evo, batch, budget, stop_after=None):
     (4, 13, 4, ()),        # killed right after a batch
     (1, 10, 5, (2,)),
     (2, 12, 7, (2, 4)),    # scores of earlier batches lost from the record: made again, asked again
+    (2, 10, 6, (3,)),      # the last recorded index ends a batch: the re-asked 3 is told before 6 is drawn
 ])
 def test_a_restored_search_goes_on_in_the_rounds_the_uninterrupted_one_had(batch, budget, told, lost):
     """Restored from the candidates scored before a stop (minus ``lost`` ones whose scores never
