@@ -213,6 +213,8 @@ def test_the_lineage_runs_back_to_the_seed_pipeline():
     (["--task", "digits", "--seed-pipelines", "adam,nope", "--budget", "4"], "no pipeline file or built-in"),
     (["--task", "digits", "--seed-pipelines", "adam", "--budget", "0"], "--budget must be at least 1"),
     (["--task", "digits", "--seed-pipelines", "adam,adam", "--budget", "4"], "given twice"),
+    *[(["--task", "digits", "--seed-pipelines", "adam", "--budget", "4", option, "0"], f"{option} must be at least 1")
+      for option in ("--lrs", "--lr-spread", "--population", "--tournament", "--batch")],
     (["--task", "nope", "--seed-pipelines", "adam", "--budget", "4"], "nope"),
     (["--task", "digits", "--seed-pipelines", "adam", "--budget", "4", "--task-option", "hiden=3"], "hidden"),
     (["--task", "digits-multitask", "--seed-pipelines", "adam", "--budget", "4"], "single-loss"),

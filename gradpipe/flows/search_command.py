@@ -21,19 +21,24 @@ _CONFIG_OPTIONS = ("task", "seed_pipelines", "budget", "seed", "batch", "steps",
                    "funnel_task", "funnel_option", "funnel_steps", "top_k", "population", "tournament")
 
 
+def _given(value: Any, default: Any) -> Any:
+    """``value`` unless the option was left out: a 0 given reaches make_config's range checks."""
+    return default if value is None else value
+
+
 def _config(args: argparse.Namespace):
     from .search import make_config
     from .spec import SpecError, parse_sets
     if not args.task or not args.seed_pipelines or args.budget is None:
         raise SpecError("give --task, --seed-pipelines and --budget (or --resume RUN_ID)")
     return make_config([p.strip() for p in args.seed_pipelines.split(",") if p.strip()], args.task, args.budget,
-                       seed=args.seed or 0, batch=args.batch or args.workers, steps=args.steps,
-                       task_options=parse_sets(args.task_option, "--task-option"), lrs=args.lrs or 3,
-                       lr_spread=args.lr_spread or 10.0, funnel_task=args.funnel_task,
+                       seed=args.seed or 0, batch=_given(args.batch, args.workers), steps=args.steps,
+                       task_options=parse_sets(args.task_option, "--task-option"), lrs=_given(args.lrs, 3),
+                       lr_spread=_given(args.lr_spread, 10.0), funnel_task=args.funnel_task,
                        funnel_options=parse_sets(args.funnel_option, "--funnel-option"),
-                       funnel_steps=args.funnel_steps, top_k=3 if args.top_k is None else args.top_k,
-                       population=args.population or 16, tournament=args.tournament or 4, backend=args.backend,
-                       threads=args.threads)
+                       funnel_steps=args.funnel_steps, top_k=_given(args.top_k, 3),
+                       population=_given(args.population, 16), tournament=_given(args.tournament, 4),
+                       backend=args.backend, threads=args.threads)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
