@@ -239,6 +239,17 @@ def test_resume_refuses_a_run_that_is_not_a_search(store, capsys):
     assert "not the parent run of a gradpipe search" in capsys.readouterr().err
 
 
+def test_top_k_0_writes_no_program_and_exits_0(prefect_server, store, tmp_path, capsys):
+    """``--top-k 0`` searches and records without writing a program: the exit status is 1 only
+    when every candidate failed, not whenever there are no finalists."""
+    from gradpipe.cli import main
+    argv = _argv(store[0], tmp_path / "top", budget=2)
+    argv[argv.index("--top-k") + 1] = "0"
+    assert main(argv) == 0
+    assert "2 candidates evaluated" in capsys.readouterr().out
+    assert not list((tmp_path / "top").glob("*.grad"))
+
+
 # --- the whole search ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 A mistake (a seed pipeline that does not compile, an unknown task, a
 malformed option, a tracking store or Dask scheduler that does not answer, a
 ``--resume`` id that is not a search) is one line on stderr and exit status 2
-before anything is written.
+before anything is written. A search that ran exits 1 only if every candidate
+failed (``--top-k 0``, which writes no program, still exits 0).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return _fail("search", e)
     _print_top(result)
     print(_ui_hint(result.tracking_uri, result.experiment_id, result.parent_run_id))
-    return 0 if result.finalists else 1
+    return 1 if result.failed == len(result.history) else 0
 
 
 def _print_top(result: Any) -> None:
@@ -89,7 +90,8 @@ def add_search_command(sub: Any, common: Callable[[argparse.ArgumentParser], Non
                        "resumable, on Dask too)",
                        description="Regularized evolution over .grad programs: each candidate is scored by a short "
                        "learning-rate sweep on --task, the best --top-k are evaluated again on --funnel-task and "
-                       "written as .grad files with their lineage. docs/search.md has the details.")
+                       "written as .grad files with their lineage. Exit status 1 only if every candidate failed. "
+                       "docs/search.md has the details.")
     p.add_argument("--task", help="the proxy task every candidate trains on (digits, or package.module:factory)")
     p.add_argument("--seed-pipelines", metavar="A,B", help="comma-separated names or .grad files to start from")
     p.add_argument("--budget", type=int, help="candidates to evaluate (the seed pipelines count)")
@@ -103,7 +105,7 @@ def add_search_command(sub: Any, common: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--funnel-task", help="re-evaluate the top --top-k on this (larger) task")
     p.add_argument("--funnel-option", action="append", metavar="NAME=VALUE", help="an option of --funnel-task")
     p.add_argument("--funnel-steps", type=int, help="steps on --funnel-task (default: the task's)")
-    p.add_argument("--top-k", type=int, help="programs to re-evaluate and write (default 3)")
+    p.add_argument("--top-k", type=int, help="programs to re-evaluate and write (default 3; 0: none)")
     p.add_argument("--population", type=int, help="the evolution's population (default 16)")
     p.add_argument("--tournament", type=int, help="the tournament size (default 4)")
     p.add_argument("--out", metavar="DIR", help="where the top programs go (default ./search-<parent run id>)")
