@@ -121,6 +121,7 @@ def _run_rounds(evo, batch, budget, stop_after=None):
     (4, 13, 4, ()),        # killed right after a batch
     (1, 10, 5, (2,)),
     (2, 12, 7, (2, 4)),    # scores of earlier batches lost from the record: made again, asked again
+    (2, 10, 6, (3,)),      # the last recorded index ends a batch: the re-asked 3 is told before 6 is drawn
 ])
 def test_a_restored_search_goes_on_in_the_rounds_the_uninterrupted_one_had(batch, budget, told, lost):
     """Restored from the candidates scored before a stop (minus ``lost`` ones whose scores never
@@ -227,6 +228,8 @@ def test_a_seed_that_imports_a_file_is_refused_before_the_search_starts(tmp_path
     (["--task", "digits", "--seed-pipelines", "adam,nope", "--budget", "4"], "no pipeline file or built-in"),
     (["--task", "digits", "--seed-pipelines", "adam", "--budget", "0"], "--budget must be at least 1"),
     (["--task", "digits", "--seed-pipelines", "adam,adam", "--budget", "4"], "given twice"),
+    *[(["--task", "digits", "--seed-pipelines", "adam", "--budget", "4", option, "0"], f"{option} must be at least 1")
+      for option in ("--lrs", "--lr-spread", "--population", "--tournament", "--batch")],
     (["--task", "nope", "--seed-pipelines", "adam", "--budget", "4"], "nope"),
     (["--task", "digits", "--seed-pipelines", "adam", "--budget", "4", "--task-option", "hiden=3"], "hidden"),
     (["--task", "digits-multitask", "--seed-pipelines", "adam", "--budget", "4"], "single-loss"),
@@ -249,6 +252,17 @@ def test_resume_refuses_a_run_that_is_not_a_search(store, capsys):
     rid = tracking.create_child_run(uri, exp, None, "a training run")
     assert main(["search", "--resume", rid, "--tracking-uri", uri]) == 2
     assert "not the parent run of a gradpipe search" in capsys.readouterr().err
+
+
+def test_top_k_0_writes_no_program_and_exits_0(prefect_server, store, tmp_path, capsys):
+    """``--top-k 0`` searches and records without writing a program: the exit status is 1 only
+    when every candidate failed, not whenever there are no finalists."""
+    from gradpipe.cli import main
+    argv = _argv(store[0], tmp_path / "top", budget=2)
+    argv[argv.index("--top-k") + 1] = "0"
+    assert main(argv) == 0
+    assert "2 candidates evaluated" in capsys.readouterr().out
+    assert not list((tmp_path / "top").glob("*.grad"))
 
 
 # --- the whole search ---------------------------------------------------------------------------

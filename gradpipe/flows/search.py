@@ -25,11 +25,11 @@ children (lineage from their tags and params, source from their
 ``pipeline/pipeline.grad``) and hands them to ``Evolution.restore`` (with the
 same ``batch``), which makes each again from its recorded parent and checks
 it against the record: nothing is trained for them. Candidates asked but not
-scored before the stop are handed out again first and evaluated in the child
-run they already have, skipping the learning rates it already logged; the
-round after them ends where their batch ends, so every later candidate is
-drawn from the same population as in the uninterrupted search, and the
-history comes out the same.
+scored before the stop are handed out again first, as a round of their own,
+and evaluated in the child run they already have, skipping the learning rates
+it already logged; the rounds after them end where batches end, so every
+later candidate is drawn from the same population as in the uninterrupted
+search, and the history comes out the same.
 
 **Dask.** Child runs exist before their tasks are submitted, and an
 evaluation that runs again (a worker died and Dask re-ran its task) reads
@@ -190,7 +190,10 @@ def rounds(evo: Any, batch: int, budget: int) -> Iterator[list[Any]]:
     Every round ends where a batch of ``batch`` ends, so that every candidate is drawn from
     the population the uninterrupted search had when it drew it. A restored search first
     hands out again the candidates asked but never scored before it stopped; they belong to
-    batches not finished then, so they go in the rounds that finish those batches."""
+    batches not finished then, and go as a round of their own: a new candidate drawn beside
+    them would see them unscored where the uninterrupted search saw them scored."""
+    if evo.pending:
+        yield _ask_batch(evo, len(evo.pending))
     while (n := len(evo.history)) < budget:
         want = min(batch - n % batch, budget - n)
         got = _ask_batch(evo, want)

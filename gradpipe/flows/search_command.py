@@ -3,7 +3,8 @@
 A mistake (a seed pipeline that does not compile, an unknown task, a
 malformed option, a tracking store or Dask scheduler that does not answer, a
 ``--resume`` id that is not a search) is one line on stderr and exit status 2
-before anything is written.
+before anything is written. A search that ran exits 1 only if every candidate
+failed (``--top-k 0``, which writes no program, still exits 0).
 """
 
 from __future__ import annotations
@@ -21,19 +22,24 @@ _CONFIG_OPTIONS = ("task", "seed_pipelines", "budget", "seed", "batch", "steps",
                    "funnel_task", "funnel_option", "funnel_steps", "top_k", "population", "tournament")
 
 
+def _given(value: Any, default: Any) -> Any:
+    """``value`` unless the option was left out: a 0 given reaches make_config's range checks."""
+    return default if value is None else value
+
+
 def _config(args: argparse.Namespace):
     from .search import make_config
     from .spec import SpecError, parse_sets
     if not args.task or not args.seed_pipelines or args.budget is None:
         raise SpecError("give --task, --seed-pipelines and --budget (or --resume RUN_ID)")
     return make_config([p.strip() for p in args.seed_pipelines.split(",") if p.strip()], args.task, args.budget,
-                       seed=args.seed or 0, batch=args.batch or args.workers, steps=args.steps,
-                       task_options=parse_sets(args.task_option, "--task-option"), lrs=args.lrs or 3,
-                       lr_spread=args.lr_spread or 10.0, funnel_task=args.funnel_task,
+                       seed=args.seed or 0, batch=_given(args.batch, args.workers), steps=args.steps,
+                       task_options=parse_sets(args.task_option, "--task-option"), lrs=_given(args.lrs, 3),
+                       lr_spread=_given(args.lr_spread, 10.0), funnel_task=args.funnel_task,
                        funnel_options=parse_sets(args.funnel_option, "--funnel-option"),
-                       funnel_steps=args.funnel_steps, top_k=3 if args.top_k is None else args.top_k,
-                       population=args.population or 16, tournament=args.tournament or 4, backend=args.backend,
-                       threads=args.threads)
+                       funnel_steps=args.funnel_steps, top_k=_given(args.top_k, 3),
+                       population=_given(args.population, 16), tournament=_given(args.tournament, 4),
+                       backend=args.backend, threads=args.threads)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -59,7 +65,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         return _fail("search", e)
     _print_top(result)
     print(_ui_hint(result.tracking_uri, result.experiment_id, result.parent_run_id))
-    return 0 if result.finalists else 1
+    return 1 if result.failed == len(result.history) else 0
 
 
 def _print_top(result: Any) -> None:
@@ -84,7 +90,8 @@ def add_search_command(sub: Any, common: Callable[[argparse.ArgumentParser], Non
                        "resumable, on Dask too)",
                        description="Regularized evolution over .grad programs: each candidate is scored by a short "
                        "learning-rate sweep on --task, the best --top-k are evaluated again on --funnel-task and "
-                       "written as .grad files with their lineage. docs/search.md has the details.")
+                       "written as .grad files with their lineage. Exit status 1 only if every candidate failed. "
+                       "docs/search.md has the details.")
     p.add_argument("--task", help="the proxy task every candidate trains on (digits, or package.module:factory)")
     p.add_argument("--seed-pipelines", metavar="A,B", help="comma-separated names or .grad files to start from")
     p.add_argument("--budget", type=int, help="candidates to evaluate (the seed pipelines count)")
@@ -98,7 +105,7 @@ def add_search_command(sub: Any, common: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--funnel-task", help="re-evaluate the top --top-k on this (larger) task")
     p.add_argument("--funnel-option", action="append", metavar="NAME=VALUE", help="an option of --funnel-task")
     p.add_argument("--funnel-steps", type=int, help="steps on --funnel-task (default: the task's)")
-    p.add_argument("--top-k", type=int, help="programs to re-evaluate and write (default 3)")
+    p.add_argument("--top-k", type=int, help="programs to re-evaluate and write (default 3; 0: none)")
     p.add_argument("--population", type=int, help="the evolution's population (default 16)")
     p.add_argument("--tournament", type=int, help="the tournament size (default 4)")
     p.add_argument("--out", metavar="DIR", help="where the top programs go (default ./search-<parent run id>)")

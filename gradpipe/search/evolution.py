@@ -116,6 +116,12 @@ class Evolution:
         """Every asked candidate, in ask order, with its score or None."""
         return [(c, self._scores.get(c.key)) for c in self._asked]
 
+    @property
+    def pending(self) -> tuple[Candidate, ...]:
+        """The candidates ``ask`` hands out again before any new one: those a restored search
+        made again because the record has no score for them (asked, never told)."""
+        return tuple(self._reask)
+
     def ask(self) -> Candidate | None:
         """The next candidate (see the class docstring); None when ``max_tries`` draws gave
         nothing new."""
