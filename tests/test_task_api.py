@@ -297,4 +297,4 @@ def test_evaluate_uses_the_seed_of_the_model() -> None:
     with torch.no_grad():
         expected = float(F.cross_entropy(model(data.x_val), data.y_val))
     assert task.evaluate(model)["val_loss"] == expected
-    assert repr(task) == "DigitsTask(batch_size=128, hidden=64, holdout='val')"
+    assert repr(task) == "DigitsTask(batch_size=128, hidden=64, holdout='val', reserve=())"

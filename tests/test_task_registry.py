@@ -50,11 +50,12 @@ def test_builtin_options() -> None:
     assert get_task("digits", batch_size=32).batch_size == 32
     assert get_task("digits", batch_size="32").batch_size == 32  # command-line strings
     assert get_task("digits-multitask", aux_weight="0.25").aux_weight == 0.25
-    assert task_options("digits") == {"batch_size": 128, "hidden": 64, "holdout": "val"}
-    assert task_options("digits-multitask") == {"batch_size": 64, "hidden": 64, "aux_weight": 1.0, "holdout": "val"}
+    assert task_options("digits") == {"batch_size": 128, "hidden": 64, "holdout": "val", "reserve": ()}
+    assert task_options("digits-multitask") == {"batch_size": 64, "hidden": 64, "aux_weight": 1.0, "holdout": "val",
+                                                "reserve": ()}
     assert "its options are batch_size, hidden, holdout" in task_error("digits", batch=3)
     assert task_error("digits", foo=1, bar=2) == \
-        "task 'digits' has no option bar, foo; its options are batch_size, hidden, holdout"
+        "task 'digits' has no option bar, foo; its options are batch_size, hidden, holdout, reserve"
     assert "batch_size must be an integer" in task_error("digits", batch_size="lots")
     assert "aux_weight must be finite and at least 0" in task_error("digits-multitask", aux_weight=-1)
 

@@ -201,6 +201,60 @@ def test_digits_tune_split_is_a_seeded_fifth_of_the_training_split() -> None:
     assert all(torch.equal(getattr(val, f), getattr(before, f)) for f in ("x_train", "y_train", "x_val", "y_val"))
 
 
+def _dataset_indices(x: torch.Tensor) -> set[int]:
+    """The dataset indices of the images ``x`` (the 1797 digits images are distinct rows)."""
+    raw, _ = digits_module._raw_digits()
+    where = {row.tobytes(): i for i, row in enumerate(raw.astype("float32"))}
+    return {where[row.tobytes()] for row in x.numpy()}
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-multitask", "digits-cnn"])
+def test_digits_tune_with_reserve_never_reads_the_reporting_seeds_validation_images(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split is re-drawn per seed: without ``reserve`` a tuning seed trains and chooses on images
+    that seeds 0, 1 and 2 validate on; with ``reserve=(0, 1, 2)`` on none of them."""
+    reserved = set().union(*(set(_split_indices(s, 0.2)[1].tolist()) for s in (0, 1, 2)))
+    seen: list[Any] = []
+    real = digits_module.load_digits_holdout
+
+    def spy(*args: Any, **kwargs: Any):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr("gradpipe.tasks.digits_task.load_digits_holdout", spy)
+    for reserve, overlaps in (((), True), ((0, 1, 2), False)):
+        seen.clear()
+        task = get_task(name, holdout="tune", reserve=reserve, batch_size=64)
+        task.batches(10000, 1)
+        task.evaluate(task.make_model(10000))
+        (train, _), (_, val) = [(_dataset_indices(d.x_train), _dataset_indices(d.x_val)) for d in seen]
+        assert train.isdisjoint(val) and len(train) + len(val) == (1437 if not reserve else 732)
+        assert (not train.isdisjoint(reserved)) is overlaps and (not val.isdisjoint(reserved)) is overlaps
+    # the seeded, stratified fifth of what is left
+    train_idx, _ = _split_indices(10000, 0.2)
+    fit, tune = _tune_indices(10000, (0, 1, 2))
+    assert len(fit) == 585 and len(tune) == 147
+    assert reserved.isdisjoint(train_idx[fit]) and reserved.isdisjoint(train_idx[tune])
+    assert torch.bincount(torch.tensor(digits_module._raw_digits()[1][train_idx[tune]]), minlength=10).min() >= 12
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-multitask", "digits-cnn"])
+def test_digits_reserve_is_checked_in_one_line(name: str) -> None:
+    assert get_task(name, holdout="tune", reserve=[2, "0", 2]).options()["reserve"] == (0, 2)
+    assert get_task(name, holdout="tune", reserve="0,1").reserve == (0, 1)
+    assert get_task(name).reserve == ()
+    for options, needle in (({"holdout": "tune", "reserve": 1}, "must be seeds"),
+                            ({"holdout": "tune", "reserve": (0, -1)}, "must be seeds"),
+                            ({"holdout": "tune", "reserve": (0.5,)}, "must be seeds"),
+                            ({"reserve": (0,)}, "needs holdout='tune'")):
+        with pytest.raises(TaskError, match=needle) as info:
+            get_task(name, **options)
+        assert "\n" not in str(info.value) and f"task {name!r}" in str(info.value)
+    task = get_task(name, holdout="tune", reserve=tuple(range(40)), batch_size=1)
+    with pytest.raises(TaskError, match=r"too few to hold out a stratified fifth$"):
+        task.batches(10000, 1)
+
+
 @pytest.mark.parametrize("name", ["digits", "digits-multitask", "digits-cnn"])
 def test_digits_tune_never_reads_the_validation_split(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_val(*args: Any, **kwargs: Any):

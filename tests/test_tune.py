@@ -169,6 +169,36 @@ def test_every_pipeline_gets_the_same_points_and_seeds():
     assert len(next(iter(by.values()))) == 3 * 2
 
 
+def test_a_tuned_comparison_on_digits_reserves_the_reporting_seeds_validation_images(tmp_path, monkeypatch):
+    """digits draws its split per seed: the tuning runs get reserve=(the reporting seeds), the reported ones not."""
+    import gradpipe.flows.tuning as tuning
+    got: dict[str, Any] = {}
+
+    class Flow:  # stands in for the Prefect flow: the plan is what is checked
+        def with_options(self, **_: Any) -> "Flow":
+            return self
+
+        def __call__(self, plan, template, ranges, uri, exp_id, title, params, **_: Any) -> str:
+            got.update(plan=plan, template=template, params=params)
+            return "ran"
+
+    monkeypatch.setattr(tuning, "tuned_compare_flow", Flow())
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    assert tuned_compare(["sgd", "adam"], "digits", [2, 0, 1], tune={"lr": [0.01, 0.1]}, steps=5,
+                         tracking_uri=uri) == "ran"
+    assert len(got["plan"]) == 2 * 2 and len(got["template"]) == 2 * 3
+    assert all(s.task_options == {"holdout": "tune", "reserve": (0, 1, 2)} for _, s in got["plan"])
+    assert all(s.task_options == {"holdout": "val"} for s in got["template"])
+    assert got["params"]["tune.reserve"] == "0,1,2"
+    with pytest.raises(SpecError, match="sets the reserve option itself"):
+        tuned_compare(["sgd"], "digits", [0], tune={"lr": [0.01, 0.1]}, task_options={"reserve": (0,)},
+                      tracking_uri=uri)
+    # a task whose validation data does not depend on the seed has no reserve option
+    tuned_compare(["sgd"], TOY, [0, 1], tune={"lr": [0.01, 0.1]}, tracking_uri=uri)
+    assert all(s.task_options == {"holdout": "tune"} for _, s in got["plan"])
+    assert got["params"]["tune.reserve"] == "none"
+
+
 def test_a_pipeline_without_a_tuned_hyperparameter_is_named_with_what_it_declares():
     ranges = parse_tune(["momentum=0.0,0.9"])
     with pytest.raises(SpecError, match=r"^adam has no hyperparameter 'momentum' to tune; it declares lr, betas"):

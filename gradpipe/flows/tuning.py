@@ -19,7 +19,11 @@ and one MLflow parent run:
    option ``holdout="tune"``: the task holds out a seeded fifth of its
    training split and evaluates there. Tuning seeds are
    :data:`TUNE_SEED_BASE`, ``+1``, ... and may not overlap the reporting seeds.
-   A task without the option (a user's task) is tuned on its usual
+   A task whose split is drawn per seed (the digits tasks) also gets the
+   option ``reserve``, the reporting seeds: a tuning seed's training split
+   holds images of the reporting seeds' validation splits, and ``reserve``
+   leaves them out of both tuning parts (parent param ``tune.reserve``).
+   A task without the ``holdout`` option (a user's task) is tuned on its usual
    evaluation, with a warning and the parent tag ``gradpipe.tune_holdout=none``.
 3. **The best trial** of a pipeline has the best mean over the tuning seeds of
    the task's headline metric at the end of the run (the final evaluation, as
@@ -237,11 +241,22 @@ def _holdout_supported(task: str) -> bool:
     return "holdout" in task_options(task)
 
 
+def _reserve_supported(task: str) -> bool:
+    """Whether the task takes the ``reserve`` option (seeds whose validation data tuning leaves out;
+    the digits tasks, whose split is drawn per seed: :mod:`gradpipe.tasks.options`)."""
+    from ..tasks import task_options
+    return "reserve" in task_options(task)
+
+
 def plan_tuning(pipelines: Sequence[str], task: str, ranges: Mapping[str, TuneRange], points: Sequence[Mapping[str, Any]],
-                tune_seeds: Sequence[int], *, holdout: bool, sets: Mapping[str, Any] | None = None,
-                task_options: Mapping[str, Any] | None = None, task_losses: Sequence[str] | None = None,
-                **run_options: Any) -> list[tuple[int, RunSpec]]:
+                tune_seeds: Sequence[int], *, holdout: bool, reserve: Sequence[int] = (),
+                sets: Mapping[str, Any] | None = None, task_options: Mapping[str, Any] | None = None,
+                task_losses: Sequence[str] | None = None, **run_options: Any) -> list[tuple[int, RunSpec]]:
     """Every tuning run, checked: ``(trial index, spec)`` for pipelines x points x tuning seeds.
+
+    ``holdout``: give the runs the task option ``holdout="tune"``; ``reserve`` (with ``holdout``):
+    also the option ``reserve=tuple(reserve)``, the reporting seeds whose validation data the
+    runs must not read.
 
     Raises:
         SpecError: a pipeline does not declare a tuned hyperparameter (the message names the
@@ -251,7 +266,8 @@ def plan_tuning(pipelines: Sequence[str], task: str, ranges: Mapping[str, TuneRa
     clash = sorted(set(ranges) & set(sets or {}))
     if clash:
         raise SpecError(f"{clash[0]} is both --set and --tune: give one")
-    opts = {**dict(task_options or {}), **({"holdout": "tune"} if holdout else {})}
+    opts = {**dict(task_options or {}), **({"holdout": "tune"} if holdout else {}),
+            **({"reserve": tuple(int(s) for s in reserve)} if holdout and reserve else {})}
     base = plan_runs(pipelines, task, tune_seeds, sets=sets, task_options=opts, task_losses=task_losses,
                      **run_options)
     out: list[tuple[int, RunSpec]] = []
@@ -573,7 +589,9 @@ def tuned_compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequenc
 
     Everything is checked before anything is written (SpecError, GradError, TaskError,
     TrackingError, ConnectionError with one line each); a task without the ``holdout``
-    option gives a :class:`TuneWarning` and is tuned on its usual evaluation.
+    option gives a :class:`TuneWarning` and is tuned on its usual evaluation. A task with
+    the ``reserve`` option (the digits tasks) is tuned with ``reserve=`` the reporting
+    ``seeds``, so no tuning run reads an image a reporting seed validates on.
     """
     from ..runtime.optimizer import BACKENDS
     from ..tasks import get_task
@@ -582,6 +600,9 @@ def tuned_compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequenc
     if "holdout" in (task_options or {}):
         raise SpecError("--tune chooses the holdout itself (tune for tuning runs, val for the reported ones): "
                         "leave the holdout option out")
+    if "reserve" in (task_options or {}):
+        raise SpecError("--tune sets the reserve option itself (the reporting seeds, for the tuning runs): "
+                        "leave it out")
     if tune_seeds < 1:
         raise SpecError(f"--tune-seeds must be at least 1, got {tune_seeds}")
     if target is not None and not math.isfinite(target):
@@ -594,9 +615,10 @@ def tuned_compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequenc
         raise SpecError(f"seed {overlap[0]} is a tuning seed ({TUNE_SEED_BASE} and up): report on seeds below "
                         f"{TUNE_SEED_BASE}")
     held_out = _holdout_supported(task)
+    reserve = tuple(sorted({int(s) for s in seeds})) if held_out and _reserve_supported(task) else ()
     the_task = get_task(task, **dict(task_options or {}))
     run_options = dict(steps=steps, backend=backend, eval_every=eval_every, threads=threads)
-    plan = plan_tuning(pipelines, task, ranges, points, t_seeds, holdout=held_out, sets=sets,
+    plan = plan_tuning(pipelines, task, ranges, points, t_seeds, holdout=held_out, reserve=reserve, sets=sets,
                        task_options=task_options, task_losses=the_task.loss_names, **run_options)
     final_opts = {**dict(task_options or {}), **({"holdout": "val"} if held_out else {})}
     template = plan_runs(pipelines, task, seeds, sets=sets, task_options=final_opts,
@@ -615,7 +637,8 @@ def tuned_compare(pipelines: Sequence[str], task: str = "digits", seeds: Sequenc
     params = {"task": task, "seeds": ",".join(str(s) for s in seeds), "pipelines": ",".join(labels)[:5000],
               "runner": runner, "backend": backend, "steps": str(steps) if steps else "default",
               "tune.budget": str(len(points)), "tune.seeds": ",".join(map(str, t_seeds)),
-              "tune.holdout": "tune" if held_out else "none", "target": "none" if target is None else str(target),
+              "tune.holdout": "tune" if held_out else "none",
+              "tune.reserve": ",".join(map(str, reserve)) or "none", "target": "none" if target is None else str(target),
               "runs": str(len(plan) + len(template)),
               **{f"tune.{k}": r.text.partition("=")[2] for k, r in ranges.items()}}
     return tuned_compare_flow.with_options(task_runner=runner_obj)(

@@ -27,6 +27,8 @@ Tasks (``gradpipe.tasks.get_task(name)``):
 Every built-in task takes the option ``holdout``: ``"val"`` (the default)
 evaluates on the validation split, ``"tune"`` on a seeded fifth of the
 training split that it then does not train on (:mod:`gradpipe.tasks.options`).
+The digits tasks, whose split is drawn per seed, also take ``reserve``: seeds
+whose validation images ``"tune"`` leaves out of both parts.
 
 Any task is trained with :func:`run_task`::
 

@@ -159,10 +159,22 @@ def load_digits_split(
     )
 
 
+def _reserved(reserve: tuple[int, ...]) -> np.ndarray:
+    """The sorted dataset indices in the validation split of any seed in ``reserve``."""
+    parts = [_split_indices(int(s), 0.2)[1] for s in reserve]
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+
+
 @functools.lru_cache(maxsize=16)
-def _tune_indices(seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _tune_indices(seed: int, reserve: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
     """The positions, within seed's training split, of the part trained on and of the tuning
-    part that ``holdout="tune"`` holds out: a stratified fifth, seeded (cached, read-only)."""
+    part that ``holdout="tune"`` holds out: a stratified fifth, seeded (cached, read-only).
+
+    The images in the validation split of a seed in ``reserve`` are dropped first, from both
+    parts: the split is re-drawn per seed, so without this the tuning runs would train and
+    choose on the images the reporting seeds validate on. ``reserve=()`` drops nothing (the
+    positions are those of every release before the option).
+    """
     from sklearn.model_selection import train_test_split
 
     from .options import TUNE_FRACTION
@@ -170,29 +182,47 @@ def _tune_indices(seed: int) -> tuple[np.ndarray, np.ndarray]:
     _, y = _raw_digits()
     train_idx, _ = _split_indices(seed, 0.2)
     pos = np.arange(len(train_idx))
+    if reserve:
+        pos = pos[~np.isin(train_idx, _reserved(reserve))]
+    counts = np.bincount(y[train_idx[pos]], minlength=NUM_CLASSES)
+    if counts.min() < 2 or len(pos) * TUNE_FRACTION < NUM_CLASSES:
+        raise ValueError(f"reserve={reserve!r} leaves {len(pos)} training images of seed {seed} "
+                         f"(the fewest of a class: {counts.min()}), too few to hold out a stratified fifth")
     fit, tune = train_test_split(pos, test_size=TUNE_FRACTION, random_state=(seed + _TUNE_SEED_OFFSET) % 2**32,
-                                 shuffle=True, stratify=y[train_idx])
+                                 shuffle=True, stratify=y[train_idx[pos]])
     fit, tune = np.sort(fit), np.sort(tune)
     fit.setflags(write=False)
     tune.setflags(write=False)
     return fit, tune
 
 
-def load_digits_holdout(seed: int = 0, holdout: str = "val") -> DigitsData:
+def load_digits_holdout(seed: int = 0, holdout: str = "val", reserve: tuple[int, ...] = ()) -> DigitsData:
     """The data a task trains and evaluates on for its ``holdout`` option.
 
     ``"val"``: :func:`load_digits_split` (1437 training, 360 validation images).
     ``"tune"``: the training split of ``seed`` cut, stratified by class and
     seeded by ``seed``, into 1149 images to train on (``x_train``) and 288
-    held-out tuning images (``x_val``); the validation images are not read.
+    held-out tuning images (``x_val``); ``seed``'s validation images are not read.
+    The split is re-drawn per seed, so ``seed``'s training split holds other
+    seeds' validation images: ``reserve`` (seeds) drops every image in the
+    validation split of a seed in it from both parts before the fifth is cut
+    (with ``reserve=(0, 1, 2)`` and seed 10000, 732 images are left: 585 to
+    train on and 147 to tune on). ``reserve`` is for ``"tune"`` only.
+
+    Raises:
+        ValueError: an unknown ``holdout``, ``reserve`` with ``"val"``, or a
+            ``reserve`` that leaves too few images to cut a stratified fifth.
     """
+    reserve = tuple(sorted({int(s) for s in reserve}))
     if holdout == "val":
+        if reserve:
+            raise ValueError(f"reserve is for holdout='tune' (validation runs read their own split), got {reserve!r}")
         return load_digits_split(seed)
     if holdout != "tune":
         raise ValueError(f"holdout must be 'val' or 'tune', got {holdout!r}")
     x, y = _raw_digits()
     train_idx, _ = _split_indices(int(seed), 0.2)
-    fit, tune = _tune_indices(int(seed))
+    fit, tune = _tune_indices(int(seed), reserve)
     return DigitsData(
         x_train=torch.tensor(x[train_idx[fit]], dtype=torch.float32),
         y_train=torch.tensor(y[train_idx[fit]], dtype=torch.int64),

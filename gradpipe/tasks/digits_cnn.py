@@ -26,7 +26,8 @@ With the default ``channels`` c = 16 it has 9,930 parameters (``conv1.weight``
 by default; ``val_accuracy`` (the headline, higher is better) and
 ``val_loss`` on the validation images. The model takes the same flattened
 ``(B, 64)`` batches as ``digits``, so the data, the ``holdout`` option
-(``"tune"`` trains on 1149 training images and evaluates on the other 288) and
+(``"tune"`` trains on 1149 training images and evaluates on the other 288), the
+``reserve`` option (the validation images of those seeds left out of both) and
 the per-example gradients for DP pipelines are :class:`DigitsTask`'s.
 """
 
@@ -41,7 +42,7 @@ from torch import nn
 from .digits import NUM_CLASSES
 from .digits_task import DigitsTask
 from .init import seeded
-from .options import holdout_option, int_option
+from .options import holdout_option, int_option, reserve_option
 
 __all__ = ["DigitsCNN", "DigitsCNNTask"]
 
@@ -74,17 +75,21 @@ class DigitsCNNTask(DigitsTask):
         batch_size: minibatch size, 1 to 1437 (default 128).
         channels: filters of the first convolution; the second has twice as many (default 16).
         holdout: ``"val"`` or ``"tune"`` (:mod:`gradpipe.tasks.options`).
+        reserve: seeds whose validation images ``"tune"`` leaves out (:mod:`gradpipe.tasks.digits_task`).
     """
 
     name = "digits-cnn"  # metric val_accuracy, 200 steps, one loss: DigitsTask's
 
-    def __init__(self, batch_size: int = 128, channels: int = 16, holdout: str = "val") -> None:
+    def __init__(self, batch_size: int = 128, channels: int = 16, holdout: str = "val",
+                 reserve: tuple[int, ...] = ()) -> None:
         self.batch_size = int_option(self.name, "batch_size", batch_size)
         self.channels = int_option(self.name, "channels", channels)
         self.holdout = holdout_option(self.name, holdout)
+        self.reserve = reserve_option(self.name, reserve, self.holdout)
 
     def options(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "channels": self.channels, "holdout": self.holdout}
+        return {"batch_size": self.batch_size, "channels": self.channels, "holdout": self.holdout,
+                "reserve": self.reserve}
 
     def make_model(self, seed: int) -> nn.Module:
         return seeded(DigitsCNN(self.channels), seed, _INIT_SEED_OFFSET)

@@ -16,7 +16,11 @@ Both take the ``holdout`` option (:mod:`gradpipe.tasks.options`): ``"val"``
 (the default) is the above; ``"tune"`` trains on 1149 of the seed's 1437
 training images and evaluates on the other 288 (a stratified, seeded fifth,
 :func:`~gradpipe.tasks.digits.load_digits_holdout`), with the same metric
-names, never reading the validation images.
+names, never reading the validation images. The split is re-drawn per seed,
+so a tuning seed's training split holds other seeds' validation images: the
+option ``reserve`` (seeds, with ``holdout="tune"`` only) drops the validation
+images of those seeds from both parts first (``gradpipe compare --tune``
+passes the reporting seeds).
 """
 
 from __future__ import annotations
@@ -30,9 +34,17 @@ from torch import nn
 from .base import Task, TaskError, model_seed, tag_seed
 from .digits import load_digits_holdout, make_mlp, minibatches
 from .digits_multitask import aux_labels, make_multitask_model
-from .options import float_option, holdout_option, int_option
+from .options import float_option, holdout_option, int_option, reserve_option
 
 __all__ = ["DigitsTask", "DigitsMultitaskTask"]
+
+def _load(task: Task, seed: int):
+    """:func:`load_digits_holdout` for the task's ``holdout`` and ``reserve`` options (one-line TaskError)."""
+    try:
+        return load_digits_holdout(seed, task.holdout, task.reserve)
+    except ValueError as e:
+        raise TaskError(f"task {task.name!r}: {e}") from None
+
 
 def _minibatches(task: str, n_train: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
     if batch_size > n_train:
@@ -55,6 +67,7 @@ class DigitsTask(Task):
         batch_size: minibatch size, 1 to 1437 (default 128, as ``digits.train``).
         hidden: width of the hidden layer (default 64).
         holdout: ``"val"`` or ``"tune"`` (see the module docstring).
+        reserve: seeds whose validation images ``"tune"`` leaves out (default none; see the module docstring).
     """
 
     name = "digits"
@@ -63,20 +76,23 @@ class DigitsTask(Task):
     default_steps = 200
     loss_names = ("loss",)
 
-    def __init__(self, batch_size: int = 128, hidden: int = 64, holdout: str = "val") -> None:
+    def __init__(self, batch_size: int = 128, hidden: int = 64, holdout: str = "val",
+                 reserve: tuple[int, ...] = ()) -> None:
         self.batch_size = int_option(self.name, "batch_size", batch_size)
         self.hidden = int_option(self.name, "hidden", hidden)
         self.holdout = holdout_option(self.name, holdout)
+        self.reserve = reserve_option(self.name, reserve, self.holdout)
 
     def options(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "hidden": self.hidden, "holdout": self.holdout}
+        return {"batch_size": self.batch_size, "hidden": self.hidden, "holdout": self.holdout,
+                "reserve": self.reserve}
 
     def make_model(self, seed: int) -> nn.Module:
         model = make_mlp(seed, hidden=self.hidden)
         return tag_seed(model, seed)
 
     def batches(self, seed: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        data = load_digits_holdout(seed, self.holdout)
+        data = _load(self, seed)
         order = _minibatches(self.name, data.x_train.shape[0], self.batch_size, steps, seed)
         x, y = data.x_train, data.y_train
         return ((x.index_select(0, idx), y.index_select(0, idx)) for idx in order)
@@ -86,7 +102,7 @@ class DigitsTask(Task):
         return {"loss": F.cross_entropy(model(x), y)}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        data = load_digits_holdout(model_seed(model), self.holdout)
+        data = _load(self, model_seed(model))
         with torch.no_grad():
             logits = model(data.x_val)
             return {"val_loss": float(F.cross_entropy(logits, data.y_val)),
@@ -116,6 +132,7 @@ class DigitsMultitaskTask(Task):
         hidden: width of the shared hidden layer (default 64).
         aux_weight: weight of the parity loss, finite and at least 0 (default 1).
         holdout: ``"val"`` or ``"tune"`` (see the module docstring).
+        reserve: seeds whose validation images ``"tune"`` leaves out (default none; see the module docstring).
     """
 
     name = "digits-multitask"
@@ -125,22 +142,23 @@ class DigitsMultitaskTask(Task):
     loss_names = ("main", "aux")
 
     def __init__(self, batch_size: int = 64, hidden: int = 64, aux_weight: float = 1.0,
-                 holdout: str = "val") -> None:
+                 holdout: str = "val", reserve: tuple[int, ...] = ()) -> None:
         self.batch_size = int_option(self.name, "batch_size", batch_size)
         self.hidden = int_option(self.name, "hidden", hidden)
         self.aux_weight = float_option(self.name, "aux_weight", aux_weight)
         self.holdout = holdout_option(self.name, holdout)
+        self.reserve = reserve_option(self.name, reserve, self.holdout)
 
     def options(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "hidden": self.hidden, "aux_weight": self.aux_weight,
-                "holdout": self.holdout}
+                "holdout": self.holdout, "reserve": self.reserve}
 
     def make_model(self, seed: int) -> nn.Module:
         model = make_multitask_model(seed, hidden=self.hidden)
         return tag_seed(model, seed)
 
     def batches(self, seed: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        data = load_digits_holdout(seed, self.holdout)
+        data = _load(self, seed)
         order = _minibatches(self.name, data.x_train.shape[0], self.batch_size, steps, seed)
         x, y = data.x_train, data.y_train
         a = aux_labels(y)
@@ -153,7 +171,7 @@ class DigitsMultitaskTask(Task):
                 "aux": self.aux_weight * F.cross_entropy(aux_logits, a)}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        data = load_digits_holdout(model_seed(model), self.holdout)
+        data = _load(self, model_seed(model))
         a_val = aux_labels(data.y_val)
         with torch.no_grad():
             main_logits, aux_logits = model(data.x_val)
