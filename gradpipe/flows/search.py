@@ -172,12 +172,17 @@ def _evolution(config: SearchConfig, evals: _Evaluations) -> Any:
     from ..search import Evolution
     settings = dict(seed=config.seed, population=config.population, tournament=config.tournament,
                     max_tries=config.max_tries, batch=config.batch)
-    told = sorted((r for (stage, _), r in evals.recorded.items() if stage == "proxy" and r.score is not None),
+    from ..search import Candidate
+    runs = sorted((r for (stage, _), r in evals.recorded.items() if stage == "proxy" and r.index >= 0),
                   key=lambda r: r.index)
-    if not told:
+    if not any(r.score is not None for r in runs):
         return Evolution(dict(config.seeds), **settings)
+    # a child without a score (its evaluation stopped) still records the candidate's key, parent and
+    # index: restored from its parent, not drawn again from a population that lacks its score
+    record = [(r.candidate(evals.uri), r.score) if r.score is not None else
+              (Candidate("", r.key, r.parent, r.mutation, r.index), None) for r in runs]
     try:
-        return Evolution.restore(dict(config.seeds), [(r.candidate(evals.uri), r.score) for r in told], **settings)
+        return Evolution.restore(dict(config.seeds), record, **settings)
     except ValueError as e:
         raise SearchResumeError(f"run {evals.parent_id} does not restore ({str(e).splitlines()[0]}); "
                                 f"start a new search instead of --resume") from None

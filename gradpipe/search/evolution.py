@@ -146,7 +146,14 @@ class Evolution:
         without evaluating anything: each recorded candidate is made again from its recorded
         parent (which also gives the same invalid and duplicate counts) and checked against
         the record; an index missing from the record (asked, never told) is made again as the
-        uninterrupted search made it, and ``ask`` hands those out again first."""
+        uninterrupted search made it, and ``ask`` hands those out again first.
+
+        A pair whose score is None is a candidate asked and never scored whose key, parent and
+        index were recorded (its ``source`` may be empty): it is made again from its recorded
+        parent, checked by key, and handed out again first. Record a candidate that way where
+        its score is lost but a later one's is not: an index missing from the record is made
+        from the population the restore has then, which lacks the lost scores, so it can differ
+        from what the uninterrupted search made."""
         evo = cls(seeds, seed=seed, **kwargs)
         by_index = {}
         for cand, score in told:
@@ -161,11 +168,11 @@ class Evolution:
                 raise ValueError(f"recorded candidate {i}'s parent {rec[0].parent} was not asked before it: "
                                  f"give every recorded candidate, in ask order")
             made = evo._generate(i, rec[0].parent if rec is not None else None, rec is not None)
-            if made is None or (rec is not None and made != rec[0]):
+            if made is None or (rec is not None and (made.key != rec[0].key if rec[1] is None else made != rec[0])):
                 raise ValueError(f"recorded candidate {i} ({rec[0].mutation if rec else 'not recorded'}) is not what "
                                  f"this search makes: restore with the seeds, seed and settings of the recorded search")
             evo._record(made)
-            if rec is not None:
+            if rec is not None and rec[1] is not None:
                 evo.tell(made.key, rec[1])
             else:
                 missing.append(made)
