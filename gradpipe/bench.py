@@ -386,15 +386,17 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def _traffic_bytes(case: _Case, opt: torch.optim.Optimizer, named: list[tuple[str, torch.Tensor]]) -> float | None:
-    """Least bytes one step moves, from the math: 12 B/param + 8 B per state element (fp32)."""
+    """Least bytes one step moves, from the math (``lowering.least_traffic``, what ``explain``
+    states): 4 B per gradient read, 8 for the parameter, 8 per state element (fp32)."""
     n = sum(p.numel() for _, p in named)
     if case.pipeline == "adam" and case.library == "torch":
         return 28.0 * n
     if case.library != "gradpipe":
         return None
+    from .compiler.lowering import least_traffic
     prog = opt.program  # type: ignore[attr-defined]
-    state = sum(prog.state_numel(opt.route_of(p), tuple(p.shape)) for _, p in named)  # type: ignore[attr-defined]
-    return 3 * _ITEM * n + 2 * _ITEM * state
+    return sum(least_traffic(prog, opt.route_of(p), tuple(p.shape), _ITEM) * p.numel()  # type: ignore[attr-defined]
+               for _, p in named)
 
 
 @contextlib.contextmanager

@@ -71,7 +71,8 @@ def test_run_bench_smoke(tmp_path, no_heavyball) -> None:
         assert math.isfinite(r["roofline_pct"]) and r["roofline_pct"] > 0
         # Adam keeps m and v: 8 bytes per fp32 parameter (plus a 4-byte step per tensor)
         assert 8 * 10_000 <= r["state_bytes"] <= 8 * 10_000 + 16 * 51, (r["impl"], r["state_bytes"])
-        assert r["traffic_bytes_per_param"] == pytest.approx(28.0)
+        # (pcgrad_adam reads two losses' gradients: 4 bytes more, lowering.least_traffic)
+        assert r["traffic_bytes_per_param"] == pytest.approx(32.0 if "pcgrad" in r["impl"] else 28.0)
     assert by["gradpipe pcgrad_adam [eager]"]["includes_autograd"]
     assert by["gradpipe pcgrad_adam [eager]"]["autograd_s"] > 0
     doc = json.loads(out.read_text())

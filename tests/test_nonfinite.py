@@ -492,3 +492,21 @@ def test_the_kernels_own_check_writes_back_every_bit(where):
     grads[where].view(-1)[5] = 0.5
     opt.step()
     assert counters(opt) == (1, 0, False) and not torch.equal(before["param big"], _bits(named[0][1]))
+
+
+@pytest.mark.parametrize("name,least,uncounted", [
+    ("adam", "28 bytes", None),
+    ("pcgrad_adam", "32 bytes", "the work of pcgrad"),  # two losses' gradients read
+    ("scalpel", "52 bytes", "the extra passes of 2 global reductions"),
+    ("galore_adamw", "12.8 bytes per fp32 parameter for a 4096x4096 matrix", "the work of galore"),
+])
+def test_explain_states_each_pipelines_roofline_as_bench_computes_it(name, least, uncounted):
+    """explain's roofline line and gradpipe bench's roofline share one model (lowering.least_traffic)."""
+    from gradpipe.compiler.lowering import least_traffic
+    prog = gradpipe.load(name)
+    line = next(l for l in prog.explain().splitlines() if "roofline" in l)
+    assert least in line and ((uncounted is None and "not counted" not in line) or (uncounted or "") in line)
+    shape = (4096, 4096)
+    state = prog.state_numel("main", shape) / (4096 * 4096)
+    grads = 2 if name == "pcgrad_adam" else 1
+    assert least_traffic(prog, "main", shape) == pytest.approx(4 * (grads + 2) + 8 * state)

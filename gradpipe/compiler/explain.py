@@ -119,6 +119,7 @@ def explain(prog: "Program") -> str:
                      f"{cost.bytes_per_param} bytes read and written per fp32 parameter per step "
                      + ("(with the copies skip_nonfinite(updates=true) keeps; " if prog.nonfinite.updates else "(")
                      + "torch's fused Adam: 28)")
+        lines.append(_roofline_line(prog, r.label, cost))
         if cost.check_bytes_per_param:
             lines.append(f"  {r.label}: + {cost.check_bytes_per_param} bytes per fp32 parameter for the non-finite "
                          "check (each gradient read once more), "
@@ -156,3 +157,21 @@ def explain(prog: "Program") -> str:
     lines.append("")
     lines.append(f"reads: {', '.join(uses)}")
     return "\n".join(lines) + "\n"
+
+
+def _roofline_line(prog: "Program", label: str, cost: "RouteCost") -> str:
+    """The route's roofline (``lowering.least_traffic``): the least bytes per parameter its math
+    must move, and what that does not count."""
+    from .lowering import least_traffic
+    square = EXAMPLE_SHAPES[0]
+    if prog.state_numel(label, square) != prog.state_bytes_per_param(label) // 4 * math.prod(square):
+        least = ", ".join(f"{least_traffic(prog, label, s):.3g}" + (" bytes per fp32 parameter" if i == 0 else "")
+                          + f" for a {'x'.join(map(str, s))} matrix"
+                          for i, s in enumerate(s for s in EXAMPLE_SHAPES if len(s) == 2))  # projected state
+    else:
+        least = f"{least_traffic(prog, label, square):.3g} bytes per fp32 parameter"
+    passes = sum(1 for n, scope in prog.reductions() if scope == "global" and n.startswith(f"{label}/"))
+    missing = ([f"the extra passes of {passes} global reduction{'s' if passes != 1 else ''}"] if passes else []) + \
+        ([f"the work of {', '.join(n.rsplit('/', 1)[-1] for n in cost.eager_nodes)}"] if cost.eager_nodes else [])
+    return (f"  {label}: roofline, the least traffic of its math: {least}"
+            + (f" (not counted: {'; '.join(missing)})" if missing else ""))

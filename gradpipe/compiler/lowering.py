@@ -11,6 +11,7 @@ reports the plan and its memory traffic per parameter.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -193,6 +194,19 @@ class RouteCost:
     check_bytes_per_param: int = 0
     #: whether that check runs inside the fused kernel (:func:`fused_check`), not as a pass before it
     check_fused: bool = False
+
+
+def least_traffic(prog: "Program", label: str, shape: Sequence[int], itemsize: int = 4) -> float:
+    """Bytes per parameter of ``shape`` that one step of the route must move at least, from its
+    math alone (the roofline model of ``docs/benchmarks.md``, which ``gradpipe bench`` divides by
+    the measured bandwidth): read each gradient the route reads (``grad``, ``grad_at``, each
+    ``grads.<loss>``) and the parameter, write the parameter, and read and write every state
+    element (``state_numel``, at the projected shape inside ``galore``-like blocks). Adam: 28.
+    A lower bound: a global reduction needs a second pass, and matrix products and
+    eigendecompositions are work this does not count."""
+    n = max(1, math.prod(shape))
+    grads = sum(1 for s in prog.ir[label].sources() if s.op in ("grad", "grad_at") or s.op.startswith("grads."))
+    return itemsize * (max(grads, 1) + 2) + 2 * itemsize * prog.state_numel(label, tuple(shape)) / n
 
 
 def fused_check(prog: "Program", label: str) -> bool:
