@@ -88,9 +88,8 @@ def explain(prog: "Program") -> str:
         sel = "all parameters" if r.label == "main" else f"route {r.label}"
         lines.append(f"{sel}:")
         width = max(len(n) for n in prog.route_nodes(r.label))
-        nbuf = prog.state_bytes_per_param(r.label) // 4
         # buffers the size of the parameter, or state of another size (projections, per-cluster values)?
-        projected = any(prog.state_numel(r.label, shape) != nbuf * math.prod(shape) for shape in EXAMPLE_SHAPES)
+        projected = _projected(prog, r.label)
         for n in prog.route_nodes(r.label):
             bufs = prog.node_buffers(n)
             state = ""
@@ -159,17 +158,23 @@ def explain(prog: "Program") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _projected(prog: "Program", label: str) -> bool:
+    """Whether the route keeps state of another size than its parameter's for some example shape
+    (projections, per-row values): then its state and traffic are given per example shape."""
+    nbuf = prog.state_bytes_per_param(label) // 4
+    return any(prog.state_numel(label, shape) != nbuf * math.prod(shape) for shape in EXAMPLE_SHAPES)
+
+
 def _roofline_line(prog: "Program", label: str, cost: "RouteCost") -> str:
     """The route's roofline (``lowering.least_traffic``): the least bytes per parameter its math
     must move, and what that does not count."""
     from .lowering import least_traffic
-    square = EXAMPLE_SHAPES[0]
-    if prog.state_numel(label, square) != prog.state_bytes_per_param(label) // 4 * math.prod(square):
+    if _projected(prog, label):
         least = ", ".join(f"{least_traffic(prog, label, s):.3g}" + (" bytes per fp32 parameter" if i == 0 else "")
                           + f" for a {'x'.join(map(str, s))} matrix"
                           for i, s in enumerate(s for s in EXAMPLE_SHAPES if len(s) == 2))  # projected state
     else:
-        least = f"{least_traffic(prog, label, square):.3g} bytes per fp32 parameter"
+        least = f"{least_traffic(prog, label, EXAMPLE_SHAPES[0]):.3g} bytes per fp32 parameter"
     passes = sum(1 for n, scope in prog.reductions() if scope == "global" and n.startswith(f"{label}/"))
     missing = ([f"the extra passes of {passes} global reduction{'s' if passes != 1 else ''}"] if passes else []) + \
         ([f"the work of {', '.join(n.rsplit('/', 1)[-1] for n in cost.eager_nodes)}"] if cost.eager_nodes else [])

@@ -196,6 +196,12 @@ class RouteCost:
     check_fused: bool = False
 
 
+def gradient_reads(prog: "Program", label: str) -> int:
+    """How many gradients a step hands the route: ``grad``, ``grad_at`` and each ``grads.<loss>``
+    it reads (per-example ``samples`` not counted)."""
+    return sum(1 for s in prog.ir[label].sources() if s.op in ("grad", "grad_at") or s.op.startswith("grads."))
+
+
 def least_traffic(prog: "Program", label: str, shape: Sequence[int], itemsize: int = 4) -> float:
     """Bytes per parameter of ``shape`` that one step of the route must move at least, from its
     math alone (the roofline model of ``docs/benchmarks.md``, which ``gradpipe bench`` divides by
@@ -205,8 +211,7 @@ def least_traffic(prog: "Program", label: str, shape: Sequence[int], itemsize: i
     A lower bound: a global reduction needs a second pass, and matrix products and
     eigendecompositions are work this does not count."""
     n = max(1, math.prod(shape))
-    grads = sum(1 for s in prog.ir[label].sources() if s.op in ("grad", "grad_at") or s.op.startswith("grads."))
-    return itemsize * (max(grads, 1) + 2) + 2 * itemsize * prog.state_numel(label, tuple(shape)) / n
+    return itemsize * (max(gradient_reads(prog, label), 1) + 2) + 2 * itemsize * prog.state_numel(label, tuple(shape)) / n
 
 
 def fused_check(prog: "Program", label: str) -> bool:
@@ -288,5 +293,5 @@ def route_cost(prog: "Program", label: str, itemsize: int = 4) -> RouteCost:
         total += (2 if writes_param else 3) + undo  # (and the check reads u)
     checked = 0
     if prog.nonfinite.check:  # each gradient the step hands the route, read once more
-        checked = sum(1 for n in prog.ir[label].sources() if n.op in ("grad", "grad_at") or n.op.startswith("grads."))
+        checked = gradient_reads(prog, label)
     return RouteCost(segments, eager, kernels, total * itemsize, checked * itemsize, fused_check(prog, label))
