@@ -15,6 +15,9 @@ import os
 import torch
 
 os.environ.setdefault("GRADPIPE_BACKEND", "eager")
+# the on-disk cache of compiled segments is tested where it is set (tests/test_aot_cache.py); a user's
+# setting must not turn it on for the tests that count Dynamo's calls
+os.environ.pop("GRADPIPE_CACHE_DIR", None)
 
 torch.set_num_threads(1)
 

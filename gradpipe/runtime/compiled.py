@@ -105,6 +105,12 @@ Lowering, per route:
    :func:`_inductor_with_scalars_hoisted` is one plain callable (:class:`_Hoisted`) that keeps
    the 0-d results that read only group values (Adam's ``1 - beta``) while they are unchanged.
 
+9. **On disk.** With ``GRADPIPE_CACHE_DIR`` set, each segment's compiled code is also kept
+   as an AOTInductor package that a fresh process loads and calls without Dynamo or Inductor
+   (``gradpipe/runtime/aot.py``): :class:`aot.Cached` is the segment's compiled function, and
+   the ``torch.compile`` function behind it is made only when a call misses the cache. A
+   package call is recorded like a Dynamo graph's, so a step plan calls it directly.
+
 If ``torch.compile`` cannot run (no C++ compiler, an unsupported construct), the
 backend warns once and runs the same segments eagerly, giving the same results.
 """
@@ -132,6 +138,7 @@ from ..compiler.ops import Args
 from ..compiler.program import Program
 from ..compiler.scalars import leaves
 from ..dsl.diagnostics import GradError
+from . import aot
 from .eager import DTensor, ParamLanes, RouteBatch, compute_dtype, evaluate, release_plan
 from .interpret import Lanes, apply_param, apply_update, commit_cells, eval_dynamic, eval_node, structural_args
 
@@ -428,6 +435,7 @@ class _Narrowed(torch.nn.Module):
             with fake if fake is not None else contextlib.nullcontext():
                 example_inputs = _narrowed(example_inputs, self.narrow)
         self.fn = compile_fx(sub, list(example_inputs))
+        self.sub = sub  # what ``aot.save`` exports, when a cache directory is set
         #: thread id -> the float32 tensors the narrowed scalars are copied into
         self._twins: dict[int, list[torch.Tensor]] = {}
 
@@ -1482,9 +1490,16 @@ class CompiledRoutes:
             eager_fn = _segment_fn(seg, self._gate(label, seg, layout))
             compiled_fn = eager_fn
             if self.use_compile:
-                _warn_on_recompile_limit()
-                compiled_fn = torch.compile(_own_code(eager_fn, f"segment{si}_{len(_SHARED)}"), dynamic=False,
-                                            backend=_recorded_backend)
+                tag = f"segment{si}_{len(_SHARED)}"
+
+                def make(fn: Callable = eager_fn, tag: str = tag) -> Callable:
+                    _warn_on_recompile_limit()
+                    return torch.compile(_own_code(fn, tag), dynamic=False, backend=_recorded_backend)
+                # made on the first call the disk cache cannot serve (``aot.py``: a process whose
+                # segments all load from ``GRADPIPE_CACHE_DIR`` never imports Dynamo)
+                shape_free = tuple(lay[1:] for lay in layout)  # packages take any sizes (``aot.Package.fits``)
+                compiled_fn = aot.Cached(make, repr((self.prog.hash, label, si, shape_free,
+                                                     self._gate(label, seg, layout))), _RECORDING)
             fns = _SHARED[key] = (eager_fn, compiled_fn)
         self._fns[(label, si, layout)] = fns
         return fns

@@ -1,0 +1,350 @@
+"""Compiled segments kept on disk and loaded in a fresh process without Dynamo or Inductor.
+
+Set ``GRADPIPE_CACHE_DIR`` to a directory and the compiled backend keeps each fused segment it
+compiles there as an AOTInductor package (a shared library and its metadata), keyed by
+
+* the segment: the pipeline's canonical hash, the route, the segment's index, its buckets (the
+  dtype and device of each, whether it is a parameter of its own), whether it checks the
+  gradients itself;
+* the call: every Python value among its arguments (hyperparameters that are zero, flags),
+  the dtype, device, number of dimensions, contiguity and ``requires_grad`` of every tensor,
+  which arguments are the same tensor;
+* what compiled it: torch's version, gradpipe's sources (a hash of every ``.py`` file), the
+  machine and the CPU's vector extension (``torch.backends.cpu.get_cpu_capability()``).
+
+Sizes are not in the key: a package is exported with its flat buffers' sizes dynamic
+(``torch.export.Dim.AUTO``), so one package serves every model whose buckets have the same
+structure, and :meth:`Package.fits` checks each call's sizes against what was exported (one
+symbol, one size; its range; a size the graph needed static, exactly). A later process whose
+segment call has the same key loads the package with torch's C++ loader
+(``torch._C._aoti.AOTIModelPackageLoader``: milliseconds) and calls it: no Dynamo frame, no
+tracing, no Inductor import. Measured in ``docs/benchmarks.md`` ("First step and
+compilation"): the same step time as the code compiled in-process, and the same bits.
+
+What is stored is what the in-process backend runs (:func:`gradpipe.runtime.compiled.
+_inductor_with_scalars_hoisted`): the 0-d part of Dynamo's graph (bias corrections, ``1 - b``),
+pickled as an FX graph and run eagerly; the 0-d float64 scalars rounded to float32 where the
+vectors are float32; the rest exported (``torch.export``) and compiled by AOTInductor, which
+writes the mutated state and outputs into the caller's buffers.
+
+Writing a package costs an AOTInductor compile (about 6 s per segment on the 2-core machine
+of ``docs/benchmarks.md``), once per key, in the process that first runs the segment, right
+after its first call; so the cache is off unless the directory is set. A package that cannot be
+made (a graph break, an export failure) is skipped with one warning; a package that exists
+but does not load is ignored. Writes are atomic (a temporary file, then ``os.replace``; the
+metadata last), so processes may share the directory."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import pickle
+import platform
+import sys
+import threading
+import warnings
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import torch
+
+#: the environment variable that names the cache directory
+CACHE_ENV = "GRADPIPE_CACHE_DIR"
+#: bumped when what is stored changes meaning
+_FORMAT = 1
+
+#: ``hit`` (a call served by a package), ``load`` (a package loaded), ``save`` (a package
+#: written), ``skip`` (a segment that could not be packaged)
+stats: Counter = Counter()
+
+_WARNED: list[bool] = []
+
+
+def cache_dir() -> pathlib.Path | None:
+    """The directory ``GRADPIPE_CACHE_DIR`` names, or None (the cache is off)."""
+    d = os.environ.get(CACHE_ENV)
+    return pathlib.Path(d) if d else None
+
+
+@functools.lru_cache(maxsize=None)
+def _environment() -> str:
+    """What compiled a package: torch, gradpipe's sources, the machine."""
+    src = hashlib.sha256()
+    for f in sorted(pathlib.Path(__file__).parent.parent.rglob("*.py")):
+        src.update(f.read_bytes())
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"{_FORMAT}|{torch.__version__}|{src.hexdigest()}|{platform.machine()}|{cap}"
+
+
+def signature(args: Sequence[Any]) -> tuple[str, list[torch.Tensor]]:
+    """The call's part of the key, and its tensors in a fixed order (depth first). A tensor's
+    sizes are not in the key (a package takes any sizes it was exported for, checked by
+    :meth:`Package.fits`); its dtype, device, number of dimensions, whether it is contiguous and
+    requires grad, and which earlier argument it is, are."""
+    leaves: list[torch.Tensor] = []
+    seen: dict[int, int] = {}
+    parts: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            k = seen.setdefault(id(x), len(leaves))
+            leaves.append(x)
+            parts.append(f"T{x.dtype}{x.device}{x.dim()}{int(x.is_contiguous())}{int(x.requires_grad)}@{k}")
+        elif isinstance(x, (list, tuple)):
+            parts.append("[" if isinstance(x, list) else "(")
+            for y in x:
+                walk(y)
+            parts.append("]")
+        elif isinstance(x, dict):
+            parts.append("{")
+            for k, y in x.items():
+                parts.append(repr(k))
+                walk(y)
+            parts.append("}")
+        elif x is None or isinstance(x, (bool, int, float, str)):
+            parts.append(f"{type(x).__name__}:{x!r}")
+        else:
+            raise TypeError(type(x).__name__)
+
+    walk(args)
+    return ",".join(parts), leaves
+
+
+class Package:
+    """A loaded package: the 0-d part (or None), the compiled rest, and where each of its
+    arguments comes from. ``call`` has :class:`gradpipe.runtime.compiled._Recorded`'s calling
+    convention, so a step plan calls it directly as it calls a graph Dynamo compiled."""
+
+    def __init__(self, meta: dict, pre: Callable | None, loader: Any) -> None:
+        self.leaf = meta["leaf"]  # per graph argument, its position among the call's tensors
+        #: per graph argument, its sizes as exported: an int, or a symbol's name (its range in
+        #: ``ranges``); one symbol is one size wherever it appears
+        self.shapes, self.ranges = meta["shapes"], meta["ranges"]
+        self.pre_in, self.main_src, self.narrow = meta["pre_in"], meta["main_src"], meta["narrow"]
+        self.pre, self.loader = pre, loader
+        self._twins: dict[int, list[torch.Tensor]] = {}
+
+    def fits(self, args: Sequence[torch.Tensor]) -> bool:
+        """Whether the graph arguments have sizes the package was compiled for (AOTInductor's
+        own input checks are off in a release build: a wrong size would be read out of bounds)."""
+        sym: dict[str, int] = {}
+        for a, spec in zip(args, self.shapes):
+            if spec is None:
+                continue
+            if a.dim() != len(spec):
+                return False
+            for n, want in zip(a.shape, spec):
+                if isinstance(want, int):
+                    if n != want:
+                        return False
+                elif sym.setdefault(want, n) != n:
+                    return False
+        return all(lo <= sym.get(k, lo) <= hi for k, (lo, hi) in self.ranges.items())
+
+    def call(self, args: Sequence[torch.Tensor]) -> tuple:
+        if self.pre is not None:
+            pre = self.pre(*[args[i] for i in self.pre_in])
+            main = [args[i] if i >= 0 else pre[~i] for i in self.main_src]
+        else:
+            main = list(args)
+        if self.narrow:  # 0-d float64 scalars into float32 tensors kept for the purpose, as in-process
+            twins = self._twins.get(threading.get_ident())
+            if twins is None:
+                twins = self._twins[threading.get_ident()] = [
+                    torch.empty((), dtype=torch.float32, device=main[i].device) for i in self.narrow]
+            torch._foreach_copy_(twins, [main[i] for i in self.narrow])
+            for i, t in zip(self.narrow, twins):
+                main[i] = t
+        self.loader.run(main)
+        return ()
+
+
+def load(d: pathlib.Path, key: str) -> Package | None:
+    """The package stored under ``key``, or None (absent, or it does not load)."""
+    meta_path = d / f"{key}.json"
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        pre = None
+        if meta["pre_in"] is not None:
+            pre = pickle.loads((d / f"{key}.pre").read_bytes())
+        device_index = -1
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(d / f"{key}.pt2"), "model", False, 1, device_index)
+    except Exception as e:  # noqa: BLE001 - a broken or foreign package is a miss, not an error
+        _warn(f"could not load compiled segment {key[:12]} from {d} ({type(e).__name__}: {e}); compiling it")
+        return None
+    stats["load"] += 1
+    return Package(meta, pre, loader)
+
+
+def _warn(text: str) -> None:
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(f"gradpipe: {text} (said once per process)", RuntimeWarning, stacklevel=4)
+
+
+def _write(path: pathlib.Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save(d: pathlib.Path, key: str, graph: Any, flat: Sequence[Any], leaves: list[torch.Tensor]) -> bool:
+    """Compile and store the graph one call through Dynamo ran (``graph``, a
+    :class:`~gradpipe.runtime.compiled._Recorded`, with its flat arguments ``flat``); False if it
+    cannot be packaged. ``leaves``: the call's tensors (:func:`signature`)."""
+    from .compiled import _Hoisted, _Narrowed
+
+    where = {id(t): i for i, t in reversed(list(enumerate(leaves)))}
+    if not all(isinstance(a, torch.Tensor) and id(a) in where for a in flat):
+        return False
+    fn = graph.fn
+    if isinstance(fn, _Hoisted):
+        pre_mod, main, pre_in, main_src = fn.split.submod_0, fn.split.submod_1, fn.pre_in, fn.main_src
+        pre_out = fn.pre(*[flat[i] for i in pre_in])
+        main_args = [flat[i] if i >= 0 else pre_out[~i] for i in main_src]
+    elif isinstance(fn, _Narrowed):
+        pre_mod, main, pre_in, main_src, main_args = None, fn, None, None, list(flat)
+    else:
+        return False
+    if not isinstance(main, _Narrowed) or not all(isinstance(a, torch.Tensor) for a in main_args):
+        return False
+    for i in main.narrow:
+        main_args[i] = main_args[i].to(torch.float32)
+    d.mkdir(parents=True, exist_ok=True)
+    ep, shapes, ranges = _export(main.sub, main_args)
+    # the graph arguments' sizes: what ``main`` reads of a graph argument has its exported sizes
+    arg_shapes: list[Any] = [None] * len(flat)
+    for j, src in enumerate(main_src if main_src is not None else range(len(flat))):
+        if src >= 0:
+            arg_shapes[src] = shapes[j]
+    for src in (pre_in or ()):
+        if arg_shapes[src] is None and flat[src].dim():
+            arg_shapes[src] = list(flat[src].shape)
+    tmp = d / f".{key}.{os.getpid()}.{threading.get_ident()}.pt2"
+    torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+    os.replace(tmp, d / f"{key}.pt2")
+    if pre_mod is not None:
+        _write(d / f"{key}.pre", pickle.dumps(pre_mod))
+    meta = {"leaf": [where[id(a)] for a in flat], "pre_in": pre_in, "main_src": main_src,
+            "narrow": list(main.narrow), "shapes": arg_shapes, "ranges": ranges, "torch": torch.__version__}
+    _write(d / f"{key}.json", json.dumps(meta).encode())
+    stats["save"] += 1
+    return True
+
+
+def _export(gm: torch.nn.Module, args: list[torch.Tensor]) -> tuple[Any, list[Any], dict[str, list[int]]]:
+    """``gm`` exported with every size dynamic where the graph allows (``Dim.AUTO``; static
+    where it does not), and per argument its sizes (int or symbol name) and each symbol's range."""
+    import sympy
+    from torch.export import Dim
+
+    dyn = [{k: Dim.AUTO for k in range(a.dim())} if a.dim() else None for a in args]
+    try:
+        # (an FX graph module's ``forward`` takes ``*args``)
+        ep = torch.export.export(gm, tuple(args), dynamic_shapes={"args": tuple(dyn)}, strict=False)
+    except Exception:  # noqa: BLE001 - a graph that cannot take other sizes: these sizes only
+        ep = torch.export.export(gm, tuple(args), strict=False)
+    shapes: list[Any] = []
+    by_name = {n.name: n for n in ep.graph.find_nodes(op="placeholder")}
+    for name in ep.graph_signature.user_inputs:
+        val = by_name[name].meta["val"]
+        spec = []
+        for n in val.shape:
+            if isinstance(n, int):
+                spec.append(n)
+            elif isinstance(n.node.expr, sympy.Symbol):
+                spec.append(str(n.node.expr))
+            else:  # a size the graph derives from others: not described, so the call must match exactly
+                spec.append(int(n.node.hint))
+        shapes.append(spec if val.dim() else None)
+    ranges = {}
+    for sym, vr in ep.range_constraints.items():
+        if isinstance(sym, sympy.Symbol):
+            try:
+                hi = int(vr.upper)
+            except Exception:  # noqa: BLE001 - torch's int_oo, sympy's oo: no upper bound
+                hi = sys.maxsize
+            ranges[str(sym)] = [int(vr.lower), hi]
+    return ep, shapes, ranges
+
+
+def _dynamo_idle() -> bool:
+    """Whether a package may be called here: no torch function or dispatch mode, no frame under
+    ``torch.compile``, the default stance, and grad mode off (as in ``Optimizer.step``)."""
+    if torch.is_grad_enabled() or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+        return False
+    if "torch._dynamo" not in sys.modules:  # nothing was ever compiled in this process
+        return True
+    from .compiled import _default_stance, _eval_frame_callback
+    return _eval_frame_callback() is None and _default_stance()
+
+
+class Cached:
+    """A segment's compiled function, served from the on-disk cache where it can be.
+
+    ``make`` builds the ``torch.compile`` function (only when first needed: a process whose
+    segments all load from disk never imports Dynamo). ``base``: the segment's part of the
+    key. ``recording``: the thread-local a step plan records compiled-graph calls into."""
+
+    def __init__(self, make: Callable[[], Callable], base: str, recording: threading.local) -> None:
+        self.make, self.base, self.recording = make, base, recording
+        self._compiled: Callable | None = None
+        self._packages: dict[str, Package | None] = {}
+        self._tried: set[str] = set()  # keys whose package this process tried to write
+
+    @property
+    def compiled(self) -> Callable:
+        if self._compiled is None:
+            self._compiled = self.make()
+        return self._compiled
+
+    def __call__(self, *args: Any) -> Any:
+        d = cache_dir()
+        if d is None:
+            return self.compiled(*args)
+        try:
+            sig, leaves = signature(args)
+        except TypeError:  # an argument the key cannot describe: not cached
+            return self.compiled(*args)
+        key = hashlib.sha256(f"{_environment()}|{self.base}|{sig}".encode()).hexdigest()[:40]
+        if key not in self._packages:
+            self._packages[key] = load(d, key)
+        package = self._packages[key]
+        flat = [leaves[i] for i in package.leaf] if package is not None else None
+        if package is not None and package.fits(flat) and _dynamo_idle():
+            calls = getattr(self.recording, "calls", None)
+            if calls is not None:
+                calls.append((package, flat, ()))
+            package.call(flat)
+            stats["hit"] += 1
+            return []
+        outer = getattr(self.recording, "calls", None)
+        mine: list = []
+        self.recording.calls = mine
+        try:
+            out = self.compiled(*args)
+        finally:
+            self.recording.calls = outer
+        if outer is not None:
+            outer.extend(mine)
+        if package is None and key not in self._tried:
+            self._tried.add(key)
+            self._store(d, key, mine, leaves)
+        return out
+
+    def _store(self, d: pathlib.Path, key: str, calls: list, leaves: list[torch.Tensor]) -> None:
+        """Write the package of the one graph the call ran; this process keeps calling Dynamo's (or
+        a step plan's direct call of it). Called once per key per process."""
+        ok = False
+        if len(calls) == 1 and calls[0][2] in ((), [], None):
+            try:
+                ok = save(d, key, calls[0][0], calls[0][1], leaves)
+            except Exception as e:  # noqa: BLE001 - the step already ran; only the cache is missed
+                _warn(f"could not store a compiled segment in {d} ({type(e).__name__}: {str(e)[:200]})")
+        if not ok:
+            stats["skip"] += 1
