@@ -1056,12 +1056,11 @@ def _find(rows: Sequence[Mapping[str, Any]], pipeline: str, backend: str, size: 
 
 
 def check_targets(rows: Sequence[Mapping[str, Any]], first_compile_s: float | None = None) -> list[dict[str, Any]]:
-    """The spec's CPU targets against the measurements: ``target``, ``measured``, ``met``
-    (``None`` where the run has no matching case). ``first_compile_s``, the one-time cost
-    of a process's first ``torch.compile`` when it was measured apart, is added to the
-    first-step targets (a fresh process pays it on its first compiled step)."""
+    """Issue 15's CPU step-time targets against the measurements (layout ``1+50``): ``target``,
+    ``measured``, ``met`` (``None`` where the run has no matching case). The first-step targets
+    (a fresh process, with and without a warm cache) are ``benchmarks/first_step.py``'s, not a
+    step benchmark's. ``first_compile_s`` is accepted for old callers and not used."""
     out: list[dict[str, Any]] = []
-    once = first_compile_s or 0.0
 
     def ratio_target(text: str, pipeline: str, size: str | None, limit: float) -> None:
         rs = [r for r in _find(rows, pipeline, "compiled", size) if r["status"] == "ok"]
@@ -1073,32 +1072,20 @@ def check_targets(rows: Sequence[Mapping[str, Any]], first_compile_s: float | No
         out.append({"target": text, "measured": where, "met": worst["ratio_to_fused"] <= limit})
 
     ratio_target("adam (compiled) <= 1.0x torch fused Adam at 10M params", "adam", "10M", 1.0)
+    ratio_target("adam (compiled) <= 1.0x torch fused Adam at 100M params", "adam", "100M", 1.0)
     ratio_target("adam (compiled) <= 0.3x torch fused Adam at 100K params in 51 tensors", "adam", "100K", 0.3)
     ratio_target("diffgrad (compiled) <= 1.3x torch fused Adam (every size)", "diffgrad", None, 1.3)
-    ratio_target("scalpel (compiled) <= 3x torch fused Adam (every size)", "scalpel", None, 3.0)
+    ratio_target("scalpel (compiled) <= 2.0x torch fused Adam (every size)", "scalpel", None, 2.0)
     comp = {r["size"]: r for r in _find(rows, "scalpel", "compiled") if r["status"] == "ok"}
     eag = {r["size"]: r for r in _find(rows, "scalpel", "eager") if r["status"] == "ok"}
     both = [s for s in comp if s in eag]
     if both:
         speed = {s: eag[s]["step_s"] / comp[s]["step_s"] for s in both}
-        out.append({"target": "scalpel compiled >= 5x faster than eager (every size)",
+        out.append({"target": "scalpel compiled >= 8x faster than eager (every size)",
                     "measured": ", ".join(f"{v:.1f}x at {s}" for s, v in speed.items()),
-                    "met": min(speed.values()) >= 5})
+                    "met": min(speed.values()) >= 8})
     else:
-        out.append({"target": "scalpel compiled >= 5x faster than eager", "measured": "not measured", "met": None})
-    for tensors, limit in ((51, 5.0), (500, 15.0)):
-        rs = [r for r in rows if r["library"] == "gradpipe" and r["backend"] == "compiled" and r["status"] == "ok"
-              and r["n_tensors"] == tensors and r["n_params"] <= 10**7]
-        text = (f"first step incl. compile <= {limit:g} s for {tensors} tensors (compiled, up to 10M params; "
-                "building the optimizer + 2 steps" + (", in a fresh process)" if once else ")"))
-        if not rs:
-            out.append({"target": text, "measured": "not measured", "met": None})
-            continue
-        worst = max(rs, key=_startup)
-        extra = f" + {once:.2f} s once per process = {_startup(worst) + once:.2f} s" if once else ""
-        out.append({"target": text, "measured": f"worst {_startup(worst):.2f} s ({worst['pipeline']}, "
-                    f"{worst['size']}){extra}; median {statistics.median(_startup(r) for r in rs):.2f} s",
-                    "met": _startup(worst) + once <= limit})
+        out.append({"target": "scalpel compiled >= 8x faster than eager", "measured": "not measured", "met": None})
     return out
 
 

@@ -166,3 +166,34 @@ def test_a_package_refuses_sizes_it_was_not_compiled_for():
     assert not pkg.fits([t(101), t(101, 3), t(())])  # out of the exported range
     assert not pkg.fits([t(1), t(1, 3), t(())])
     assert not pkg.fits([t(5, 1), t(5, 3), t(())])  # another number of dimensions
+
+
+def test_the_key_follows_plugin_sources_and_global_state(tmp_path, monkeypatch):
+    """A plug-in op's source file is in its segments' key (gradpipe's own sources are in every
+    key); so are the thread count, the default dtype and deterministic algorithms."""
+    import importlib.util
+
+    from gradpipe.compiler.ops import op_impl
+    from gradpipe.runtime import aot
+
+    builtin = aot.sources_of([op_impl("adam"), op_impl("ema")])
+    assert builtin == aot.sources_of([])
+    mod = tmp_path / "my_ops.py"
+    mod.write_text("class MyOp:\n    pass\n")
+    spec = importlib.util.spec_from_file_location("my_ops", mod)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    monkeypatch.setitem(sys.modules, "my_ops", m)  # as an import leaves it
+    first = aot.sources_of([m.MyOp()])
+    assert first != builtin
+    mod.write_text("class MyOp:\n    scale = 2\n")
+    assert aot.sources_of([m.MyOp()]) != first
+
+    before = aot._global_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert aot._global_state() != before
+    finally:
+        torch.set_num_threads(threads)
+    assert aot._global_state() == before

@@ -1,16 +1,18 @@
 """Compiled segments kept on disk and loaded in a fresh process without Dynamo or Inductor.
 
 Set ``GRADPIPE_CACHE_DIR`` to a directory and the compiled backend keeps each fused segment it
-compiles there as an AOTInductor package (a shared library and its metadata), keyed by
+compiles on the CPU there as an AOTInductor package (a shared library and its metadata), keyed by
 
 * the segment: the pipeline's canonical hash, the route, the segment's index, its buckets (the
   dtype and device of each, whether it is a parameter of its own), whether it checks the
-  gradients itself;
+  gradients itself, and the source files of plug-in ops it runs (gradpipe's own are below);
 * the call: every Python value among its arguments (hyperparameters that are zero, flags),
   the dtype, device, number of dimensions, contiguity and ``requires_grad`` of every tensor,
   which arguments are the same tensor;
+* the global state Dynamo's guards check and the code depends on: the thread count (Inductor
+  writes it into its parallel loops), the default dtype, deterministic algorithms;
 * what compiled it: torch's version, gradpipe's sources (a hash of every ``.py`` file), the
-  machine and the CPU's vector extension (``torch.backends.cpu.get_cpu_capability()``).
+  machine, the CPU's model and flags (AOTInductor builds with ``-march=native``).
 
 Sizes are not in the key: a package is exported with its flat buffers' sizes dynamic
 (``torch.export.Dim.AUTO``), so one package serves every model whose buckets have the same
@@ -21,6 +23,11 @@ segment call has the same key loads the package with torch's C++ loader
 tracing, no Inductor import. Measured in ``docs/benchmarks.md`` ("First step and
 compilation"): the same step time as the code compiled in-process, and the same bits.
 
+Only CPU segments are kept: on a GPU the packages' device placement, alignment and index
+width would need checks of their own that no GPU here could test, so CUDA segments compile
+in every process as before. The directory holds shared libraries and pickles that gradpipe
+loads and runs: point it only at a directory you trust, as you would ``TORCHINDUCTOR_CACHE_DIR``.
+
 What is stored is what the in-process backend runs (:func:`gradpipe.runtime.compiled.
 _inductor_with_scalars_hoisted`): the 0-d part of Dynamo's graph (bias corrections, ``1 - b``),
 pickled as an FX graph and run eagerly; the 0-d float64 scalars rounded to float32 where the
@@ -29,10 +36,12 @@ writes the mutated state and outputs into the caller's buffers.
 
 Writing a package costs an AOTInductor compile (about 6 s per segment on the 2-core machine
 of ``docs/benchmarks.md``), once per key, in the process that first runs the segment, right
-after its first call; so the cache is off unless the directory is set. A package that cannot be
-made (a graph break, an export failure) is skipped with one warning; a package that exists
-but does not load is ignored. Writes are atomic (a temporary file, then ``os.replace``; the
-metadata last), so processes may share the directory."""
+after its first call; so the cache is off unless the directory is set. A segment that cannot be
+packaged (a graph break, a graph that returns values, an export failure) is skipped, the last
+with one warning; a package that does not load or does not run is a miss, with one warning,
+and the segment compiles. Each writer writes its own files, atomically (a temporary file, then
+``os.replace``), and last the metadata, which names them: processes may share the directory.
+``TORCH_COMPILE_DISABLE=1`` turns the cache off with the compiler."""
 
 from __future__ import annotations
 
@@ -71,12 +80,52 @@ def cache_dir() -> pathlib.Path | None:
 
 @functools.lru_cache(maxsize=None)
 def _environment() -> str:
-    """What compiled a package: torch, gradpipe's sources, the machine."""
+    """What compiled a package: torch, gradpipe's sources, the machine (AOTInductor builds
+    with ``-march=native``, so the CPU's model and flags, not only its vector extension)."""
     src = hashlib.sha256()
     for f in sorted(pathlib.Path(__file__).parent.parent.rglob("*.py")):
         src.update(f.read_bytes())
+    cpu = hashlib.sha256(platform.processor().encode())
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features", "CPU part")):
+                cpu.update(line.encode())
+    except OSError:
+        pass
     cap = torch.backends.cpu.get_cpu_capability()
-    return f"{_FORMAT}|{torch.__version__}|{src.hexdigest()}|{platform.machine()}|{cap}"
+    return f"{_FORMAT}|{torch.__version__}|{src.hexdigest()}|{platform.machine()}|{cap}|{cpu.hexdigest()}"
+
+
+def _global_state() -> str:
+    """What Dynamo's global guard checks and the compiled code depends on: the thread count
+    (Inductor writes it into its parallel loops), the default dtype, deterministic algorithms."""
+    return f"{torch.get_num_threads()}|{torch.get_default_dtype()}|{torch.are_deterministic_algorithms_enabled()}"
+
+
+def sources_of(ops: Sequence[Any]) -> str:
+    """A hash of the source files of the ops (``Op`` instances) that live outside gradpipe
+    (plug-ins): editing one changes the key of every segment that runs it."""
+    import inspect
+
+    home = pathlib.Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    files = set()
+    for op in ops:
+        cls = type(op)
+        try:
+            files.add(inspect.getsourcefile(cls) or "")
+        except (TypeError, OSError):  # defined where no file says (a notebook): its name, at least
+            h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+    for f in sorted(files):
+        path = pathlib.Path(f).resolve() if f else None
+        if path is None or home in path.parents:
+            continue
+        h.update(str(path).encode())
+        try:
+            h.update(path.read_bytes())
+        except OSError:
+            h.update(b"?")
+    return h.hexdigest()
 
 
 def signature(args: Sequence[Any]) -> tuple[str, list[torch.Tensor]]:
@@ -163,17 +212,18 @@ class Package:
 
 
 def load(d: pathlib.Path, key: str) -> Package | None:
-    """The package stored under ``key``, or None (absent, or it does not load)."""
-    meta_path = d / f"{key}.json"
-    if not meta_path.exists():
-        return None
+    """The package stored under ``key``, or None (absent, or it does not load). The metadata
+    names the files it goes with (each writer's own), so a reader never pairs one writer's
+    metadata with another's library."""
     try:
+        meta_path = d / f"{key}.json"
+        if not meta_path.exists():
+            return None
         meta = json.loads(meta_path.read_text())
         pre = None
         if meta["pre_in"] is not None:
-            pre = pickle.loads((d / f"{key}.pre").read_bytes())
-        device_index = -1
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(d / f"{key}.pt2"), "model", False, 1, device_index)
+            pre = pickle.loads((d / meta["pre"]).read_bytes())
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(d / meta["pt2"]), "model", False, 1, -1)
     except Exception as e:  # noqa: BLE001 - a broken or foreign package is a miss, not an error
         _warn(f"could not load compiled segment {key[:12]} from {d} ({type(e).__name__}: {e}); compiling it")
         return None
@@ -225,13 +275,15 @@ def save(d: pathlib.Path, key: str, graph: Any, flat: Sequence[Any], leaves: lis
     for src in (pre_in or ()):
         if arg_shapes[src] is None and flat[src].dim():
             arg_shapes[src] = list(flat[src].shape)
-    tmp = d / f".{key}.{os.getpid()}.{threading.get_ident()}.pt2"
+    stem = f"{key}.{os.getpid()}.{threading.get_ident()}"  # this writer's files: the metadata names them
+    tmp = d / f".{stem}.pt2"
     torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
-    os.replace(tmp, d / f"{key}.pt2")
+    os.replace(tmp, d / f"{stem}.pt2")
     if pre_mod is not None:
-        _write(d / f"{key}.pre", pickle.dumps(pre_mod))
+        _write(d / f"{stem}.pre", pickle.dumps(pre_mod))
     meta = {"leaf": [where[id(a)] for a in flat], "pre_in": pre_in, "main_src": main_src,
-            "narrow": list(main.narrow), "shapes": arg_shapes, "ranges": ranges, "torch": torch.__version__}
+            "narrow": list(main.narrow), "shapes": arg_shapes, "ranges": ranges, "torch": torch.__version__,
+            "pt2": f"{stem}.pt2", "pre": f"{stem}.pre"}
     _write(d / f"{key}.json", json.dumps(meta).encode())
     stats["save"] += 1
     return True
@@ -278,10 +330,12 @@ def _dynamo_idle() -> bool:
     ``torch.compile``, the default stance, and grad mode off (as in ``Optimizer.step``)."""
     if torch.is_grad_enabled() or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
         return False
+    if os.environ.get("TORCH_COMPILE_DISABLE", "0") not in ("", "0"):  # compiling is off: so is its cache
+        return False
     if "torch._dynamo" not in sys.modules:  # nothing was ever compiled in this process
         return True
     from .compiled import _default_stance, _eval_frame_callback
-    return _eval_frame_callback() is None and _default_stance()
+    return _eval_frame_callback() is None and _default_stance() and not torch._dynamo.config.disable
 
 
 class Cached:
@@ -311,21 +365,30 @@ class Cached:
             sig, leaves = signature(args)
         except TypeError:  # an argument the key cannot describe: not cached
             return self.compiled(*args)
-        key = hashlib.sha256(f"{_environment()}|{self.base}|{sig}".encode()).hexdigest()[:40]
+        if any(t.device.type != "cpu" for t in leaves):  # CPU packages only (docstring)
+            return self.compiled(*args)
+        key = hashlib.sha256(f"{_environment()}|{_global_state()}|{self.base}|{sig}".encode()).hexdigest()[:40]
         if key not in self._packages:
             self._packages[key] = load(d, key)
         package = self._packages[key]
         flat = [leaves[i] for i in package.leaf] if package is not None else None
         if package is not None and package.fits(flat) and _dynamo_idle():
-            calls = getattr(self.recording, "calls", None)
-            if calls is not None:
-                calls.append((package, flat, ()))
-            package.call(flat)
-            stats["hit"] += 1
-            return []
+            try:
+                package.call(flat)
+            except Exception as e:  # noqa: BLE001 - a package that loads but does not run: compile instead
+                _warn(f"a compiled segment from {d} failed ({type(e).__name__}: {str(e)[:200]}); compiling it")
+                self._packages[key] = None
+                self._tried.add(key)
+            else:
+                calls = getattr(self.recording, "calls", None)
+                if calls is not None:
+                    calls.append((package, flat, ()))
+                stats["hit"] += 1
+                return []
         outer = getattr(self.recording, "calls", None)
         mine: list = []
         self.recording.calls = mine
+        breaks = _graph_breaks()
         try:
             out = self.compiled(*args)
         finally:
@@ -334,7 +397,10 @@ class Cached:
             outer.extend(mine)
         if package is None and key not in self._tried:
             self._tried.add(key)
-            self._store(d, key, mine, leaves)
+            if _graph_breaks() == breaks:  # a break may leave Python work after the graph: not packaged
+                self._store(d, key, mine, leaves)
+            else:
+                stats["skip"] += 1
         return out
 
     def _store(self, d: pathlib.Path, key: str, calls: list, leaves: list[torch.Tensor]) -> None:
@@ -348,3 +414,9 @@ class Cached:
                 _warn(f"could not store a compiled segment in {d} ({type(e).__name__}: {str(e)[:200]})")
         if not ok:
             stats["skip"] += 1
+
+
+def _graph_breaks() -> int:
+    """Dynamo's count of graph breaks so far in this process."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return sum(utils.counters["graph_break"].values()) if utils is not None else 0

@@ -122,6 +122,7 @@ import functools
 import itertools
 import logging
 import operator
+import sys
 import threading
 import types
 import warnings
@@ -583,6 +584,8 @@ except ImportError:  # pragma: no cover - another torch: never call a graph dire
 def _default_stance() -> bool:
     """Whether ``torch.compiler.set_stance`` is at its default (``force_eager`` and the others are
     for Dynamo to follow)."""
+    if "torch._dynamo" not in sys.modules:  # never imported: nothing can have set a stance
+        return True
     from torch._dynamo import eval_frame
     stance = getattr(eval_frame, "_stance", None)
     return stance is not None and stance.stance == "default" and stance.backend is None
@@ -1498,8 +1501,9 @@ class CompiledRoutes:
                 # made on the first call the disk cache cannot serve (``aot.py``: a process whose
                 # segments all load from ``GRADPIPE_CACHE_DIR`` never imports Dynamo)
                 shape_free = tuple(lay[1:] for lay in layout)  # packages take any sizes (``aot.Package.fits``)
+                plugins = aot.sources_of([n.impl for n in seg.members if n.kind is Kind.OP])
                 compiled_fn = aot.Cached(make, repr((self.prog.hash, label, si, shape_free,
-                                                     self._gate(label, seg, layout))), _RECORDING)
+                                                     self._gate(label, seg, layout), plugins)), _RECORDING)
             fns = _SHARED[key] = (eager_fn, compiled_fn)
         self._fns[(label, si, layout)] = fns
         return fns
