@@ -34,7 +34,7 @@ pickled as an FX graph and run eagerly; the 0-d float64 scalars rounded to float
 vectors are float32; the rest exported (``torch.export``) and compiled by AOTInductor, which
 writes the mutated state and outputs into the caller's buffers.
 
-Writing a package costs an AOTInductor compile (about 6 s per segment on the 2-core machine
+Writing a package costs an AOTInductor compile (about 9 s per segment on the 2-core machine
 of ``docs/benchmarks.md``), once per key, in the process that first runs the segment, right
 after its first call; so the cache is off unless the directory is set. A segment that cannot be
 packaged (a graph break, a graph that returns values, an export failure) is skipped, the last
