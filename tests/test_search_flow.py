@@ -184,6 +184,21 @@ def test_an_evaluation_stopped_mid_sweep_goes_on_without_repeating_a_learning_ra
     assert evaluate(_job(), uri, rid).score == straight.score and trained == [1e-1], "read back, not trained"
 
 
+def test_a_run_killed_after_its_score_was_logged_is_ended_when_read_back(store, monkeypatch):
+    """A SIGKILL between logging the score and ending the run leaves it RUNNING with a score; a
+    resumed search reads the score back (trains nothing) and ends the run as the evaluation would
+    have (once seen in CI: a resumed search's child still RUNNING)."""
+    import gradpipe.flows.search_eval as se
+    uri, exp = store
+    rid = tracking.create_child_run(uri, exp, None, "killed-late")
+    first = evaluate(_job(lrs=(1e-2,)), uri, rid)
+    c = tracking.open_client(uri)
+    c.update_run(rid, status="RUNNING")  # what the kill leaves
+    monkeypatch.setattr(se, "_trial", lambda *a: pytest.fail("a scored run must not train again"))
+    again = evaluate(_job(lrs=(1e-2,)), uri, rid)
+    assert again.score == first.score and c.get_run(rid).info.status == "FINISHED"
+
+
 def test_a_candidate_whose_every_learning_rate_diverges_scores_minus_inf(store):
     uri, exp = store
     rid = tracking.create_child_run(uri, exp, None, "diverges")

@@ -165,7 +165,10 @@ def evaluate(job: EvalJob, uri: str, run_id: str) -> EvalResult:
     run = client.get_run(run_id)
     done = _logged_trials(client, run_id)
     if SCORE_METRIC in run.data.metrics:  # evaluated before: read it back, train nothing
-        return _result(job, run_id, done, run.data.tags.get(tracking.FAILURE_TAG))
+        result = _result(job, run_id, done, run.data.tags.get(tracking.FAILURE_TAG))
+        if run.info.status == "RUNNING":  # killed after its score was logged, before the run was ended
+            client.set_terminated(run_id, "FINISHED" if result.ok else "FAILED")
+        return result
     log = tracking.RunLogger(uri, run_id)
     log.start()
     reasons: list[str] = []
