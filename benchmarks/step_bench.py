@@ -224,7 +224,7 @@ def render(json_path: str | os.PathLike[str], plot: str | None) -> None:
               f"## % of roofline, layout {lay}\n", bench.pivot_markdown(rows, lay, "roofline_pct", "{:.0f}%"),
               f"## Building the optimizer + first 2 steps, layout {lay}\n",
               bench.pivot_markdown(rows, lay, "startup_s", "{:.2f} s"))],
-          "## Every case\n", bench.to_markdown(rows), "## Targets\n", bench.targets_markdown(rows, config.get("first_compile_s"))]
+          "## Every case\n", bench.to_markdown(rows), "## Targets\n", bench.targets_markdown(rows)]
     if doc.get("storage_costs"):
         md.append(_storage_markdown(doc["storage_costs"]))
         again = doc.get("storage_costs_machine")

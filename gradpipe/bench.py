@@ -194,12 +194,9 @@ def machine_info() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     from . import __version__
-    import hashlib
-    src = hashlib.sha256()
-    for f in sorted(pathlib.Path(__file__).parent.rglob("*.py")):
-        src.update(f.read_bytes())
+    from .runtime.aot import source_digest
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "gradpipe": __version__, "gradpipe_source_sha256": src.hexdigest()[:12],
+            "platform": platform.platform(), "gradpipe": __version__, "gradpipe_source_sha256": source_digest()[:12],
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -1055,11 +1052,11 @@ def _find(rows: Sequence[Mapping[str, Any]], pipeline: str, backend: str, size: 
             and r["layout"] == layout and (size is None or r["size"] == size)]
 
 
-def check_targets(rows: Sequence[Mapping[str, Any]], first_compile_s: float | None = None) -> list[dict[str, Any]]:
+def check_targets(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Issue 15's CPU step-time targets against the measurements (layout ``1+50``): ``target``,
     ``measured``, ``met`` (``None`` where the run has no matching case). The first-step targets
     (a fresh process, with and without a warm cache) are ``benchmarks/first_step.py``'s, not a
-    step benchmark's. ``first_compile_s`` is accepted for old callers and not used."""
+    step benchmark's."""
     out: list[dict[str, Any]] = []
 
     def ratio_target(text: str, pipeline: str, size: str | None, limit: float) -> None:
@@ -1089,10 +1086,10 @@ def check_targets(rows: Sequence[Mapping[str, Any]], first_compile_s: float | No
     return out
 
 
-def targets_markdown(rows: Sequence[Mapping[str, Any]], first_compile_s: float | None = None) -> str:
+def targets_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """:func:`check_targets` as a Markdown table."""
     lines = ["| target | measured | met |", "| --- | --- | --- |"]
-    for t in check_targets(rows, first_compile_s):
+    for t in check_targets(rows):
         met = {True: "yes", False: "**no**", None: "-"}[t["met"]]
         lines.append(f"| {t['target']} | {t['measured']} | {met} |")
     return "\n".join(lines) + "\n"

@@ -79,12 +79,19 @@ def cache_dir() -> pathlib.Path | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _environment() -> str:
-    """What compiled a package: torch, gradpipe's sources, the machine (AOTInductor builds
-    with ``-march=native``, so the CPU's model and flags, not only its vector extension)."""
+def source_digest() -> str:
+    """The sha256 of gradpipe's Python sources (every ``.py`` file of the package, in path order):
+    what the packages' key holds of gradpipe, and what ``gradpipe.bench`` records with a run."""
     src = hashlib.sha256()
     for f in sorted(pathlib.Path(__file__).parent.parent.rglob("*.py")):
         src.update(f.read_bytes())
+    return src.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _environment() -> str:
+    """What compiled a package: torch, gradpipe's sources, the machine (AOTInductor builds
+    with ``-march=native``, so the CPU's model and flags, not only its vector extension)."""
     cpu = hashlib.sha256(platform.processor().encode())
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -93,7 +100,7 @@ def _environment() -> str:
     except OSError:
         pass
     cap = torch.backends.cpu.get_cpu_capability()
-    return f"{_FORMAT}|{torch.__version__}|{src.hexdigest()}|{platform.machine()}|{cap}|{cpu.hexdigest()}"
+    return f"{_FORMAT}|{torch.__version__}|{source_digest()}|{platform.machine()}|{cap}|{cpu.hexdigest()}"
 
 
 def _global_state() -> str:
@@ -174,7 +181,7 @@ class Package:
         self.shapes, self.ranges = meta["shapes"], meta["ranges"]
         self.pre_in, self.main_src, self.narrow = meta["pre_in"], meta["main_src"], meta["narrow"]
         self.pre, self.loader = pre, loader
-        self._twins: dict[int, list[torch.Tensor]] = {}
+        self._twins: dict[int, list[torch.Tensor]] = {}  # per thread, for ``narrowed_in_place``
 
     def fits(self, args: Sequence[torch.Tensor]) -> bool:
         """Whether the graph arguments have sizes the package was compiled for (AOTInductor's
@@ -194,19 +201,12 @@ class Package:
         return all(lo <= sym.get(k, lo) <= hi for k, (lo, hi) in self.ranges.items())
 
     def call(self, args: Sequence[torch.Tensor]) -> tuple:
+        from .compiled import main_args, narrowed_in_place
         if self.pre is not None:
-            pre = self.pre(*[args[i] for i in self.pre_in])
-            main = [args[i] if i >= 0 else pre[~i] for i in self.main_src]
+            main = main_args(args, self.pre(*[args[i] for i in self.pre_in]), self.main_src)
         else:
             main = list(args)
-        if self.narrow:  # 0-d float64 scalars into float32 tensors kept for the purpose, as in-process
-            twins = self._twins.get(threading.get_ident())
-            if twins is None:
-                twins = self._twins[threading.get_ident()] = [
-                    torch.empty((), dtype=torch.float32, device=main[i].device) for i in self.narrow]
-            torch._foreach_copy_(twins, [main[i] for i in self.narrow])
-            for i, t in zip(self.narrow, twins):
-                main[i] = t
+        narrowed_in_place(main, self.narrow, self._twins)  # as in-process
         self.loader.run(main)
         return ()
 
@@ -247,7 +247,7 @@ def save(d: pathlib.Path, key: str, graph: Any, flat: Sequence[Any], leaves: lis
     """Compile and store the graph one call through Dynamo ran (``graph``, a
     :class:`~gradpipe.runtime.compiled._Recorded`, with its flat arguments ``flat``); False if it
     cannot be packaged. ``leaves``: the call's tensors (:func:`signature`)."""
-    from .compiled import _Hoisted, _Narrowed
+    from .compiled import _Hoisted, _Narrowed, main_args
 
     where = {id(t): i for i, t in reversed(list(enumerate(leaves)))}
     if not all(isinstance(a, torch.Tensor) and id(a) in where for a in flat):
@@ -255,18 +255,17 @@ def save(d: pathlib.Path, key: str, graph: Any, flat: Sequence[Any], leaves: lis
     fn = graph.fn
     if isinstance(fn, _Hoisted):
         pre_mod, main, pre_in, main_src = fn.split.submod_0, fn.split.submod_1, fn.pre_in, fn.main_src
-        pre_out = fn.pre(*[flat[i] for i in pre_in])
-        main_args = [flat[i] if i >= 0 else pre_out[~i] for i in main_src]
+        example = main_args(flat, fn.pre(*[flat[i] for i in pre_in]), main_src)
     elif isinstance(fn, _Narrowed):
-        pre_mod, main, pre_in, main_src, main_args = None, fn, None, None, list(flat)
+        pre_mod, main, pre_in, main_src, example = None, fn, None, None, list(flat)
     else:
         return False
-    if not isinstance(main, _Narrowed) or not all(isinstance(a, torch.Tensor) for a in main_args):
+    if not isinstance(main, _Narrowed) or not all(isinstance(a, torch.Tensor) for a in example):
         return False
     for i in main.narrow:
-        main_args[i] = main_args[i].to(torch.float32)
+        example[i] = example[i].to(torch.float32)
     d.mkdir(parents=True, exist_ok=True)
-    ep, shapes, ranges = _export(main.sub, main_args)
+    ep, shapes, ranges = _export(main.sub, example)
     # the graph arguments' sizes: what ``main`` reads of a graph argument has its exported sizes
     arg_shapes: list[Any] = [None] * len(flat)
     for j, src in enumerate(main_src if main_src is not None else range(len(flat))):

@@ -397,8 +397,14 @@ class _Hoisted:
         else:
             pre = self.pre(*ins)
             self._kept = (ins, versions, pre) if versions is not None else None
-        self.main(*[args[i] if i >= 0 else pre[~i] for i in self.main_src])
+        self.main(*main_args(args, pre, self.main_src))
         return ()
+
+
+def main_args(args: Sequence[Any], pre: Sequence[Any], main_src: Sequence[int]) -> list[Any]:
+    """The arguments of :class:`_Hoisted`'s compiled part: per position in ``main_src``, a graph
+    argument (``i >= 0``) or the 0-d part's result ``~i``."""
+    return [args[i] if i >= 0 else pre[~i] for i in main_src]
 
 
 class _FirstOf(torch.nn.Module):
@@ -443,15 +449,24 @@ class _Narrowed(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         if not self.narrow:
             return self.fn(*args)
-        twins = self._twins.get(threading.get_ident())
-        if twins is None:
-            twins = self._twins[threading.get_ident()] = [
-                torch.empty((), dtype=torch.float32, device=args[i].device) for i in self.narrow]
-        torch._foreach_copy_(twins, [args[i] for i in self.narrow])
         out = list(args)
-        for i, t in zip(self.narrow, twins):
-            out[i] = t
+        narrowed_in_place(out, self.narrow, self._twins)
         return self.fn(*out)
+
+
+def narrowed_in_place(args: list[Any], idx: Sequence[int], twins: dict[int, list[torch.Tensor]]) -> None:
+    """Replace ``args[i]`` for ``i`` in ``idx`` (0-d float64 tensors) by float32 tensors holding
+    their values rounded, with one ``torch._foreach_copy_`` into tensors kept per thread in
+    ``twins`` (:class:`_Narrowed`; ``aot.Package``, which calls the same graph from disk)."""
+    if not idx:
+        return
+    mine = twins.get(threading.get_ident())
+    if mine is None:
+        mine = twins[threading.get_ident()] = [torch.empty((), dtype=torch.float32, device=args[i].device)
+                                              for i in idx]
+    torch._foreach_copy_(mine, [args[i] for i in idx])
+    for i, t in zip(idx, mine):
+        args[i] = t
 
 
 def _narrowable(args: Sequence[Any]) -> tuple[int, ...]:
