@@ -341,7 +341,7 @@ class Cached:
     """A segment's compiled function, served from the on-disk cache where it can be.
 
     ``make`` builds the ``torch.compile`` function (only when first needed: a process whose
-    segments all load from disk never imports Dynamo). ``base``: the segment's part of the
+    segments all load from disk never traces one with Dynamo). ``base``: the segment's part of the
     key. ``recording``: the thread-local a step plan records compiled-graph calls into."""
 
     def __init__(self, make: Callable[[], Callable], base: str, recording: threading.local) -> None:

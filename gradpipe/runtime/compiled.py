@@ -1505,7 +1505,8 @@ class CompiledRoutes:
         key = (self.prog.hash, label, si, self.use_compile, layout)
         fns = _SHARED.get(key)
         if fns is None:
-            eager_fn = _segment_fn(seg, self._gate(label, seg, layout))
+            gate = self._gate(label, seg, layout)
+            eager_fn = _segment_fn(seg, gate)
             compiled_fn = eager_fn
             if self.use_compile:
                 tag = f"segment{si}_{len(_SHARED)}"
@@ -1514,11 +1515,11 @@ class CompiledRoutes:
                     _warn_on_recompile_limit()
                     return torch.compile(_own_code(fn, tag), dynamic=False, backend=_recorded_backend)
                 # made on the first call the disk cache cannot serve (``aot.py``: a process whose
-                # segments all load from ``GRADPIPE_CACHE_DIR`` never imports Dynamo)
+                # segments all load from ``GRADPIPE_CACHE_DIR`` traces nothing)
                 shape_free = tuple(lay[1:] for lay in layout)  # packages take any sizes (``aot.Package.fits``)
                 plugins = aot.sources_of([n.impl for n in seg.members if n.kind is Kind.OP])
-                compiled_fn = aot.Cached(make, repr((self.prog.hash, label, si, shape_free,
-                                                     self._gate(label, seg, layout), plugins)), _RECORDING)
+                compiled_fn = aot.Cached(make, repr((self.prog.hash, label, si, shape_free, gate, plugins)),
+                                         _RECORDING)
             fns = _SHARED[key] = (eager_fn, compiled_fn)
         self._fns[(label, si, layout)] = fns
         return fns
